@@ -1,0 +1,244 @@
+"""Classifier loaders by name.
+
+``load_classifier(spec)`` understands:
+
+- ``biased``, ``robust``, ``oracle`` (or ``world:<name>``): the embedded world's models;
+- ``timm:<model name>``: any timm ImageNet model;
+- ``robustbench:<model id>`` (``robustbench:<threat>/<model id>``, default ``Linf``):
+  robustbench ImageNet models;
+- ``openclip:<arch>/<pretrained>``: an open_clip model as a zero-shot ImageNet
+  classifier (``<pretrained>`` is a tag such as ``openai`` or a local file);
+- ``file:<path>`` or a path ending in ``.pt``/``.pth``/``.safetensors``: a local
+  checkpoint (a pickled / TorchScript module, or a state dict with ``arch=<timm name>``).
+
+Offline use: weights are looked up under ``$LIT_VCE_WEIGHTS_DIR`` (default
+``~/.cache/lit_vce``) first: ``timm/<name>.{safetensors,pth}``,
+``robustbench/imagenet/<threat>/<id>.pt``. When a file is absent and cannot be
+downloaded, the error names the file and where to put it.
+
+New families register with ``@CLASSIFIER_FAMILIES.register("prefix")`` (a function
+``(name, **kwargs) -> ImageClassifier``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..registry import CLASSIFIER_FAMILIES
+from .base import ImageClassifier
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Raised when a model's weights are neither on disk nor downloadable."""
+
+
+def weights_dir() -> Path:
+    """Root of locally provided weights: ``$LIT_VCE_WEIGHTS_DIR`` or ``~/.cache/lit_vce``."""
+    return Path(os.environ.get("LIT_VCE_WEIGHTS_DIR", Path.home() / ".cache" / "lit_vce"))
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LIT_VCE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _rank() -> int:
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def imagenet_class_names() -> list[str]:
+    from ..data.imagenet import imagenet_class_names as names
+
+    return names()
+
+
+def load_classifier(spec: str | ImageClassifier, **kwargs) -> ImageClassifier:
+    """Build the classifier named by ``spec`` (see the module docstring)."""
+    if isinstance(spec, ImageClassifier):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a classifier spec must be a non-empty string, got {spec!r}")
+    if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec.split("/")[0]:
+        family, name = "file", spec
+    elif ":" in spec:
+        family, name = spec.split(":", 1)
+    else:
+        family, name = "world", spec
+    return CLASSIFIER_FAMILIES.get(family)(name, **kwargs)
+
+
+@CLASSIFIER_FAMILIES.register("world")
+def load_world_classifier(name: str, **kwargs) -> ImageClassifier:
+    """``biased``, ``robust`` or ``oracle`` from the embedded world (32x32, 4 shape classes)."""
+    from ..data.world import CLASS_NAMES, IMAGE_SIZE
+    from ..world.models import load_world_network
+
+    if name not in ("biased", "robust", "oracle"):
+        raise ValueError(f"unknown world classifier {name!r}; choose biased, robust or oracle")
+    return ImageClassifier(load_world_network(name), IMAGE_SIZE, CLASS_NAMES, name=name, **kwargs)
+
+
+@CLASSIFIER_FAMILIES.register("timm")
+def load_timm(name: str, checkpoint: str | None = None, class_names=None, **kwargs) -> ImageClassifier:
+    """A timm model with its own data config (size, crop, interpolation, mean/std)."""
+    import timm
+    from timm.data import resolve_data_config
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}")
+    local = Path(checkpoint) if checkpoint else None
+    if local is None:
+        for ext in ("safetensors", "pth", "pt"):
+            cand = weights_dir() / "timm" / f"{name}.{ext}"
+            if cand.is_file():
+                local = cand
+                break
+    if local is not None:
+        if not local.is_file():
+            raise MissingWeightsError(f"checkpoint {local} does not exist")
+        model = timm.create_model(name, pretrained=False, checkpoint_path=str(local))
+    else:
+        hint = (f"put its weights at {weights_dir() / 'timm' / (name + '.safetensors')} "
+                f"(or pass checkpoint=...; $LIT_VCE_WEIGHTS_DIR sets the folder)")
+        if _is_offline():
+            raise MissingWeightsError(f"timm:{name}: offline and no local weights; {hint}")
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # network/hub errors come in many types
+            raise MissingWeightsError(f"timm:{name}: could not download the weights ({type(e).__name__}: {e}); {hint}") from e
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    return ImageClassifier(
+        model, size, class_names or imagenet_class_names()[: model.num_classes] if model.num_classes == 1000 else
+        (class_names or [str(i) for i in range(model.num_classes)]),
+        mean=cfg["mean"], std=cfg["std"], resize_size=int(round(size / cfg.get("crop_pct", 1.0))),
+        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+        name=f"timm:{name}", **kwargs,
+    )
+
+
+def _import_robustbench():
+    """Import robustbench 1.1.1, which imports ``autoattack`` while its PyPI
+    dependency installs the module as ``pyautoattack``: alias it first."""
+    if "robustbench" not in sys.modules:
+        import pyautoattack
+        import pyautoattack.state
+
+        sys.modules.setdefault("autoattack", pyautoattack)
+        sys.modules.setdefault("autoattack.state", pyautoattack.state)
+    import robustbench
+    from robustbench import utils
+
+    return robustbench, utils
+
+
+# robustbench ImageNet models that take raw [0, 1] inputs *and* have no normaliser
+_RB_UNNORMALISED = ()
+
+
+@CLASSIFIER_FAMILIES.register("robustbench")
+def load_robustbench(name: str, model_dir: str | None = None, resize_size: int | None = None, **kwargs) -> ImageClassifier:
+    """A robustbench ImageNet model; ``name`` is ``<id>`` or ``<threat model>/<id>``.
+
+    The checkpoint is read from ``{model_dir}/imagenet/{threat}/{id}.pt`` (default
+    ``model_dir``: ``$LIT_VCE_WEIGHTS_DIR/robustbench``). Downloads happen only on
+    rank 0 and never offline: under DDP, fetch the weights before launching.
+    """
+    threat, _, model_id = name.rpartition("/")
+    threat = threat or "Linf"
+    root = Path(model_dir) if model_dir else weights_dir() / "robustbench"
+    path = root / "imagenet" / threat / f"{model_id}.pt"
+    _, utils = _import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    table = model_dicts[BenchmarkDataset.imagenet][ThreatModel(threat)]
+    if model_id not in table:
+        raise ValueError(f"robustbench has no ImageNet {threat} model {model_id!r}")
+    if not path.is_file() and (_is_offline() or _rank() != 0):
+        why = "offline" if _is_offline() else f"rank {_rank()} does not download (fetch weights before a multi-process launch)"
+        raise MissingWeightsError(f"robustbench:{name}: {path} is missing ({why}); download it once or copy it there")
+    try:
+        model = utils.load_model(model_id, model_dir=str(root), dataset="imagenet", threat_model=threat)
+    except Exception as e:
+        if path.is_file():
+            raise
+        raise MissingWeightsError(f"robustbench:{name}: could not fetch {path} ({type(e).__name__}: {e}); copy the checkpoint there") from e
+    # robustbench ImageNet models normalise inside (or expect raw [0, 1]): feed [0, 1]
+    return ImageClassifier(model, 224, imagenet_class_names(), resize_size=resize_size or 256,
+                           interpolation="bicubic", name=f"robustbench:{name}", **kwargs)
+
+
+class _ZeroShotCLIP(torch.nn.Module):
+    def __init__(self, model, weights: torch.Tensor):
+        super().__init__()
+        self.clip = model
+        self.register_buffer("weights", weights)
+
+    def forward(self, x):
+        feats = self.clip.encode_image(x, normalize=True)
+        return self.clip.logit_scale.exp() * feats @ self.weights
+
+
+@CLASSIFIER_FAMILIES.register("openclip")
+def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dict | None = None, **kwargs) -> ImageClassifier:
+    """open_clip ``<arch>/<pretrained>`` as a zero-shot classifier over ``class_names`` (default ImageNet)."""
+    import open_clip
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    arch, _, pretrained = name.partition("/")
+    if not arch:
+        raise ValueError("openclip spec is openclip:<arch>/<pretrained>")
+    if pretrained and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")) and not Path(pretrained).is_file():
+        raise MissingWeightsError(f"openclip:{name}: checkpoint {pretrained} does not exist")
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained or None, **(model_kwargs or {}))
+    except RuntimeError as e:
+        raise MissingWeightsError(f"openclip:{name}: could not load weights ({e}); pass a local file as <pretrained>") from e
+    tokenizer = open_clip.get_tokenizer(arch)
+    names = list(class_names or IMAGENET_CLASSNAMES)
+    with torch.no_grad():
+        weights = open_clip.build_zero_shot_classifier(
+            model, tokenizer, names, templates or OPENAI_IMAGENET_TEMPLATES, num_classes_per_batch=50, device="cpu", use_tqdm=False
+        )
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return ImageClassifier(
+        _ZeroShotCLIP(model, weights), size, names,
+        mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
+        interpolation="bicubic", name=f"openclip:{name}", **kwargs,
+    )
+
+
+@CLASSIFIER_FAMILIES.register("file")
+def load_file(name: str, arch: str | None = None, input_size: int = 224, class_names=None,
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs) -> ImageClassifier:
+    """A local checkpoint: a TorchScript or pickled module, or a state dict for timm ``arch``."""
+    path = Path(name)
+    if not path.is_file():
+        raise MissingWeightsError(f"classifier checkpoint {path} does not exist")
+    if arch:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, checkpoint_path=str(path))
+    else:
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not a module; pass arch=<timm name> for a state dict")
+    n = class_names or (imagenet_class_names() if getattr(model, "num_classes", 1000) == 1000 else None)
+    if n is None:
+        n = [str(i) for i in range(model.num_classes)]
+    return ImageClassifier(model, input_size, n, mean=mean, std=std, name=f"file:{path.name}", **kwargs)

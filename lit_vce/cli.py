@@ -1,0 +1,91 @@
+"""The ``lit-vce`` command line.
+
+    lit-vce predict --config configs/world/dvce.yaml [--model.classifier robust] \\
+        [--writer.output_dir runs/x] [--trainer.devices 2 --trainer.strategy ddp]
+    lit-vce leaderboard RUNS_DIR [--sort-by FR]
+    lit-vce methods                       # the registered methods
+
+``predict`` is a LightningCLI: every argument of :class:`VCEModule`,
+:class:`VCEDataModule`, :class:`VCEPredictionWriter` (as ``--writer.*``) and the
+Trainer can be set in YAML or overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data.datamodule import VCEDataModule
+from .lightning.module import VCEModule
+from .lightning.writer import VCEPredictionWriter
+
+TRAINER_DEFAULTS = {
+    "inference_mode": False,  # guidance needs autograd inside predict_step
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "accelerator": "auto",
+    "devices": 1,
+}
+
+
+class VCECLI(LightningCLI):
+    """LightningCLI with the prediction writer always attached as ``--writer.*``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"predict": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(VCEPredictionWriter, "writer")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # the writer stores images as they come; accumulating them on every rank would exhaust memory
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        return kwargs
+
+
+def run_predict(args: list[str] | None) -> None:
+    """Run ``predict``; ``args=None`` parses ``sys.argv`` (the console script)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    VCECLI(
+        VCEModule, VCEDataModule, args=None if args is None else ["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True}, seed_everything_default=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_console = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        return run_predict(None if from_console else argv[1:])
+    p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
+    lb = sub.add_parser("leaderboard", help="render leaderboard.md from the results.json files under a folder")
+    lb.add_argument("results_dir")
+    lb.add_argument("--sort-by", default="FR")
+    sub.add_parser("methods", help="list registered methods")
+    args = p.parse_args(argv)
+    if args.command == "leaderboard":
+        from .report.leaderboard import write_leaderboard
+
+        out = write_leaderboard(args.results_dir, args.sort_by)
+        print(out.read_text())
+        print(f"written to {out}")
+    elif args.command == "methods":
+        from . import methods  # noqa: F401  (registers the built-in methods)
+        from .registry import METHODS
+
+        for name in METHODS.names():
+            print(f"{name:24s} {METHODS.get(name).__module__}.{METHODS.get(name).__qualname__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The LightningDataModule feeding ``predict``: dataset + target protocol -> batches.
+
+Every batch is a dict with ``image`` (N, 3, H, W) in [0, 1], ``source``,
+``target``, ``sample_id`` (list of str; ``"<base id>-><target>"``, stable across
+runs), ``error`` (list of str, "" when the image was read) and, for the world,
+``mask`` and ``background``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .protocols import assign_target, validate_protocol
+from .world import CLASS_NAMES as WORLD_CLASSES
+from .world import ShapesWorld
+
+
+class _Explained(Dataset):
+    """A base dataset with one (item index, target) per explained sample."""
+
+    def __init__(self, base: Dataset, entries: list[tuple[int, int, int]]):
+        self.base, self.entries = base, entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, _, target = self.entries[i]
+        item = dict(self.base[index])
+        out = {
+            "image": item["image"],
+            "source": int(item["label"]),
+            "target": int(target),
+            "sample_id": f"{item['sample_id']}->{target}",
+            "error": item.get("error", ""),
+        }
+        for key in ("mask", "background"):
+            if key in item:
+                out[key] = item[key]
+        return out
+
+
+class VCEDataModule(L.LightningDataModule):
+    """Images to explain with their targets.
+
+    Args:
+        dataset: ``"world"`` (the embedded world) or ``"imagefolder"``.
+        root: the ImageFolder root (``imagefolder`` only).
+        regime, split: world regime (``balanced``/``biased``) and split.
+        num_samples: world: number of images; imagefolder: cap on explained samples (None: all).
+        image_size: imagefolder resize/crop resolution (default 256).
+        images_per_class: imagefolder: first N images of each class.
+        protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``random``, ``next``).
+        target: the class of the ``fixed`` protocol.
+        pairs: ``[[source, target], ...]`` of the ``pairs`` protocol.
+        num_classes: classes of the explained classifier (default: world 4, folder count).
+        batch_size, num_workers: loader settings.
+        seed: the seed of random target choices.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "world",
+        root: str | None = None,
+        regime: str = "balanced",
+        split: str = "test",
+        num_samples: int | None = 64,
+        image_size: int = 256,
+        images_per_class: int | None = None,
+        protocol: str = "random",
+        target: int | None = None,
+        pairs: list[list[int]] | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if dataset not in ("world", "imagefolder"):
+            raise ValueError(f"dataset must be 'world' or 'imagefolder', got {dataset!r}")
+        if dataset == "imagefolder" and not root:
+            raise ValueError("dataset 'imagefolder' needs root=<folder>")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.save_hyperparameters()
+        self._data: _Explained | None = None
+        self.class_names: list[str] = []
+
+    def _build(self) -> _Explained:
+        h = self.hparams
+        if h.dataset == "world":
+            base = ShapesWorld(h.regime, h.split, size=h.num_samples or 64, seed=0)
+            labels = [(i, base.sample_label(i), base.base_id(i)) for i in range(len(base))]
+            names = list(WORLD_CLASSES)
+        else:
+            from .imagenet import ImageFolderDataset
+
+            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class)
+            labels = [(i, lab, rel) for i, (rel, lab, _) in enumerate(base.items)]
+            names = base.classes
+        num_classes = h.num_classes or len(names)
+        validate_protocol(h.protocol, num_classes, h.target, h.pairs)
+        entries = []
+        for i, label, sid in labels:
+            for t in assign_target(h.protocol, label, sid, num_classes, h.seed, h.target, h.pairs):
+                entries.append((i, label, t))
+        if h.dataset == "imagefolder" and h.num_samples:
+            entries = entries[: h.num_samples]
+        if not entries:
+            raise ValueError(f"the {h.protocol!r} protocol selects no images from this dataset")
+        self.class_names = names
+        return _Explained(base, entries)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._data is None:
+            self._data = self._build()
+
+    def class_pairs(self) -> set[tuple[int, int]]:
+        """The distinct (source, target) pairs to explain."""
+        return {(s, t) for _, s, t in self.dataset.entries}
+
+    @property
+    def dataset(self) -> _Explained:
+        self.setup()
+        return self._data
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
+                          collate_fn=collate)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float)):
+            out[key] = torch.tensor(vals)
+        else:
+            out[key] = vals
+    return out

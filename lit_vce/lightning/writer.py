@@ -1,0 +1,151 @@
+"""The prediction writer: per sample a counterfactual PNG, the original PNG and a
+metadata row, written atomically and keyed by sample id, so that a re-run skips
+what is finished (resume) and a crash never leaves half-written files.
+
+Layout of ``output_dir``::
+
+    counterfactuals/<key>.png   originals/<key>.png   samples/<key>.json
+    samples.csv                 results.json          grid.png
+
+A sample is finished when its ``samples/<key>.json`` exists (it is written last).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+ROW_FIELDS = [
+    "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
+    "target_conf_after", "success", "failure", "method", "seed", "seconds",
+]
+
+
+def sample_key(sample_id: str) -> str:
+    """A filesystem-safe, unique file stem for a sample id."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id)[-80:]
+    return f"{safe}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounding as PNG writers do."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """The values a PNG round trip gives back (so metrics match what is on disk)."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def load_png(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+class VCEPredictionWriter(BasePredictionWriter):
+    """Writes each batch's outputs as they come (``write_interval="batch"``).
+
+    Args:
+        output_dir: the run folder.
+        save_originals: also save the (preprocessed) original as PNG.
+    """
+
+    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.save_originals = save_originals
+        self._done: set[str] | None = None
+
+    # --- resume ----------------------------------------------------------------
+    def done_ids(self) -> set[str]:
+        """Sample ids finished by earlier runs in this folder."""
+        if self._done is None:
+            self._done = set()
+            for p in (self.output_dir / "samples").glob("*.json"):
+                try:
+                    self._done.add(json.loads(p.read_text())["sample_id"])
+                except (json.JSONDecodeError, KeyError, OSError):
+                    continue  # an unreadable row is redone
+        return self._done
+
+    def load_done(self, sample_id: str) -> tuple[dict[str, Any], torch.Tensor | None]:
+        key = sample_key(sample_id)
+        row = json.loads((self.output_dir / "samples" / f"{key}.json").read_text())
+        png = self.output_dir / "counterfactuals" / f"{key}.png"
+        return row, (load_png(png) if png.is_file() else None)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for sub in ("counterfactuals", "originals", "samples"):
+            (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._done = None
+        self.done_ids()
+
+    # --- writing ---------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        if not prediction:
+            return
+        self.write_samples(prediction["new_rows"], prediction["counterfactuals"], prediction["originals"])
+
+    def write_samples(self, rows: list[dict[str, Any]], counterfactuals: torch.Tensor | None, originals: torch.Tensor | None) -> None:
+        cf = to_uint8(counterfactuals) if counterfactuals is not None and len(rows) else None
+        orig = to_uint8(originals) if originals is not None and self.save_originals and len(rows) else None
+        for i, row in enumerate(rows):
+            key = sample_key(row["sample_id"])
+            if cf is not None and row.get("has_image", True):
+                save_png(self.output_dir / "counterfactuals" / f"{key}.png", cf[i])
+                if orig is not None:
+                    save_png(self.output_dir / "originals" / f"{key}.png", orig[i])
+            clean = {k: row.get(k) for k in ROW_FIELDS}
+            _atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
+            self.done_ids().add(row["sample_id"])
+
+    def collect_rows(self) -> list[dict[str, Any]]:
+        """All finished rows in this folder (every rank's), sorted by sample id."""
+        rows = []
+        for p in (self.output_dir / "samples").glob("*.json"):
+            rows.append(json.loads(p.read_text()))
+        return sorted(rows, key=lambda r: r["sample_id"])
+
+    def write_table(self, rows: list[dict[str, Any]]) -> Path:
+        path = self.output_dir / "samples.csv"
+        tmp = path.with_name(".samples.csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k) for k in ROW_FIELDS})
+        os.replace(tmp, path)
+        return path
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        path = self.output_dir / name
+        _atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        return path

@@ -1,0 +1,8 @@
+"""VCE methods, one file each, registered by name in ``lit_vce.registry.METHODS``."""
+
+from .base import CounterfactualResult, VCEBatch, VCEMethod
+from .classifier_guidance import ClassifierGuidance
+from .dvce import DVCE
+from .guided import PerStepGuidance
+
+__all__ = ["VCEMethod", "VCEBatch", "CounterfactualResult", "PerStepGuidance", "ClassifierGuidance", "DVCE"]

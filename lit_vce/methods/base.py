@@ -1,0 +1,70 @@
+"""The method interface: ``method.generate(batch, classifier) -> CounterfactualResult``.
+
+A method is any combination of sampler, guidance, objective and gradient
+post-processing (per-step guidance, whole-trajectory optimisation, image-space
+attack all fit). The LightningModule only builds a :class:`VCEBatch` and calls
+``generate``; it has no method logic of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VCEBatch:
+    """One batch to explain.
+
+    ``generators`` hold one ``torch.Generator`` per sample, seeded by (seed,
+    sample id): methods must draw all their randomness from them.
+    """
+
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    source: torch.Tensor  # (N,) long
+    target: torch.Tensor  # (N,) long
+    sample_ids: list[str]
+    generators: list[torch.Generator]
+    mask: torch.Tensor | None = None  # (N, 1, H, W) foreground masks, when known
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass
+class CounterfactualResult:
+    """The output of a method.
+
+    ``images`` are the counterfactuals in [0, 1]; ``diagnostics`` maps names to
+    per-sample tensors (N,); ``failure`` holds ``None`` or a reason per sample (a
+    failed sample still has an image, usually the original).
+    """
+
+    images: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    failure: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.failure:
+            self.failure = [None] * len(self.images)
+        if len(self.failure) != len(self.images):
+            raise ValueError("one failure entry per image is required")
+
+
+class VCEMethod(nn.Module):
+    """Base class of all VCE methods (register subclasses with ``@METHODS.register``)."""
+
+    name: str = "method"
+
+    def generate(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Settings stored with every result (override to add the objective etc.)."""
+        return {"name": self.name}
+
+    def setup(self, device: torch.device) -> None:
+        """Called once before the first batch (e.g. to move auxiliary models)."""
+        self.to(device)

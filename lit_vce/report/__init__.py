@@ -1,0 +1,1 @@
+"""Results schema, image grids and leaderboards."""
