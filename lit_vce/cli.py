@@ -2,6 +2,7 @@
 
     lit-vce predict --config configs/world/dvce.yaml [--model.classifier robust] \\
         [--writer.output_dir runs/x] [--trainer.devices 2 --trainer.strategy ddp]
+    lit-vce demo [--num-samples 64]       # the embedded-world benchmark (scripts/demo.sh)
     lit-vce leaderboard RUNS_DIR [--sort-by FR]
     lit-vce methods                       # the registered methods
 
@@ -65,9 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return run_predict(None if from_console else argv[1:])
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
+    sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
     lb = sub.add_parser("leaderboard", help="render leaderboard.md from the results.json files under a folder")
     lb.add_argument("results_dir")
     lb.add_argument("--sort-by", default="FR")

@@ -29,7 +29,7 @@ from lit_vce.world.training import WorldClassifierModule, WorldDiffusionModule
 CLASSIFIERS = {
     # name: (regime, kind, steps, batch size)
     "oracle": ("balanced", "oracle", 1200, 128),
-    "biased": ("biased", "standard", 600, 128),
+    "biased": ("biased", "standard", 300, 128),
     "robust": ("balanced", "robust", 1000, 64),
 }
 

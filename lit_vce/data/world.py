@@ -3,7 +3,7 @@
 Every image is 32x32 RGB in [0, 1]: one of four shapes (the label) drawn in a
 bright random colour, at a random size and position, on one of four clearly
 different backgrounds. In the *biased* regime background ``k`` goes with class
-``k`` for ``bias`` (default 95%) of the images, so a classifier trained there
+``k`` for ``bias`` (default 98%) of the images, so a classifier trained there
 can take the background as a shortcut; in the *balanced* regime the background
 is independent of the class. Because each item carries its ground truth (shape,
 background, foreground mask), the effect of a counterfactual can be audited
@@ -119,7 +119,7 @@ def render(
     return WorldSample(img, mask, shape, background, tuple(colour), (float(cx), float(cy)), float(r))
 
 
-def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.95) -> WorldSample:
+def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.98) -> WorldSample:
     """The world item at ``index``: a pure function of its arguments."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
@@ -149,7 +149,7 @@ class ShapesWorld(Dataset):
         bias: probability that background equals the class in the biased regime.
     """
 
-    def __init__(self, regime: str = "balanced", split: str = "test", size: int = 1024, seed: int = 0, bias: float = 0.95):
+    def __init__(self, regime: str = "balanced", split: str = "test", size: int = 1024, seed: int = 0, bias: float = 0.98):
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
         if split not in SPLITS:

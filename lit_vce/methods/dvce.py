@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..classifiers.base import ImageClassifier
 from ..classifiers.loaders import load_classifier
 from ..registry import METHODS
 from .guided import PerStepGuidance
@@ -42,7 +43,7 @@ class DVCE(PerStepGuidance):
 
     def __init__(
         self,
-        robust_classifier: str | None = "robust",
+        robust_classifier: str | ImageClassifier | None = "robust",
         classifier_weight: float = 0.1,
         distance_weight: float = 0.15,
         num_augmentations: int = 16,
@@ -53,7 +54,7 @@ class DVCE(PerStepGuidance):
         **kwargs,
     ):
         super().__init__(scheduler=scheduler, num_steps=num_steps, skip=skip, **kwargs)
-        self.robust_spec = robust_classifier or None
+        self.robust_spec = getattr(robust_classifier, "name", robust_classifier) or None
         self.robust = load_classifier(robust_classifier) if robust_classifier else None
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle

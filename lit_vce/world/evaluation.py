@@ -1,0 +1,63 @@
+"""Measured quality of the world's models (the figures the README quotes)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.world import ShapesWorld
+from .models import NUM_CLASSES, load_world_network
+
+
+def _batch(regime: str, n: int, seed: int):
+    d = ShapesWorld(regime, "test", size=n, seed=seed)
+    items = [d[i] for i in range(n)]
+    x = torch.stack([it["image"] for it in items])
+    y = torch.tensor([it["label"] for it in items])
+    b = torch.tensor([it["background"] for it in items])
+    return x, y, b
+
+
+@torch.no_grad()
+def classifier_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
+    """Shape accuracy of each classifier on biased / balanced test images."""
+    xb, yb, _ = _batch("biased", n, seed)
+    x, y, bg = _batch("balanced", n, seed)
+    out = {}
+    biased = load_world_network("biased")
+    out["biased_on_biased_test"] = float((biased(xb).argmax(1) == yb).float().mean())
+    pred = biased(x).argmax(1)
+    out["biased_on_balanced_test"] = float((pred == y).float().mean())
+    out["biased_follows_background_on_balanced_test"] = float((pred == bg).float().mean())
+    out["robust_on_balanced_test"] = float((load_world_network("robust")(x).argmax(1) == y).float().mean())
+    shape, back = load_world_network("oracle").both(x)
+    out["oracle_shape_on_balanced_test"] = float((shape.argmax(1) == y).float().mean())
+    out["oracle_background_on_balanced_test"] = float((back.argmax(1) == bg).float().mean())
+    return out
+
+
+@torch.no_grad()
+def ddpm_sample_accuracy(n: int = 256, steps: int = 50, cfg_scale: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Oracle shape accuracy of ``n`` class-conditional DDIM samples (classes cycled)."""
+    from ..generators import PixelDiffusion, sample_generators
+
+    gen = PixelDiffusion("world", scheduler="ddim", num_inference_steps=steps)
+    oracle = load_world_network("oracle")
+    labels = torch.arange(n) % NUM_CLASSES
+    correct, backgrounds = 0, torch.zeros(NUM_CLASSES)
+    for i in range(0, n, 64):
+        lab = labels[i : i + 64]
+        gens = sample_generators(seed, [f"ddpm-eval-{j}" for j in range(i, i + len(lab))])
+        imgs = gen.sample(lab, len(lab), gens, guidance_scale=cfg_scale)
+        s, b = oracle.both(imgs)
+        correct += int((s.argmax(1) == lab).sum())
+        backgrounds += torch.bincount(b.argmax(1), minlength=NUM_CLASSES).float()
+    return {
+        "ddpm_sample_shape_accuracy": correct / n,
+        "ddpm_samples": n, "ddpm_steps": steps, "ddpm_cfg_scale": cfg_scale,
+        "ddpm_background_histogram": (backgrounds / n).tolist(),
+    }
+
+
+def evaluate_world_models(seed: int = 0) -> dict[str, float]:
+    """All figures: classifier accuracies and the ddpm's sample accuracy."""
+    return {**classifier_accuracies(seed=seed), **ddpm_sample_accuracy(seed=seed)}

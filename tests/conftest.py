@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models built offline, and the shipped world models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LIT_VCE_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_generator():
+    """A random 16x16 class-conditional pixel diffusion model (4 classes + null)."""
+    from diffusers import UNet2DModel
+
+    from lit_vce.generators import PixelDiffusion
+    from lit_vce.world.models import SCHEDULER_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=5)
+
+    def make(scheduler="ddim", steps=10):
+        return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, scheduler=scheduler,
+                              num_inference_steps=steps, null_class=4)
+
+    return make
+
+
+@pytest.fixture
+def tiny_classifier():
+    """A random SmallCNN wrapped as a 4-class classifier of 16x16 images."""
+    from lit_vce.classifiers import ImageClassifier
+    from lit_vce.world.models import SmallCNN
+
+    torch.manual_seed(1)
+    return ImageClassifier(SmallCNN(width=8), 16, ["a", "b", "c", "d"], name="tiny")
+
+
+@pytest.fixture
+def tiny_batch():
+    from lit_vce.generators import sample_generators
+    from lit_vce.methods import VCEBatch
+
+    torch.manual_seed(2)
+    ids = [f"s{i}" for i in range(4)]
+    return VCEBatch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]), ids,
+                    sample_generators(0, ids))

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from lit_vce.data.world import BACKGROUNDS, SHAPES, ShapesWorld, sample_item
+
+
+def test_items_are_a_pure_function_of_seed_regime_split_index():
+    a = ShapesWorld("balanced", "test", 8)[3]
+    b = ShapesWorld("balanced", "test", 8)[3]
+    assert torch.equal(a["image"], b["image"]) and a["sample_id"] == b["sample_id"]
+    assert not torch.equal(a["image"], ShapesWorld("balanced", "train", 8)[3]["image"])
+    assert not torch.equal(a["image"], ShapesWorld("balanced", "test", 8, seed=1)[3]["image"])
+
+
+def test_item_contents():
+    it = ShapesWorld("balanced", "test", 4)[0]
+    assert it["image"].shape == (3, 32, 32) and it["image"].min() >= 0 and it["image"].max() <= 1
+    assert it["mask"].shape == (1, 32, 32) and 10 < it["mask"].sum() < 600
+    assert it["label"] in range(len(SHAPES)) and it["background"] in range(len(BACKGROUNDS))
+    # the shape is drawn in one flat colour over exactly the mask
+    s = sample_item(0, "balanced", "test", 0)
+    assert np.allclose(s.image[s.mask], np.asarray(s.colour, dtype=np.float32))
+
+
+def test_sample_label_matches_rendered_label():
+    d = ShapesWorld("biased", "val", 50)
+    assert all(d.sample_label(i) == d[i]["label"] for i in range(50))
+
+
+def test_regimes_plant_or_remove_the_background_shortcut():
+    n = 2000
+    biased = [sample_item(0, "biased", "train", i) for i in range(n)]
+    balanced = [sample_item(0, "balanced", "train", i) for i in range(n)]
+    agree_b = np.mean([s.shape == s.background for s in biased])
+    agree_u = np.mean([s.shape == s.background for s in balanced])
+    assert agree_b > 0.97  # 98% + the 1/4 chance of the random rest
+    assert 0.2 < agree_u < 0.3
+
+
+@pytest.mark.parametrize("kwargs", [{"regime": "odd"}, {"split": "dev"}, {"size": -1}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ShapesWorld(**kwargs)
