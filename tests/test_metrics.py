@@ -35,7 +35,7 @@ def test_fid_on_a_handful_of_images_warns_and_reports_n():
     m.update(torch.rand(4, 3, 4, 4), real=False)
     with pytest.warns(UserWarning, match="rank-deficient"):
         v = m.compute()
-    assert torch.isfinite(v) and int(m.fake_n) == 4
+    assert torch.isfinite(v) and m.n_used == 4
 
 
 def test_lp_distances_are_hand_computable():

@@ -196,10 +196,10 @@ class VCEModule(L.LightningModule):
             "l1": float(self.l1.compute()),
             "l2": float(self.l2.compute()),
         }
-        n = int(self.flip_rate.count)  # synced by compute
+        n = self.flip_rate.n_used  # global N, recorded while the states were synced
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())
-            metrics["fid_n"] = int(self.fid.fake_n)
+            metrics["fid_n"] = self.fid.n_used
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}

@@ -31,6 +31,8 @@ class _SumMean(Metric):
         self.count += values.numel()
 
     def compute(self) -> torch.Tensor:
+        # states are synced inside compute (and restored after): keep the global N
+        self.n_used = int(self.count)
         if self.count == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self.total / self.count
@@ -110,6 +112,7 @@ class FeatureFID(Metric):
 
     def compute(self) -> torch.Tensor:
         n_r, n_f = int(self.real_n), int(self.fake_n)
+        self.n_used = min(n_r, n_f)  # the global N (states are synced inside compute)
         if n_r < 2 or n_f < 2:
             warnings.warn(f"FID needs at least 2 images per side (got {n_r}, {n_f}); returning nan")
             return torch.tensor(float("nan"), dtype=torch.float64)

@@ -1,0 +1,136 @@
+"""End to end through Lightning: predict, writer, resume, bad input, DDP == one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_vce.cli import main
+from lit_vce.classifiers import ImageClassifier
+from lit_vce.data import VCEDataModule
+from lit_vce.lightning import VCEModule, VCEPredictionWriter
+from lit_vce.methods import ClassifierGuidance
+from lit_vce.world.models import SmallCNN
+
+FAST = ["--model.method.init_args.num_steps", "6", "--data.num_samples", "6", "--data.batch_size", "4"]
+CG = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "classifier_guidance.yaml")
+
+
+def _pngs(d: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted((d / "counterfactuals").glob("*.png"))}
+
+
+def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    for key in ("method", "classifier", "n", "seed", "versions", "wall_time_s"):
+        assert key in res
+    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid"):
+        assert np.isfinite(res["metrics"][key])
+    assert res["n"] == 6 and set(res["audit"]) == {"n_success", "shape_changed", "background_only"}
+    rows = (out / "samples.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("sample_id,source,target")
+    first = _pngs(out)
+    assert len(first) == 6 and (out / "grid.png").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")}
+    capsys.readouterr()
+    # same command again: everything is skipped, nothing rewritten, same numbers
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    assert "6 samples already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")} == mtimes
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["resumed"] == 6 and res2["n"] == 6
+    for key in ("flip_rate", "l1", "l2", "fid"):
+        assert res2["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-6)
+
+
+def test_inference_mode_trainer_is_refused_with_a_clear_message(tmp_path):
+    module = VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4), fid_features="none", world_audit=False)
+    dm = VCEDataModule(num_samples=2, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=True,
+                        callbacks=[VCEPredictionWriter(str(tmp_path))])
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        trainer.predict(module, dm, return_predictions=False)
+
+
+def _folder(tmp_path: Path, classes=("ant", "bee")) -> Path:
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg")
+    (root / classes[0] / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _two_class_classifier():
+    torch.manual_seed(0)
+    return ImageClassifier(SmallCNN(num_outputs=2, width=8), 32, ["ant", "bee"], name="tiny2")
+
+
+def test_corrupt_image_is_a_recorded_failure_and_the_run_continues(tmp_path):
+    root = _folder(tmp_path)
+    out = tmp_path / "run"
+    module = VCEModule(classifier=_two_class_classifier(), method=ClassifierGuidance(num_steps=4), world_audit=False)
+    dm = VCEDataModule(dataset="imagefolder", root=str(root), image_size=32, protocol="next", batch_size=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
+                        callbacks=[VCEPredictionWriter(str(out))])
+    trainer.predict(module, dm, return_predictions=False)
+    rows = {r["sample_id"]: r for r in (json.loads(p.read_text()) for p in (out / "samples").glob("*.json"))}
+    assert len(rows) == 5
+    broken = rows["ant/broken.jpg->1"]
+    assert "unreadable image" in broken["failure"] and broken["success"] is False
+    assert sum(1 for r in rows.values() if not r["failure"]) == 4
+    assert len(list((out / "counterfactuals").glob("*.png"))) == 4
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 4 and res["n_failed"] == 1
+
+
+def test_bad_classes_stop_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="target equals the source"):
+        VCEDataModule(protocol="pairs", pairs=[[1, 1]]).setup()
+    with pytest.raises(ValueError, match="unknown class id 7"):
+        VCEDataModule(protocol="fixed", target=7).setup()
+    # a folder with 3 classes explained by a 2-class classifier: refused before any sample is written
+    root = _folder(tmp_path, ("ant", "bee", "cat"))
+    out = tmp_path / "run"
+    module = VCEModule(classifier=_two_class_classifier(), method=ClassifierGuidance(num_steps=4), world_audit=False)
+    dm = VCEDataModule(dataset="imagefolder", root=str(root), image_size=32, protocol="next")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
+                        callbacks=[VCEPredictionWriter(str(out))])
+    with pytest.raises(ValueError, match=r"class ids \[2\] are unknown"):
+        trainer.predict(module, dm, return_predictions=False)
+    assert not list((out / "samples").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
+    """devices=2 (DDP over gloo) vs devices=1: same PNGs (within 1/255) and same metrics."""
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        cmd = [sys.executable, "-m", "lit_vce.cli", "predict", "--config", CG, "--model.method.init_args.num_steps", "6",
+               "--data.num_samples", "5", "--data.batch_size", "2", "--writer.output_dir", str(out),
+               "--trainer.devices", str(devices)]
+        if devices == 2:
+            cmd += ["--trainer.strategy", "ddp"]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[devices] = (json.loads((out / "results.json").read_text()), _pngs(out))
+    (r1, p1), (r2, p2) = runs[1], runs[2]
+    assert r2["world_size"] == 2 and r1["n"] == r2["n"] == 5
+    assert p1.keys() == p2.keys() and len(p1) == 5
+    max_diff = max(np.abs(p1[k] - p2[k]).max() for k in p1)
+    assert max_diff <= 1, f"max pixel difference {max_diff}/255"
+    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid"):
+        assert r2["metrics"][key] == pytest.approx(r1["metrics"][key], rel=1e-3, abs=1e-3), key
