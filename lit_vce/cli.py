@@ -56,6 +56,7 @@ def run_predict(args: list[str] | None) -> None:
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     VCECLI(
         VCEModule, VCEDataModule, args=None if args is None else ["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True}, seed_everything_default=False,

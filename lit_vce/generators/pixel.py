@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 
-def _make_scheduler(kind: str, config: dict):
+def _make_scheduler(kind: str, config: dict, clip_sample: bool):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     if kind == "ddim":
-        return DDIMScheduler(**{**config, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False})
+        return DDIMScheduler(**{**config, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": clip_sample})
     if kind == "ddpm":
-        return DDPMScheduler(**{**config, "clip_sample": False, "variance_type": "fixed_small"})
+        return DDPMScheduler(**{**config, "clip_sample": clip_sample, "variance_type": "fixed_small"})
     raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
 
 
@@ -35,6 +35,9 @@ class PixelDiffusion(nn.Module):
         unet: an already built ``UNet2DModel`` (tests, programmatic use);
             overrides ``model``.
         scheduler_config: the training noise-schedule config (with ``unet``).
+        clip_sample: clip the scheduler's x0-prediction to [-1, 1] at every step
+            (the world's ddpm needs it: oracle shape accuracy of its samples is
+            0.94 with clipping and 0.38 without, DDPM 100 steps).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class PixelDiffusion(nn.Module):
         null_class: int | None = None,
         unet: nn.Module | None = None,
         scheduler_config: dict | None = None,
+        clip_sample: bool = True,
     ):
         super().__init__()
         if unet is None:
@@ -55,7 +59,7 @@ class PixelDiffusion(nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.null_class = null_class
         self.scheduler_kind = scheduler
-        self.scheduler = _make_scheduler(scheduler, dict(scheduler_config))
+        self.scheduler = _make_scheduler(scheduler, dict(scheduler_config), clip_sample)
         self.num_inference_steps = int(num_inference_steps)
         self.scheduler.set_timesteps(self.num_inference_steps)
 

@@ -36,11 +36,12 @@ def classifier_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
 
 
 @torch.no_grad()
-def ddpm_sample_accuracy(n: int = 256, steps: int = 50, cfg_scale: float = 1.0, seed: int = 0) -> dict[str, float]:
-    """Oracle shape accuracy of ``n`` class-conditional DDIM samples (classes cycled)."""
+def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0, seed: int = 0,
+                         scheduler: str = "ddpm") -> dict[str, float]:
+    """Oracle shape accuracy of ``n`` class-conditional samples (classes cycled)."""
     from ..generators import PixelDiffusion, sample_generators
 
-    gen = PixelDiffusion("world", scheduler="ddim", num_inference_steps=steps)
+    gen = PixelDiffusion("world", scheduler=scheduler, num_inference_steps=steps)
     oracle = load_world_network("oracle")
     labels = torch.arange(n) % NUM_CLASSES
     correct, backgrounds = 0, torch.zeros(NUM_CLASSES)
@@ -53,7 +54,7 @@ def ddpm_sample_accuracy(n: int = 256, steps: int = 50, cfg_scale: float = 1.0, 
         backgrounds += torch.bincount(b.argmax(1), minlength=NUM_CLASSES).float()
     return {
         "ddpm_sample_shape_accuracy": correct / n,
-        "ddpm_samples": n, "ddpm_steps": steps, "ddpm_cfg_scale": cfg_scale,
+        "ddpm_samples": n, "ddpm_sampler": f"{scheduler}-{steps}", "ddpm_cfg_scale": cfg_scale,
         "ddpm_background_histogram": (backgrounds / n).tolist(),
     }
 
