@@ -26,7 +26,7 @@ import torch
 
 from ..classifiers import load_classifier
 from ..generators.noise import sample_generators
-from ..methods.base import VCEBatch, VCEMethod
+from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics import FeatureFID, FlipRate, LpDistance, TargetConfidence, WorldAudit, WorldFeatures
 from .writer import VCEPredictionWriter, quantize
 
@@ -35,12 +35,18 @@ class VCEModule(L.LightningModule):
     """Counterfactual generation as a prediction stage.
 
     Args:
-        classifier: the explained classifier's spec (see ``load_classifier``).
+        classifier: the explained classifier's spec (see ``load_classifier``), or an
+            :class:`ImageClassifier` when used from Python.
         method: a :class:`VCEMethod` (default: ``ClassifierGuidance()``).
         seed: global seed; each sample's randomness depends only on (seed, sample id).
         fid_features: ``"world"`` (the oracle's features) or ``"none"``.
         world_audit: audit shape/background changes with the world's oracle.
         run_name: a label stored in results (default: ``<method>-<classifier>``).
+        deterministic: byte-identical outputs whatever the batch size and the
+            number of processes: samples are generated one at a time, with one
+            CPU thread per process and deterministic cuDNN. Without it, outputs
+            differ only by float rounding between batch compositions, which a
+            long guided trajectory can amplify (see README, Determinism).
     """
 
     def __init__(
@@ -51,18 +57,20 @@ class VCEModule(L.LightningModule):
         fid_features: str = "world",
         world_audit: bool = True,
         run_name: str | None = None,
+        deterministic: bool = False,
     ):
         super().__init__()
         if fid_features not in ("world", "none"):
             raise ValueError("fid_features must be 'world' or 'none'")
-        self.classifier_spec = classifier
         self.classifier = load_classifier(classifier)
+        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
         if method is None:
             from ..methods import ClassifierGuidance
 
             method = ClassifierGuidance()
         self.method = method
         self.seed = int(seed)
+        self.deterministic = bool(deterministic)
         self.run_name = run_name or f"{method.name}-{self.classifier.name}"
         self.flip_rate = FlipRate()
         self.untargeted_flip_rate = FlipRate(targeted=False)
@@ -71,6 +79,7 @@ class VCEModule(L.LightningModule):
         self.fid = FeatureFID(WorldFeatures(), WorldFeatures.num_features) if fid_features == "world" else None
         self.audit = WorldAudit() if world_audit else None
         self._t0 = 0.0
+        self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0}
         self.final_results: dict[str, Any] | None = None
 
@@ -86,10 +95,18 @@ class VCEModule(L.LightningModule):
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0}
         self._check_classes()
+        self._threads = torch.get_num_threads()
+        if self.deterministic:
+            # thread count and batch shape change kernel reduction orders; pin both
+            torch.set_num_threads(1)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.method.setup(self.device)
         writer = self._writer()
         if writer is not None and writer.done_ids():
             self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
+
+    def on_predict_end(self) -> None:
+        torch.set_num_threads(self._threads)
 
     def _check_classes(self) -> None:
         """Stop before any work when a source/target is unknown to the classifier or equal."""
@@ -153,7 +170,7 @@ class VCEModule(L.LightningModule):
         mask = batch["mask"][idx] if "mask" in batch else None
         vb = VCEBatch(x, src, tgt, sub_ids, sample_generators(self.seed, sub_ids, device=x.device), mask)
         with torch.enable_grad():
-            result = self.method.generate(vb, self.classifier)
+            result = generate_in_chunks(self.method, vb, self.classifier, 1 if self.deterministic else None)
         cf = quantize(result.images.detach())
         xq = quantize(x)
         with torch.no_grad():
@@ -227,7 +244,7 @@ class VCEModule(L.LightningModule):
             run_name=self.run_name, method=self.method.name, classifier=self.classifier_spec, n=n,
             n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
-            config={"method": self.method.describe(), "data": dict(dm.hparams) if dm is not None else {},
+            config={"method": self.method.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "classifier": self.classifier_spec},
             world_size=self.trainer.world_size, resumed=counts[0],
         )

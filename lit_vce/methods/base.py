@@ -68,3 +68,30 @@ class VCEMethod(nn.Module):
     def setup(self, device: torch.device) -> None:
         """Called once before the first batch (e.g. to move auxiliary models)."""
         self.to(device)
+
+
+def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
+    """Consecutive sub-batches of at most ``size`` samples (generators travel with their samples)."""
+    out = []
+    for i in range(0, len(batch), size):
+        sl = slice(i, i + size)
+        out.append(VCEBatch(batch.images[sl], batch.source[sl], batch.target[sl], batch.sample_ids[sl], batch.generators[sl],
+                            None if batch.mask is None else batch.mask[sl]))
+    return out
+
+
+def concat_results(parts: list[CounterfactualResult]) -> CounterfactualResult:
+    """The inverse of :func:`split_batch` for results."""
+    keys = parts[0].diagnostics.keys()
+    return CounterfactualResult(
+        torch.cat([p.images for p in parts]),
+        {key: torch.cat([p.diagnostics[key] for p in parts]) for key in keys},
+        [f for p in parts for f in p.failure],
+    )
+
+
+def generate_in_chunks(method: VCEMethod, batch: VCEBatch, classifier: nn.Module, size: int | None) -> CounterfactualResult:
+    """``method.generate`` over sub-batches of ``size`` samples (``None``: all at once)."""
+    if not size or size >= len(batch):
+        return method.generate(batch, classifier)
+    return concat_results([method.generate(b, classifier) for b in split_batch(batch, size)])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..generators.noise import per_sample_randn
 from ..generators.pixel import PixelDiffusion
-from .base import CounterfactualResult, VCEBatch, VCEMethod
+from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
 
 def vjp(output: torch.Tensor, inputs: torch.Tensor, v: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
@@ -95,18 +95,7 @@ class PerStepGuidance(VCEMethod):
         k = self.inner_batch_size
         if not k or k >= len(batch):
             return self._generate(batch, classifier)
-        parts = []
-        for i in range(0, len(batch), k):
-            sl = slice(i, i + k)
-            sub = VCEBatch(batch.images[sl], batch.source[sl], batch.target[sl], batch.sample_ids[sl], batch.generators[sl],
-                           None if batch.mask is None else batch.mask[sl])
-            parts.append(self._generate(sub, classifier))
-        keys = parts[0].diagnostics.keys()
-        return CounterfactualResult(
-            torch.cat([p.images for p in parts]),
-            {key: torch.cat([p.diagnostics[key] for p in parts]) for key in keys},
-            [f for p in parts for f in p.failure],
-        )
+        return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
 
     def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
         gen = self.generator
