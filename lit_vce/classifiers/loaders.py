@@ -117,9 +117,10 @@ def load_timm(name: str, checkpoint: str | None = None, class_names=None, **kwar
             raise MissingWeightsError(f"timm:{name}: could not download the weights ({type(e).__name__}: {e}); {hint}") from e
     cfg = resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
+    if class_names is None:
+        class_names = imagenet_class_names() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
     return ImageClassifier(
-        model, size, class_names or imagenet_class_names()[: model.num_classes] if model.num_classes == 1000 else
-        (class_names or [str(i) for i in range(model.num_classes)]),
+        model, size, class_names,
         mean=cfg["mean"], std=cfg["std"], resize_size=int(round(size / cfg.get("crop_pct", 1.0))),
         interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
         name=f"timm:{name}", **kwargs,
@@ -139,10 +140,6 @@ def _import_robustbench():
     from robustbench import utils
 
     return robustbench, utils
-
-
-# robustbench ImageNet models that take raw [0, 1] inputs *and* have no normaliser
-_RB_UNNORMALISED = ()
 
 
 @CLASSIFIER_FAMILIES.register("robustbench")

@@ -17,7 +17,6 @@ Guidance needs autograd: the Trainer must be built with ``inference_mode=False``
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from typing import Any
 
@@ -251,5 +250,5 @@ class VCEModule(L.LightningModule):
         writer.write_json("results.json", results)
         save_grid(writer.output_dir, rows[:16])
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
-        self.print(f"{self.run_name}: {counts[2]} new samples{skipped}, {counts[1]} failed; flip rate {metrics['flip_rate']:.3f}"
-                   f"{'' if math.isnan(metrics['flip_rate']) else ''}; results in {writer.output_dir / 'results.json'}")
+        self.print(f"{self.run_name}: {counts[2]} new samples{skipped}, {counts[1]} failed; flip rate {metrics['flip_rate']:.3f}; "
+                   f"results in {writer.output_dir / 'results.json'}")

@@ -12,7 +12,6 @@ Weights live in ``lit_vce/assets/world/*.safetensors`` (or in the folder named b
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -135,9 +134,3 @@ def load_world_network(name: str) -> nn.Module:
         net = SmallCNN()
     net.load_state_dict(state)
     return net.eval().requires_grad_(False)
-
-
-def world_metadata() -> dict:
-    """Measured facts about the shipped models (accuracies, training settings)."""
-    path = world_dir() / "metadata.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
