@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "leaderboard":
         from .report.leaderboard import write_leaderboard
 
-        out = write_leaderboard(args.results_dir, args.sort_by)
+        try:
+            out = write_leaderboard(args.results_dir, args.sort_by)
+        except (FileNotFoundError, ValueError) as e:
+            p.exit(2, f"lit-vce leaderboard: {e}\n")
         print(out.read_text())
         print(f"written to {out}")
     elif args.command == "methods":
