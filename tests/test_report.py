@@ -29,7 +29,7 @@ def test_leaderboard_sorts_by_the_declared_direction(tmp_path, capsys):
 
 
 def test_results_schema_rejects_missing_metrics_and_unknown_fields(tmp_path):
-    with pytest.raises(ValueError, match="metrics.l1"):
+    with pytest.raises(ValueError, match="metrics.target_confidence is missing"):
         build_results(run_name="x", method="x", classifier="c", n=1, n_success=0, n_failed=0, metrics={"flip_rate": 0.0},
                       seed=0, wall_time_s=0.0, sample_ids_hash="h", config={})
     _write(tmp_path, "ok", 0.5, 1.0)
