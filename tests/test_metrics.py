@@ -62,3 +62,53 @@ def test_split_states_merge_to_the_single_process_value():
         b.update(logits[7:], target[7:])
         a.merge_state(b)
         assert float(a.compute()) == pytest.approx(float(one.compute()), abs=1e-12)
+
+
+class _MeanIsTarget(torch.nn.Module):
+    """2 classes: p(class 1) = mean pixel value, p(class 0) = 1 - mean."""
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3)).clamp(1e-6, 1 - 1e-6)
+        return torch.stack([torch.log(1 - m), torch.log(m)], 1)
+
+
+def test_cout_matches_the_hand_computed_insertion_curve():
+    from lit_vce.metrics import COUT
+
+    x = torch.zeros(1, 3, 10, 10)
+    cf = x.clone()
+    cf[0, :, 0, :] = 1.0  # 10 of 100 pixels changed
+    cf[0, :, 1, 0] = 0.5  # one pixel changed less: pasted 11th
+    src, tgt = torch.tensor([0]), torch.tensor([1])
+    # by hand: after k of 50 increments, 2k pixels are pasted, most-changed first
+    pasted = np.array([min(2 * k, 10) + 0.5 * (2 * k > 10) for k in range(51)]) / 100
+    expected = np.trapezoid(pasted, dx=1 / 50) - np.trapezoid(1 - pasted, dx=1 / 50)
+    m = COUT(_MeanIsTarget())
+    m.update(x, cf, src, tgt)
+    assert float(m.compute()) == pytest.approx(expected, abs=1e-6)
+    assert -1 <= expected <= 1 and float(m.values[0][0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_sfid_is_the_mean_of_the_two_cross_fids_and_ignores_batch_and_process_split():
+    from lit_vce.metrics import SplitFID
+
+    torch.manual_seed(0)
+    real, fake = torch.rand(20, 3, 4, 4), torch.rand(20, 3, 4, 4) * 0.9
+    keys = torch.arange(20) * 7919
+    one = SplitFID(_Flat(), seed=3)
+    one.update(real, fake, keys)
+    value = float(one.compute())
+    # reference: the same seeded split, FIDs from the scipy implementation
+    salt = torch.randint(1, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item()
+    order = torch.argsort(keys ^ salt, stable=True).numpy()
+    a, b = order[:10], order[10:]
+    fr, ff = real.flatten(1)[:, :6].double().numpy(), fake.flatten(1)[:, :6].double().numpy()
+    ref = 0.5 * (_reference_fid(fr[a], ff[b]) + _reference_fid(fr[b], ff[a]))
+    assert value == pytest.approx(ref, rel=1e-4)
+    # two "ranks" with uneven, shuffled shards give the same value
+    perm = torch.randperm(20)
+    r1, r2 = SplitFID(_Flat(), seed=3), SplitFID(_Flat(), seed=3)
+    r1.update(real[perm[:13]], fake[perm[:13]], keys[perm[:13]])
+    r2.update(real[perm[13:]], fake[perm[13:]], keys[perm[13:]])
+    r1.merge_state(r2)
+    assert float(r1.compute()) == pytest.approx(value, rel=1e-9)

@@ -33,7 +33,7 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     for key in ("method", "classifier", "n", "seed", "versions", "wall_time_s"):
         assert key in res
-    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid"):
+    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
         assert np.isfinite(res["metrics"][key])
     assert res["n"] == 6 and set(res["audit"]) == {"n_success", "shape_changed", "background_only"}
     rows = (out / "samples.csv").read_text().splitlines()
@@ -48,7 +48,7 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")} == mtimes
     res2 = json.loads((out / "results.json").read_text())
     assert res2["resumed"] == 6 and res2["n"] == 6
-    for key in ("flip_rate", "l1", "l2", "fid"):
+    for key in ("flip_rate", "l1", "l2", "fid", "sfid", "cout"):
         assert res2["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-6)
 
 
@@ -133,5 +133,5 @@ def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
     assert p1.keys() == p2.keys() and len(p1) == 5
     max_diff = max(np.abs(p1[k] - p2[k]).max() for k in p1)
     assert max_diff == 0, f"max pixel difference {max_diff}/255"
-    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid"):
+    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
         assert r2["metrics"][key] == pytest.approx(r1["metrics"][key], rel=1e-6), key

@@ -26,7 +26,8 @@ import torch
 from ..classifiers import load_classifier
 from ..generators.noise import sample_generators
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
-from ..metrics import FeatureFID, FlipRate, LpDistance, TargetConfidence, WorldAudit, WorldFeatures
+from ..generators.noise import sample_seed
+from ..metrics import COUT, FeatureFID, FlipRate, LpDistance, SplitFID, TargetConfidence, WorldAudit, WorldFeatures
 from .writer import VCEPredictionWriter, quantize
 
 
@@ -75,7 +76,13 @@ class VCEModule(L.LightningModule):
         self.untargeted_flip_rate = FlipRate(targeted=False)
         self.target_confidence = TargetConfidence()
         self.l1, self.l2 = LpDistance(1), LpDistance(2)
-        self.fid = FeatureFID(WorldFeatures(), WorldFeatures.num_features) if fid_features == "world" else None
+        self.cout = COUT(self.classifier)
+        if fid_features == "world":
+            features = WorldFeatures()
+            self.fid = FeatureFID(features, WorldFeatures.num_features)
+            self.sfid = SplitFID(features, seed=self.seed)
+        else:
+            self.fid = self.sfid = None
         self.audit = WorldAudit() if world_audit else None
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
@@ -121,15 +128,18 @@ class VCEModule(L.LightningModule):
         if same:
             raise ValueError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
 
-    def _update_metrics(self, original, cf, source, target, logits) -> None:
+    def _update_metrics(self, original, cf, source, target, logits, ids) -> None:
         self.flip_rate.update(logits, target)
         self.untargeted_flip_rate.update(logits, source)
         self.target_confidence.update(logits, target)
         self.l1.update(original, cf)
         self.l2.update(original, cf)
+        self.cout.update(original, cf, source, target)
         if self.fid is not None:
             self.fid.update(original, real=True)
             self.fid.update(cf, real=False)
+            keys = torch.tensor([sample_seed(0, s) for s in ids], device=cf.device)
+            self.sfid.update(original, cf, keys)
         if self.audit is not None:
             self.audit.update(cf, source, target, logits.argmax(1) == target)
 
@@ -149,7 +159,7 @@ class VCEModule(L.LightningModule):
                 cf = cf.to(images)[None]
                 with torch.no_grad():
                     logits = self.classifier(cf)
-                self._update_metrics(quantize(images[i : i + 1]), cf, source[i : i + 1], target[i : i + 1], logits)
+                self._update_metrics(quantize(images[i : i + 1]), cf, source[i : i + 1], target[i : i + 1], logits, [ids[i]])
         self._counts["skipped"] += len(old)
 
         # 2. new samples, with unreadable images recorded as failures
@@ -175,7 +185,7 @@ class VCEModule(L.LightningModule):
         with torch.no_grad():
             before = self.classifier(xq)
             after = self.classifier(cf)
-        self._update_metrics(xq, cf, src, tgt, after)
+        self._update_metrics(xq, cf, src, tgt, after, sub_ids)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
         for j, i in enumerate(todo):
             rows.append(self._row(ids[i], src[j], tgt[j], before[j], after[j], result.failure[j], seconds))
@@ -211,11 +221,13 @@ class VCEModule(L.LightningModule):
             "target_confidence": float(self.target_confidence.compute()),
             "l1": float(self.l1.compute()),
             "l2": float(self.l2.compute()),
+            "cout": float(self.cout.compute()),
         }
         n = self.flip_rate.n_used  # global N, recorded while the states were synced
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())
             metrics["fid_n"] = self.fid.n_used
+            metrics["sfid"] = float(self.sfid.compute())
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
@@ -227,7 +239,8 @@ class VCEModule(L.LightningModule):
         writer = self._writer()
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
-        for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.fid, self.audit):
+        for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.cout, self.fid,
+                  self.sfid, self.audit):
             if m is not None:
                 m.reset()
 

@@ -194,3 +194,94 @@ class WorldAudit(Metric):
             "shape_changed": self.shape_changed / n if self.success > 0 else nan,
             "background_only": self.background_only / n if self.success > 0 else nan,
         }
+
+
+class SplitFID(Metric):
+    """sFID: FID without comparing a counterfactual with its own original.
+
+    The explained instances are ordered by a seeded hash of their sample key,
+    split in halves A and B, and sFID = mean(FID(orig_A, cf_B), FID(orig_B, cf_A)).
+    Features are kept per sample (concatenated across processes) with their keys,
+    so the split does not depend on batch order or the number of processes.
+    """
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, feature: nn.Module, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.feature = feature.eval().requires_grad_(False)
+        self.seed = seed
+        self.add_state("real", [], dist_reduce_fx="cat")
+        self.add_state("fake", [], dist_reduce_fx="cat")
+        self.add_state("keys", [], dist_reduce_fx="cat")
+
+    @torch.no_grad()
+    def update(self, original: torch.Tensor, counterfactual: torch.Tensor, keys: torch.Tensor) -> None:
+        self.real.append(self.feature(original).double())
+        self.fake.append(self.feature(counterfactual).double())
+        self.keys.append(keys.long())
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+
+        real, fake, keys = dim_zero_cat(self.real), dim_zero_cat(self.fake), dim_zero_cat(self.keys)
+        n = len(keys)
+        self.n_used = n
+        if n < 4:
+            warnings.warn(f"sFID needs at least 4 samples (got {n}); returning nan")
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        g = torch.Generator().manual_seed(self.seed)
+        salt = torch.randint(1, 2**62, (1,), generator=g).item()
+        order = torch.argsort((keys.cpu() ^ salt), stable=True)
+        a, b = order[: n // 2], order[n // 2 :]
+        return 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
+
+
+def _fid(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    return frechet_distance(mu_r, torch.cov(real.T), mu_f, torch.cov(fake.T))
+
+
+def cout_curves(classifier: nn.Module, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor,
+                target: torch.Tensor, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(source) and p(target), (N, steps + 1), as counterfactual pixels are pasted into the
+    original in ``steps`` increments, most-changed pixels (channel-summed |x' - x|) first."""
+    n, c, h, w = original.shape
+    change = (counterfactual - original).abs().sum(1).flatten(1)  # (N, H*W)
+    order = torch.argsort(change, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
+    p_src, p_tgt = [], []
+    with torch.no_grad():
+        for k in range(steps + 1):
+            count = round(k * h * w / steps)
+            mask = (rank < count).view(n, 1, h, w)
+            probs = classifier(torch.where(mask, counterfactual, original)).softmax(1)
+            p_src.append(probs.gather(1, source[:, None]).squeeze(1))
+            p_tgt.append(probs.gather(1, target[:, None]).squeeze(1))
+    return torch.stack(p_src, 1), torch.stack(p_tgt, 1)
+
+
+def cout_scores(classifier, original, counterfactual, source, target, steps: int = 50) -> torch.Tensor:
+    """COUT per sample: AUC(p_target) - AUC(p_source) over the insertion curve (trapezoid, in [-1, 1])."""
+    p_src, p_tgt = cout_curves(classifier, original, counterfactual, source, target, steps)
+    dx = 1.0 / steps
+    return torch.trapezoid(p_tgt.double(), dx=dx, dim=1) - torch.trapezoid(p_src.double(), dx=dx, dim=1)
+
+
+class COUT(_SumMean):
+    """Mean COUT (counterfactual transition, Khorram & Fuxin 2022 style) of the explained
+    classifier; per-sample values are kept in ``values`` (concatenated across processes)."""
+
+    higher_is_better = True
+
+    def __init__(self, classifier: nn.Module, steps: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier, self.steps = classifier, steps
+        self.add_state("values", [], dist_reduce_fx="cat")
+
+    def update(self, original, counterfactual, source, target) -> None:
+        v = cout_scores(self.classifier, original, counterfactual, source, target, self.steps)
+        self.values.append(v)
+        self._add(v)

@@ -14,6 +14,8 @@ COLUMNS = [
     ("L1", lambda r: r.metrics.get("l1"), False),
     ("L2", lambda r: r.metrics.get("l2"), False),
     ("FID", lambda r: r.metrics.get("fid"), False),
+    ("sFID", lambda r: r.metrics.get("sfid"), False),
+    ("COUT", lambda r: r.metrics.get("cout"), True),
     ("shape changed", lambda r: (r.audit or {}).get("shape_changed"), None),
     ("background only", lambda r: (r.audit or {}).get("background_only"), None),
 ]
