@@ -38,6 +38,11 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     assert res["n"] == 6 and set(res["audit"]) == {"n_success", "shape_changed", "background_only"}
     rows = (out / "samples.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("sample_id,source,target")
+    # per-sample values are kept: the aggregate is recomputable from the table
+    import csv
+
+    table = list(csv.DictReader((out / "samples.csv").open()))
+    assert np.mean([float(r["l1"]) for r in table]) == pytest.approx(res["metrics"]["l1"], rel=1e-4)
     first = _pngs(out)
     assert len(first) == 6 and (out / "grid.png").is_file()
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")}

@@ -187,8 +187,11 @@ class VCEModule(L.LightningModule):
             after = self.classifier(cf)
         self._update_metrics(xq, cf, src, tgt, after, sub_ids)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
+        diff = (cf - xq).flatten(1).double()
+        l1s, l2s = diff.abs().sum(1).tolist(), diff.norm(dim=1).tolist()
         for j, i in enumerate(todo):
             rows.append(self._row(ids[i], src[j], tgt[j], before[j], after[j], result.failure[j], seconds))
+            rows[-1].update(l1=round(l1s[j], 4), l2=round(l2s[j], 4))
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
         # rows of unreadable images come first; keep images aligned with their rows
