@@ -112,3 +112,26 @@ def test_sfid_is_the_mean_of_the_two_cross_fids_and_ignores_batch_and_process_sp
     r2.update(real[perm[13:]], fake[perm[13:]], keys[perm[13:]])
     r1.merge_state(r2)
     assert float(r1.compute()) == pytest.approx(value, rel=1e-9)
+
+
+def test_lpips_uses_local_backbone_weights_and_names_the_missing_file(tmp_path, monkeypatch):
+    import torchvision
+
+    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.metrics.lpips import ALEXNET_FILE, build_lpips, lpips_available
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub folder
+    assert not lpips_available()
+    with pytest.raises(MissingWeightsError, match=ALEXNET_FILE):
+        build_lpips()
+    ckpt = tmp_path / "lpips" / "checkpoints" / ALEXNET_FILE
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), ckpt)
+    assert lpips_available()
+    m = build_lpips()
+    x = torch.rand(2, 3, 64, 64)
+    assert float(m(x, x)) == pytest.approx(0.0, abs=1e-6)
+    m.reset()
+    assert float(m(x, torch.rand(2, 3, 64, 64))) > 0

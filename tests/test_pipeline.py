@@ -140,3 +140,22 @@ def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
     assert max_diff == 0, f"max pixel difference {max_diff}/255"
     for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
         assert r2["metrics"][key] == pytest.approx(r1["metrics"][key], rel=1e-6), key
+
+
+def test_lpips_in_predict_when_weights_are_present_and_required_on_demand(tmp_path, monkeypatch):
+    import torchvision
+
+    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.metrics.lpips import ALEXNET_FILE
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(MissingWeightsError, match=ALEXNET_FILE):
+        VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4), lpips="on")
+    assert VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4)).lpips is None  # auto: skipped
+    ckpt = tmp_path / "w" / "lpips" / "checkpoints" / ALEXNET_FILE
+    ckpt.parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet().state_dict(), ckpt)
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    assert np.isfinite(json.loads((out / "results.json").read_text())["metrics"]["lpips"])

@@ -28,6 +28,7 @@ from ..generators.noise import sample_generators
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..generators.noise import sample_seed
 from ..metrics import COUT, FeatureFID, FlipRate, LpDistance, SplitFID, TargetConfidence, WorldAudit, WorldFeatures
+from ..metrics.lpips import build_lpips, lpips_available
 from .writer import VCEPredictionWriter, quantize
 
 
@@ -42,6 +43,8 @@ class VCEModule(L.LightningModule):
         fid_features: ``"world"`` (the oracle's features) or ``"none"``.
         world_audit: audit shape/background changes with the world's oracle.
         run_name: a label stored in results (default: ``<method>-<classifier>``).
+        lpips: ``"auto"`` (LPIPS-AlexNet when its backbone weights are present),
+            ``"on"`` (required: missing weights stop the run before any work) or ``"off"``.
         deterministic: byte-identical outputs whatever the batch size and the
             number of processes: samples are generated one at a time, with one
             CPU thread per process and deterministic cuDNN. Without it, outputs
@@ -58,6 +61,7 @@ class VCEModule(L.LightningModule):
         world_audit: bool = True,
         run_name: str | None = None,
         deterministic: bool = False,
+        lpips: str = "auto",
     ):
         super().__init__()
         if fid_features not in ("world", "none"):
@@ -76,6 +80,9 @@ class VCEModule(L.LightningModule):
         self.untargeted_flip_rate = FlipRate(targeted=False)
         self.target_confidence = TargetConfidence()
         self.l1, self.l2 = LpDistance(1), LpDistance(2)
+        if lpips not in ("auto", "on", "off"):
+            raise ValueError("lpips must be 'auto', 'on' or 'off'")
+        self.lpips = build_lpips() if lpips == "on" or (lpips == "auto" and lpips_available()) else None
         self.cout = COUT(self.classifier)
         if fid_features == "world":
             features = WorldFeatures()
@@ -135,6 +142,8 @@ class VCEModule(L.LightningModule):
         self.l1.update(original, cf)
         self.l2.update(original, cf)
         self.cout.update(original, cf, source, target)
+        if self.lpips is not None:
+            self.lpips.update(cf, original)
         if self.fid is not None:
             self.fid.update(original, real=True)
             self.fid.update(cf, real=False)
@@ -226,6 +235,8 @@ class VCEModule(L.LightningModule):
             "l2": float(self.l2.compute()),
             "cout": float(self.cout.compute()),
         }
+        if self.lpips is not None:
+            metrics["lpips"] = float(self.lpips.compute())
         n = self.flip_rate.n_used  # global N, recorded while the states were synced
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())
@@ -242,7 +253,7 @@ class VCEModule(L.LightningModule):
         writer = self._writer()
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
-        for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.cout, self.fid,
+        for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.cout, self.lpips, self.fid,
                   self.sfid, self.audit):
             if m is not None:
                 m.reset()

@@ -13,6 +13,7 @@ COLUMNS = [
     ("conf", lambda r: r.metrics.get("target_confidence"), True),
     ("L1", lambda r: r.metrics.get("l1"), False),
     ("L2", lambda r: r.metrics.get("l2"), False),
+    ("LPIPS", lambda r: r.metrics.get("lpips"), False),
     ("FID", lambda r: r.metrics.get("fid"), False),
     ("sFID", lambda r: r.metrics.get("sfid"), False),
     ("COUT", lambda r: r.metrics.get("cout"), True),

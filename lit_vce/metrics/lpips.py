@@ -1,0 +1,54 @@
+"""LPIPS (AlexNet) with offline weights.
+
+torchmetrics ships the LPIPS linear heads; the AlexNet backbone comes from
+torchvision's checkpoint ``alexnet-owt-7be5be79.pth``, normally downloaded into
+``$TORCH_HOME/hub/checkpoints`` at first use. Offline machines put that file in
+``$LIT_VCE_WEIGHTS_DIR/lpips/checkpoints/`` (or the torch hub folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..classifiers.loaders import MissingWeightsError, _is_offline, weights_dir
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_weight_locations() -> list[Path]:
+    """Hub roots searched for ``checkpoints/alexnet-owt-7be5be79.pth``, in order."""
+    return [weights_dir() / "lpips", Path(torch.hub.get_dir())]
+
+
+def lpips_available() -> bool:
+    return any((root / "checkpoints" / ALEXNET_FILE).is_file() for root in lpips_weight_locations())
+
+
+@contextlib.contextmanager
+def _hub_dir(path: Path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(path))
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(old)
+
+
+def build_lpips():
+    """A torchmetrics LPIPS (AlexNet, inputs in [0, 1]) using local backbone weights when present."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as LPIPS
+
+    for root in lpips_weight_locations():
+        if (root / "checkpoints" / ALEXNET_FILE).is_file():
+            with _hub_dir(root):
+                return LPIPS(net_type="alex", normalize=True)
+    hint = f"put {ALEXNET_FILE} (torchvision's AlexNet weights) in {weights_dir() / 'lpips' / 'checkpoints'}"
+    if _is_offline():
+        raise MissingWeightsError(f"LPIPS: offline and no local backbone weights; {hint}")
+    try:
+        return LPIPS(net_type="alex", normalize=True)
+    except Exception as e:  # download errors come in many types
+        raise MissingWeightsError(f"LPIPS: could not download the AlexNet backbone ({type(e).__name__}: {e}); {hint}") from e
