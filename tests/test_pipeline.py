@@ -29,8 +29,9 @@ def _pngs(d: Path) -> dict[str, np.ndarray]:
 
 def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.second_classifier", "oracle"])
     res = json.loads((out / "results.json").read_text())
+    assert 0 <= res["metrics"]["flip_rate_independent"] <= 1 and "target_confidence_independent" in res["metrics"]
     for key in ("method", "classifier", "n", "seed", "versions", "wall_time_s"):
         assert key in res
     for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):

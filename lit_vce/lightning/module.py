@@ -43,6 +43,9 @@ class VCEModule(L.LightningModule):
         fid_features: ``"world"`` (the oracle's features) or ``"none"``.
         world_audit: audit shape/background changes with the world's oracle.
         run_name: a label stored in results (default: ``<method>-<classifier>``).
+        second_classifier: an independent classifier (same label space) under which
+            flip rate and target confidence are also reported (``*_independent``):
+            validity that transfers beyond the explained model.
         lpips: ``"auto"`` (LPIPS-AlexNet when its backbone weights are present),
             ``"on"`` (required: missing weights stop the run before any work) or ``"off"``.
         deterministic: byte-identical outputs whatever the batch size and the
@@ -62,6 +65,7 @@ class VCEModule(L.LightningModule):
         run_name: str | None = None,
         deterministic: bool = False,
         lpips: str = "auto",
+        second_classifier: str | None = None,
     ):
         super().__init__()
         if fid_features not in ("world", "none"):
@@ -84,6 +88,12 @@ class VCEModule(L.LightningModule):
             raise ValueError("lpips must be 'auto', 'on' or 'off'")
         self.lpips = build_lpips() if lpips == "on" or (lpips == "auto" and lpips_available()) else None
         self.cout = COUT(self.classifier)
+        self.second = load_classifier(second_classifier) if second_classifier else None
+        if self.second is not None:
+            if self.second.num_classes != self.classifier.num_classes:
+                raise ValueError(f"second_classifier has {self.second.num_classes} classes, the explained one "
+                                 f"{self.classifier.num_classes}: they must share the label space")
+            self.flip_rate_independent, self.target_confidence_independent = FlipRate(), TargetConfidence()
         if fid_features == "world":
             features = WorldFeatures()
             self.fid = FeatureFID(features, WorldFeatures.num_features)
@@ -142,6 +152,11 @@ class VCEModule(L.LightningModule):
         self.l1.update(original, cf)
         self.l2.update(original, cf)
         self.cout.update(original, cf, source, target)
+        if self.second is not None:
+            with torch.no_grad():
+                second = self.second(cf)
+            self.flip_rate_independent.update(second, target)
+            self.target_confidence_independent.update(second, target)
         if self.lpips is not None:
             self.lpips.update(cf, original)
         if self.fid is not None:
@@ -237,6 +252,11 @@ class VCEModule(L.LightningModule):
         }
         if self.lpips is not None:
             metrics["lpips"] = float(self.lpips.compute())
+        if self.second is not None:
+            metrics["flip_rate_independent"] = float(self.flip_rate_independent.compute())
+            metrics["target_confidence_independent"] = float(self.target_confidence_independent.compute())
+            self.flip_rate_independent.reset()
+            self.target_confidence_independent.reset()
         n = self.flip_rate.n_used  # global N, recorded while the states were synced
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())

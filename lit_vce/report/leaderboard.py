@@ -11,6 +11,7 @@ COLUMNS = [
     # (header, getter, higher is better)
     ("FR", lambda r: r.metrics.get("flip_rate"), True),
     ("conf", lambda r: r.metrics.get("target_confidence"), True),
+    ("FR indep.", lambda r: r.metrics.get("flip_rate_independent"), True),
     ("L1", lambda r: r.metrics.get("l1"), False),
     ("L2", lambda r: r.metrics.get("l2"), False),
     ("LPIPS", lambda r: r.metrics.get("lpips"), False),
