@@ -32,6 +32,8 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.second_classifier", "oracle"])
     res = json.loads((out / "results.json").read_text())
     assert 0 <= res["metrics"]["flip_rate_independent"] <= 1 and "target_confidence_independent" in res["metrics"]
+    # FID under both conventions, each with its N
+    assert res["metrics"]["fid_n"] == 6
     for key in ("method", "classifier", "n", "seed", "versions", "wall_time_s"):
         assert key in res
     for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
@@ -44,6 +46,7 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
 
     table = list(csv.DictReader((out / "samples.csv").open()))
     assert np.mean([float(r["l1"]) for r in table]) == pytest.approx(res["metrics"]["l1"], rel=1e-4)
+    assert res["metrics"]["fid_successful_n"] == sum(1 for r in table if r["success"] == "True")
     first = _pngs(out)
     assert len(first) == 6 and (out / "grid.png").is_file()
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")}

@@ -97,9 +97,11 @@ class VCEModule(L.LightningModule):
         if fid_features == "world":
             features = WorldFeatures()
             self.fid = FeatureFID(features, WorldFeatures.num_features)
+            # the ACE/DiME convention: successful counterfactuals (and their originals) only
+            self.fid_successful = FeatureFID(features, WorldFeatures.num_features)
             self.sfid = SplitFID(features, seed=self.seed)
         else:
-            self.fid = self.sfid = None
+            self.fid = self.fid_successful = self.sfid = None
         self.audit = WorldAudit() if world_audit else None
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
@@ -164,6 +166,9 @@ class VCEModule(L.LightningModule):
             self.fid.update(cf, real=False)
             keys = torch.tensor([sample_seed(0, s) for s in ids], device=cf.device)
             self.sfid.update(original, cf, keys)
+            ok = logits.argmax(1) == target
+            self.fid_successful.update(original[ok], real=True)
+            self.fid_successful.update(cf[ok], real=False)
         if self.audit is not None:
             self.audit.update(cf, source, target, logits.argmax(1) == target)
 
@@ -261,6 +266,8 @@ class VCEModule(L.LightningModule):
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())
             metrics["fid_n"] = self.fid.n_used
+            metrics["fid_successful"] = float(self.fid_successful.compute())
+            metrics["fid_successful_n"] = self.fid_successful.n_used
             metrics["sfid"] = float(self.sfid.compute())
         audit = None
         if self.audit is not None:
@@ -274,7 +281,7 @@ class VCEModule(L.LightningModule):
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
         for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.cout, self.lpips, self.fid,
-                  self.sfid, self.audit):
+                  self.fid_successful, self.sfid, self.audit):
             if m is not None:
                 m.reset()
 
