@@ -22,11 +22,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import Metric
 
 from ..classifiers import load_classifier
-from ..generators.noise import sample_generators
+from ..generators.noise import sample_generators, sample_seed
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
-from ..generators.noise import sample_seed
 from ..metrics import COUT, FeatureFID, FlipRate, LpDistance, SplitFID, TargetConfidence, WorldAudit, WorldFeatures
 from ..metrics.lpips import build_lpips, lpips_available
 from .writer import VCEPredictionWriter, quantize
@@ -95,13 +95,13 @@ class VCEModule(L.LightningModule):
                                  f"{self.classifier.num_classes}: they must share the label space")
             self.flip_rate_independent, self.target_confidence_independent = FlipRate(), TargetConfidence()
         if fid_features == "world":
-            features = WorldFeatures()
-            self.fid = FeatureFID(features, WorldFeatures.num_features)
+            self.features = WorldFeatures()
+            self.fid = FeatureFID(self.features, WorldFeatures.num_features)
             # the ACE/DiME convention: successful counterfactuals (and their originals) only
-            self.fid_successful = FeatureFID(features, WorldFeatures.num_features)
-            self.sfid = SplitFID(features, seed=self.seed)
+            self.fid_successful = FeatureFID(self.features, WorldFeatures.num_features)
+            self.sfid = SplitFID(self.features, seed=self.seed)
         else:
-            self.fid = self.fid_successful = self.sfid = None
+            self.features = self.fid = self.fid_successful = self.sfid = None
         self.audit = WorldAudit() if world_audit else None
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
@@ -161,16 +161,19 @@ class VCEModule(L.LightningModule):
             self.target_confidence_independent.update(second, target)
         if self.lpips is not None:
             self.lpips.update(cf, original)
+        success = logits.argmax(1) == target
         if self.fid is not None:
-            self.fid.update(original, real=True)
-            self.fid.update(cf, real=False)
+            # one feature extraction serves FID (both conventions) and sFID
+            with torch.no_grad():
+                f_orig, f_cf = self.features(original), self.features(cf)
+            self.fid.update_features(f_orig, real=True)
+            self.fid.update_features(f_cf, real=False)
+            self.fid_successful.update_features(f_orig[success], real=True)
+            self.fid_successful.update_features(f_cf[success], real=False)
             keys = torch.tensor([sample_seed(0, s) for s in ids], device=cf.device)
-            self.sfid.update(original, cf, keys)
-            ok = logits.argmax(1) == target
-            self.fid_successful.update(original[ok], real=True)
-            self.fid_successful.update(cf[ok], real=False)
+            self.sfid.update_features(f_orig, f_cf, keys)
         if self.audit is not None:
-            self.audit.update(cf, source, target, logits.argmax(1) == target)
+            self.audit.update(cf, source, target, success)
 
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -260,8 +263,6 @@ class VCEModule(L.LightningModule):
         if self.second is not None:
             metrics["flip_rate_independent"] = float(self.flip_rate_independent.compute())
             metrics["target_confidence_independent"] = float(self.target_confidence_independent.compute())
-            self.flip_rate_independent.reset()
-            self.target_confidence_independent.reset()
         n = self.flip_rate.n_used  # global N, recorded while the states were synced
         if self.fid is not None:
             metrics["fid"] = float(self.fid.compute())
@@ -280,9 +281,8 @@ class VCEModule(L.LightningModule):
         writer = self._writer()
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
-        for m in (self.flip_rate, self.untargeted_flip_rate, self.target_confidence, self.l1, self.l2, self.cout, self.lpips, self.fid,
-                  self.fid_successful, self.sfid, self.audit):
-            if m is not None:
+        for m in self.modules():
+            if isinstance(m, Metric):
                 m.reset()
 
     def _finalize(self, writer, metrics, audit, n, counts, wall) -> None:

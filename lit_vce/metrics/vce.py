@@ -104,7 +104,11 @@ class FeatureFID(Metric):
         return self.feature(images).double()
 
     def update(self, images: torch.Tensor, real: bool) -> None:
-        f = self._feats(images)
+        self.update_features(self._feats(images), real)
+
+    def update_features(self, f: torch.Tensor, real: bool) -> None:
+        """Add precomputed features (N, d) of ``self.feature`` (to share one extraction between metrics)."""
+        f = f.double()
         side = "real" if real else "fake"
         setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + f.sum(0))
         setattr(self, f"{side}_cov", getattr(self, f"{side}_cov") + f.T @ f)
@@ -218,8 +222,12 @@ class SplitFID(Metric):
 
     @torch.no_grad()
     def update(self, original: torch.Tensor, counterfactual: torch.Tensor, keys: torch.Tensor) -> None:
-        self.real.append(self.feature(original).double())
-        self.fake.append(self.feature(counterfactual).double())
+        self.update_features(self.feature(original), self.feature(counterfactual), keys)
+
+    def update_features(self, real: torch.Tensor, fake: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add precomputed features of originals and counterfactuals with their sample keys."""
+        self.real.append(real.double())
+        self.fake.append(fake.double())
         self.keys.append(keys.long())
 
     def compute(self) -> torch.Tensor:
