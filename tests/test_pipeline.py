@@ -156,7 +156,7 @@ def test_lpips_in_predict_when_weights_are_present_and_required_on_demand(tmp_pa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with pytest.raises(MissingWeightsError, match=ALEXNET_FILE):
         VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4), lpips="on")
-    assert VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4)).lpips is None  # auto: skipped
+    assert VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4)).metrics.lpips is None  # auto: skipped
     ckpt = tmp_path / "w" / "lpips" / "checkpoints" / ALEXNET_FILE
     ckpt.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet().state_dict(), ckpt)

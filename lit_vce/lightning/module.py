@@ -22,13 +22,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchmetrics import Metric
 
 from ..classifiers import load_classifier
-from ..generators.noise import sample_generators, sample_seed
+from ..generators.noise import sample_generators
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
-from ..metrics import COUT, FeatureFID, FlipRate, LpDistance, SplitFID, TargetConfidence, WorldAudit, WorldFeatures
-from ..metrics.lpips import build_lpips, lpips_available
+from ..metrics.suite import build_suite
 from .writer import VCEPredictionWriter, quantize
 
 
@@ -40,7 +38,9 @@ class VCEModule(L.LightningModule):
             :class:`ImageClassifier` when used from Python.
         method: a :class:`VCEMethod` (default: ``ClassifierGuidance()``).
         seed: global seed; each sample's randomness depends only on (seed, sample id).
-        fid_features: ``"world"`` (the oracle's features) or ``"none"``.
+        fid_features: FID/sFID features: ``"world"`` (the oracle's), ``"inception"``
+            (standard 2048-d Inception-v3; weights from ``inception_weights`` or
+            ``$LIT_VCE_INCEPTION_WEIGHTS``, see :mod:`lit_vce.metrics.features`) or ``"none"``.
         world_audit: audit shape/background changes with the world's oracle.
         run_name: a label stored in results (default: ``<method>-<classifier>``).
         second_classifier: an independent classifier (same label space) under which
@@ -53,6 +53,11 @@ class VCEModule(L.LightningModule):
             CPU thread per process and deterministic cuDNN. Without it, outputs
             differ only by float rounding between batch compositions, which a
             long guided trajectory can amplify (see README, Determinism).
+        inception_weights: a local file of the Inception FID weights.
+        resolution: L1/L2 are computed at this square resolution (None: native;
+            256 is the ImageNet convention).
+        autoencoder: a first-stage autoencoder (diffusers ``AutoencoderKL`` folder or
+            hub id, ``id:subfolder``) for latent L1/L2.
     """
 
     def __init__(
@@ -66,10 +71,13 @@ class VCEModule(L.LightningModule):
         deterministic: bool = False,
         lpips: str = "auto",
         second_classifier: str | None = None,
+        inception_weights: str | None = None,
+        resolution: int | None = None,
+        autoencoder: str | None = None,
     ):
         super().__init__()
-        if fid_features not in ("world", "none"):
-            raise ValueError("fid_features must be 'world' or 'none'")
+        if fid_features not in ("world", "inception", "none"):
+            raise ValueError("fid_features must be 'world', 'inception' or 'none'")
         self.classifier = load_classifier(classifier)
         self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
         if method is None:
@@ -80,29 +88,9 @@ class VCEModule(L.LightningModule):
         self.seed = int(seed)
         self.deterministic = bool(deterministic)
         self.run_name = run_name or f"{method.name}-{self.classifier.name}"
-        self.flip_rate = FlipRate()
-        self.untargeted_flip_rate = FlipRate(targeted=False)
-        self.target_confidence = TargetConfidence()
-        self.l1, self.l2 = LpDistance(1), LpDistance(2)
-        if lpips not in ("auto", "on", "off"):
-            raise ValueError("lpips must be 'auto', 'on' or 'off'")
-        self.lpips = build_lpips() if lpips == "on" or (lpips == "auto" and lpips_available()) else None
-        self.cout = COUT(self.classifier)
-        self.second = load_classifier(second_classifier) if second_classifier else None
-        if self.second is not None:
-            if self.second.num_classes != self.classifier.num_classes:
-                raise ValueError(f"second_classifier has {self.second.num_classes} classes, the explained one "
-                                 f"{self.classifier.num_classes}: they must share the label space")
-            self.flip_rate_independent, self.target_confidence_independent = FlipRate(), TargetConfidence()
-        if fid_features == "world":
-            self.features = WorldFeatures()
-            self.fid = FeatureFID(self.features, WorldFeatures.num_features)
-            # the ACE/DiME convention: successful counterfactuals (and their originals) only
-            self.fid_successful = FeatureFID(self.features, WorldFeatures.num_features)
-            self.sfid = SplitFID(self.features, seed=self.seed)
-        else:
-            self.features = self.fid = self.fid_successful = self.sfid = None
-        self.audit = WorldAudit() if world_audit else None
+        self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
+                                   second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
+                                   resolution=resolution, autoencoder=autoencoder, seed=self.seed)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0}
@@ -147,34 +135,6 @@ class VCEModule(L.LightningModule):
         if same:
             raise ValueError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
 
-    def _update_metrics(self, original, cf, source, target, logits, ids) -> None:
-        self.flip_rate.update(logits, target)
-        self.untargeted_flip_rate.update(logits, source)
-        self.target_confidence.update(logits, target)
-        self.l1.update(original, cf)
-        self.l2.update(original, cf)
-        self.cout.update(original, cf, source, target)
-        if self.second is not None:
-            with torch.no_grad():
-                second = self.second(cf)
-            self.flip_rate_independent.update(second, target)
-            self.target_confidence_independent.update(second, target)
-        if self.lpips is not None:
-            self.lpips.update(cf, original)
-        success = logits.argmax(1) == target
-        if self.fid is not None:
-            # one feature extraction serves FID (both conventions) and sFID
-            with torch.no_grad():
-                f_orig, f_cf = self.features(original), self.features(cf)
-            self.fid.update_features(f_orig, real=True)
-            self.fid.update_features(f_cf, real=False)
-            self.fid_successful.update_features(f_orig[success], real=True)
-            self.fid_successful.update_features(f_cf[success], real=False)
-            keys = torch.tensor([sample_seed(0, s) for s in ids], device=cf.device)
-            self.sfid.update_features(f_orig, f_cf, keys)
-        if self.audit is not None:
-            self.audit.update(cf, source, target, success)
-
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         t_start = time.perf_counter()
@@ -188,10 +148,7 @@ class VCEModule(L.LightningModule):
         for i in old:
             row, cf = writer.load_done(ids[i])
             if cf is not None and not row.get("failure"):
-                cf = cf.to(images)[None]
-                with torch.no_grad():
-                    logits = self.classifier(cf)
-                self._update_metrics(quantize(images[i : i + 1]), cf, source[i : i + 1], target[i : i + 1], logits, [ids[i]])
+                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], source[i : i + 1], target[i : i + 1], [ids[i]])
         self._counts["skipped"] += len(old)
 
         # 2. new samples, with unreadable images recorded as failures
@@ -200,7 +157,8 @@ class VCEModule(L.LightningModule):
         todo = [i for i in new if not errors[i]]
         for i in new:
             if errors[i]:
-                rows.append(self._row(ids[i], source[i], target[i], None, None, errors[i], 0.0))
+                rows.append(self._row({"sample_id": ids[i], "source": int(source[i]), "target": int(target[i]), "success": False},
+                                      errors[i], 0.0))
                 rows[-1]["has_image"] = False
         if not todo:
             self._counts["failed"] += len(rows)
@@ -214,16 +172,10 @@ class VCEModule(L.LightningModule):
             result = generate_in_chunks(self.method, vb, self.classifier, 1 if self.deterministic else None)
         cf = quantize(result.images.detach())
         xq = quantize(x)
-        with torch.no_grad():
-            before = self.classifier(xq)
-            after = self.classifier(cf)
-        self._update_metrics(xq, cf, src, tgt, after, sub_ids)
+        values = self.metrics.update(xq, cf, src, tgt, sub_ids)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
-        diff = (cf - xq).flatten(1).double()
-        l1s, l2s = diff.abs().sum(1).tolist(), diff.norm(dim=1).tolist()
-        for j, i in enumerate(todo):
-            rows.append(self._row(ids[i], src[j], tgt[j], before[j], after[j], result.failure[j], seconds))
-            rows[-1].update(l1=round(l1s[j], 4), l2=round(l2s[j], 4))
+        for j in range(len(todo)):
+            rows.append(self._row(values[j], result.failure[j], seconds))
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
         # rows of unreadable images come first; keep images aligned with their rows
@@ -231,48 +183,16 @@ class VCEModule(L.LightningModule):
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
         return {"new_rows": rows, "counterfactuals": torch.cat([pad, cf]), "originals": torch.cat([pad, xq])}
 
-    def _row(self, sid, source, target, before, after, failure, seconds) -> dict[str, Any]:
-        row: dict[str, Any] = {"sample_id": sid, "source": int(source), "target": int(target), "method": self.method.name,
-                               "seed": self.seed, "seconds": round(float(seconds), 4), "failure": failure or ""}
-        if before is not None:
-            pb, pa = before.softmax(0), after.softmax(0)
-            row.update(
-                pred_before=int(pb.argmax()), conf_before=round(float(pb.max()), 6),
-                target_conf_before=round(float(pb[int(target)]), 6),
-                pred_after=int(pa.argmax()), conf_after=round(float(pa.max()), 6),
-                target_conf_after=round(float(pa[int(target)]), 6),
-                success=bool(int(pa.argmax()) == int(target)) and not failure,
-            )
-        else:
-            row["success"] = False
+    def _row(self, values: dict[str, Any], failure: str, seconds: float) -> dict[str, Any]:
+        row = dict(values)
+        row.update(method=self.method.name, seed=self.seed, seconds=round(float(seconds), 4), failure=failure or "")
+        row["success"] = bool(row.get("success")) and not failure
         return row
 
     # --- the end ---------------------------------------------------------------
     def on_predict_epoch_end(self) -> None:
         # compute() is a collective: every rank calls it, in the same order
-        metrics = {
-            "flip_rate": float(self.flip_rate.compute()),
-            "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
-            "target_confidence": float(self.target_confidence.compute()),
-            "l1": float(self.l1.compute()),
-            "l2": float(self.l2.compute()),
-            "cout": float(self.cout.compute()),
-        }
-        if self.lpips is not None:
-            metrics["lpips"] = float(self.lpips.compute())
-        if self.second is not None:
-            metrics["flip_rate_independent"] = float(self.flip_rate_independent.compute())
-            metrics["target_confidence_independent"] = float(self.target_confidence_independent.compute())
-        n = self.flip_rate.n_used  # global N, recorded while the states were synced
-        if self.fid is not None:
-            metrics["fid"] = float(self.fid.compute())
-            metrics["fid_n"] = self.fid.n_used
-            metrics["fid_successful"] = float(self.fid_successful.compute())
-            metrics["fid_successful_n"] = self.fid_successful.n_used
-            metrics["sfid"] = float(self.sfid.compute())
-        audit = None
-        if self.audit is not None:
-            audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
+        metrics, audit, n = self.metrics.compute()
         counts = torch.tensor([self._counts["skipped"], self._counts["failed"], self._counts["new"]], device=self.device)
         counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum").long().tolist()
         self.trainer.strategy.barrier()
@@ -281,9 +201,7 @@ class VCEModule(L.LightningModule):
         writer = self._writer()
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
-        for m in self.modules():
-            if isinstance(m, Metric):
-                m.reset()
+        self.metrics.reset()
 
     def _finalize(self, writer, metrics, audit, n, counts, wall) -> None:
         from ..report.results import build_results
@@ -297,7 +215,7 @@ class VCEModule(L.LightningModule):
             run_name=self.run_name, method=self.method.name, classifier=self.classifier_spec, n=n,
             n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
-            config={"method": self.method.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
+            config={"method": self.method.describe(), "metrics": self.metrics.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "classifier": self.classifier_spec},
             world_size=self.trainer.world_size, resumed=counts[0],
         )

@@ -26,7 +26,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 ROW_FIELDS = [
     "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
-    "target_conf_after", "l1", "l2", "success", "failure", "method", "seed", "seconds",
+    "target_conf_after", "success", "success_independent", "l1", "l2", "lpips", "latent_l1", "latent_l2", "cout",
+    "failure", "method", "seed", "seconds",
 ]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..classifiers.loaders import MissingWeightsError, _is_offline, weights_dir
+from .vce import _SumMean
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
@@ -37,18 +38,42 @@ def _hub_dir(path: Path):
         torch.hub.set_dir(old)
 
 
-def build_lpips():
-    """A torchmetrics LPIPS (AlexNet, inputs in [0, 1]) using local backbone weights when present."""
+class LPIPSDistance(_SumMean):
+    """Mean LPIPS-AlexNet distance (inputs in [0, 1]) as (sum, count) states, exact under
+    DDP; ``per_sample`` gives the per-pair values. Build it with :func:`build_lpips`."""
+
+    higher_is_better = False
+
+    def __init__(self, net: torch.nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def per_sample(self, counterfactual: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """LPIPS of each pair (no state change)."""
+        return self.net(counterfactual.float(), original.float(), normalize=True).reshape(len(original))
+
+    def update(self, counterfactual: torch.Tensor | None = None, original: torch.Tensor | None = None,
+               values: torch.Tensor | None = None) -> None:
+        self._add(values if values is not None else self.per_sample(counterfactual, original))
+
+
+def _lpips_net():
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as LPIPS
 
+    return LPIPSDistance(LPIPS(net_type="alex", normalize=True).net)
+
+
+def build_lpips() -> LPIPSDistance:
+    """LPIPS-AlexNet (torchmetrics' heads) using local backbone weights when present."""
     for root in lpips_weight_locations():
         if (root / "checkpoints" / ALEXNET_FILE).is_file():
             with _hub_dir(root):
-                return LPIPS(net_type="alex", normalize=True)
+                return _lpips_net()
     hint = f"put {ALEXNET_FILE} (torchvision's AlexNet weights) in {weights_dir() / 'lpips' / 'checkpoints'}"
     if _is_offline():
         raise MissingWeightsError(f"LPIPS: offline and no local backbone weights; {hint}")
     try:
-        return LPIPS(net_type="alex", normalize=True)
+        return _lpips_net()
     except Exception as e:  # download errors come in many types
         raise MissingWeightsError(f"LPIPS: could not download the AlexNet backbone ({type(e).__name__}: {e}); {hint}") from e

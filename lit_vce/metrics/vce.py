@@ -289,7 +289,8 @@ class COUT(_SumMean):
         self.classifier, self.steps = classifier, steps
         self.add_state("values", [], dist_reduce_fx="cat")
 
-    def update(self, original, counterfactual, source, target) -> None:
-        v = cout_scores(self.classifier, original, counterfactual, source, target, self.steps)
+    def update(self, original=None, counterfactual=None, source=None, target=None, values: torch.Tensor | None = None) -> None:
+        """Add a batch, or per-sample COUT ``values`` the caller computed with :func:`cout_scores`."""
+        v = values if values is not None else cout_scores(self.classifier, original, counterfactual, source, target, self.steps)
         self.values.append(v)
         self._add(v)

@@ -1,0 +1,286 @@
+"""``VCEMetrics``: the whole metric suite of one run, shared by ``predict``
+(in-line) and ``evaluate`` (re-reading saved PNGs), so both give the same numbers.
+
+``update`` takes a batch of (original, counterfactual, source, target, sample id)
+and returns one row of per-sample values per image (written to the per-sample
+table, from which any aggregate can be recomputed); ``compute`` is a collective
+(every rank calls it) and returns the synced aggregates.
+
+Metrics (definitions in ``metrics.md``):
+
+- validity: ``flip_rate`` (targeted), ``untargeted_flip_rate``,
+  ``target_confidence``, and the same under an independent second classifier
+  (``*_independent``); ``flip_rate_source_correct`` over the originals that the
+  classifier gets right (``n_source_correct`` of them);
+- closeness: ``l1``/``l2`` over all 3*H*W values in [0, 1] at ``resolution``
+  (native when None), ``lpips``, ``latent_l1``/``latent_l2`` (first-stage
+  autoencoder), ``cout``;
+- realism: ``fid`` (all counterfactuals) and ``fid_successful`` (successful ones
+  and their originals), each with its N, and ``sfid``, on a pluggable extractor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..generators.noise import sample_seed
+from .features import build_features
+from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores
+
+
+def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """Square ``resolution`` x ``resolution`` images (bilinear, antialiased); unchanged when None or already there."""
+    if resolution is None or images.shape[-2:] == (resolution, resolution):
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def lp_per_sample(original: torch.Tensor, counterfactual: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-image ``||x - x'||_p`` over all values (float64)."""
+    d = (counterfactual - original).flatten(1).double()
+    return d.abs().sum(1) if p == 1 else d.norm(dim=1)
+
+
+class PerSampleMean(_SumMean):
+    """The mean of per-sample distances computed by the caller (so they can also be stored per sample)."""
+
+    higher_is_better = False
+
+    def update(self, values: torch.Tensor) -> None:
+        self._add(values)
+
+
+class LatentEncoder(nn.Module):
+    """A first-stage autoencoder's encoder: images in [0, 1] -> scaled latent means.
+
+    ``autoencoder`` is a diffusers ``AutoencoderKL`` (or a folder / hub id /
+    ``folder:subfolder`` of one, e.g. ``runwayml/stable-diffusion-v1-5:vae``).
+    """
+
+    def __init__(self, autoencoder: str | nn.Module):
+        super().__init__()
+        if isinstance(autoencoder, str):
+            from diffusers import AutoencoderKL
+
+            from ..classifiers.loaders import MissingWeightsError
+
+            path, sub = (autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, ""))
+            try:
+                autoencoder = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
+            except (OSError, ValueError) as e:
+                raise MissingWeightsError(f"latent distances: cannot load the autoencoder {path!r}"
+                                          f"{f' (subfolder {sub})' if sub else ''}: {e}") from e
+        self.vae = autoencoder.eval().requires_grad_(False)
+        self.scaling = float(getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0) or 1.0)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        return dist.mean * self.scaling
+
+
+class VCEMetrics(nn.Module):
+    """The metric suite of one (method, classifier, protocol, dataset) run.
+
+    Args:
+        classifier: the explained classifier (an ``nn.Module`` giving logits).
+        features: FID/sFID features: ``"inception"`` (2048-d, standard),
+            ``"world"`` (the oracle), ``"none"`` or an ``nn.Module`` with ``num_features``.
+        inception_weights: a local Inception weights file (else looked up, see
+            :mod:`lit_vce.metrics.features`).
+        second_classifier: an independent classifier of the same label space.
+        lpips: an :class:`LPIPSDistance` (see ``build_lpips``) or None.
+        audit: the world's shape/background audit.
+        resolution: L1/L2 are computed at this square resolution (None: native).
+        autoencoder: a first-stage autoencoder (module or spec) for latent L1/L2.
+        seed: the sFID split seed.
+        cout_steps: insertion increments of COUT.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        features: str | nn.Module | None = "world",
+        inception_weights: str | None = None,
+        second_classifier: nn.Module | None = None,
+        lpips: nn.Module | None = None,
+        audit: bool = False,
+        resolution: int | None = None,
+        autoencoder: str | nn.Module | None = None,
+        seed: int = 0,
+        cout_steps: int = 50,
+    ):
+        super().__init__()
+        self.classifier = classifier
+        self.resolution = resolution
+        self.flip_rate = FlipRate()
+        self.untargeted_flip_rate = FlipRate(targeted=False)
+        self.target_confidence = TargetConfidence()
+        self.flip_rate_source_correct = FlipRate()
+        self.l1, self.l2 = PerSampleMean(), PerSampleMean()
+        self.cout = COUT(classifier, steps=cout_steps)
+        self.lpips = lpips
+        self.second = second_classifier
+        if second_classifier is not None:
+            k1, k2 = getattr(classifier, "num_classes", None), getattr(second_classifier, "num_classes", None)
+            if k1 is not None and k2 is not None and k1 != k2:
+                raise ValueError(f"second_classifier has {k2} classes, the explained one {k1}: they must share the label space")
+            self.flip_rate_independent, self.target_confidence_independent = FlipRate(), TargetConfidence()
+        self.encoder = LatentEncoder(autoencoder) if autoencoder is not None else None
+        if self.encoder is not None:
+            self.latent_l1, self.latent_l2 = PerSampleMean(), PerSampleMean()
+        self.features = build_features(features, inception_weights)
+        if self.features is not None:
+            d = self.features.num_features
+            self.fid = FeatureFID(self.features, d)
+            self.fid_successful = FeatureFID(self.features, d)
+            self.sfid = SplitFID(self.features, seed=seed)
+        self.audit = WorldAudit() if audit else None
+
+    @property
+    def feature_name(self) -> str | None:
+        if self.features is None:
+            return None
+        return {"InceptionFeatures": "inception-v3-2048", "WorldFeatures": "world-oracle-128"}.get(
+            type(self.features).__name__, type(self.features).__name__)
+
+    @torch.no_grad()
+    def update(self, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+               sample_ids: list[str], logits_before: torch.Tensor | None = None,
+               logits_after: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Add a batch (images in [0, 1], same shape); returns one dict of per-sample values per image."""
+        if original.shape != counterfactual.shape:
+            raise ValueError(f"originals {tuple(original.shape)} and counterfactuals {tuple(counterfactual.shape)} differ in shape")
+        before = self.classifier(original) if logits_before is None else logits_before
+        after = self.classifier(counterfactual) if logits_after is None else logits_after
+        success = after.argmax(1) == target
+        self.flip_rate.update(after, target)
+        self.untargeted_flip_rate.update(after, source)
+        self.target_confidence.update(after, target)
+        correct = before.argmax(1) == source
+        if correct.any():
+            self.flip_rate_source_correct.update(after[correct], target[correct])
+        o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
+        per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
+        per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
+        if self.lpips is not None:
+            per["lpips"] = self.lpips.per_sample(counterfactual, original)
+        if self.encoder is not None:
+            z_o, z_c = self.encoder(original), self.encoder(counterfactual)
+            per["latent_l1"], per["latent_l2"] = lp_per_sample(z_o, z_c, 1), lp_per_sample(z_o, z_c, 2)
+        metric_of = {"l1": self.l1, "l2": self.l2, "cout": self.cout, "lpips": self.lpips}
+        if self.encoder is not None:
+            metric_of.update(latent_l1=self.latent_l1, latent_l2=self.latent_l2)
+        for k, v in per.items():
+            metric_of[k].update(values=v)
+        success_ind = None
+        if self.second is not None:
+            second = self.second(counterfactual)
+            self.flip_rate_independent.update(second, target)
+            self.target_confidence_independent.update(second, target)
+            success_ind = second.argmax(1) == target
+        if self.features is not None:
+            # one extraction serves FID (both conventions) and sFID
+            f_o, f_c = self.features(original), self.features(counterfactual)
+            self.fid.update_features(f_o, real=True)
+            self.fid.update_features(f_c, real=False)
+            self.fid_successful.update_features(f_o[success], real=True)
+            self.fid_successful.update_features(f_c[success], real=False)
+            keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
+            self.sfid.update_features(f_o, f_c, keys)
+        if self.audit is not None:
+            self.audit.update(counterfactual, source, target, success)
+        pb, pa = before.softmax(1), after.softmax(1)
+        rows = []
+        for i, sid in enumerate(sample_ids):
+            t = int(target[i])
+            row: dict[str, Any] = {
+                "sample_id": sid, "source": int(source[i]), "target": t,
+                "pred_before": int(pb[i].argmax()), "conf_before": round(float(pb[i].max()), 6),
+                "target_conf_before": round(float(pb[i, t]), 6),
+                "pred_after": int(pa[i].argmax()), "conf_after": round(float(pa[i].max()), 6),
+                "target_conf_after": round(float(pa[i, t]), 6), "success": bool(success[i]),
+            }
+            for k, v in per.items():
+                row[k] = round(float(v[i]), 6)
+            if success_ind is not None:
+                row["success_independent"] = bool(success_ind[i])
+            rows.append(row)
+        return rows
+
+    def compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
+        """(metrics, audit, N): a collective under DDP (call it on every rank, in the same order)."""
+        m: dict[str, float | int] = {
+            "flip_rate": float(self.flip_rate.compute()),
+            "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
+            "target_confidence": float(self.target_confidence.compute()),
+            "flip_rate_source_correct": float(self.flip_rate_source_correct.compute()),
+            "n_source_correct": self.flip_rate_source_correct.n_used,
+            "l1": float(self.l1.compute()),
+            "l2": float(self.l2.compute()),
+            "cout": float(self.cout.compute()),
+        }
+        n = self.flip_rate.n_used  # the global N, recorded while states were synced
+        if self.lpips is not None:
+            m["lpips"] = float(self.lpips.compute())
+        if self.encoder is not None:
+            m["latent_l1"], m["latent_l2"] = float(self.latent_l1.compute()), float(self.latent_l2.compute())
+        if self.second is not None:
+            m["flip_rate_independent"] = float(self.flip_rate_independent.compute())
+            m["target_confidence_independent"] = float(self.target_confidence_independent.compute())
+        if self.features is not None:
+            m["fid"] = float(self.fid.compute())
+            m["fid_n"] = self.fid.n_used
+            m["fid_successful"] = float(self.fid_successful.compute())
+            m["fid_successful_n"] = self.fid_successful.n_used
+            m["sfid"] = float(self.sfid.compute())
+            m["sfid_n"] = self.sfid.n_used
+        audit = None
+        if self.audit is not None:
+            audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
+        m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
+        return m, audit, n
+
+    def reset(self) -> None:
+        from torchmetrics import Metric
+
+        for mod in self.modules():
+            if isinstance(mod, Metric):
+                mod.reset()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings stored with the results."""
+        return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
+                "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
+                "cout_steps": self.cout.steps}
+
+
+def build_suite(
+    classifier: nn.Module,
+    fid_features: str | nn.Module | None = "world",
+    inception_weights: str | None = None,
+    second_classifier: str | nn.Module | None = None,
+    lpips: str = "auto",
+    world_audit: bool = False,
+    resolution: int | None = None,
+    autoencoder: str | nn.Module | None = None,
+    seed: int = 0,
+) -> VCEMetrics:
+    """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
+
+    Everything that can fail (missing weights, unknown names) fails here, before any work.
+    """
+    from ..classifiers import load_classifier
+    from .lpips import build_lpips, lpips_available
+
+    if lpips not in ("auto", "on", "off"):
+        raise ValueError("lpips must be 'auto', 'on' or 'off'")
+    lp = build_lpips() if lpips == "on" or (lpips == "auto" and lpips_available()) else None
+    second = load_classifier(second_classifier) if isinstance(second_classifier, str) else second_classifier
+    return VCEMetrics(classifier, features=fid_features, inception_weights=inception_weights, second_classifier=second,
+                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder, seed=seed)
