@@ -3,6 +3,8 @@
     lit-vce predict --config configs/world/dvce.yaml [--model.classifier robust] \\
         [--writer.output_dir runs/x] [--trainer.devices 2 --trainer.strategy ddp]
     lit-vce demo [--num-samples 64]       # the embedded-world benchmark (scripts/demo.sh)
+    lit-vce evaluate RUN_DIR [--devices 2]   # re-read saved PNGs, the full metric suite
+    lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
     lit-vce leaderboard RUNS_DIR [--sort-by FR]
     lit-vce methods                       # the registered methods
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return run_predict(None if from_console else argv[1:])
+    if argv and argv[0] == "evaluate":
+        from .lightning.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
+    sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
     lb = sub.add_parser("leaderboard", help="render leaderboard.md from the results.json files under a folder")
     lb.add_argument("results_dir")

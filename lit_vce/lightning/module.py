@@ -218,6 +218,8 @@ class VCEModule(L.LightningModule):
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "classifier": self.classifier_spec},
             world_size=self.trainer.world_size, resumed=counts[0],
+            protocol=dm.hparams.get("protocol") if dm is not None else None,
+            dataset=dm.hparams.get("dataset") if dm is not None else None,
         )
         writer.write_json("results.json", results)
         save_grid(writer.output_dir, rows[:16])

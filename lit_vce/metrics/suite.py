@@ -163,8 +163,7 @@ class VCEMetrics(nn.Module):
         self.untargeted_flip_rate.update(after, source)
         self.target_confidence.update(after, target)
         correct = before.argmax(1) == source
-        if correct.any():
-            self.flip_rate_source_correct.update(after[correct], target[correct])
+        self.flip_rate_source_correct.update(after[correct], target[correct])
         o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
         per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
         per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
@@ -187,12 +186,12 @@ class VCEMetrics(nn.Module):
         if self.features is not None:
             # one extraction serves FID (both conventions) and sFID
             f_o, f_c = self.features(original), self.features(counterfactual)
-            self.fid.update_features(f_o, real=True)
-            self.fid.update_features(f_c, real=False)
-            self.fid_successful.update_features(f_o[success], real=True)
-            self.fid_successful.update_features(f_c[success], real=False)
+            self.fid.update(real=True, features=f_o)
+            self.fid.update(real=False, features=f_c)
+            self.fid_successful.update(real=True, features=f_o[success])
+            self.fid_successful.update(real=False, features=f_c[success])
             keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
-            self.sfid.update_features(f_o, f_c, keys)
+            self.sfid.update(keys=keys, real=f_o, fake=f_c)
         if self.audit is not None:
             self.audit.update(counterfactual, source, target, success)
         pb, pa = before.softmax(1), after.softmax(1)

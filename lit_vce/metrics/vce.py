@@ -103,12 +103,9 @@ class FeatureFID(Metric):
     def _feats(self, images: torch.Tensor) -> torch.Tensor:
         return self.feature(images).double()
 
-    def update(self, images: torch.Tensor, real: bool) -> None:
-        self.update_features(self._feats(images), real)
-
-    def update_features(self, f: torch.Tensor, real: bool) -> None:
-        """Add precomputed features (N, d) of ``self.feature`` (to share one extraction between metrics)."""
-        f = f.double()
+    def update(self, images: torch.Tensor | None = None, real: bool = True, features: torch.Tensor | None = None) -> None:
+        """Add images (in [0, 1]), or their precomputed ``features`` (N, d) to share one extraction between metrics."""
+        f = (self._feats(images) if features is None else features).double()
         side = "real" if real else "fake"
         setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + f.sum(0))
         setattr(self, f"{side}_cov", getattr(self, f"{side}_cov") + f.T @ f)
@@ -221,11 +218,11 @@ class SplitFID(Metric):
         self.add_state("keys", [], dist_reduce_fx="cat")
 
     @torch.no_grad()
-    def update(self, original: torch.Tensor, counterfactual: torch.Tensor, keys: torch.Tensor) -> None:
-        self.update_features(self.feature(original), self.feature(counterfactual), keys)
-
-    def update_features(self, real: torch.Tensor, fake: torch.Tensor, keys: torch.Tensor) -> None:
-        """Add precomputed features of originals and counterfactuals with their sample keys."""
+    def update(self, original: torch.Tensor | None = None, counterfactual: torch.Tensor | None = None,
+               keys: torch.Tensor | None = None, real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> None:
+        """Add originals and counterfactuals (or their precomputed features ``real``/``fake``) with their sample keys."""
+        if real is None:
+            real, fake = self.feature(original), self.feature(counterfactual)
         self.real.append(real.double())
         self.fake.append(fake.double())
         self.keys.append(keys.long())

@@ -1,0 +1,410 @@
+"""``lit-vce evaluate``: the metric suite as its own (DDP) stage over saved images.
+
+Inputs are either a run folder written by :class:`VCEPredictionWriter`
+(``originals/``, ``counterfactuals/``, ``samples/*.json``), or, for methods run
+elsewhere, a plain pair of folders with a CSV of targets::
+
+    file,source,target            # file: the path relative to both folders
+    n01440764/img1.png,0,391      # source/target: class ids (or class names)
+
+The saved PNGs are re-read, so the numbers match what is on disk. Per-sample
+problems (a missing or unreadable file, a counterfactual whose size differs from
+its original's or from the run's) become failure rows; problems with the whole
+input (no samples, a malformed CSV, a class id the classifier does not know) are
+errors raised before any work. Results are written only at the end, atomically:
+``results.json`` and ``samples.csv`` in the output folder (default
+``<run>/evaluation``), so an interrupted evaluation leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from ..classifiers import load_classifier
+from ..metrics.suite import build_suite
+from .writer import ROW_FIELDS, _atomic_write_bytes, sample_key
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:  # unreadable: reported per sample later
+        return None
+
+
+class PairDataset(Dataset):
+    """(original, counterfactual, source, target) pairs read from disk.
+
+    Build it with :meth:`from_run` or :meth:`from_folders`. Items hold
+    ``original`` and ``counterfactual`` (3, H, W) in [0, 1] (zeros when
+    ``error`` is set), ``source``, ``target``, ``sample_id`` and ``error``.
+
+    Args:
+        entries: dicts with ``sample_id``, ``original`` and ``counterfactual``
+            (paths), ``source``, ``target`` and optionally ``failure`` (a failure
+            recorded upstream; the sample is then not evaluated).
+        image_size: resize every image to this square size (None: keep; all
+            images must then share the size of the first readable one).
+    """
+
+    def __init__(self, entries: list[dict[str, Any]], image_size: int | None = None):
+        if not entries:
+            raise ValueError("nothing to evaluate: no samples found")
+        ids = [e["sample_id"] for e in entries]
+        if len(set(ids)) != len(ids):
+            dup = sorted({s for s in ids if ids.count(s) > 1})[:5]
+            raise ValueError(f"duplicate sample ids {dup}")
+        self.entries = entries
+        self.image_size = image_size
+        self.shape: tuple[int, int] | None = (image_size, image_size) if image_size else None
+        if self.shape is None:
+            for e in entries:
+                if not e.get("failure") and Path(e["counterfactual"]).is_file():
+                    self.shape = _image_size(Path(e["counterfactual"]))
+                    if self.shape is not None:
+                        break
+        if self.shape is None:
+            raise ValueError("no readable counterfactual image among the samples")
+
+    # --- constructors ----------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, image_size: int | None = None) -> PairDataset:
+        """The samples of a run folder written by ``lit-vce predict``."""
+        run = Path(run_dir)
+        if not (run / "samples").is_dir():
+            raise FileNotFoundError(f"{run} is not a predict run folder (no samples/ inside); for plain folders use "
+                                    "--originals/--counterfactuals/--targets")
+        entries = []
+        for p in sorted((run / "samples").glob("*.json")):
+            try:
+                row = json.loads(p.read_text())
+                sid = row["sample_id"]
+            except (json.JSONDecodeError, KeyError, OSError) as e:
+                raise ValueError(f"unreadable sample record {p}: {e}") from e
+            key = sample_key(sid)
+            entries.append({"sample_id": sid, "source": int(row["source"]), "target": int(row["target"]),
+                            "original": run / "originals" / f"{key}.png", "counterfactual": run / "counterfactuals" / f"{key}.png",
+                            "failure": row.get("failure") or "", "method": row.get("method")})
+        entries.sort(key=lambda e: e["sample_id"])
+        return cls(entries, image_size)
+
+    @classmethod
+    def from_folders(cls, originals: str | Path, counterfactuals: str | Path, targets_csv: str | Path,
+                     image_size: int | None = None, class_names: list[str] | None = None) -> PairDataset:
+        """Pairs ``originals/<file>`` and ``counterfactuals/<file>`` listed in a CSV with
+        columns ``file``, ``source``, ``target`` (ids, or names from ``class_names``) and
+        optionally ``sample_id``."""
+        o, c, t = Path(originals), Path(counterfactuals), Path(targets_csv)
+        for p, what in ((o, "originals folder"), (c, "counterfactuals folder")):
+            if not p.is_dir():
+                raise FileNotFoundError(f"{what} {p} does not exist")
+        if not t.is_file():
+            raise FileNotFoundError(f"targets CSV {t} does not exist")
+        with t.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"file", "source", "target"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{t}: missing column(s) {sorted(missing)}; expected file,source,target[,sample_id]")
+            rows = list(reader)
+        if not rows:
+            raise ValueError(f"{t} lists no samples")
+        lookup = {n: i for i, n in enumerate(class_names or [])}
+
+        def cls_id(value: str, line: int, col: str) -> int:
+            value = value.strip()
+            try:
+                return int(value)
+            except ValueError:
+                if value in lookup:
+                    return lookup[value]
+                raise ValueError(f"{t} line {line}: unknown {col} class {value!r} (not an id, not a class name)") from None
+
+        entries = []
+        for line, r in enumerate(rows, start=2):
+            rel = r["file"].strip()
+            if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise ValueError(f"{t} line {line}: 'file' must be a relative path inside both folders, got {rel!r}")
+            entries.append({"sample_id": (r.get("sample_id") or "").strip() or rel, "source": cls_id(r["source"], line, "source"),
+                            "target": cls_id(r["target"], line, "target"), "original": o / rel, "counterfactual": c / rel,
+                            "failure": ""})
+        return cls(entries, image_size)
+
+    # --- checks and items ------------------------------------------------------
+    def check_classes(self, num_classes: int) -> None:
+        """Raise before any work when a source/target id is outside the classifier's classes."""
+        bad = sorted({v for e in self.entries for v in (e["source"], e["target"]) if not 0 <= v < num_classes})
+        if bad:
+            raise ValueError(f"class ids {bad[:10]} are unknown to the classifier (classes 0..{num_classes - 1})")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        x = _read_image(path)
+        if self.image_size and x.shape[-2:] != (self.image_size, self.image_size):
+            x = torch.nn.functional.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True,
+                                                align_corners=False)[0].clamp(0, 1)
+        return x
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self.entries[i]
+        h, w = self.shape
+        item = {"sample_id": e["sample_id"], "source": e["source"], "target": e["target"], "error": e.get("failure") or ""}
+        images = {}
+        if not item["error"]:
+            for side in ("original", "counterfactual"):
+                path = Path(e[side])
+                if not path.is_file():
+                    item["error"] = f"missing {side} file {path}"
+                    break
+                try:
+                    images[side] = self._load(path)
+                except Exception as err:  # PIL raises many types for corrupt files
+                    item["error"] = f"unreadable {side} {path}: {type(err).__name__}: {err}"
+                    break
+            else:
+                so, sc = tuple(images["original"].shape[-2:]), tuple(images["counterfactual"].shape[-2:])
+                if so != sc:
+                    item["error"] = f"size mismatch: original {so[0]}x{so[1]}, counterfactual {sc[0]}x{sc[1]}"
+                elif sc != (h, w):
+                    item["error"] = f"size {sc[0]}x{sc[1]} differs from the other images' {h}x{w} (set image_size to resize)"
+        if item["error"]:
+            images = {"original": torch.zeros(3, h, w), "counterfactual": torch.zeros(3, h, w)}
+        item.update(images)
+        return item
+
+
+class EvaluateModule(L.LightningModule):
+    """The metric suite over saved (original, counterfactual) pairs, as a prediction stage.
+
+    Args:
+        classifier: the explained classifier's spec (or an ``ImageClassifier``).
+        output_dir: where ``results.json`` and ``samples.csv`` go.
+        method, run_name: labels stored in the results.
+        metadata: extra fields for the results' config (e.g. the predict run's config).
+        The other arguments are those of :func:`lit_vce.metrics.suite.build_suite`.
+    """
+
+    def __init__(self, classifier: str = "biased", output_dir: str = "evaluation", method: str = "unknown",
+                 run_name: str | None = None, fid_features: str = "world", inception_weights: str | None = None,
+                 second_classifier: str | None = None, lpips: str = "auto", world_audit: bool = False,
+                 resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
+                 metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None):
+        super().__init__()
+        self.classifier = load_classifier(classifier)
+        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
+        self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
+                                   second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
+                                   resolution=resolution, autoencoder=autoencoder, seed=seed)
+        self.output_dir = Path(output_dir)
+        self.method_name, self.seed = method, seed
+        self.run_name = run_name or f"{method}-{self.classifier.name}"
+        self.metadata = dict(metadata or {})
+        self.protocol, self.dataset_name = protocol, dataset
+        self._rows: list[dict[str, Any]] = []
+        self._t0 = 0.0
+        self.final_results: dict[str, Any] | None = None
+
+    def on_predict_start(self) -> None:
+        self._rows, self._t0 = [], time.perf_counter()
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> int:
+        ids, errors = list(batch["sample_id"]), list(batch["error"])
+        ok = [i for i, e in enumerate(errors) if not e]
+        for i, e in enumerate(errors):
+            if e:
+                self._rows.append({"sample_id": ids[i], "source": int(batch["source"][i]), "target": int(batch["target"][i]),
+                                   "success": False, "failure": e, "method": self.method_name})
+        if ok:
+            idx = torch.tensor(ok, device=batch["original"].device)
+            rows = self.metrics.update(batch["original"][idx], batch["counterfactual"][idx], batch["source"][idx],
+                                       batch["target"][idx], [ids[i] for i in ok])
+            for r in rows:
+                r.update(failure="", method=self.method_name, seed=self.seed)
+            self._rows.extend(rows)
+        return len(ids)
+
+    def on_predict_epoch_end(self) -> None:
+        metrics, audit, n = self.metrics.compute()  # a collective: every rank
+        rows = self._rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        rows.sort(key=lambda r: r["sample_id"])
+        wall = time.perf_counter() - self._t0
+        self.final_results = {"metrics": metrics, "audit": audit, "n": n, "rows": rows, "wall_time_s": wall}
+        if self.trainer.is_global_zero:
+            self._write(metrics, audit, n, rows, wall)
+        self.trainer.strategy.barrier()
+        self.metrics.reset()
+
+    def _write(self, metrics, audit, n, rows, wall) -> None:
+        from ..report.results import build_results
+
+        ids_hash = hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16]
+        results = build_results(
+            run_name=self.run_name, method=self.method_name, classifier=self.classifier_spec, n=n,
+            n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
+            metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
+            config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
+            world_size=self.trainer.world_size, stage="evaluate", protocol=self.protocol, dataset=self.dataset_name,
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_table(self.output_dir / "samples.csv", rows)
+        _atomic_write_bytes(self.output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+        failed = sum(1 for r in rows if r.get("failure"))
+        print(f"evaluated {n} samples ({failed} failed): flip rate {metrics['flip_rate']:.3f}, L2 {metrics['l2']:.3f}"
+              + (f", FID {metrics['fid']:.3f} (N={metrics['fid_n']})" if "fid" in metrics else "")
+              + f"; results in {self.output_dir / 'results.json'}")
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """The per-sample table as CSV (atomic), columns in :data:`ROW_FIELDS` order."""
+    import io
+
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=ROW_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in ROW_FIELDS})
+    _atomic_write_bytes(path, out.getvalue().encode())
+    return path
+
+
+def run_evaluate(
+    run_dir: str | None = None,
+    originals: str | None = None,
+    counterfactuals: str | None = None,
+    targets: str | None = None,
+    output_dir: str | None = None,
+    classifier: str | None = None,
+    method: str | None = None,
+    fid_features: str = "auto",
+    image_size: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    **module_kwargs: Any,
+) -> dict[str, Any] | None:
+    """Evaluate a run folder or a folder pair; returns the final results (on every rank).
+
+    ``fid_features="auto"`` uses the world's features for world classifiers and
+    Inception otherwise. Other keyword arguments go to :class:`EvaluateModule`.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data.datamodule import collate
+
+    meta: dict[str, Any] = {}
+    protocol = dataset_name = None
+    if run_dir is not None:
+        if originals or counterfactuals or targets:
+            raise ValueError("give either a run folder or --originals/--counterfactuals/--targets, not both")
+        run = Path(run_dir)
+        prior = run / "results.json"
+        if prior.is_file():
+            prev = json.loads(prior.read_text())
+            meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
+            classifier = classifier or prev.get("classifier")
+            method = method or prev.get("method")
+            module_kwargs.setdefault("seed", prev.get("seed", 0))
+            module_kwargs.setdefault("run_name", prev.get("run_name"))
+            protocol, dataset_name = prev.get("protocol"), prev.get("dataset")
+        data = PairDataset.from_run(run, image_size)
+        output_dir = output_dir or str(run / "evaluation")
+        method = method or next((e.get("method") for e in data.entries if e.get("method")), None)
+    else:
+        if not (originals and counterfactuals and targets):
+            raise ValueError("evaluate needs a run folder, or all of --originals, --counterfactuals and --targets")
+        if not output_dir:
+            raise ValueError("--out is required when evaluating plain folders")
+        meta = {"evaluated": {"originals": str(originals), "counterfactuals": str(counterfactuals), "targets": str(targets)}}
+        data = None
+    if classifier is None:
+        raise ValueError("--classifier is required (no predict results.json names one)")
+    clf = load_classifier(classifier)
+    if data is None:
+        data = PairDataset.from_folders(originals, counterfactuals, targets, image_size, class_names=list(clf.class_names))
+    data.check_classes(clf.num_classes)
+    if fid_features == "auto":
+        from ..world.models import WORLD_MODELS
+
+        fid_features = "world" if classifier in WORLD_MODELS or str(classifier).startswith("world:") else "inception"
+    module = EvaluateModule(clf, output_dir=output_dir, method=method or "unknown", fid_features=fid_features,
+                            metadata=meta, protocol=protocol, dataset=dataset_name, **module_kwargs)
+    module.classifier_spec = classifier
+    multi = devices > 1 or num_nodes > 1
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp" if multi else "auto",
+                        logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    trainer.predict(module, loader, return_predictions=False)
+    return module.final_results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lit-vce evaluate`` (see ``lit-vce evaluate --help``)."""
+    import argparse
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    p = argparse.ArgumentParser(prog="lit-vce evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="a predict run folder (else use --originals/--counterfactuals/--targets)")
+    p.add_argument("--originals", help="folder of original images")
+    p.add_argument("--counterfactuals", help="folder of counterfactual images (same relative paths)")
+    p.add_argument("--targets", help="CSV with columns file,source,target[,sample_id]")
+    p.add_argument("--out", help="output folder (default <run_dir>/evaluation)")
+    p.add_argument("--classifier", help="the explained classifier (default: the one in the run's results.json)")
+    p.add_argument("--method", help="the method's name in the results (default: from the run)")
+    p.add_argument("--second-classifier", help="an independent classifier for *_independent validity")
+    p.add_argument("--fid-features", default="auto", choices=["auto", "inception", "world", "none"])
+    p.add_argument("--inception-weights", help="local Inception FID weights (else $LIT_VCE_INCEPTION_WEIGHTS, ...)")
+    p.add_argument("--lpips", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--world-audit", action="store_true", help="the world's shape/background audit")
+    p.add_argument("--resolution", type=int, help="L1/L2 resolution (default: native; 256 for ImageNet)")
+    p.add_argument("--autoencoder", help="first-stage autoencoder for latent L1/L2 (diffusers folder or hub id[:subfolder])")
+    p.add_argument("--image-size", type=int, help="resize all images to this square size when reading")
+    p.add_argument("--seed", type=int, default=None, help="sFID split seed (default: the run's seed, else 0)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--num-nodes", type=int, default=1)
+    a = p.parse_args(argv)
+    kwargs: dict[str, Any] = {}
+    if a.seed is not None:
+        kwargs["seed"] = a.seed
+    from ..classifiers import MissingWeightsError
+
+    try:
+        run_evaluate(a.run_dir, a.originals, a.counterfactuals, a.targets, a.out, a.classifier, a.method, a.fid_features,
+                     a.image_size, a.batch_size, a.num_workers, a.accelerator, a.devices, a.num_nodes,
+                     second_classifier=a.second_classifier, inception_weights=a.inception_weights, lpips=a.lpips,
+                     world_audit=a.world_audit, resolution=a.resolution, autoencoder=a.autoencoder, **kwargs)
+    except (ValueError, FileNotFoundError, MissingWeightsError) as e:
+        p.exit(2, f"lit-vce evaluate: {e}\n")
+
