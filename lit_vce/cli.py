@@ -5,7 +5,8 @@
     lit-vce demo [--num-samples 64]       # the embedded-world benchmark (scripts/demo.sh)
     lit-vce evaluate RUN_DIR [--devices 2]   # re-read saved PNGs, the full metric suite
     lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
-    lit-vce leaderboard RUNS_DIR [--sort-by FR]
+    lit-vce leaderboard RUNS_DIR [--sort-by FR]   # leaderboard.md/.html/.tex
+    lit-vce report RUN_DIR [RUN_DIR ...] [--rank-by l2]   # report.html
     lit-vce methods                       # the registered methods
 
 ``predict`` is a LightningCLI: every argument of :class:`VCEModule`,
@@ -83,20 +84,35 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
-    lb = sub.add_parser("leaderboard", help="render leaderboard.md from the results.json files under a folder")
+    lb = sub.add_parser("leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder")
     lb.add_argument("results_dir")
-    lb.add_argument("--sort-by", default="FR")
+    lb.add_argument("--sort-by", default="FR", help="a column header, e.g. FR, L2, FID (sorted in its declared direction)")
+    lb.add_argument("--formats", default="md,html,tex", help="comma-separated subset of md,html,tex")
+    rp = sub.add_parser("report", help="an HTML report (image grids, best/median/worst, plots) of one or more runs")
+    rp.add_argument("runs", nargs="+", help="run folders (or folders holding run folders)")
+    rp.add_argument("--out", default=None, help="the report file (default: <first folder>/report.html)")
+    rp.add_argument("--rank-by", default="l2", help="per-sample metric for best/median/worst (l1, l2, lpips, cout, ...)")
+    rp.add_argument("--examples", type=int, default=4, help="samples shown per best/median/worst group")
     sub.add_parser("methods", help="list registered methods")
     args = p.parse_args(argv)
     if args.command == "leaderboard":
         from .report.leaderboard import write_leaderboard
 
         try:
-            out = write_leaderboard(args.results_dir, args.sort_by)
+            outs = write_leaderboard(args.results_dir, args.sort_by, tuple(f.strip() for f in args.formats.split(",") if f.strip()))
         except (FileNotFoundError, ValueError) as e:
             p.exit(2, f"lit-vce leaderboard: {e}\n")
-        print(out.read_text())
-        print(f"written to {out}")
+        if "md" in outs:
+            print(outs["md"].read_text())
+        print("written: " + ", ".join(str(v) for v in outs.values()))
+    elif args.command == "report":
+        from .report.html import write_report
+
+        try:
+            out = write_report(args.runs, args.out, rank_by=args.rank_by, examples=args.examples)
+        except (FileNotFoundError, ValueError) as e:
+            p.exit(2, f"lit-vce report: {e}\n")
+        print(f"report written to {out}")
     elif args.command == "methods":
         from . import methods  # noqa: F401  (registers the built-in methods)
         from .registry import METHODS

@@ -39,3 +39,87 @@ def test_results_schema_rejects_missing_metrics_and_unknown_fields(tmp_path):
     (tmp_path / "ok" / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown result fields"):
         load_results(tmp_path)
+
+
+def _browser() -> str | None:
+    import os
+    import shutil
+
+    found = os.environ.get("LIT_VCE_BROWSER") or next(
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if found is None and os.environ.get("LIT_VCE_REQUIRE_BROWSER") == "1":
+        pytest.fail("LIT_VCE_REQUIRE_BROWSER=1 but no chromium found (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from pathlib import Path
+
+    cg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "classifier_guidance.yaml")
+    root = tmp_path_factory.mktemp("report")
+    for clf in ("biased", "robust"):
+        main(["predict", "--config", cg, "--model.classifier", clf, "--model.method.init_args.num_steps", "6",
+              "--data.num_samples", "6", "--writer.output_dir", str(root / f"cg-{clf}")])
+    return root
+
+
+def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
+    import re
+    import subprocess
+
+    from lit_vce.report.html import find_runs, rank_samples, write_report
+
+    out = write_report([two_runs], tmp_path / "report.html", rank_by="l2", examples=2)
+    page = out.read_text()
+    n_img = page.count("<img ")
+    # per run (best, median, worst) x 3 images each, plus side by side (6 ids x 3 images)
+    shown = sum(len(g) for run in find_runs([two_runs]) for g in rank_samples(run.rows, "l2", 2).values())
+    assert shown >= 6 and n_img == 3 * shown + 6 * 3
+    assert "classifier_guidance · biased" in page and "classifier_guidance · robust" in page and "<svg" in page
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium on this machine (CI installs it; LIT_VCE_REQUIRE_BROWSER=1 makes this a failure)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--dump-dom", out.resolve().as_uri()]
+    dom = subprocess.run([browser, *flags], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[-2000:]
+    assert int(loaded.group(1)) == int(loaded.group(2)) == n_img
+    # a deleted image is seen as broken by the browser: the check can fail
+    next((tmp_path / "report_files").glob("*.png")).unlink()
+    dom = subprocess.run([browser, *flags], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert int(loaded.group(1)) == n_img - 1
+
+
+def test_leaderboard_html_and_latex_mark_the_best_value_per_direction(two_runs):
+    main(["leaderboard", str(two_runs)])
+    html = (two_runs / "leaderboard.html").read_text()
+    tex = (two_runs / "leaderboard.tex").read_text()
+    results = load_results(two_runs)
+    best_fr = max(r.metrics["flip_rate"] for r in results)
+    best_l2 = min(r.metrics["l2"] for r in results)
+    assert f'data-value="{best_fr}" class="best"' in html and f'data-value="{best_l2}" class="best"' in html
+    assert r"\textbf{" + f"{best_l2:.3f}" + "}" in tex and r"\toprule" in tex and "classifier\\_guidance" in tex
+    assert 'class="sortable"' in html and "addEventListener('click'" in html
+
+
+def test_evaluation_results_replace_inline_ones_in_the_leaderboard(two_runs):
+    main(["evaluate", str(two_runs / "cg-biased")])
+    results = load_results(two_runs)
+    assert len(results) == 2
+    assert {r.stage for r in results if r.classifier == "biased"} == {"evaluate"}
+
+
+def test_report_ranks_successful_samples_in_the_metric_direction():
+    from lit_vce.report.html import rank_samples
+
+    rows = [{"sample_id": str(i), "l2": str(v), "cout": str(-v), "success": str(s), "failure": f}
+            for i, (v, s, f) in enumerate([(5, True, ""), (1, True, ""), (3, True, ""), (0.5, False, ""), (0.1, True, "nan")])]
+    g = rank_samples(rows, "l2", 1)
+    assert [r["sample_id"] for r in g["best"]] == ["1"] and [r["sample_id"] for r in g["worst"]] == ["0"]
+    assert [r["sample_id"] for r in rank_samples(rows, "cout", 1)["best"]] == ["1"]
+    with pytest.raises(ValueError, match="rank_by"):
+        rank_samples(rows, "nope", 1)

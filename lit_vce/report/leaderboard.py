@@ -1,44 +1,69 @@
-"""Leaderboards rendered from ``results.json`` files (never typed by hand)."""
+"""Leaderboards rendered from ``results.json`` files (never typed by hand):
+Markdown, a sortable HTML page and a LaTeX (booktabs) table, one row per run,
+sorted by a column in its declared direction (higher or lower is better).
+
+When a run folder holds both the in-line ``results.json`` of ``predict`` and an
+``evaluation/results.json`` written by ``lit-vce evaluate``, the evaluation (read
+back from the saved files) is the one shown.
+"""
 
 from __future__ import annotations
 
+import html
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .results import RunResults
 
-COLUMNS = [
-    # (header, getter, higher is better)
+Getter = Callable[[RunResults], Any]
+
+COLUMNS: list[tuple[str, Getter, bool | None]] = [
+    # (header, getter, higher is better; None: no direction)
     ("FR", lambda r: r.metrics.get("flip_rate"), True),
     ("conf", lambda r: r.metrics.get("target_confidence"), True),
     ("FR indep.", lambda r: r.metrics.get("flip_rate_independent"), True),
     ("L1", lambda r: r.metrics.get("l1"), False),
     ("L2", lambda r: r.metrics.get("l2"), False),
     ("LPIPS", lambda r: r.metrics.get("lpips"), False),
+    ("lat. L2", lambda r: r.metrics.get("latent_l2"), False),
     ("FID", lambda r: r.metrics.get("fid"), False),
+    ("FID N", lambda r: r.metrics.get("fid_n"), None),
     ("sFID", lambda r: r.metrics.get("sfid"), False),
     ("COUT", lambda r: r.metrics.get("cout"), True),
     ("shape changed", lambda r: (r.audit or {}).get("shape_changed"), None),
     ("background only", lambda r: (r.audit or {}).get("background_only"), None),
 ]
+FORMATS = ("md", "html", "tex")
 
 
 def load_results(root: str | Path) -> list[RunResults]:
-    """Every ``results.json`` under ``root`` (recursively)."""
+    """Every run's results under ``root`` (recursively), preferring ``evaluation/results.json``
+    over the in-line ``results.json`` of the same run folder."""
     paths = sorted(Path(root).rglob("results.json"))
     if not paths:
         raise FileNotFoundError(f"no results.json under {root}")
-    return [RunResults.load(p) for p in paths]
+    chosen = [p for p in paths if not (p.parent / "evaluation" / "results.json").is_file()]
+    return [RunResults.load(p) for p in chosen]
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _missing(v):
         return "-"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
-    """A Markdown table, one row per run, sorted by ``sort_by`` in its declared direction."""
+def _columns(results: list[RunResults]) -> list[tuple[str, Getter, bool | None]]:
+    """The columns with at least one value (an all-empty column says nothing)."""
+    return [c for c in COLUMNS if any(not _missing(c[1](r)) for r in results)]
+
+
+def sort_results(results: list[RunResults], sort_by: str = "FR") -> list[RunResults]:
     col = {c[0]: c for c in COLUMNS}
     if sort_by not in col:
         raise ValueError(f"sort_by must be one of {list(col)}")
@@ -46,25 +71,147 @@ def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
 
     def key(r):
         v = get(r)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if _missing(v):
             return math.inf
         return -v if higher in (True, None) else v
 
-    results = sorted(results, key=key)
-    head = ["method", "classifier", "N"] + [c[0] for c in COLUMNS] + ["s/img"]
-    arrows = {True: " ↑", False: " ↓", None: ""}
-    head = head[:3] + [c[0] + arrows[c[2]] for c in COLUMNS] + head[-1:]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return sorted(results, key=key)
+
+
+def _rows(results: list[RunResults], cols) -> tuple[list[str], list[list[str]], list[list[Any]]]:
+    head = ["method", "classifier", "protocol", "N"] + [c[0] for c in cols] + ["s/img"]
+    cells, raw = [], []
     for r in results:
-        cells = [r.method, r.classifier, str(r.n)] + [_fmt(c[1](r)) for c in COLUMNS]
-        cells.append(f"{r.wall_time_s / max(r.n, 1):.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        vals = [r.method, r.classifier, r.protocol or "-", r.n] + [c[1](r) for c in cols] + [r.wall_time_s / max(r.n, 1)]
+        raw.append(vals)
+        cells.append([str(v) if i < 4 else (_fmt(v) if i < len(vals) - 1 else f"{v:.2f}") for i, v in enumerate(vals)])
+    return head, cells, raw
+
+
+ARROWS = {True: " ↑", False: " ↓", None: ""}
+
+
+def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
+    """A Markdown table, one row per run, sorted by ``sort_by`` in its declared direction."""
+    results = sort_results(results, sort_by)
+    cols = _columns(results)
+    head, cells, _ = _rows(results, cols)
+    head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(root: str | Path, sort_by: str = "FR") -> Path:
-    """Render ``leaderboard.md`` in ``root`` from the results below it; returns its path."""
-    table = markdown_table(load_results(root), sort_by)
-    out = Path(root) / "leaderboard.md"
-    out.write_text("# Leaderboard\n\nRendered from the `results.json` files below this folder.\n\n" + table)
+def latex_table(results: list[RunResults], sort_by: str = "FR") -> str:
+    """A booktabs LaTeX table (best value per column in bold)."""
+    results = sort_results(results, sort_by)
+    cols = _columns(results)
+    head, cells, raw = _rows(results, cols)
+    best: dict[int, float] = {}
+    for j, c in enumerate(cols, start=4):
+        vals = [row[j] for row in raw if not _missing(row[j])]
+        if vals and c[2] is not None:
+            best[j] = max(vals) if c[2] else min(vals)
+
+    def esc(s: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$")):
+            s = s.replace(a, b)
+        return s
+
+    arrows = {True: r" $\uparrow$", False: r" $\downarrow$", None: ""}
+    header = [esc(h) for h in head[:4]] + [esc(c[0]) + arrows[c[2]] for c in cols] + ["s/img"]
+    out = [r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
+    for row, vals in zip(cells, raw):
+        tex = [esc(v) for v in row]
+        for j, b in best.items():
+            if not _missing(vals[j]) and vals[j] == b:
+                tex[j] = r"\textbf{" + tex[j] + "}"
+        out.append(" & ".join(tex) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+SORT_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => {
+  th.addEventListener('click', () => {
+    const table = th.closest('table'), body = table.tBodies[0];
+    const asc = th.dataset.order !== 'asc';
+    table.querySelectorAll('th').forEach(h => delete h.dataset.order);
+    th.dataset.order = asc ? 'asc' : 'desc';
+    const value = tr => { const c = tr.cells[col]; const v = c.dataset.value;
+                          return v === undefined || v === '' ? c.textContent : parseFloat(v); };
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = value(a), y = value(b);
+      if (typeof x === 'number' && typeof y === 'number') {
+        if (isNaN(x)) return 1; if (isNaN(y)) return -1; return asc ? x - y : y - x; }
+      return asc ? String(x).localeCompare(y) : String(y).localeCompare(x);
+    });
+    rows.forEach(r => body.appendChild(r));
+  });
+});
+"""
+
+TABLE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
+th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
+th[data-order=asc]::after { content: " ▲"; } th[data-order=desc]::after { content: " ▼"; }
+td:nth-child(-n+3), th:nth-child(-n+3) { text-align: left; }
+td.best { font-weight: bold; }
+"""
+
+
+def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
+    """A ``<table class="sortable">`` (click a header to sort; best value per column in bold)."""
+    results = sort_results(results, sort_by)
+    cols = _columns(results)
+    head, cells, raw = _rows(results, cols)
+    titles = ["", "", "", "number of explained samples"] + [
+        {True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols] + ["seconds per image"]
+    head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
+    best = {}
+    for j, c in enumerate(cols, start=4):
+        vals = [row[j] for row in raw if not _missing(row[j])]
+        if vals and c[2] is not None:
+            best[j] = max(vals) if c[2] else min(vals)
+    out = ['<table class="sortable"><thead><tr>']
+    out += [f'<th title="{t}">{html.escape(h)}</th>' for h, t in zip(head, titles)]
+    out.append("</tr></thead><tbody>")
+    for row, vals in zip(cells, raw):
+        out.append("<tr>")
+        for j, (c, v) in enumerate(zip(row, vals)):
+            num = "" if isinstance(v, str) or _missing(v) else f' data-value="{v}"'
+            cls = ' class="best"' if j in best and not _missing(v) and v == best[j] else ""
+            out.append(f"<td{num}{cls}>{html.escape(c)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def html_page(results: list[RunResults], sort_by: str = "FR", title: str = "Leaderboard") -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Rendered from the <code>results.json</code> files below this folder. Click a header to sort; "
+            f"↑/↓ mark the better direction, bold the best value.</p>{html_table(results, sort_by)}"
+            f"<script>{SORT_SCRIPT}</script></body></html>\n")
+
+
+def write_leaderboard(root: str | Path, sort_by: str = "FR", formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    """Render ``leaderboard.{md,html,tex}`` in ``root`` from the results below it; returns the paths."""
+    bad = set(formats) - set(FORMATS)
+    if bad:
+        raise ValueError(f"unknown leaderboard format(s) {sorted(bad)}; choose from {FORMATS}")
+    results = load_results(root)
+    sort_results(results, sort_by)  # validates sort_by before anything is written
+    out: dict[str, Path] = {}
+    render = {
+        "md": lambda: "# Leaderboard\n\nRendered from the `results.json` files below this folder.\n\n" + markdown_table(results, sort_by),
+        "html": lambda: html_page(results, sort_by),
+        "tex": lambda: latex_table(results, sort_by),
+    }
+    for fmt in formats:
+        path = Path(root) / f"leaderboard.{fmt}"
+        path.write_text(render[fmt]())
+        out[fmt] = path
     return out

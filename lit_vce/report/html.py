@@ -1,0 +1,279 @@
+"""An HTML report of one or more runs: ``lit-vce report RUN [RUN ...]``.
+
+The page (``report.html`` plus a ``report_files/`` folder of PNGs) holds:
+
+- the leaderboard of the runs (sortable);
+- plots: every run's flip rate against its mean L2 (one point per run), and per
+  run the fraction of samples that are valid counterfactuals within an L2
+  budget (a curve: a method that flips more images with smaller edits is above
+  and to the left);
+- one section per run: its metrics, and original | counterfactual | difference
+  triples for the best, median and worst samples by a chosen per-sample metric;
+- a side-by-side section: the same images under every run.
+
+Runs are read from their folders (``evaluation/`` results and table when
+present, else the in-line ones), so a report can be rebuilt at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..lightning.writer import load_png, sample_key, save_png, to_uint8
+from .leaderboard import SORT_SCRIPT, TABLE_CSS, html_table
+from .results import RunResults
+
+HIGHER_IS_BETTER = {"l1": False, "l2": False, "lpips": False, "latent_l1": False, "latent_l2": False, "cout": True,
+                    "target_conf_after": True, "conf_after": True}
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+CHECK_SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesLoaded = ok + '/' + imgs.length;
+});
+"""
+
+CSS = TABLE_CSS + """
+h2 { margin-top: 2em; border-bottom: 2px solid #444; }
+.triples { display: flex; flex-wrap: wrap; gap: 14px; }
+figure { margin: 0; text-align: center; font-size: 12px; }
+figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #ccc; }
+.group { margin: 0.6em 0 1.2em; }
+.plots { display: flex; gap: 30px; flex-wrap: wrap; }
+table.side td { text-align: center; }
+table.side img { width: 80px; height: 80px; image-rendering: pixelated; }
+.fail { color: #a00; }
+"""
+
+
+class Run:
+    """A run folder as the report reads it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        ev = folder / "evaluation"
+        res = ev / "results.json" if (ev / "results.json").is_file() else folder / "results.json"
+        table = ev / "samples.csv" if (ev / "samples.csv").is_file() else folder / "samples.csv"
+        if not res.is_file():
+            raise FileNotFoundError(f"{folder}: no results.json (run predict or evaluate first)")
+        self.results = RunResults.load(res)
+        self.rows: list[dict[str, Any]] = list(csv.DictReader(table.open())) if table.is_file() else []
+        self.label = f"{self.results.method} · {self.results.classifier}"
+        self.slug = folder.name
+
+    def images(self, sample_id: str) -> tuple[Path, Path]:
+        key = sample_key(sample_id)
+        return self.folder / "originals" / f"{key}.png", self.folder / "counterfactuals" / f"{key}.png"
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Run folders among ``paths`` (a path may be a run or hold runs below it)."""
+    folders: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if (p / "results.json").is_file():
+            folders.append(p)
+        else:
+            found = sorted({q.parent for q in p.rglob("results.json") if q.parent.name != "evaluation"})
+            found = [f for f in found if (f / "counterfactuals").is_dir()]
+            if not found:
+                raise FileNotFoundError(f"no run folders (with results.json and counterfactuals/) under {p}")
+            folders += found
+    seen, runs = set(), []
+    for f in folders:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            runs.append(Run(f))
+    return runs
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def rank_samples(rows: list[dict[str, Any]], metric: str, k: int) -> dict[str, list[dict[str, Any]]]:
+    """Best, median and worst ``k`` samples by ``metric`` in its direction, among the successful
+    counterfactuals (among all that did not fail when none succeeded)."""
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
+    valid = [r for r in rows if not r.get("failure") and not math.isnan(_float(r.get(metric)))]
+    successful = [r for r in valid if str(r.get("success")) == "True"]
+    valid = successful or valid
+    valid.sort(key=lambda r: _float(r[metric]), reverse=HIGHER_IS_BETTER[metric])
+    if not valid:
+        return {"best": [], "median": [], "worst": []}
+    mid = max(0, len(valid) // 2 - k // 2)
+    return {"best": valid[:k], "median": valid[mid : mid + k], "worst": valid[-k:][::-1]}
+
+
+def difference_map(original: torch.Tensor, counterfactual: torch.Tensor) -> torch.Tensor:
+    """|x' - x| summed over channels, scaled to its maximum, as a white-to-red heat map (3, H, W)."""
+    d = (counterfactual - original).abs().sum(0)
+    d = d / d.max().clamp_min(1e-8)
+    return torch.stack([torch.ones_like(d), 1 - d, 1 - d])
+
+
+class _Assets:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def save(self, name: str, image: torch.Tensor) -> str:
+        path = self.folder / f"{name}.png"
+        save_png(path, to_uint8(image[None])[0])
+        self.count += 1
+        return f"{self.folder.name}/{path.name}"
+
+
+def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
+    o, c = run.images(row["sample_id"])
+    if not (o.is_file() and c.is_file()):
+        return f"<figure class='fail'>{html.escape(row['sample_id'])}<br>images missing</figure>"
+    x, y = load_png(o), load_png(c)
+    stem = f"{run.slug}-{sample_key(row['sample_id'])}"
+    srcs = [assets.save(f"{stem}-o", x), assets.save(f"{stem}-c", y), assets.save(f"{stem}-d", difference_map(x, y))]
+    ok = "✓" if str(row.get("success")) == "True" else "✗"
+    caption = (f"{html.escape(row['sample_id'])}<br>{row['source']}→{row['target']} {ok} · "
+               f"{metric} {_float(row.get(metric)):.3g} · p(target) {_float(row.get('target_conf_after')):.2f}")
+    imgs = "".join(f"<img src='{s}' alt='{a}' title='{a}'>" for s, a in zip(srcs, ("original", "counterfactual", "difference")))
+    return f"<figure>{imgs}<figcaption>{caption}</figcaption></figure>"
+
+
+def _svg_axes(w, h, pad, xlab, ylab, xmax, ymax, xticks, yticks) -> list[str]:
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-size='11' font-family='sans-serif'>",
+           f"<line x1='{pad}' y1='{h - pad}' x2='{w - 10}' y2='{h - pad}' stroke='#333'/>",
+           f"<line x1='{pad}' y1='10' x2='{pad}' y2='{h - pad}' stroke='#333'/>",
+           f"<text x='{(w + pad) / 2}' y='{h - 8}' text-anchor='middle'>{html.escape(xlab)}</text>",
+           f"<text x='12' y='{(h - pad) / 2}' transform='rotate(-90 12 {(h - pad) / 2})' text-anchor='middle'>{html.escape(ylab)}</text>"]
+    for t in xticks:
+        x = pad + t / xmax * (w - pad - 10)
+        out.append(f"<text x='{x:.1f}' y='{h - pad + 14}' text-anchor='middle'>{t:.3g}</text>")
+    for t in yticks:
+        y = h - pad - t / ymax * (h - pad - 10)
+        out.append(f"<text x='{pad - 4}' y='{y + 4:.1f}' text-anchor='end'>{t:.3g}</text>")
+        out.append(f"<line x1='{pad}' y1='{y:.1f}' x2='{w - 10}' y2='{y:.1f}' stroke='#eee'/>")
+    return out
+
+
+def plot_flip_rate_vs_l2(runs: list[Run], w: int = 420, h: int = 300, pad: int = 46) -> str:
+    """SVG scatter: one point per run (mean L2, flip rate)."""
+    pts = [(r.results.metrics.get("l2", math.nan), r.results.metrics.get("flip_rate", math.nan), r.label) for r in runs]
+    pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
+    xmax = max([p[0] for p in pts] + [1e-6]) * 1.15
+    out = _svg_axes(w, h, pad, "mean L2 ↓", "flip rate ↑", xmax, 1.0, np.linspace(0, xmax, 5)[1:], [0, 0.25, 0.5, 0.75, 1.0])
+    for i, (x, y, label) in enumerate(pts):
+        cx, cy = pad + x / xmax * (w - pad - 10), h - pad - y * (h - pad - 10)
+        col = PALETTE[i % len(PALETTE)]
+        out.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='6' fill='{col}'><title>{html.escape(label)}</title></circle>")
+        left = cx > 0.55 * w  # keep labels inside the plot
+        ty = cy + 18 if cy < 30 else cy - 8
+        out.append(f"<text x='{cx - 8 if left else cx + 8:.1f}' y='{ty:.1f}' fill='{col}' "
+                   f"text-anchor='{'end' if left else 'start'}'>{html.escape(label)}</text>")
+    return "\n".join(out + ["</svg>"])
+
+
+def plot_validity_curves(runs: list[Run], w: int = 420, h: int = 300, pad: int = 46) -> str:
+    """SVG: per run, the fraction of all samples that are successful with per-sample L2 <= x."""
+    curves = []
+    for r in runs:
+        n = len(r.rows)
+        l2 = sorted(_float(x["l2"]) for x in r.rows if str(x.get("success")) == "True" and not math.isnan(_float(x.get("l2"))))
+        if n:
+            curves.append((r.label, l2, n))
+    xmax = max([c[1][-1] for c in curves if c[1]] + [1e-6]) * 1.05
+    out = _svg_axes(w, h, pad, "L2 budget", "valid within budget", xmax, 1.0, np.linspace(0, xmax, 5)[1:], [0, 0.25, 0.5, 0.75, 1.0])
+    for i, (label, l2, n) in enumerate(curves):
+        col = PALETTE[i % len(PALETTE)]
+        pts, frac = [(0.0, 0.0)], 0.0
+        for j, v in enumerate(l2, start=1):
+            pts += [(v, frac), (v, j / n)]
+            frac = j / n
+        pts.append((xmax, frac))
+        path = " ".join(f"{pad + x / xmax * (w - pad - 10):.1f},{h - pad - y * (h - pad - 10):.1f}" for x, y in pts)
+        out.append(f"<polyline points='{path}' fill='none' stroke='{col}' stroke-width='2'><title>{html.escape(label)}</title></polyline>")
+        out.append(f"<text x='{pad + 8}' y='{20 + 14 * i}' fill='{col}'>{html.escape(label)}</text>")
+    return "\n".join(out + ["</svg>"])
+
+
+def _metrics_list(r: RunResults) -> str:
+    items = [f"<b>N</b> {r.n} ({r.n_success} successful, {r.n_failed} failed)"]
+    for k, v in r.metrics.items():
+        items.append(f"<b>{html.escape(k)}</b> {v:.4g}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
+    for k, v in (r.audit or {}).items():
+        items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}" if isinstance(v, float) else f"<b>audit.{html.escape(k)}</b> {v}")
+    items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(r.hardware.get('gpu') or r.hardware.get('processor')))}")
+    return "<p>" + " · ".join(items) + "</p>"
+
+
+def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int = 4, side_by_side: int = 6) -> Path:
+    """Write ``out`` (HTML) and ``<out stem>_files/`` (images); returns ``out``."""
+    assets = _Assets(out.parent / f"{out.stem}_files")
+    body = [f"<h1>VCE report</h1><p>{len(runs)} run(s). Best / median / worst: successful counterfactuals (all, "
+            f"when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
+            f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better). Triples: original | counterfactual | "
+            "|difference| (scaled per image). ✓ the classifier reads the target.</p>"]
+    body.append("<h2>Leaderboard</h2>" + html_table([r.results for r in runs], "FR"))
+    body.append("<h2>Validity against closeness</h2><div class='plots'>" + plot_flip_rate_vs_l2(runs)
+                + plot_validity_curves(runs) + "</div>")
+    for run in runs:
+        body.append(f"<h2 id='{html.escape(run.slug)}'>{html.escape(run.label)} "
+                    f"<small>({html.escape(str(run.folder))})</small></h2>" + _metrics_list(run.results))
+        groups = rank_samples(run.rows, rank_by, examples)
+        for name, rows in groups.items():
+            if rows:
+                body.append(f"<div class='group'><h3>{name}</h3><div class='triples'>"
+                            + "".join(_triple(run, r, assets, rank_by) for r in rows) + "</div></div>")
+        failed = [r for r in run.rows if r.get("failure")]
+        if failed:
+            body.append(f"<p class='fail'>{len(failed)} failed sample(s), e.g. {html.escape(failed[0]['sample_id'])}: "
+                        f"{html.escape(failed[0]['failure'])}</p>")
+    if len(runs) > 1:
+        common = set.intersection(*({r["sample_id"] for r in run.rows if not r.get("failure")} for run in runs))
+        ids = sorted(common)[:side_by_side]
+        if ids:
+            head = "<tr><th>original</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr>"
+            lines = []
+            for sid in ids:
+                o, _ = runs[0].images(sid)
+                cells = [f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', load_png(o))}' alt='original'>"
+                         f"<br>{html.escape(sid)}</td>"] if o.is_file() else ["<td>-</td>"]
+                for run in runs:
+                    _, c = run.images(sid)
+                    row = next(r for r in run.rows if r["sample_id"] == sid)
+                    mark = "✓" if str(row.get("success")) == "True" else "✗"
+                    cells.append(f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', load_png(c))}' "
+                                 f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>" if c.is_file() else "<td>-</td>")
+                lines.append("<tr>" + "".join(cells) + "</tr>")
+            body.append("<h2>Side by side</h2><p>The same images under every run.</p>"
+                        f"<table class='side'>{head}{''.join(lines)}</table>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>VCE report</title><style>{CSS}</style></head>"
+            f"<body>{''.join(body)}<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
+
+
+def write_report(paths: list[str | Path], out: str | Path | None = None, rank_by: str = "l2", examples: int = 4) -> Path:
+    """Find the runs under ``paths`` and render their report; returns the HTML path."""
+    runs = find_runs(paths)
+    out = Path(out) if out else Path(paths[0]) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank_by not in HIGHER_IS_BETTER:
+        raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
+    return render_report(runs, out, rank_by, examples)
+
