@@ -54,7 +54,8 @@ class VCEDataModule(L.LightningDataModule):
         num_samples: world: number of images; imagefolder: cap on explained samples (None: all).
         image_size: imagefolder resize/crop resolution (default 256).
         images_per_class: imagefolder: first N images of each class.
-        protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``random``, ``next``).
+        protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``ldce``,
+            ``cluster``, ``misclassified``, ``random``, ``next``; see :mod:`lit_vce.data.protocols`).
         target: the class of the ``fixed`` protocol.
         pairs: ``[[source, target], ...]`` of the ``pairs`` protocol.
         num_classes: classes of the explained classifier (default: world 4, folder count).
@@ -94,19 +95,22 @@ class VCEDataModule(L.LightningDataModule):
         h = self.hparams
         if h.dataset == "world":
             base = ShapesWorld(h.regime, h.split, size=h.num_samples or 64, seed=0)
-            labels = [(i, base.sample_label(i), base.base_id(i)) for i in range(len(base))]
+            labels = [(i, base.sample_label(i), base.base_id(i), i) for i in range(len(base))]
             names = list(WORLD_CLASSES)
         else:
             from .imagenet import ImageFolderDataset
 
             base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class)
-            labels = [(i, lab, rel) for i, (rel, lab, _) in enumerate(base.items)]
+            labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
+            if h.protocol == "ldce" and not base.full_imagenet:
+                raise ValueError("protocol 'ldce' needs the full ImageNet val folder (1000 synset folders, 50 images each): "
+                                 "its targets are listed by image index")
         num_classes = h.num_classes or len(names)
         validate_protocol(h.protocol, num_classes, h.target, h.pairs)
         entries = []
-        for i, label, sid in labels:
-            for t in assign_target(h.protocol, label, sid, num_classes, h.seed, h.target, h.pairs):
+        for i, label, sid, index in labels:
+            for t in assign_target(h.protocol, label, sid, num_classes, h.seed, h.target, h.pairs, index=index):
                 entries.append((i, label, t))
         if h.dataset == "imagefolder" and h.num_samples:
             entries = entries[: h.num_samples]

@@ -36,6 +36,87 @@ def ldce_val_targets() -> dict[int, int]:
     return {int(k): int(v) for k, v in yaml.safe_load((ASSETS / "image_idx_to_tgt.yaml").read_text()).items()}
 
 
+@functools.lru_cache(maxsize=1)
+def imagenet_synsets() -> list[str]:
+    """The WordNet synset id of each ImageNet class index."""
+    table = yaml.safe_load((ASSETS / "index_synset.yaml").read_text())
+    return [table[i] for i in range(1000)]
+
+
+CLUSTER_SIZES = (3, 10)
+CLUSTER_MIN_DEPTH = 5
+
+
+@functools.lru_cache(maxsize=1)
+def wordnet_clusters() -> list[tuple[str, tuple[int, ...]]]:
+    """WordNet clusters of ImageNet classes: (synset id, its ImageNet classes).
+
+    WordNet is a DAG (a synset may have several hypernyms); each synset is kept
+    under its deepest hypernym, which makes a tree in which the specific taxonomy
+    wins (a Persian cat stays a cat). A cluster is a maximal subtree with 3 to 10
+    ImageNet classes whose root lies at depth >= 5 (the abstract top levels,
+    such as "attribute" or "group", collect unrelated classes and are left out).
+    Identical class sets count once.
+    """
+    from collections import defaultdict
+
+    index = {wn: i for i, wn in enumerate(imagenet_synsets())}
+    parents: dict[str, list[str]] = defaultdict(list)
+    for line in (ASSETS / "wordnet_is_a.txt").read_text().splitlines():
+        if line.strip():
+            parent, child = line.split()
+            parents[child].append(parent)
+    depth: dict[str, int] = {}
+
+    def depth_of(node: str) -> int:  # longest path from the root
+        if node not in depth:
+            depth[node] = 1 + max((depth_of(p) for p in parents.get(node, ())), default=-1)
+        return depth[node]
+
+    children: dict[str, list[str]] = defaultdict(list)
+    for child, ps in list(parents.items()):
+        children[max(ps, key=lambda p: (depth_of(p), p))].append(child)
+    below: dict[str, frozenset[int]] = {}
+
+    def classes_below(node: str) -> frozenset[int]:
+        if node not in below:
+            found = {index[node]} if node in index else set()
+            for c in children.get(node, ()):
+                found |= classes_below(c)
+            below[node] = frozenset(found)
+        return below[node]
+
+    lo, hi = CLUSTER_SIZES
+    by_set: dict[frozenset[int], str] = {}
+    for node in sorted(set(parents) | set(children)):
+        found = classes_below(node)
+        if lo <= len(found) <= hi:
+            by_set.setdefault(found, node)
+    maximal = [(node, s) for s, node in by_set.items() if not any(s < t for t in by_set) and depth_of(node) >= CLUSTER_MIN_DEPTH]
+    return sorted((node, tuple(sorted(s))) for node, s in maximal)
+
+
+@functools.lru_cache(maxsize=1)
+def cluster_targets() -> dict[int, list[int]]:
+    """Class index -> every other class of its WordNet cluster(s) (classes in none are absent)."""
+    out: dict[int, set[int]] = {}
+    for _, classes in wordnet_clusters():
+        for c in classes:
+            out.setdefault(c, set()).update(t for t in classes if t != c)
+    return {c: sorted(ts) for c, ts in sorted(out.items())}
+
+
+@functools.lru_cache(maxsize=1)
+def synset_words() -> dict[str, str]:
+    """WordNet words of the ImageNet classes' ancestors (synset id -> words)."""
+    out = {}
+    for line in (ASSETS / "wordnet_words.txt").read_text().splitlines():
+        if "\t" in line:
+            wn, words = line.split("\t", 1)
+            out[wn] = words
+    return out
+
+
 def _load_image(path: Path, size: int | None) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
@@ -67,15 +148,26 @@ class ImageFolderDataset(Dataset):
         image_size: shorter side resize + centre crop (default 256).
         images_per_class: keep only the first N images of every class (sorted by name).
         classes: restrict to these class indices (of the full sorted folder list).
+        class_index: ``"auto"``: when every folder is named by an ImageNet synset id
+            (``n01440764``), labels are ImageNet class indices, so a folder with a few
+            ImageNet classes keeps their ids; otherwise the sorted folder order.
+            ``"sorted"``: always the sorted folder order.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None, classes: list[int] | None = None):
+    def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None,
+                 classes: list[int] | None = None, class_index: str = "auto"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.class_folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.class_folders:
             raise ValueError(f"{self.root} holds no class folders (expected root/<class>/<image>)")
+        if class_index not in ("auto", "sorted"):
+            raise ValueError("class_index must be 'auto' or 'sorted'")
+        synsets = {wn: i for i, wn in enumerate(imagenet_synsets())}
+        self.imagenet_labels = class_index == "auto" and all(f in synsets for f in self.class_folders)
+        label_of = [synsets[f] if self.imagenet_labels else i for i, f in enumerate(self.class_folders)]
+        self.full_imagenet = self.imagenet_labels and len(self.class_folders) == 1000
         self.image_size = image_size
         wanted = set(range(len(self.class_folders))) if classes is None else set(classes)
         bad = sorted(c for c in wanted if not 0 <= c < len(self.class_folders))
@@ -87,11 +179,15 @@ class ImageFolderDataset(Dataset):
             files = sorted(p for p in (self.root / folder).iterdir() if p.suffix in IMG_EXTENSIONS)
             for j, p in enumerate(files):
                 if label in wanted and (images_per_class is None or j < images_per_class):
-                    self.items.append((f"{folder}/{p.name}", label, index))
+                    self.items.append((f"{folder}/{p.name}", label_of[label], index))
                 index += 1
         if not self.items:
             raise ValueError(f"no images found under {self.root} for the requested classes")
-        self.classes = self.class_folders
+        if self.imagenet_labels:
+            names = imagenet_class_names()
+            self.classes = names
+        else:
+            self.classes = self.class_folders
 
     def __len__(self) -> int:
         return len(self.items)

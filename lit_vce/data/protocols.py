@@ -4,6 +4,14 @@
 - ``pairs``: ``[[source, target], ...]``: only images of a listed source, each
   to its paired target (ImageNet hard pairs: zebra 340 <-> sorrel 339, ...);
 - ``wordnet_closest``: the WordNet-closest other class (ImageNet, LCH similarity);
+- ``ldce``: the LDCE all-class list: each ImageNet val image (by its index in
+  the full val folder's order) has one target among the 4 WordNet-closest
+  classes of its class (use ``images_per_class=10`` for the 10,000-image set);
+- ``cluster``: WordNet clusters (maximal subtrees with 3-10 ImageNet classes):
+  one VCE per other class of the image's cluster;
+- ``misclassified``: error analysis: images the explained classifier gets
+  wrong, with the true label as target (the classifier's prediction becomes
+  the source; correctly classified images are left out at predict time);
 - ``random``: a uniformly random other class, drawn from (seed, sample id);
 - ``next``: class ``(source + 1) mod C`` (handy for small worlds).
 """
@@ -14,7 +22,8 @@ from collections.abc import Sequence
 
 from ..generators.noise import sample_seed
 
-PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "random", "next")
+PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "random", "next")
+IMAGENET_ONLY = ("wordnet_closest", "ldce", "cluster")
 
 IMAGENET_HARD_PAIRS = [[340, 339], [339, 340], [293, 286], [286, 293], [285, 283], [283, 285]]
 
@@ -40,8 +49,8 @@ def validate_protocol(protocol: str, num_classes: int, target: int | None = None
                     raise ValueError(f"unknown class id {c} in pair {list(pair)}: classes are 0..{num_classes - 1}")
             if s == t:
                 raise ValueError(f"pair {list(pair)}: the target equals the source")
-    if protocol == "wordnet_closest" and num_classes != 1000:
-        raise ValueError("protocol 'wordnet_closest' needs the 1000 ImageNet classes")
+    if protocol in IMAGENET_ONLY and num_classes != 1000:
+        raise ValueError(f"protocol {protocol!r} needs the 1000 ImageNet classes")
     if protocol in ("random", "next") and num_classes < 2:
         raise ValueError("at least two classes are needed")
 
@@ -54,8 +63,11 @@ def assign_target(
     seed: int = 0,
     target: int | None = None,
     pairs: Sequence[Sequence[int]] | None = None,
+    index: int | None = None,
 ) -> list[int]:
-    """The target classes of one image (empty: the image is not explained)."""
+    """The target classes of one image (empty: the image is not explained).
+
+    ``index`` is the image's position in the full ImageNet val folder (``ldce`` only)."""
     if protocol == "fixed":
         return [] if source == int(target) else [int(target)]
     if protocol == "pairs":
@@ -64,6 +76,18 @@ def assign_target(
         from .imagenet import closest_classes
 
         return [closest_classes()[source][0]]
+    if protocol == "ldce":
+        from .imagenet import ldce_val_targets
+
+        if index is None or index not in ldce_val_targets():
+            raise ValueError(f"protocol 'ldce' has no target for image index {index} (it needs the 50,000-image val folder)")
+        return [ldce_val_targets()[index]]
+    if protocol == "cluster":
+        from .imagenet import cluster_targets
+
+        return list(cluster_targets().get(source, []))
+    if protocol == "misclassified":
+        return [source]  # the true label; the explained classifier's prediction becomes the source at predict time
     if protocol == "random":
         r = sample_seed(seed, f"target:{sample_id}") % (num_classes - 1)
         return [r if r < source else r + 1]

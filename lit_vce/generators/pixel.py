@@ -12,9 +12,10 @@ def _make_scheduler(kind: str, config: dict, clip_sample: bool):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     if kind == "ddim":
-        return DDIMScheduler(**{**config, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": clip_sample})
+        # from_config ignores keys of other scheduler classes (a DDPM config has variance_type)
+        return DDIMScheduler.from_config({**config, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": clip_sample})
     if kind == "ddpm":
-        return DDPMScheduler(**{**config, "clip_sample": clip_sample, "variance_type": "fixed_small"})
+        return DDPMScheduler.from_config({**config, "clip_sample": clip_sample, "variance_type": "fixed_small"})
     raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
 
 

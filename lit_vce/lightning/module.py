@@ -93,7 +93,8 @@ class VCEModule(L.LightningModule):
                                    resolution=resolution, autoencoder=autoencoder, seed=self.seed)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
-        self._counts = {"skipped": 0, "failed": 0, "new": 0}
+        self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
+        self._misclassified = False
         self.final_results: dict[str, Any] | None = None
 
     # --- helpers ---------------------------------------------------------------
@@ -106,7 +107,10 @@ class VCEModule(L.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("VCE guidance needs autograd: build the Trainer with inference_mode=False")
         self._t0 = time.perf_counter()
-        self._counts = {"skipped": 0, "failed": 0, "new": 0}
+        self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
+        dm = getattr(self.trainer, "datamodule", None)
+        protocol = dm.hparams.get("protocol") if dm is not None and hasattr(dm, "hparams") else None
+        self._misclassified = protocol == "misclassified"
         self._check_classes()
         self._threads = torch.get_num_threads()
         if self.deterministic:
@@ -132,7 +136,7 @@ class VCEModule(L.LightningModule):
         if bad:
             raise ValueError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
         same = sorted(s for s, t in pairs if s == t)
-        if same:
+        if same and not self._misclassified:
             raise ValueError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
 
     # --- the step --------------------------------------------------------------
@@ -148,13 +152,27 @@ class VCEModule(L.LightningModule):
         for i in old:
             row, cf = writer.load_done(ids[i])
             if cf is not None and not row.get("failure"):
-                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], source[i : i + 1], target[i : i + 1], [ids[i]])
+                src_i = torch.tensor([int(row["source"])], device=source.device)
+                tgt_i = torch.tensor([int(row["target"])], device=target.device)
+                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [ids[i]])
         self._counts["skipped"] += len(old)
 
         # 2. new samples, with unreadable images recorded as failures
         new = [i for i, s in enumerate(ids) if s not in done]
         rows: list[dict[str, Any]] = []
         todo = [i for i in new if not errors[i]]
+        if self._misclassified and todo:
+            # error analysis: only images the classifier gets wrong; its prediction is the source
+            with torch.no_grad():
+                pred = self.classifier(quantize(images[todo])).argmax(1)
+            source = source.clone()
+            keep = []
+            for j, i in enumerate(todo):
+                if int(pred[j]) != int(source[i]):
+                    source[i] = pred[j]
+                    keep.append(i)
+            self._counts["not_selected"] += len(todo) - len(keep)
+            todo = keep
         for i in new:
             if errors[i]:
                 rows.append(self._row({"sample_id": ids[i], "source": int(source[i]), "target": int(target[i]), "success": False},
@@ -193,7 +211,7 @@ class VCEModule(L.LightningModule):
     def on_predict_epoch_end(self) -> None:
         # compute() is a collective: every rank calls it, in the same order
         metrics, audit, n = self.metrics.compute()
-        counts = torch.tensor([self._counts["skipped"], self._counts["failed"], self._counts["new"]], device=self.device)
+        counts = torch.tensor([self._counts[k] for k in ("skipped", "failed", "new", "not_selected")], device=self.device)
         counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum").long().tolist()
         self.trainer.strategy.barrier()
         wall = time.perf_counter() - self._t0
@@ -216,7 +234,7 @@ class VCEModule(L.LightningModule):
             n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
-                    "classifier": self.classifier_spec},
+                    "classifier": self.classifier_spec, "not_selected": counts[3]},
             world_size=self.trainer.world_size, resumed=counts[0],
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
@@ -224,5 +242,7 @@ class VCEModule(L.LightningModule):
         writer.write_json("results.json", results)
         save_grid(writer.output_dir, rows[:16])
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
+        if self._misclassified:
+            skipped += f", {counts[3]} correctly classified (not explained)"
         self.print(f"{self.run_name}: {counts[2]} new samples{skipped}, {counts[1]} failed; flip rate {metrics['flip_rate']:.3f}; "
                    f"results in {writer.output_dir / 'results.json'}")

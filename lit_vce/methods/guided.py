@@ -12,6 +12,8 @@ Subclasses implement :meth:`PerStepGuidance.guidance`, the only method-specific 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -100,9 +102,13 @@ class PerStepGuidance(VCEMethod):
     def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
         gen = self.generator
         size_in = batch.images.shape[-2:]
+        original = batch.images
         images = batch.images
         if images.shape[-1] != gen.image_size or images.shape[-2] != gen.image_size:
+            # the sampler, and so the guidance terms, work at the generator's resolution
             images = F.interpolate(images, size=(gen.image_size, gen.image_size), mode="bilinear", antialias=True, align_corners=False)
+            mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
+            batch = dataclasses.replace(batch, images=images, mask=mask)
         n = len(images)
         x = gen.encode(images)
         steps = gen.timesteps[self.start_index():]
@@ -137,7 +143,7 @@ class PerStepGuidance(VCEMethod):
         if out.shape[-2:] != size_in:
             out = F.interpolate(out, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         # failed samples return the original image
-        out = torch.where(ok.view(-1, 1, 1, 1), out, batch.images)
+        out = torch.where(ok.view(-1, 1, 1, 1), out, original)
         with torch.no_grad():
             probs = classifier(out).softmax(1)
         diag = {

@@ -1,0 +1,157 @@
+"""ImageNet protocols and an end-to-end run on a tiny fake ImageNet folder with tiny
+random models (timm test models, a 16px class-conditional UNet, random Inception
+weights), all loaded offline through the real loading paths."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_vce.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "imagenet"
+ZEBRA, SORREL, CHEETAH = 340, 339, 293
+
+
+def test_cluster_protocol_targets_every_other_class_of_the_wordnet_cluster():
+    from lit_vce.data.imagenet import cluster_targets, imagenet_class_names, wordnet_clusters
+    from lit_vce.data.protocols import assign_target
+
+    clusters = wordnet_clusters()
+    assert all(3 <= len(c) <= 10 for _, c in clusters)
+    names = imagenet_class_names()
+    big_cats = next(c for _, c in clusters if CHEETAH in c)
+    assert {names[c] for c in big_cats} >= {"cheetah", "leopard", "lion", "tiger"}
+    targets = assign_target("cluster", CHEETAH, "x", 1000)
+    assert set(targets) == set(big_cats) - {CHEETAH} and CHEETAH not in targets
+    assert targets == cluster_targets()[CHEETAH]
+    # a class outside every cluster is not explained
+    assert any(assign_target("cluster", c, "x", 1000) == [] for c in range(1000))
+    with pytest.raises(ValueError, match="1000 ImageNet classes"):
+        from lit_vce.data.protocols import validate_protocol
+
+        validate_protocol("cluster", 4)
+
+
+def test_ldce_protocol_reads_the_per_image_list():
+    from lit_vce.data.imagenet import closest_classes, ldce_val_targets
+    from lit_vce.data.protocols import assign_target
+
+    table = ldce_val_targets()
+    assert len(table) == 50000
+    # image 12345 is of class 246 (50 per class, sorted); its target is one of the 4 closest classes
+    assert assign_target("ldce", 246, "x", 1000, index=12345) == [table[12345]]
+    assert table[12345] in closest_classes()[12345 // 50]
+    with pytest.raises(ValueError, match="50,000-image val folder"):
+        assign_target("ldce", 0, "x", 1000, index=None)
+
+
+def _jpeg(path: Path, seed: int, size=(40, 48)) -> None:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    img = np.clip(base + rng.normal(0, 30, (*size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def fake_imagenet(tmp_path_factory):
+    """A folder of 3 ImageNet synsets (zebra, sorrel, cheetah) with 3 JPEGs each plus one
+    corrupt file, and tiny random models saved where the loaders look for them."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    from safetensors.torch import save_file
+
+    from lit_vce.data.imagenet import imagenet_synsets
+    from lit_vce.testing import save_random_inception_weights
+    from lit_vce.world.models import SCHEDULER_CONFIG
+
+    root = tmp_path_factory.mktemp("imagenet")
+    val = root / "val"
+    for k, cls in enumerate((ZEBRA, SORREL, CHEETAH)):
+        folder = val / imagenet_synsets()[cls]
+        folder.mkdir(parents=True)
+        for i in range(3):
+            _jpeg(folder / f"ILSVRC2012_val_{k}{i}.JPEG", 10 * k + i)
+    (val / imagenet_synsets()[ZEBRA] / "ILSVRC2012_val_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    weights = root / "weights"
+    import timm
+
+    torch.manual_seed(0)
+    for name in ("test_vit", "test_efficientnet"):
+        (weights / "timm").mkdir(parents=True, exist_ok=True)
+        save_file(timm.create_model(name, pretrained=False).state_dict(), str(weights / "timm" / f"{name}.safetensors"))
+    save_random_inception_weights(weights / "inception" / "weights-inception-2015-12-05-6726825d.pth")
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=1001)
+    unet.save_pretrained(root / "adm_tiny")
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "adm_tiny")
+    return root
+
+
+def _predict_args(root: Path, protocol: str, out: Path, method: str = "classifier_guidance") -> list[str]:
+    return ["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
+            "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"),
+            "--data.root", str(root / "val"), "--data.image_size", "32", "--data.num_workers", "0", "--data.batch_size", "4",
+            "--data.images_per_class", "null", "--model.resolution", "32",
+            "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
+            "--model.method.init_args.generator", str(root / "adm_tiny"), "--model.method.init_args.num_steps", "4",
+            "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
+
+
+def test_fake_imagenet_predict_evaluate_leaderboard_end_to_end(fake_imagenet, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_imagenet / "weights"))
+    runs = tmp_path / "runs"
+    out = runs / "cg-pairs"
+    main(_predict_args(fake_imagenet, "pairs", out))
+    res = json.loads((out / "results.json").read_text())
+    # zebra (3 + 1 corrupt) -> sorrel, sorrel (3) -> zebra, cheetah (3) -> cougar
+    assert res["protocol"] == "pairs" and res["dataset"] == "imagefolder"
+    assert res["n"] == 9 and res["n_failed"] == 1 and res["metrics"]["fid_n"] == 9
+    assert res["config"]["metrics"]["features"] == "inception-v3-2048" and res["config"]["metrics"]["resolution"] == 32
+    rows = {r["sample_id"]: r for r in csv.DictReader((out / "samples.csv").open())}
+    broken = next(r for s, r in rows.items() if "broken" in s)
+    assert "unreadable image" in broken["failure"]
+    pairs = {(int(r["source"]), int(r["target"])) for r in rows.values()}
+    assert pairs == {(ZEBRA, SORREL), (SORREL, ZEBRA), (CHEETAH, 286)}
+    assert all(r["success_independent"] in ("True", "False") for r in rows.values() if not r["failure"])
+
+    main(["evaluate", str(out), "--resolution", "32", "--second-classifier", "timm:test_efficientnet"])
+    ev = json.loads((out / "evaluation" / "results.json").read_text())
+    assert ev["n"] == 9 and ev["n_failed"] == 1 and ev["protocol"] == "pairs"
+    for key in ("flip_rate", "l1", "l2", "fid", "sfid", "cout", "flip_rate_independent"):
+        assert ev["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-5), key
+
+    main(["leaderboard", str(runs), "--sort-by", "FID"])
+    md = (runs / "leaderboard.md").read_text()
+    assert "| classifier_guidance | timm:test_vit | pairs | 9 |" in md
+    assert (runs / "leaderboard.html").is_file() and (runs / "leaderboard.tex").is_file()
+    main(["report", str(runs)])
+    assert (runs / "report.html").read_text().count("<img ") >= 9
+
+
+def test_misclassified_protocol_explains_errors_towards_the_true_label(fake_imagenet, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_imagenet / "weights"))
+    out = tmp_path / "err"
+    main(_predict_args(fake_imagenet, "misclassified", out) + ["--model.fid_features", "none"])
+    res = json.loads((out / "results.json").read_text())
+    rows = [r for r in csv.DictReader((out / "samples.csv").open()) if not r["failure"]]
+    assert rows and res["n"] == len(rows) and len(rows) + res["config"]["not_selected"] == 9
+    for r in rows:
+        true_label = {"n02391049": ZEBRA, "n02389026": SORREL, "n02130308": CHEETAH}[r["sample_id"].split("/")[0]]
+        assert int(r["target"]) == true_label  # the true label is the target
+        assert int(r["source"]) == int(r["pred_before"]) != true_label  # the (wrong) prediction is the source
+
+
+def test_every_imagenet_method_and_protocol_config_composes(capsys):
+    for method in ("classifier_guidance", "dvce"):
+        for protocol in ("pairs", "ldce", "cluster", "misclassified"):
+            with pytest.raises(SystemExit) as e:
+                main(["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
+                      "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"), "--print_config"])
+            assert e.value.code == 0
+            printed = capsys.readouterr().out
+            assert f"protocol: {protocol}" in printed and f"lit_vce.methods.{'DVCE' if method == 'dvce' else 'ClassifierGuidance'}" in printed
