@@ -1,8 +1,11 @@
 """The main job on the embedded world (``./scripts/demo.sh`` = ``lit-vce demo``).
 
 Runs every (method, classifier) pair of the demo through ``lit-vce predict`` on
-balanced test images (each to a random other shape), writes one folder per run
-under ``runs/demo/`` and renders ``runs/demo/leaderboard.md``. The finding to
+balanced test images (each to a random other shape) with the full metric suite
+(FID/sFID on the world's oracle features, LPIPS when its weights are present),
+writes one folder per run under ``runs/demo/`` and renders
+``runs/demo/leaderboard.{md,html,tex}`` and the HTML report
+``runs/demo/report.html``. The finding to
 see: VCEs of ``biased`` change the background (its shortcut), VCEs of ``robust``
 change the shape.
 """
@@ -27,6 +30,7 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
              extra: list[str] | None = None) -> str:
     """Run the demo grid and return the leaderboard (Markdown)."""
     from .cli import run_predict
+    from .report.html import write_report
     from .report.leaderboard import write_leaderboard
 
     config_dir = Path(config_dir) if config_dir else default_config_dir()
@@ -42,11 +46,14 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
                 "--config", str(cfg), "--model.classifier", clf, "--data.num_samples", str(num_samples),
                 "--data.batch_size", str(batch_size), "--writer.output_dir", str(out / f"{method}-{clf}"), *(extra or []),
             ])
-    table = write_leaderboard(out).read_text()
+    boards = write_leaderboard(out)
+    table = boards["md"].read_text()
+    report = write_report([out], out / "report.html", rank_by="l2")
     wall = time.perf_counter() - t0
     print("\n" + table)
     print(_finding(out))
     print(f"demo wall time: {wall:.0f} s; results, grids and samples under {out}/")
+    print(f"open {report} in a browser for the visual report; leaderboards: {', '.join(str(p) for p in boards.values())}")
     (out / "demo_wall_time_s.json").write_text(json.dumps({"wall_time_s": round(wall, 1)}) + "\n")
     return table
 

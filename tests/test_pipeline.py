@@ -163,3 +163,18 @@ def test_lpips_in_predict_when_weights_are_present_and_required_on_demand(tmp_pa
     out = tmp_path / "run"
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
     assert np.isfinite(json.loads((out / "results.json").read_text())["metrics"]["lpips"])
+
+
+def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
+    from lit_vce.demo import run_demo
+
+    out = tmp_path / "demo"
+    table = run_demo(out, num_samples=4, batch_size=4, methods=("classifier_guidance",), classifiers=("biased", "robust"),
+                     extra=["--model.method.init_args.num_steps", "4"])
+    assert table.count("| classifier_guidance |") == 2
+    for name in ("leaderboard.md", "leaderboard.html", "leaderboard.tex", "report.html"):
+        assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert "classifier_guidance · biased" in page and "classifier_guidance · robust" in page
+    printed = capsys.readouterr().out
+    assert "background only" in printed and "report.html" in printed
