@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Multi-node predict under SLURM: one task per GPU; Lightning reads SLURM_NTASKS etc.
-#   sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 scripts/slurm_predict.sh configs/imagenet/dvce_pairs.yaml
+#   sbatch --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 scripts/slurm_predict.sh configs/imagenet/base.yaml \
+#       --config configs/imagenet/methods/dvce.yaml --config configs/imagenet/protocols/pairs.yaml \
+#       --data.root /data/imagenet/val --writer.output_dir runs/imagenet/dvce-pairs
 # Fetch weights once before launching (ranks other than 0 never download).
 #SBATCH --job-name=lit-vce
 #SBATCH --time=24:00:00
