@@ -135,3 +135,20 @@ def test_lpips_uses_local_backbone_weights_and_names_the_missing_file(tmp_path, 
     assert float(m(x, x)) == pytest.approx(0.0, abs=1e-6)
     m.reset()
     assert float(m(x, torch.rand(2, 3, 64, 64))) > 0
+
+
+def test_lpips_weights_by_path_or_environment(tmp_path, monkeypatch):
+    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.metrics.lpips import build_lpips, lpips_available
+    from lit_vce.testing import save_random_alexnet_weights
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(MissingWeightsError, match="do not exist"):
+        build_lpips(tmp_path / "nope.pth")
+    path = save_random_alexnet_weights(tmp_path / "any_name.pth")
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    by_arg = build_lpips(path).per_sample(x, y)
+    monkeypatch.setenv("LIT_VCE_LPIPS_WEIGHTS", str(path))
+    assert lpips_available()
+    assert torch.equal(build_lpips().per_sample(x, y), by_arg) and (by_arg > 0).all()

@@ -210,13 +210,14 @@ class EvaluateModule(L.LightningModule):
                  run_name: str | None = None, fid_features: str = "world", inception_weights: str | None = None,
                  second_classifier: str | None = None, lpips: str = "auto", world_audit: bool = False,
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
-                 metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None):
+                 metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
+                 lpips_weights: str | None = None):
         super().__init__()
         self.classifier = load_classifier(classifier)
         self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
         self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
                                    second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
-                                   resolution=resolution, autoencoder=autoencoder, seed=seed)
+                                   resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights)
         self.output_dir = Path(output_dir)
         self.method_name, self.seed = method, seed
         self.run_name = run_name or f"{method}-{self.classifier.name}"
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fid-features", default="auto", choices=["auto", "inception", "world", "none"])
     p.add_argument("--inception-weights", help="local Inception FID weights (else $LIT_VCE_INCEPTION_WEIGHTS, ...)")
     p.add_argument("--lpips", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--lpips-weights", help="local AlexNet weights for LPIPS (else $LIT_VCE_LPIPS_WEIGHTS, ...)")
     p.add_argument("--world-audit", action="store_true", help="the world's shape/background audit")
     p.add_argument("--resolution", type=int, help="L1/L2 resolution (default: native; 256 for ImageNet)")
     p.add_argument("--autoencoder", help="first-stage autoencoder for latent L1/L2 (diffusers folder or hub id[:subfolder])")
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         run_evaluate(a.run_dir, a.originals, a.counterfactuals, a.targets, a.out, a.classifier, a.method, a.fid_features,
                      a.image_size, a.batch_size, a.num_workers, a.accelerator, a.devices, a.num_nodes,
                      second_classifier=a.second_classifier, inception_weights=a.inception_weights, lpips=a.lpips,
+                     lpips_weights=a.lpips_weights,
                      world_audit=a.world_audit, resolution=a.resolution, autoencoder=a.autoencoder, **kwargs)
     except (ValueError, FileNotFoundError, MissingWeightsError) as e:
         p.exit(2, f"lit-vce evaluate: {e}\n")

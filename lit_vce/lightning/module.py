@@ -56,6 +56,8 @@ class VCEModule(L.LightningModule):
         inception_weights: a local file of the Inception FID weights.
         resolution: L1/L2 are computed at this square resolution (None: native;
             256 is the ImageNet convention).
+        lpips_weights: a local file of LPIPS' AlexNet backbone (else ``$LIT_VCE_LPIPS_WEIGHTS``
+            or ``$LIT_VCE_WEIGHTS_DIR/lpips/checkpoints/``).
         autoencoder: a first-stage autoencoder (diffusers ``AutoencoderKL`` folder or
             hub id, ``id:subfolder``) for latent L1/L2.
     """
@@ -74,6 +76,7 @@ class VCEModule(L.LightningModule):
         inception_weights: str | None = None,
         resolution: int | None = None,
         autoencoder: str | None = None,
+        lpips_weights: str | None = None,
     ):
         super().__init__()
         if fid_features not in ("world", "inception", "none"):
@@ -90,7 +93,8 @@ class VCEModule(L.LightningModule):
         self.run_name = run_name or f"{method.name}-{self.classifier.name}"
         self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
                                    second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
-                                   resolution=resolution, autoencoder=autoencoder, seed=self.seed)
+                                   resolution=resolution, autoencoder=autoencoder, seed=self.seed,
+                                   lpips_weights=lpips_weights)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}

@@ -2,13 +2,16 @@
 
 torchmetrics ships the LPIPS linear heads; the AlexNet backbone comes from
 torchvision's checkpoint ``alexnet-owt-7be5be79.pth``, normally downloaded into
-``$TORCH_HOME/hub/checkpoints`` at first use. Offline machines put that file in
+``$TORCH_HOME/hub/checkpoints`` at first use. Offline machines point the config
+key ``lpips_weights`` or ``$LIT_VCE_LPIPS_WEIGHTS`` to that file, or put it in
 ``$LIT_VCE_WEIGHTS_DIR/lpips/checkpoints/`` (or the torch hub folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +27,20 @@ def lpips_weight_locations() -> list[Path]:
     return [weights_dir() / "lpips", Path(torch.hub.get_dir())]
 
 
-def lpips_available() -> bool:
+def _explicit(weights_path: str | Path | None) -> Path | None:
+    value = weights_path or os.environ.get("LIT_VCE_LPIPS_WEIGHTS")
+    if not value:
+        return None
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise MissingWeightsError(f"LPIPS backbone weights {p} do not exist (expected torchvision's {ALEXNET_FILE})")
+    return p
+
+
+def lpips_available(weights_path: str | Path | None = None) -> bool:
+    """Whether LPIPS can be built without a download."""
+    if weights_path or os.environ.get("LIT_VCE_LPIPS_WEIGHTS"):
+        return _explicit(weights_path) is not None
     return any((root / "checkpoints" / ALEXNET_FILE).is_file() for root in lpips_weight_locations())
 
 
@@ -64,13 +80,23 @@ def _lpips_net():
     return LPIPSDistance(LPIPS(net_type="alex", normalize=True).net)
 
 
-def build_lpips() -> LPIPSDistance:
-    """LPIPS-AlexNet (torchmetrics' heads) using local backbone weights when present."""
+def build_lpips(weights_path: str | Path | None = None) -> LPIPSDistance:
+    """LPIPS-AlexNet (torchmetrics' heads) using local backbone weights: ``weights_path``,
+    ``$LIT_VCE_LPIPS_WEIGHTS``, then the folders of :func:`lpips_weight_locations`."""
+    explicit = _explicit(weights_path)
+    if explicit is not None:
+        # torchvision looks for <hub>/checkpoints/<file>: show it the given file under that name
+        with tempfile.TemporaryDirectory() as hub:
+            (Path(hub) / "checkpoints").mkdir()
+            (Path(hub) / "checkpoints" / ALEXNET_FILE).symlink_to(explicit.resolve())
+            with _hub_dir(Path(hub)):
+                return _lpips_net()
     for root in lpips_weight_locations():
         if (root / "checkpoints" / ALEXNET_FILE).is_file():
             with _hub_dir(root):
                 return _lpips_net()
-    hint = f"put {ALEXNET_FILE} (torchvision's AlexNet weights) in {weights_dir() / 'lpips' / 'checkpoints'}"
+    hint = (f"put {ALEXNET_FILE} (torchvision's AlexNet weights) in {weights_dir() / 'lpips' / 'checkpoints'}, "
+            "or point $LIT_VCE_LPIPS_WEIGHTS (config key lpips_weights) to it")
     if _is_offline():
         raise MissingWeightsError(f"LPIPS: offline and no local backbone weights; {hint}")
     try:

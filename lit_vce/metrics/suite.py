@@ -269,6 +269,7 @@ def build_suite(
     resolution: int | None = None,
     autoencoder: str | nn.Module | None = None,
     seed: int = 0,
+    lpips_weights: str | None = None,
 ) -> VCEMetrics:
     """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
 
@@ -279,7 +280,7 @@ def build_suite(
 
     if lpips not in ("auto", "on", "off"):
         raise ValueError("lpips must be 'auto', 'on' or 'off'")
-    lp = build_lpips() if lpips == "on" or (lpips == "auto" and lpips_available()) else None
+    lp = build_lpips(lpips_weights) if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights)) else None
     second = load_classifier(second_classifier) if isinstance(second_classifier, str) else second_classifier
     return VCEMetrics(classifier, features=fid_features, inception_weights=inception_weights, second_classifier=second,
                       lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder, seed=seed)
