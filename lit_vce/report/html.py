@@ -179,10 +179,8 @@ def plot_flip_rate_vs_l2(runs: list[Run], w: int = 420, h: int = 300, pad: int =
         cx, cy = pad + x / xmax * (w - pad - 10), h - pad - y * (h - pad - 10)
         col = PALETTE[i % len(PALETTE)]
         out.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='6' fill='{col}'><title>{html.escape(label)}</title></circle>")
-        left = cx > 0.55 * w  # keep labels inside the plot
-        ty = cy + 18 if cy < 30 else cy - 8
-        out.append(f"<text x='{cx - 8 if left else cx + 8:.1f}' y='{ty:.1f}' fill='{col}' "
-                   f"text-anchor='{'end' if left else 'start'}'>{html.escape(label)}</text>")
+        # a legend rather than inline labels: runs often sit on top of each other
+        out.append(f"<text x='{pad + 8}' y='{h - pad - 8 - 14 * (len(pts) - 1 - i)}' fill='{col}'>● {html.escape(label)}</text>")
     return "\n".join(out + ["</svg>"])
 
 
