@@ -11,6 +11,7 @@ per-sample loss, so per-sample gradients stay independent of the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,18 @@ class ObjectiveContext:
     target: torch.Tensor
     classifier: torch.nn.Module | None = None
     mask: torch.Tensor | None = None  # (N, 1, H, W), 1 on the object
+    # augmented views for classifier terms: images (N, ...) -> (N * K, ...), K views per image
+    views: Callable[[torch.Tensor], torch.Tensor] | None = None
+    latents: torch.Tensor | None = None  # the candidate's latent (trajectory methods)
+    original_latents: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None  # (N, 1, h, w) at latent resolution
+
+    def classify(self, images: torch.Tensor, classifier: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits (N, K, C) of the K augmented views of each image (K = 1 without ``views``)."""
+        clf = classifier or self.classifier
+        n = len(images)
+        x = self.views(images) if self.views is not None else images
+        return clf(x).reshape(n, len(x) // n, -1)
 
 
 class Objective:
@@ -77,10 +90,13 @@ class Scaled(Objective):
 
 
 class TargetCE(Objective):
-    """-log p(target | x) under the context's classifier (the VCE validity term)."""
+    """-log p(target | x) under the context's classifier (the VCE validity term),
+    averaged over the context's augmented views when it has them."""
 
     def loss(self, images, ctx):
-        return F.cross_entropy(ctx.classifier(images), ctx.target, reduction="none")
+        logits = ctx.classify(images)
+        n, k, c = logits.shape
+        return F.cross_entropy(logits.reshape(n * k, c), ctx.target.repeat_interleave(k), reduction="none").view(n, k).mean(1)
 
 
 class L1Distance(Objective):
@@ -106,3 +122,29 @@ class L2Distance(Objective):
 
     def loss(self, images, ctx):
         return (images - ctx.original).flatten(1).norm(dim=1)
+
+
+class BackgroundL2(Objective):
+    """Mean squared change outside the object: ``mean(((x - x_orig) * (1 - mask))^2)``,
+    in pixel space (``space="pixel"``) or in the latent space of a trajectory method
+    (``space="latent"``, with the mask at latent resolution). Without a mask the whole
+    image counts as background."""
+
+    def __init__(self, space: str = "pixel"):
+        if space not in ("pixel", "latent"):
+            raise ValueError("space must be 'pixel' or 'latent'")
+        self.space = space
+
+    def loss(self, images, ctx):
+        if self.space == "pixel":
+            d, m = images - ctx.original, ctx.mask
+        else:
+            if ctx.latents is None or ctx.original_latents is None:
+                raise ValueError("BackgroundL2(space='latent') needs latents (a trajectory method)")
+            d, m = ctx.latents - ctx.original_latents, ctx.latent_mask
+        if m is not None:
+            d = d * (1 - m)
+        return d.pow(2).flatten(1).mean(1)
+
+    def describe(self):
+        return f"BackgroundL2({self.space})"

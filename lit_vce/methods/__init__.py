@@ -2,7 +2,8 @@
 
 from .base import CounterfactualResult, VCEBatch, VCEMethod
 from .classifier_guidance import ClassifierGuidance
+from .digin import DiGIN
 from .dvce import DVCE
 from .guided import PerStepGuidance
 
-__all__ = ["VCEMethod", "VCEBatch", "CounterfactualResult", "PerStepGuidance", "ClassifierGuidance", "DVCE"]
+__all__ = ["VCEMethod", "VCEBatch", "CounterfactualResult", "PerStepGuidance", "ClassifierGuidance", "DVCE", "DiGIN"]
