@@ -38,3 +38,51 @@ def save_random_alexnet_weights(path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torchvision.models.alexnet().state_dict(), path)
     return path
+
+
+def save_tiny_latent_diffusion(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion-layout folder (``unet/``, ``vae/``,
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that ``LatentDiffusion(model=folder)``
+    loads offline: 32 px images, 16 px latents, a toy word-level CLIP tokenizer."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                         norm_num_groups=4, attention_head_dim=2).save_pretrained(folder / "unet")
+    AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(folder / "vae")
+    words = ["a", "photograph", "of", "the", "circle", "square", "triangle", "star", "zebra", "sorrel", "cat", "dog"]
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for w in words:
+        vocab[w + "</w>"] = len(vocab)
+    for ch in sorted({c for w in words for c in w}):  # single letters, so unknown words still tokenize
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    merges = ["#version: 0.2"]
+    for w in words:  # merge each word letter by letter into its whole-word token
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                              pad_token="!")
+    tokenizer.save_pretrained(tok_dir)
+    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                                 vocab_size=len(vocab), bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                 max_position_embeddings=77)).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+    return folder

@@ -136,16 +136,21 @@ class TrajectoryBackbone(nn.Module):
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / (2 * self.num_steps)))  # lr decays over the steps
             with torch.no_grad():
                 e_c = self.eps(z, i, cond)
+            done = torch.zeros(n, dtype=torch.bool, device=z.device)
             for _ in range(inner_steps):
                 with torch.enable_grad():
                     e_u = self.eps(z, i, u)
                     pred, _ = self.ddim_step(z, e_u + self._scale(scale) * (e_c - e_u), i)
-                    loss = F.mse_loss(pred, target[i + 1])
+                    per_sample = (pred - target[i + 1]).pow(2).flatten(1).mean(1)
                     opt.zero_grad()
-                    loss.backward()
-                opt.step()
-                if loss.item() < tol:
+                    per_sample.sum().backward()  # a sum: each sample's gradient is its own
+                done |= per_sample.detach() < tol  # early stop per sample, so the batch does not matter
+                if done.all():
                     break
+                kept = u.detach()[done].clone()
+                opt.step()
+                with torch.no_grad():
+                    u[done] = kept
             with torch.no_grad():
                 z, _ = self.ddim_step(z, self.eps_cfg(z, i, cond, u.detach(), scale), i)
             uncond.append(u.detach())
@@ -259,9 +264,10 @@ class LatentDiffusion(TrajectoryBackbone):
             if model is None:
                 raise ValueError("LatentDiffusion needs model=<hub id or folder> or prebuilt components")
             unet, vae, text_encoder, tokenizer, scheduler_config = self._load(model, torch_dtype)
-        self.unet = unet.to(torch_dtype).eval().requires_grad_(False)
-        self.vae = vae.to(torch_dtype).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(torch_dtype).eval().requires_grad_(False)
+        def prepared(m):
+            return (m if m.dtype == torch_dtype else m.to(torch_dtype)).eval().requires_grad_(False)
+
+        self.unet, self.vae, self.text_encoder = prepared(unet), prepared(vae), prepared(text_encoder)
         self.tokenizer = tokenizer
         self.dtype_ = torch_dtype
         if attention_slicing and hasattr(self.unet, "set_attention_slice"):

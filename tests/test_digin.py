@@ -1,0 +1,171 @@
+"""DiG-IN: trajectory backbones, inversion, the optimisation and its switches."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_vce.classifiers import load_classifier
+from lit_vce.data.world import ShapesWorld
+from lit_vce.generators import sample_generators
+from lit_vce.generators.trajectory import LatentDiffusion, PixelTrajectory
+from lit_vce.methods import DiGIN, VCEBatch
+from lit_vce.objectives import ObjectiveContext
+
+FAST = dict(num_steps=6, num_cutouts=2, null_text_steps=3, blend_fractions=(0.0, 0.5), injection_fractions=(0.34,))
+
+
+def _world_batch(n=3, offset=1):
+    d = ShapesWorld("balanced", "test", n)
+    items = [d[i] for i in range(n)]
+    ids = [it["sample_id"] for it in items]
+    y = torch.tensor([it["label"] for it in items])
+    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_generators(0, ids),
+                    torch.stack([it["mask"] for it in items]))
+
+
+@pytest.fixture(scope="module")
+def robust():
+    return load_classifier("robust")
+
+
+def test_null_text_inversion_reconstructs_better_than_ddim_inversion():
+    bb = PixelTrajectory("world", num_steps=10)
+    b = _world_batch(4)
+    z0 = bb.encode(b.images)
+    cond = bb.condition(b.source)
+    plain = bb.plain_inversion(z0, cond)
+    null = bb.null_text_inversion(z0, cond, inner_steps=5)
+    assert null.reconstruction_error < 0.25 * plain.reconstruction_error, (null.reconstruction_error, plain.reconstruction_error)
+
+
+def test_digin_loss_falls_and_flips_the_robust_model(robust):
+    b = _world_batch(3)
+    m = DiGIN("world", outer_steps=4, lr=0.05, **FAST)
+    r = m.generate(b, robust)
+    trace = torch.stack(m.last_trace)  # (outer steps, N)
+    assert (trace[-1] < trace[0]).all(), trace
+    assert r.images.shape == b.images.shape and 0 <= r.images.min() and r.images.max() <= 1
+    assert (robust(r.images).argmax(1) == b.target).float().mean() >= 2 / 3
+    assert set(r.diagnostics) >= {"target_confidence", "loss", "best_iterate", "injection_steps", "blend_steps"}
+    assert m.describe()["objective"] == "1*TargetCE + 25*BackgroundL2(latent) + 250*BackgroundL2(pixel)"
+
+
+def _grads(m: DiGIN, b: VCEBatch, classifier):
+    """Gradients of the DiG-IN loss with respect to z_T and every per-step delta."""
+    bb = m.backbone
+    c_src, c_tgt = m.conditions(b.source, classifier), m.conditions(b.target, classifier)
+    z0, inv = m.invert(b.images, c_src)
+    z_T = inv.latents[0].clone().requires_grad_(True)
+    d_c = torch.zeros((m.num_steps, *c_src.shape), requires_grad=True)
+    d_u = torch.zeros((m.num_steps, *inv.uncond[0].shape), requires_grad=True)
+    ctx = ObjectiveContext(b.images, b.source, b.target, classifier, b.mask, original_latents=z0)
+    x0s = m.run_trajectory(z_T, c_src, c_tgt, inv.uncond, d_c, d_u, keep_last=m.loss_steps)
+    m._loss(x0s, ctx, augmented=False).sum().backward()
+    del bb
+    return z_T.grad, d_c.grad, d_u.grad
+
+
+def test_gradients_reach_the_initial_latent_and_every_delta(robust):
+    m = DiGIN("world", outer_steps=0, **FAST)
+    g_z, g_c, g_u = _grads(m, _world_batch(2), robust)
+    assert g_z.abs().sum() > 0
+    for i in range(m.num_steps):
+        assert g_c[i].abs().sum() > 0 and g_u[i].abs().sum() > 0, i
+
+
+def test_checkpointing_gives_the_same_gradients(robust):
+    b = _world_batch(2)
+    plain = _grads(DiGIN("world", outer_steps=0, **FAST), b, robust)
+    ckpt = _grads(DiGIN("world", outer_steps=0, gradient_checkpointing=True, **FAST), b, robust)
+    for a, c in zip(plain, ckpt):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_source_conditioning_for_all_steps_without_optimisation_reconstructs(robust):
+    b = _world_batch(2)
+    m = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(1.0,), blend_fractions=(0.0,),
+              num_cutouts=2)
+    out = m.generate(b, robust).images
+    bb = m.backbone
+    z0, inv = m.invert(b.images, bb.condition(b.source))
+    with torch.no_grad():
+        z = inv.latents[0]
+        for i in range(bb.num_steps):
+            z, x0 = bb.ddim_step(z, bb.eps_cfg(z, i, bb.condition(b.source), inv.uncond[i]), i)
+    torch.testing.assert_close(out, bb.decode(x0), rtol=0, atol=1e-6)
+    # and the class switch (no injection) changes the image
+    switched = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(0.0,),
+                     blend_fractions=(0.0,), num_cutouts=2).generate(b, robust).images
+    assert (switched - out).abs().max() > 0.1
+
+
+def test_mask_blending_keeps_the_background_of_the_original(robust):
+    b = _world_batch(3)
+    kw = dict(outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(0.0,), num_cutouts=2)
+    free = DiGIN("world", blend_fractions=(0.0,), **kw).generate(b, robust).images
+    blended = DiGIN("world", blend_fractions=(1.0,), **kw).generate(b, robust).images
+    bg = 1 - b.mask
+    change = lambda x: ((x - b.images).abs() * bg).sum() / bg.sum() / 3  # noqa: E731
+    assert change(blended) < 0.5 * change(free)
+
+
+def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust):
+    class NaNOnSecond(torch.nn.Module):
+        num_classes = 4
+
+        def forward(self, x):
+            out = robust(x)
+            if torch.is_grad_enabled():
+                out = out * torch.tensor([1.0, float("nan")]).repeat_interleave(len(x) // 2)[:, None]
+            return out
+
+    b = _world_batch(2)
+    r = DiGIN("world", outer_steps=2, num_steps=4, null_text_steps=2, num_cutouts=1, injection_fractions=(0.0,),
+              blend_fractions=(0.0,)).generate(b, NaNOnSecond())
+    assert r.failure[0] is None and "non-finite gradient" in r.failure[1]
+    assert torch.isfinite(r.images).all()
+
+
+def test_batch_composition_does_not_change_a_sample(robust):
+    # a fresh batch per run: the per-sample generators are consumed by a run
+    kw = dict(outer_steps=2, **FAST)
+    whole = DiGIN("world", **kw).generate(_world_batch(3), robust).images
+    chunked = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust).images
+    diff = (whole - chunked).abs()
+    assert diff.max() < 1e-3, diff.max()
+    again = DiGIN("world", **kw).generate(_world_batch(3), robust).images
+    assert torch.equal(whole, again)
+
+
+def test_latent_diffusion_components_load_offline_and_run_digin(tmp_path):
+    from lit_vce.classifiers import ImageClassifier
+    from lit_vce.testing import save_tiny_latent_diffusion
+    from lit_vce.world.models import SmallCNN
+
+    folder = save_tiny_latent_diffusion(tmp_path / "sd")
+    bb = LatentDiffusion(str(folder), num_steps=4)
+    assert bb.image_size == 32 and bb.condition(["a photograph of a zebra"]).shape == (1, 77, 8)
+    torch.manual_seed(0)
+    clf = ImageClassifier(SmallCNN(width=8), 32, ["circle", "square", "triangle", "star"], name="tiny")
+    b = _world_batch(2)
+    m = DiGIN(bb, num_steps=4, outer_steps=2, null_text_steps=2, num_cutouts=2, injection_fractions=(0.0,))
+    r = m.generate(b, clf)
+    assert r.images.shape == b.images.shape and torch.isfinite(r.images).all()
+    assert len(m.last_trace) == 2
+    with pytest.raises(Exception, match="cannot load the latent diffusion model"):
+        LatentDiffusion(str(tmp_path / "missing"))
+
+
+def test_digin_runs_through_lit_vce_predict(tmp_path):
+    from lit_vce.cli import main
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "digin.yaml")
+    out = tmp_path / "run"
+    main(["predict", "--config", cfg, "--data.num_samples", "2", "--data.batch_size", "2", "--model.classifier", "robust",
+          "--model.method.init_args.outer_steps", "1", "--model.method.init_args.num_steps", "4",
+          "--model.method.init_args.null_text_steps", "1", "--model.method.init_args.num_cutouts", "1",
+          "--writer.output_dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "digin" and res["n"] == 2 and "TargetCE" in res["config"]["method"]["objective"]
