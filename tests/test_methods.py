@@ -39,7 +39,17 @@ def test_augmentations_are_per_sample_deterministic_and_differentiable():
 
 
 def _build(name, tiny_generator, tiny_classifier, scheduler="ddim"):
+    import inspect
+
     cls = METHODS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    if "backbone" in params:  # trajectory methods: the same tiny UNet as a trajectory backbone
+        from lit_vce.generators.trajectory import PixelTrajectory
+        from lit_vce.world.models import SCHEDULER_CONFIG
+
+        gen = tiny_generator(scheduler, 10)
+        backbone = PixelTrajectory(unet=gen.unet, scheduler_config=SCHEDULER_CONFIG, null_class=gen.null_class, num_steps=5)
+        return cls(backbone=backbone, num_steps=5, outer_steps=2, num_cutouts=2, null_text_steps=2)
     kwargs = {"generator": tiny_generator(scheduler, 10)}
     if name == "dvce":
         kwargs.update(robust_classifier=tiny_classifier, num_augmentations=2)
