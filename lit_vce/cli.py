@@ -7,6 +7,9 @@
     lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
     lit-vce leaderboard RUNS_DIR [--sort-by FR]   # leaderboard.md/.html/.tex
     lit-vce report RUN_DIR [RUN_DIR ...] [--rank-by l2]   # report.html
+    lit-vce disagree --config configs/world/disagree.yaml   # systematic errors (DiG-IN)
+    lit-vce neurons --config configs/world/neurons.yaml     # neuron visualisation (DiG-IN)
+    lit-vce spurious --classifier biased                    # spurious penultimate units
     lit-vce methods                       # the registered methods
 
 ``predict`` is a LightningCLI: every argument of :class:`VCEModule`,
@@ -53,6 +56,33 @@ class VCECLI(LightningCLI):
         return kwargs
 
 
+class AnalysisCLI(VCECLI):
+    """``lit-vce disagree`` / ``lit-vce neurons``: the same CLI over :class:`AnalysisModule`."""
+
+    analysis = "disagree"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from .analyses.generate import ANALYSIS_FIELDS
+
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
+
+
+def run_analysis(analysis: str, args: list[str] | None) -> None:
+    """Run ``disagree`` or ``neurons`` (``args=None`` parses ``sys.argv[2:]``)."""
+    import warnings
+
+    from .analyses.generate import AnalysisModule, GenerationDataModule
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    argv = list(sys.argv[2:] if args is None else args)
+    cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
+    cli(AnalysisModule, GenerationDataModule, args=["predict", *argv], trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True}, seed_everything_default=False)
+
+
 def run_predict(args: list[str] | None) -> None:
     """Run ``predict``; ``args=None`` parses ``sys.argv`` (the console script)."""
     import warnings
@@ -71,6 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return run_predict(None if from_console else argv[1:])
+    if argv and argv[0] in ("disagree", "neurons"):
+        return run_analysis(argv[0], argv[1:])
+    if argv and argv[0] == "spurious":
+        from .analyses.spurious import main as spurious_main
+
+        return spurious_main(argv[1:])
     if argv and argv[0] == "evaluate":
         from .lightning.evaluate import main as evaluate_main
 
@@ -82,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
+    sub.add_parser("disagree", help="DiG-IN: images on which two classifiers disagree most (LightningCLI)")
+    sub.add_parser("neurons", help="DiG-IN: visualise a unit of a classifier (LightningCLI)")
+    sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
     lb = sub.add_parser("leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder")

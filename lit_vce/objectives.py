@@ -148,3 +148,95 @@ class BackgroundL2(Objective):
 
     def describe(self):
         return f"BackgroundL2({self.space})"
+
+
+def _class_score(logits: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:
+    """Per-view score of class y: ``confidence`` p(y), ``log_confidence`` log p(y), or
+    ``logit_margin`` logit_y - max_{c != y} logit_c. ``logits``: (N, K, C)."""
+    yk = y[:, None].expand(-1, logits.shape[1])
+    if variant == "confidence":
+        return logits.softmax(-1).gather(-1, yk[..., None]).squeeze(-1)
+    if variant == "log_confidence":
+        return logits.log_softmax(-1).gather(-1, yk[..., None]).squeeze(-1)
+    if variant == "logit_margin":
+        own = logits.gather(-1, yk[..., None]).squeeze(-1)
+        other = logits.scatter(-1, yk[..., None], float("-inf")).amax(-1)
+        return own - other
+    raise ValueError(f"unknown score variant {variant!r}: confidence, log_confidence or logit_margin")
+
+
+SCORE_VARIANTS = ("confidence", "log_confidence", "logit_margin")
+
+
+class Disagreement(Objective):
+    """Images of class y (``ctx.target``) that classifier 1 (the context's) scores high and
+    ``second`` scores low: loss = -(s1(y) - s2(y)), averaged over views, with s a
+    :data:`SCORE_VARIANTS` score (DiG-IN's systematic-error search)."""
+
+    def __init__(self, second: torch.nn.Module, variant: str = "confidence"):
+        if variant not in SCORE_VARIANTS:
+            raise ValueError(f"variant must be one of {SCORE_VARIANTS}")
+        self.second, self.variant = second, variant
+
+    def loss(self, images, ctx):
+        s1 = _class_score(ctx.classify(images), ctx.target, self.variant)
+        s2 = _class_score(ctx.classify(images, self.second), ctx.target, self.variant)
+        return -(s1 - s2).mean(1)
+
+    def describe(self):
+        return f"Disagreement({self.variant}, vs {getattr(self.second, 'name', type(self.second).__name__)})"
+
+
+def find_layer(model: torch.nn.Module, layer: str | None) -> torch.nn.Module:
+    """The named submodule, or (``None``) the last ``nn.Linear``: its input is the penultimate layer."""
+    if layer:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise ValueError(f"no layer {layer!r}; some layers: {list(modules)[-8:]}")
+        return modules[layer]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear; name the layer explicitly")
+    return linears[-1]
+
+
+class NeuronActivation(Objective):
+    """Maximise (``sign=+1``) or minimise (``-1``) unit ``unit`` of a layer's input
+    (default: the input of the last linear layer, i.e. a penultimate unit), spatially
+    averaged, over views; optionally with ``class_weight * -log p(y)``
+    (DiG-IN's variant: ``-10 * act - 0.5 * log p(y)``: ``act_weight=10, class_weight=0.5``)."""
+
+    def __init__(self, classifier: torch.nn.Module, unit: int, layer: str | None = None, sign: float = 1.0,
+                 act_weight: float = 1.0, class_weight: float = 0.0):
+        self.classifier, self.unit, self.layer, self.sign = classifier, int(unit), layer, float(sign)
+        self.act_weight, self.class_weight = act_weight, class_weight
+        self._module = find_layer(classifier, layer)
+
+    def activation(self, images: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit activation (N, K), logits (N, K, C)) over the context's views."""
+        store = {}
+
+        def hook(_m, inputs):
+            store["x"] = inputs[0]
+
+        handle = self._module.register_forward_pre_hook(hook)
+        try:
+            logits = ctx.classify(images, self.classifier)
+        finally:
+            handle.remove()
+        a = store["x"][:, self.unit]
+        if a.dim() > 1:
+            a = a.flatten(1).mean(1)
+        return a.reshape(logits.shape[0], logits.shape[1]), logits
+
+    def loss(self, images, ctx):
+        act, logits = self.activation(images, ctx)
+        loss = -self.sign * self.act_weight * act.mean(1)
+        if self.class_weight:
+            loss = loss - self.class_weight * _class_score(logits, ctx.target, "log_confidence").mean(1)
+        return loss
+
+    def describe(self):
+        what = "max" if self.sign > 0 else "min"
+        base = f"{self.act_weight:g}*Neuron({what} unit {self.unit} of {self.layer or 'penultimate'})"
+        return base + (f" + {self.class_weight:g}*ClassNLL" if self.class_weight else "")

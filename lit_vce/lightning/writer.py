@@ -77,12 +77,14 @@ class VCEPredictionWriter(BasePredictionWriter):
     Args:
         output_dir: the run folder.
         save_originals: also save the (preprocessed) original as PNG.
+        fields: the per-sample columns (default: the VCE ones, :data:`ROW_FIELDS`).
     """
 
-    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True):
+    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True, fields: list[str] | None = None):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.save_originals = save_originals
+        self.fields = list(fields) if fields else ROW_FIELDS
         self._done: set[str] | None = None
 
     # --- resume ----------------------------------------------------------------
@@ -124,7 +126,7 @@ class VCEPredictionWriter(BasePredictionWriter):
                 save_png(self.output_dir / "counterfactuals" / f"{key}.png", cf[i])
                 if orig is not None:
                     save_png(self.output_dir / "originals" / f"{key}.png", orig[i])
-            clean = {k: row.get(k) for k in ROW_FIELDS}
+            clean = {k: row.get(k) for k in self.fields}
             _atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
             self.done_ids().add(row["sample_id"])
 
@@ -139,10 +141,10 @@ class VCEPredictionWriter(BasePredictionWriter):
         path = self.output_dir / "samples.csv"
         tmp = path.with_name(".samples.csv.tmp")
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+            w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             for r in rows:
-                w.writerow({k: r.get(k) for k in ROW_FIELDS})
+                w.writerow({k: r.get(k) for k in self.fields})
         os.replace(tmp, path)
         return path
 

@@ -85,7 +85,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             folders.append(p)
         else:
             found = sorted({q.parent for q in p.rglob("results.json") if q.parent.name != "evaluation"})
-            found = [f for f in found if (f / "counterfactuals").is_dir()]
+            found = [f for f in found if (f / "counterfactuals").is_dir() and RunResults.load(f / "results.json").stage != "analysis"]
             if not found:
                 raise FileNotFoundError(f"no run folders (with results.json and counterfactuals/) under {p}")
             folders += found

@@ -45,7 +45,10 @@ def load_results(root: str | Path) -> list[RunResults]:
     if not paths:
         raise FileNotFoundError(f"no results.json under {root}")
     chosen = [p for p in paths if not (p.parent / "evaluation" / "results.json").is_file()]
-    return [RunResults.load(p) for p in chosen]
+    runs = [r for r in map(RunResults.load, chosen) if r.stage != "analysis"]  # analyses are not VCE runs
+    if not runs:
+        raise FileNotFoundError(f"no VCE results.json under {root}")
+    return runs
 
 
 def _missing(v) -> bool:

@@ -62,7 +62,7 @@ class RunResults:
     hardware: dict[str, Any] = field(default_factory=hardware)
     world_size: int = 1
     resumed: int = 0
-    stage: str = "predict"  # "predict" (metrics in-line) or "evaluate" (re-read from disk)
+    stage: str = "predict"  # "predict" (in-line), "evaluate" (re-read from disk) or "analysis" (disagree/neurons)
     protocol: str | None = None
     dataset: str | None = None
     schema_version: int = 1
@@ -70,9 +70,9 @@ class RunResults:
     def __post_init__(self):
         if self.n < 0 or self.n_success < 0 or self.n_failed < 0:
             raise ValueError("counts must be non-negative")
-        if self.stage not in ("predict", "evaluate"):
-            raise ValueError(f"stage must be 'predict' or 'evaluate', got {self.stage!r}")
-        for key in ("flip_rate", "target_confidence", "l1", "l2"):
+        if self.stage not in ("predict", "evaluate", "analysis"):
+            raise ValueError(f"stage must be 'predict', 'evaluate' or 'analysis', got {self.stage!r}")
+        for key in ("flip_rate", "target_confidence", "l1", "l2") if self.stage != "analysis" else ():
             if key not in self.metrics:
                 raise ValueError(f"metrics.{key} is missing")
 

@@ -1,0 +1,284 @@
+"""Generation analyses as a prediction stage: ``lit-vce disagree`` and ``lit-vce neurons``.
+
+Both optimise a DiG-IN trajectory (:class:`lit_vce.methods.DiGIN`) against an
+objective other than a VCE's:
+
+- ``disagree``: images of class y on which the explained classifier is confident
+  and ``second_classifier`` is not (:class:`lit_vce.objectives.Disagreement`;
+  score variants ``confidence``, ``log_confidence``, ``logit_margin``), started
+  from random initial latents with the class as conditioning;
+- ``neurons``: maximise (or minimise) one unit of a layer
+  (:class:`lit_vce.objectives.NeuronActivation`; default: a penultimate unit),
+  optionally with a class term; from random latents, or on real images with the
+  object frozen (``freeze_object``: the foreground of the original trajectory is
+  blended back at every step, so only the rest of the image changes).
+
+Images, per-sample rows (``samples.csv``) and ``results.json`` land in the
+writer's folder, as for VCE runs; on the embedded world the oracle audits what
+the generated images show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..classifiers import load_classifier
+from ..data.datamodule import collate
+from ..generators.noise import sample_generators
+from ..methods.base import VCEBatch
+from ..methods.digin import DiGIN
+from ..objectives import SCORE_VARIANTS, Disagreement, NeuronActivation
+
+ANALYSIS_FIELDS = [
+    "sample_id", "class", "pred", "conf", "class_conf", "pred_second", "class_conf_second", "disagrees", "unit",
+    "activation", "activation_before", "oracle_shape", "oracle_background", "loss", "failure", "seconds",
+]
+
+
+class _Requests(Dataset):
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class GenerationDataModule(L.LightningDataModule):
+    """What to generate: ``per_class`` images for each class in ``classes`` from random
+    latents (``source="random"``), or the first ``num_samples`` world test images
+    (``source="world"``, for neurons on real images; masks included).
+
+    Args:
+        classes: class ids (default: all of the world's 4).
+        per_class: images per class.
+        image_size: the size of the (blank) originals of random starts.
+        source: ``"random"`` or ``"world"``.
+        num_samples: world images (``source="world"``).
+        batch_size, num_workers: loader settings.
+    """
+
+    def __init__(self, classes: list[int] | None = None, per_class: int = 8, image_size: int = 32, source: str = "random",
+                 num_samples: int = 16, batch_size: int = 16, num_workers: int = 0):
+        super().__init__()
+        if source not in ("random", "world"):
+            raise ValueError("source must be 'random' or 'world'")
+        self.save_hyperparameters()
+        self._data: _Requests | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._data is not None:
+            return
+        h = self.hparams
+        items = []
+        if h.source == "random":
+            for y in h.classes if h.classes is not None else range(4):
+                for k in range(h.per_class):
+                    items.append({"image": torch.zeros(3, h.image_size, h.image_size), "label": int(y),
+                                  "sample_id": f"class{int(y)}-{k:04d}"})
+        else:
+            from ..data.world import ShapesWorld
+
+            world = ShapesWorld("balanced", "test", h.num_samples)
+            for i in range(len(world)):
+                it = world[i]
+                if h.classes is None or it["label"] in h.classes:
+                    items.append({"image": it["image"], "label": int(it["label"]), "sample_id": it["sample_id"], "mask": it["mask"]})
+        if not items:
+            raise ValueError("nothing to generate (check classes / num_samples)")
+        self._data = _Requests(items)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self._data, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
+                          collate_fn=collate)
+
+
+class AnalysisModule(L.LightningModule):
+    """A DiG-IN generation analysis as ``predict_step``.
+
+    Args:
+        analysis: ``"disagree"`` or ``"neurons"``.
+        classifier: the explained classifier (classifier 1).
+        method: the DiG-IN sampler settings (its objective is replaced by the analysis').
+        second_classifier: classifier 2 (``disagree``).
+        variant: the disagreement score (``confidence``, ``log_confidence``, ``logit_margin``).
+        unit, layer, sign, act_weight, class_weight: the neuron objective (``neurons``).
+        freeze_object: on real images, keep the object (mask) of the original fixed.
+        world_audit: read generated images with the world's oracle.
+        seed: each sample's randomness depends only on (seed, sample id).
+        run_name: label stored in the results.
+    """
+
+    def __init__(self, analysis: str = "disagree", classifier: str = "biased", method: DiGIN | None = None,
+                 second_classifier: str | None = "robust", variant: str = "confidence", unit: int = 0,
+                 layer: str | None = None, sign: float = 1.0, act_weight: float = 1.0, class_weight: float = 0.0,
+                 freeze_object: bool = True, world_audit: bool = True, seed: int = 0, run_name: str | None = None):
+        super().__init__()
+        if analysis not in ("disagree", "neurons"):
+            raise ValueError("analysis must be 'disagree' or 'neurons'")
+        if variant not in SCORE_VARIANTS:
+            raise ValueError(f"variant must be one of {SCORE_VARIANTS}")
+        self.analysis = analysis
+        self.classifier = load_classifier(classifier)
+        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
+        self.second = load_classifier(second_classifier) if (analysis == "disagree" and second_classifier) else None
+        if analysis == "disagree" and self.second is None:
+            raise ValueError("disagree needs second_classifier")
+        self.method = method or DiGIN(outer_steps=10, inversion="none", injection_fractions=(), blend_fractions=(0.0,))
+        if analysis == "disagree":
+            self.method.objective = Disagreement(self.second, variant)
+        else:
+            self.method.objective = NeuronActivation(self.classifier, unit, layer, sign, act_weight, class_weight)
+        self.variant, self.unit, self.freeze_object = variant, int(unit), freeze_object
+        self.seed = int(seed)
+        self.run_name = run_name or f"{analysis}-{self.classifier.name}" + (f"-vs-{self.second.name}" if self.second is not None else "")
+        if world_audit:
+            from ..world.models import load_world_network
+
+            self.oracle = load_world_network("oracle").eval().requires_grad_(False)
+        else:
+            self.oracle = None
+        self._rows: list[dict[str, Any]] = []
+        self._t0 = 0.0
+        self.final_results: dict[str, Any] | None = None
+
+    def _writer(self):
+        from ..lightning.writer import VCEPredictionWriter
+
+        return next((c for c in self.trainer.callbacks if isinstance(c, VCEPredictionWriter)), None)
+
+    def on_predict_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("the analyses need autograd: build the Trainer with inference_mode=False")
+        self._rows, self._t0 = [], time.perf_counter()
+        self.method.setup(self.device)
+        real = self.trainer.datamodule.hparams.source != "random"
+        m = self.method
+        m.inversion = "null_text" if real else "none"
+        m.injection_fractions = ()
+        m.blend_fractions = (1.0,) if (real and self.freeze_object) else (0.0,)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ids, y = list(batch["sample_id"]), batch["label"]
+        writer = self._writer()
+        done = writer.done_ids() if writer is not None else set()
+        todo = [i for i, s in enumerate(ids) if s not in done]
+        if not todo:
+            return {"new_rows": [], "counterfactuals": None, "originals": None}
+        idx = torch.tensor(todo, device=y.device)
+        images, labels = batch["image"][idx], y[idx]
+        sub = [ids[i] for i in todo]
+        mask = None
+        if "mask" in batch and self.freeze_object:
+            mask = 1 - batch["mask"][idx]  # blending keeps what is outside the mask: here, the object
+        vb = VCEBatch(images, labels, labels, sub, sample_generators(self.seed, sub, device=images.device), mask)
+        with torch.enable_grad():
+            result = self.method.generate(vb, self.classifier)
+        from ..lightning.writer import quantize
+
+        out = quantize(result.images.detach())
+        rows = self._rows_for(out, images, labels, sub, result, (time.perf_counter() - t0) / len(sub))
+        self._rows.extend(rows)
+        return {"new_rows": rows, "counterfactuals": out, "originals": quantize(images)}
+
+    @torch.no_grad()
+    def _rows_for(self, out, originals, labels, ids, result, seconds) -> list[dict[str, Any]]:
+        p1 = self.classifier(out).softmax(1)
+        rows = []
+        p2 = self.second(out).softmax(1) if self.second is not None else None
+        act = act0 = None
+        if self.analysis == "neurons":
+            from ..objectives import ObjectiveContext
+
+            obj = self.method.objective
+            ctx = ObjectiveContext(originals, labels, labels, self.classifier)
+            act = obj.activation(out, ctx)[0][:, 0]
+            act0 = obj.activation(originals, ctx)[0][:, 0]
+        shape = bg = None
+        if self.oracle is not None:
+            s_logits, b_logits = self.oracle.both(out)
+            shape, bg = s_logits.argmax(1), b_logits.argmax(1)
+        for i, sid in enumerate(ids):
+            y = int(labels[i])
+            row = {"sample_id": sid, "class": y, "pred": int(p1[i].argmax()), "conf": round(float(p1[i].max()), 6),
+                   "class_conf": round(float(p1[i, y]), 6), "failure": result.failure[i] or "", "seconds": round(seconds, 4),
+                   "loss": round(float(result.diagnostics["loss"][i]), 6)}
+            if p2 is not None:
+                row.update(pred_second=int(p2[i].argmax()), class_conf_second=round(float(p2[i, y]), 6),
+                           disagrees=bool(int(p1[i].argmax()) == y and int(p2[i].argmax()) != y))
+            if act is not None:
+                row.update(unit=self.unit, activation=round(float(act[i]), 6), activation_before=round(float(act0[i]), 6))
+            if shape is not None:
+                row.update(oracle_shape=int(shape[i]), oracle_background=int(bg[i]))
+            rows.append(row)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for p in parts for r in p]
+        self.trainer.strategy.barrier()
+        writer = self._writer()
+        if writer is not None:
+            rows = writer.collect_rows()  # the whole run, resumed samples included
+        metrics = summarise(self.analysis, rows)
+        wall = time.perf_counter() - self._t0
+        self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}
+        if writer is not None and self.trainer.is_global_zero:
+            from ..report.grids import save_grid
+            from ..report.results import build_results
+
+            writer.write_table(rows)
+            results = build_results(
+                run_name=self.run_name, method=f"digin-{self.analysis}", classifier=self.classifier_spec, n=len(rows),
+                n_success=sum(1 for r in rows if r.get("disagrees") or (self.analysis == "neurons" and not r["failure"])),
+                n_failed=sum(1 for r in rows if r.get("failure")), metrics=metrics, seed=self.seed, wall_time_s=wall,
+                sample_ids_hash=hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16],
+                config={"analysis": self.analysis, "objective": self.method.objective.describe(), "method": self.method.describe(),
+                        "second_classifier": getattr(self.second, "name", None), "variant": self.variant, "unit": self.unit,
+                        "data": dict(self.trainer.datamodule.hparams)},
+                world_size=self.trainer.world_size, stage="analysis",
+            )
+            writer.write_json("results.json", results)
+            save_grid(writer.output_dir, rows[:16])
+            print(f"{self.run_name}: {len(rows)} images; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                                       if isinstance(v, float)))
+
+
+def summarise(analysis: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Aggregates of the per-sample rows (every rank computes the same from the gathered rows)."""
+    ok = [r for r in rows if not r.get("failure")]
+    n = max(len(ok), 1)
+
+    def mean(key):
+        vals = [float(r[key]) for r in ok if r.get(key) not in (None, "")]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    m: dict[str, float] = {"class_confidence": mean("class_conf")}
+    if analysis == "disagree":
+        m["class_confidence_second"] = mean("class_conf_second")
+        m["disagreement_rate"] = sum(1 for r in ok if str(r.get("disagrees")) == "True") / n
+    else:
+        m["activation"] = mean("activation")
+        if any(r.get("activation_before") not in (None, "") for r in ok):
+            m["activation_before"] = mean("activation_before")
+    if ok and ok[0].get("oracle_shape") not in (None, ""):
+        bg_is = [int(r["oracle_background"]) == int(r["class"]) for r in ok]
+        shape_is = [int(r["oracle_shape"]) == int(r["class"]) for r in ok]
+        m["background_is_class"] = sum(bg_is) / n
+        m["shape_is_class"] = sum(shape_is) / n
+        # the systematic error the planted bias causes: the class's background without its shape
+        m["background_without_shape"] = sum(b and not s for b, s in zip(bg_is, shape_is)) / n
+    return m
