@@ -169,3 +169,16 @@ def test_digin_runs_through_lit_vce_predict(tmp_path):
           "--writer.output_dir", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "digin" and res["n"] == 2 and "TargetCE" in res["config"]["method"]["objective"]
+
+
+def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_digin_sd15.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtypes", "float32", "--steps", "2", "--outer", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows[0]["finite"] and rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
