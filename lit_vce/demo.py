@@ -3,6 +3,7 @@
 Runs every (method, classifier) pair of the demo through ``lit-vce predict`` on
 balanced test images (each to a random other shape) with the full metric suite
 (FID/sFID on the world's oracle features, LPIPS when its weights are present),
+then one DiG-IN disagreement run (``biased`` vs ``robust``) and one neuron run,
 writes one folder per run under ``runs/demo/`` and renders
 ``runs/demo/leaderboard.{md,html,tex}`` and the HTML report
 ``runs/demo/report.html``. The finding to
@@ -17,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-DEMO_METHODS = ("classifier_guidance", "dvce")
+DEMO_METHODS = ("classifier_guidance", "dvce", "digin")
 DEMO_CLASSIFIERS = ("biased", "robust")
 
 
@@ -27,8 +28,9 @@ def default_config_dir() -> Path:
 
 def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: int = 32,
              methods=DEMO_METHODS, classifiers=DEMO_CLASSIFIERS, config_dir: str | Path | None = None,
-             extra: list[str] | None = None) -> str:
-    """Run the demo grid and return the leaderboard (Markdown)."""
+             extra: list[str] | None = None, analyses: bool = True) -> str:
+    """Run the demo grid (and, with ``analyses``, one disagreement and one neuron run)
+    and return the leaderboard (Markdown)."""
     from .cli import run_predict
     from .report.html import write_report
     from .report.leaderboard import write_leaderboard
@@ -46,6 +48,12 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
                 "--config", str(cfg), "--model.classifier", clf, "--data.num_samples", str(num_samples),
                 "--data.batch_size", str(batch_size), "--writer.output_dir", str(out / f"{method}-{clf}"), *(extra or []),
             ])
+    if analyses:
+        from .cli import run_analysis
+
+        for name in ("disagree", "neurons"):
+            print(f"\n=== DiG-IN analysis: {name} ===", flush=True)
+            run_analysis(name, ["--config", str(config_dir / f"{name}.yaml"), "--writer.output_dir", str(out / "analyses" / name)])
     boards = write_leaderboard(out)
     table = boards["md"].read_text()
     report = write_report([out], out / "report.html", rank_by="l2")
@@ -77,5 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
     p.add_argument("--classifiers", nargs="+", default=list(DEMO_CLASSIFIERS))
     p.add_argument("--configs", default=None, help="folder of <method>.yaml (default: the repository's configs/world)")
+    p.add_argument("--no-analyses", action="store_true", help="skip the DiG-IN disagreement and neuron runs")
     a = p.parse_args(argv)
-    run_demo(a.out, a.num_samples, a.batch_size, a.methods, a.classifiers, a.configs)
+    run_demo(a.out, a.num_samples, a.batch_size, a.methods, a.classifiers, a.configs, analyses=not a.no_analyses)

@@ -182,3 +182,9 @@ def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert rows[0]["finite"] and rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
+
+
+def test_guidance_scale_one_leaves_the_unconditional_deltas_unused_without_failing(robust):
+    b = _world_batch(2)
+    r = DiGIN("world", outer_steps=2, guidance_scale=1.0, **FAST).generate(b, robust)
+    assert r.failure == [None, None] and torch.isfinite(r.images).all()

@@ -147,11 +147,12 @@ def test_misclassified_protocol_explains_errors_towards_the_true_label(fake_imag
 
 
 def test_every_imagenet_method_and_protocol_config_composes(capsys):
-    for method in ("classifier_guidance", "dvce"):
+    names = {"classifier_guidance": "ClassifierGuidance", "dvce": "DVCE", "digin": "DiGIN"}
+    for method in names:
         for protocol in ("pairs", "ldce", "cluster", "misclassified"):
             with pytest.raises(SystemExit) as e:
                 main(["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
                       "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"), "--print_config"])
             assert e.value.code == 0
             printed = capsys.readouterr().out
-            assert f"protocol: {protocol}" in printed and f"lit_vce.methods.{'DVCE' if method == 'dvce' else 'ClassifierGuidance'}" in printed
+            assert f"protocol: {protocol}" in printed and f"lit_vce.methods.{names[method]}" in printed

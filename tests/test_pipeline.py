@@ -170,7 +170,7 @@ def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
 
     out = tmp_path / "demo"
     table = run_demo(out, num_samples=4, batch_size=4, methods=("classifier_guidance",), classifiers=("biased", "robust"),
-                     extra=["--model.method.init_args.num_steps", "4"])
+                     extra=["--model.method.init_args.num_steps", "4"], analyses=False)
     assert table.count("| classifier_guidance |") == 2
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard.tex", "report.html"):
         assert (out / name).is_file(), name

@@ -317,6 +317,9 @@ class DiGIN(VCEMethod):
                 opt.zero_grad()
                 loss.sum().backward()
             self.last_trace.append(loss.detach())
+            for p in (z_T, delta_c, delta_u):
+                if p.grad is None:  # e.g. delta_u when guidance_scale is 1 (no unconditional branch)
+                    p.grad = torch.zeros_like(p)
             grads_ok = torch.isfinite(z_T.grad).flatten(1).all(1) & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1) \
                 & torch.isfinite(delta_u.grad.transpose(0, 1).flatten(1)).all(1)
             for i in torch.nonzero(~grads_ok & ok).flatten().tolist():

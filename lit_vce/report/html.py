@@ -97,6 +97,44 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     return runs
 
 
+def find_analyses(paths: list[str | Path]) -> list[Path]:
+    """Analysis run folders (``lit-vce disagree`` / ``neurons``) below ``paths``."""
+    out = []
+    for p in map(Path, paths):
+        for q in sorted(p.rglob("results.json")):
+            if q.parent.name != "evaluation" and (q.parent / "counterfactuals").is_dir() and RunResults.load(q).stage == "analysis":
+                out.append(q.parent)
+    return out
+
+
+def _analysis_section(folder: Path, assets: _Assets, limit: int = 16) -> str:
+    res = RunResults.load(folder / "results.json")
+    table = folder / "samples.csv"
+    rows = list(csv.DictReader(table.open()))[:limit] if table.is_file() else []
+    figs = []
+    for r in rows:
+        key = sample_key(r["sample_id"])
+        c, o = folder / "counterfactuals" / f"{key}.png", folder / "originals" / f"{key}.png"
+        if not c.is_file():
+            continue
+        imgs = ""
+        if o.is_file() and res.config.get("analysis") == "neurons":
+            imgs += f"<img src='{assets.save(f'an-{folder.name}-{key}-o', load_png(o))}' alt='original'>"
+        imgs += f"<img src='{assets.save(f'an-{folder.name}-{key}', load_png(c))}' alt='generated'>"
+        cap = [f"class {r['class']}", f"p {_float(r.get('class_conf')):.2f}"]
+        if r.get("class_conf_second"):
+            cap.append(f"p₂ {_float(r['class_conf_second']):.2f}")
+        if r.get("activation"):
+            cap.append(f"act {_float(r['activation_before']):.2f}→{_float(r['activation']):.2f}")
+        if r.get("oracle_shape"):
+            cap.append(f"oracle: shape {r['oracle_shape']}, bg {r['oracle_background']}")
+        figs.append(f"<figure>{imgs}<figcaption>{html.escape(' · '.join(cap))}</figcaption></figure>")
+    metrics = " · ".join(f"<b>{html.escape(k)}</b> {v:.3g}" for k, v in res.metrics.items() if isinstance(v, float))
+    return (f"<h2>{html.escape(res.run_name)} <small>({html.escape(str(folder))})</small></h2>"
+            f"<p>Objective: <code>{html.escape(str(res.config.get('objective')))}</code>; N {res.n}. {metrics}</p>"
+            f"<div class='triples'>{''.join(figs)}</div>")
+
+
 def _float(v) -> float:
     try:
         return float(v)
@@ -217,7 +255,8 @@ def _metrics_list(r: RunResults) -> str:
     return "<p>" + " · ".join(items) + "</p>"
 
 
-def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int = 4, side_by_side: int = 6) -> Path:
+def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int = 4, side_by_side: int = 6,
+                  analyses: list[Path] | None = None) -> Path:
     """Write ``out`` (HTML) and ``<out stem>_files/`` (images); returns ``out``."""
     assets = _Assets(out.parent / f"{out.stem}_files")
     body = [f"<h1>VCE report</h1><p>{len(runs)} run(s). Best / median / worst: successful counterfactuals (all, "
@@ -258,6 +297,8 @@ def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int
                 lines.append("<tr>" + "".join(cells) + "</tr>")
             body.append("<h2>Side by side</h2><p>The same images under every run.</p>"
                         f"<table class='side'>{head}{''.join(lines)}</table>")
+    for folder in analyses or []:
+        body.append(_analysis_section(folder, assets))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>VCE report</title><style>{CSS}</style></head>"
             f"<body>{''.join(body)}<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -273,5 +314,5 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, rank_by
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank_by not in HIGHER_IS_BETTER:
         raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
-    return render_report(runs, out, rank_by, examples)
+    return render_report(runs, out, rank_by, examples, analyses=find_analyses(paths))
 
