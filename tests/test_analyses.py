@@ -82,7 +82,7 @@ def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["stage"] == "analysis" and res["method"] == "digin-disagree" and res["n"] == 4
     assert {"disagreement_rate", "class_confidence", "class_confidence_second", "background_without_shape"} <= set(res["metrics"])
-    assert res["config"]["objective"].startswith("Disagreement(confidence")
+    assert res["config"]["objective"].startswith("Disagreement(logit_margin")
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 4 and {r["class"] for r in rows} == {"0", "1", "2", "3"}
     assert len(list((out / "counterfactuals").glob("*.png"))) == 4

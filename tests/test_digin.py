@@ -177,11 +177,11 @@ def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
 
     out = tmp_path / "rows.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_digin_sd15.py"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtypes", "float32", "--steps", "2", "--outer", "1",
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtypes", "float32", "--steps", "3", "--outer", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert rows[0]["finite"] and rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
+    assert rows[0]["finite"] and rows[0]["steps"] == 3 and rows[0]["seconds"] > 0
 
 
 def test_guidance_scale_one_leaves_the_unconditional_deltas_unused_without_failing(robust):
