@@ -240,3 +240,18 @@ class NeuronActivation(Objective):
         what = "max" if self.sign > 0 else "min"
         base = f"{self.act_weight:g}*Neuron({what} unit {self.unit} of {self.layer or 'penultimate'})"
         return base + (f" + {self.class_weight:g}*ClassNLL" if self.class_weight else "")
+
+
+class LPIPSDistance(Objective):
+    """LPIPS-AlexNet distance to the original (differentiable). ``net`` defaults to the
+    network of :func:`lit_vce.metrics.lpips.build_lpips` (local weights, see there)."""
+
+    def __init__(self, net: torch.nn.Module | None = None):
+        if net is None:
+            from .metrics.lpips import build_lpips
+
+            net = build_lpips().net
+        self.net = net
+
+    def loss(self, images, ctx):
+        return self.net(images.float(), ctx.original.float(), normalize=True).reshape(len(images))

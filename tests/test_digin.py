@@ -188,3 +188,21 @@ def test_guidance_scale_one_leaves_the_unconditional_deltas_unused_without_faili
     b = _world_batch(2)
     r = DiGIN("world", outer_steps=2, guidance_scale=1.0, **FAST).generate(b, robust)
     assert r.failure == [None, None] and torch.isfinite(r.images).all()
+
+
+def test_lpips_regulariser_is_differentiable_and_composes(tmp_path, monkeypatch, robust):
+    from lit_vce.objectives import LPIPSDistance
+    from lit_vce.testing import save_random_alexnet_weights
+
+    monkeypatch.setenv("LIT_VCE_LPIPS_WEIGHTS", str(save_random_alexnet_weights(tmp_path / "alexnet.pth")))
+    b = _world_batch(2)
+    term = LPIPSDistance()
+    ctx = ObjectiveContext(b.images, b.source, b.target, robust)
+    assert torch.allclose(term(b.images, ctx), torch.zeros(2), atol=1e-6)
+    x = (b.images + 0.1 * torch.randn_like(b.images)).clamp(0, 1).requires_grad_(True)
+    loss = term(x, ctx)
+    loss.sum().backward()
+    assert (loss > 0).all() and x.grad.abs().sum() > 0
+    m = DiGIN("world", outer_steps=1, lpips_weight=2.0, **FAST)
+    assert m.describe()["objective"].endswith("2*LPIPSDistance")
+    assert torch.isfinite(m.generate(b, robust).images).all()

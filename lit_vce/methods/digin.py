@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..generators.noise import per_sample_rand, per_sample_randn
 from ..generators.trajectory import Inversion, PixelTrajectory, TrajectoryBackbone
-from ..objectives import BackgroundL2, L1Distance, L2Distance, Objective, ObjectiveContext, TargetCE
+from ..objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
 from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
@@ -83,8 +83,9 @@ class DiGIN(VCEMethod):
         num_cutouts, cutout_min_scale, noise_sd: augmentation of classifier inputs
             (published: 16 cutouts, noise sd 0.005).
         classifier_weight, background_latent_weight, background_pixel_weight,
-            l1_weight, l2_weight: the objective ``w_c * TargetCE + 25 * BackgroundL2(latent)
-            + 250 * BackgroundL2(pixel) (+ L1, L2)``; background terms need masks.
+            l1_weight, l2_weight, lpips_weight: the objective ``w_c * TargetCE + 25 * BackgroundL2(latent)
+            + 250 * BackgroundL2(pixel) (+ L1, L2, LPIPS)``; without masks the background
+            terms cover the whole image; LPIPS needs its AlexNet weights (see ``build_lpips``).
         objective: a custom :class:`Objective` (replaces the weighted terms).
         inversion: ``"null_text"`` (published), ``"ddim"`` or ``"none"`` (random z_T).
         null_text_steps, null_text_lr: inner Adam steps and learning rate per step.
@@ -116,6 +117,7 @@ class DiGIN(VCEMethod):
         background_pixel_weight: float = 250.0,
         l1_weight: float = 0.0,
         l2_weight: float = 0.0,
+        lpips_weight: float = 0.0,
         objective: Objective | None = None,
         inversion: str = "null_text",
         null_text_steps: int = 10,
@@ -157,6 +159,8 @@ class DiGIN(VCEMethod):
                 objective = objective + l1_weight * L1Distance()
             if l2_weight:
                 objective = objective + l2_weight * L2Distance()
+            if lpips_weight:
+                objective = objective + lpips_weight * LPIPSDistance()
         self.objective = objective
         self.inversion = inversion
         self.null_text_steps, self.null_text_lr = null_text_steps, null_text_lr
