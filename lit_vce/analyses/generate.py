@@ -224,15 +224,12 @@ class AnalysisModule(L.LightningModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        rows = self._rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, rows)
-            rows = [r for p in parts for r in p]
-        self.trainer.strategy.barrier()
+        from ..lightning.writer import gather_rows
+
         writer = self._writer()
-        if writer is not None:
-            rows = writer.collect_rows()  # the whole run, resumed samples included
+        self.trainer.strategy.barrier()  # every rank's rows are on disk before they are read
+        # with a writer, the folder holds the whole run (resumed samples included); else gather the ranks' rows
+        rows = writer.collect_rows() if writer is not None else gather_rows(self._rows)
         metrics = summarise(self.analysis, rows)
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}

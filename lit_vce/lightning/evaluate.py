@@ -30,17 +30,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..classifiers import load_classifier
-from ..metrics.suite import build_suite
-from .writer import ROW_FIELDS, _atomic_write_bytes, sample_key
-
-
-def _read_image(path: Path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+from ..metrics.suite import build_suite, resize_to
+from .writer import ROW_FIELDS, _atomic_write_bytes, gather_rows, load_png, sample_key, write_rows_csv
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
@@ -161,11 +152,7 @@ class PairDataset(Dataset):
         return len(self.entries)
 
     def _load(self, path: Path) -> torch.Tensor:
-        x = _read_image(path)
-        if self.image_size and x.shape[-2:] != (self.image_size, self.image_size):
-            x = torch.nn.functional.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True,
-                                                align_corners=False)[0].clamp(0, 1)
-        return x
+        return resize_to(load_png(path)[None], self.image_size)[0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         e = self.entries[i]
@@ -249,11 +236,7 @@ class EvaluateModule(L.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         metrics, audit, n = self.metrics.compute()  # a collective: every rank
-        rows = self._rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+        rows = gather_rows(self._rows)
         rows.sort(key=lambda r: r["sample_id"])
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "audit": audit, "n": n, "rows": rows, "wall_time_s": wall}
@@ -274,25 +257,12 @@ class EvaluateModule(L.LightningModule):
             world_size=self.trainer.world_size, stage="evaluate", protocol=self.protocol, dataset=self.dataset_name,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_table(self.output_dir / "samples.csv", rows)
+        write_rows_csv(self.output_dir / "samples.csv", rows, ROW_FIELDS)
         _atomic_write_bytes(self.output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
         failed = sum(1 for r in rows if r.get("failure"))
         print(f"evaluated {n} samples ({failed} failed): flip rate {metrics['flip_rate']:.3f}, L2 {metrics['l2']:.3f}"
               + (f", FID {metrics['fid']:.3f} (N={metrics['fid_n']})" if "fid" in metrics else "")
               + f"; results in {self.output_dir / 'results.json'}")
-
-
-def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """The per-sample table as CSV (atomic), columns in :data:`ROW_FIELDS` order."""
-    import io
-
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=ROW_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k) for k in ROW_FIELDS})
-    _atomic_write_bytes(path, out.getvalue().encode())
-    return path
 
 
 def run_evaluate(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -43,6 +44,27 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_rows_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Path:
+    """Per-sample rows as CSV, columns ``fields`` in order, written atomically."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in fields})
+    _atomic_write_bytes(path, out.getvalue().encode())
+    return path
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows on every rank (a collective under DDP; the rows themselves otherwise)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(rows)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounding as PNG writers do."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -64,6 +86,7 @@ def save_png(path: Path, array: np.ndarray) -> None:
 
 
 def load_png(path: Path) -> torch.Tensor:
+    """An image file (any format PIL reads) as (3, H, W) in [0, 1]."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -138,15 +161,7 @@ class VCEPredictionWriter(BasePredictionWriter):
         return sorted(rows, key=lambda r: r["sample_id"])
 
     def write_table(self, rows: list[dict[str, Any]]) -> Path:
-        path = self.output_dir / "samples.csv"
-        tmp = path.with_name(".samples.csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k) for k in self.fields})
-        os.replace(tmp, path)
-        return path
+        return write_rows_csv(self.output_dir / "samples.csv", rows, self.fields)
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         path = self.output_dir / name
