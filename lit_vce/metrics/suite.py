@@ -30,7 +30,7 @@ from torch import nn
 
 from ..generators.noise import sample_seed
 from .features import build_features
-from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores
+from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
 
 
 def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -38,12 +38,6 @@ def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
     if resolution is None or images.shape[-2:] == (resolution, resolution):
         return images
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def lp_per_sample(original: torch.Tensor, counterfactual: torch.Tensor, p: int) -> torch.Tensor:
-    """Per-image ``||x - x'||_p`` over all values (float64)."""
-    d = (counterfactual - original).flatten(1).double()
-    return d.abs().sum(1) if p == 1 else d.norm(dim=1)
 
 
 class PerSampleMean(_SumMean):

@@ -62,6 +62,12 @@ class TargetConfidence(_SumMean):
         self._add(logits.softmax(1).gather(1, target[:, None]).squeeze(1))
 
 
+def lp_per_sample(original: torch.Tensor, counterfactual: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-image ``||x - x'||_p`` over all values (float64)."""
+    d = (counterfactual - original).flatten(1).double()
+    return d.abs().sum(1) if p == 1 else d.norm(dim=1)
+
+
 class LpDistance(_SumMean):
     """Mean per-image ``||x - x'||_p`` over all 3*H*W values in [0, 1] (p = 1 or 2)."""
 
@@ -74,8 +80,7 @@ class LpDistance(_SumMean):
         self.p = p
 
     def update(self, original: torch.Tensor, counterfactual: torch.Tensor) -> None:
-        d = (counterfactual - original).flatten(1).double()
-        self._add(d.abs().sum(1) if self.p == 1 else d.norm(dim=1))
+        self._add(lp_per_sample(original, counterfactual, self.p))
 
 
 class FeatureFID(Metric):

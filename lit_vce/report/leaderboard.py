@@ -94,6 +94,16 @@ def _rows(results: list[RunResults], cols) -> tuple[list[str], list[list[str]], 
 ARROWS = {True: " ↑", False: " ↓", None: ""}
 
 
+def _best(cols, raw: list[list[Any]]) -> dict[int, float]:
+    """Column index (in ``_rows`` order) -> its best value, for columns with a direction."""
+    best: dict[int, float] = {}
+    for j, c in enumerate(cols, start=4):
+        vals = [row[j] for row in raw if not _missing(row[j])]
+        if vals and c[2] is not None:
+            best[j] = max(vals) if c[2] else min(vals)
+    return best
+
+
 def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
     """A Markdown table, one row per run, sorted by ``sort_by`` in its declared direction."""
     results = sort_results(results, sort_by)
@@ -110,11 +120,7 @@ def latex_table(results: list[RunResults], sort_by: str = "FR") -> str:
     results = sort_results(results, sort_by)
     cols = _columns(results)
     head, cells, raw = _rows(results, cols)
-    best: dict[int, float] = {}
-    for j, c in enumerate(cols, start=4):
-        vals = [row[j] for row in raw if not _missing(row[j])]
-        if vals and c[2] is not None:
-            best[j] = max(vals) if c[2] else min(vals)
+    best = _best(cols, raw)
 
     def esc(s: str) -> str:
         for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$")):
@@ -173,11 +179,7 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
     titles = ["", "", "", "number of explained samples"] + [
         {True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols] + ["seconds per image"]
     head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
-    best = {}
-    for j, c in enumerate(cols, start=4):
-        vals = [row[j] for row in raw if not _missing(row[j])]
-        if vals and c[2] is not None:
-            best[j] = max(vals) if c[2] else min(vals)
+    best = _best(cols, raw)
     out = ['<table class="sortable"><thead><tr>']
     out += [f'<th title="{t}">{html.escape(h)}</th>' for h, t in zip(head, titles)]
     out.append("</tr></thead><tbody>")
