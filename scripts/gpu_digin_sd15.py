@@ -82,7 +82,7 @@ def run(dtype: str, steps: int, outer: int, tiny: bool, device: str) -> dict:
     sec = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return {"dtype": dtype, "image_size": size, "steps": steps, "outer": outer, "seconds": round(sec, 2),
-            "peak_gib": round(peak, 2), "finite": bool(torch.isfinite(result.images).all())}
+            "peak_gib": round(peak, 2), "injection": method.injection, "finite": bool(torch.isfinite(result.images).all())}
 
 
 def main() -> None:

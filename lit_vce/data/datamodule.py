@@ -38,7 +38,7 @@ class _Explained(Dataset):
             "sample_id": f"{item['sample_id']}->{target}",
             "error": item.get("error", ""),
         }
-        for key in ("mask", "background"):
+        for key in ("mask", "background", "caption"):
             if key in item:
                 out[key] = item[key]
         return out
@@ -54,6 +54,7 @@ class VCEDataModule(L.LightningDataModule):
         num_samples: world: number of images; imagefolder: cap on explained samples (None: all).
         image_size: imagefolder resize/crop resolution (default 256).
         images_per_class: imagefolder: first N images of each class.
+        captions: imagefolder: a ``file,caption`` CSV (see :class:`ImageFolderDataset`).
         protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``ldce``,
             ``cluster``, ``misclassified``, ``random``, ``next``; see :mod:`lit_vce.data.protocols`).
         target: the class of the ``fixed`` protocol.
@@ -72,6 +73,7 @@ class VCEDataModule(L.LightningDataModule):
         num_samples: int | None = 64,
         image_size: int = 256,
         images_per_class: int | None = None,
+        captions: str | None = None,
         protocol: str = "random",
         target: int | None = None,
         pairs: list[list[int]] | None = None,
@@ -85,6 +87,8 @@ class VCEDataModule(L.LightningDataModule):
             raise ValueError(f"dataset must be 'world' or 'imagefolder', got {dataset!r}")
         if dataset == "imagefolder" and not root:
             raise ValueError("dataset 'imagefolder' needs root=<folder>")
+        if captions and dataset != "imagefolder":
+            raise ValueError("captions are read for dataset 'imagefolder' only")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.save_hyperparameters()
@@ -100,7 +104,7 @@ class VCEDataModule(L.LightningDataModule):
         else:
             from .imagenet import ImageFolderDataset
 
-            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class)
+            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class, captions=h.captions)
             labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
             if h.protocol == "ldce" and not base.full_imagenet:

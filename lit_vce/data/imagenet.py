@@ -136,6 +136,21 @@ def _load_image(path: Path, size: int | None) -> torch.Tensor:
     return x.contiguous()
 
 
+def read_captions(path: str | Path) -> dict[str, str]:
+    """``file -> caption`` from a CSV with columns ``file`` and ``caption``."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"captions file {path} lacks column(s) {sorted(missing)} (expected file,caption)")
+        return {row["file"].strip(): row["caption"].strip() for row in reader}
+
+
 class ImageFolderDataset(Dataset):
     """An ImageFolder layout (``root/<class folder>/<image>``); class index = sorted folder order.
 
@@ -152,10 +167,14 @@ class ImageFolderDataset(Dataset):
             (``n01440764``), labels are ImageNet class indices, so a folder with a few
             ImageNet classes keeps their ids; otherwise the sorted folder order.
             ``"sorted"``: always the sorted folder order.
+        captions: a CSV with columns ``file`` (the path relative to ``root``, e.g.
+            ``n03445777/ILSVRC2012_val_00000001.JPEG``) and ``caption``; items then carry
+            ``caption`` ("" for files it does not list). Text-conditioned methods
+            (DiG-IN on Stable Diffusion) switch the class word inside it.
     """
 
     def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None,
-                 classes: list[int] | None = None, class_index: str = "auto"):
+                 classes: list[int] | None = None, class_index: str = "auto", captions: str | Path | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -183,6 +202,7 @@ class ImageFolderDataset(Dataset):
                 index += 1
         if not self.items:
             raise ValueError(f"no images found under {self.root} for the requested classes")
+        self.captions = None if captions is None else read_captions(captions)
         if self.imagenet_labels:
             names = imagenet_class_names()
             self.classes = names
@@ -200,4 +220,7 @@ class ImageFolderDataset(Dataset):
         except Exception as e:  # PIL raises many types for corrupt files
             error = f"unreadable image: {type(e).__name__}: {e}"
             image = torch.zeros(3, self.image_size, self.image_size)
-        return {"image": image, "label": label, "sample_id": rel, "index": index, "error": error}
+        item = {"image": image, "label": label, "sample_id": rel, "index": index, "error": error}
+        if self.captions is not None:
+            item["caption"] = self.captions.get(rel, "")
+        return item

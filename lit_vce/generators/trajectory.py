@@ -57,8 +57,11 @@ class TrajectoryBackbone(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _eps(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _eps(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, control=None) -> torch.Tensor:
         raise NotImplementedError
+
+    #: whether ``eps`` accepts an attention control (text backbones with cross-attention)
+    supports_attention_control = False
 
     def null_condition(self, n: int) -> torch.Tensor:
         raise NotImplementedError
@@ -78,19 +81,25 @@ class TrajectoryBackbone(nn.Module):
         self.register_buffer("alpha_prev", prev, persistent=False)
 
     # --- model ----------------------------------------------------------------------
-    def eps(self, z: torch.Tensor, i: int, cond: torch.Tensor) -> torch.Tensor:
-        """The noise prediction of sampling step ``i`` (checkpointed when enabled and grad is on)."""
+    def eps(self, z: torch.Tensor, i: int, cond: torch.Tensor, control=None) -> torch.Tensor:
+        """The noise prediction of sampling step ``i`` (checkpointed when enabled and grad is on).
+        ``control``: an :class:`~lit_vce.generators.attention.AttentionControl` for the
+        cross-attention of the first ``control.n`` rows (text backbones only)."""
+        if control is not None and not self.supports_attention_control:
+            raise ValueError(f"{type(self).__name__} has no cross-attention to control")
         t = self.timesteps[i].expand(len(z)).to(z.device)
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return _checkpoint(self._eps, z, t, cond, use_reentrant=False)
-        return self._eps(z, t, cond)
+            return _checkpoint(self._eps, z, t, cond, control, use_reentrant=False)
+        return self._eps(z, t, cond, control)
 
-    def eps_cfg(self, z: torch.Tensor, i: int, cond: torch.Tensor, uncond: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        """Classifier-free guidance: ``uncond + s * (cond - uncond)`` in one batched call."""
+    def eps_cfg(self, z: torch.Tensor, i: int, cond: torch.Tensor, uncond: torch.Tensor, scale: float | None = None,
+                control=None) -> torch.Tensor:
+        """Classifier-free guidance: ``uncond + s * (cond - uncond)`` in one batched call
+        (the conditional half first, where an attention ``control`` acts)."""
         s = self.guidance_scale if scale is None else scale
         if s == 1.0:
-            return self.eps(z, i, cond)
-        both = self.eps(torch.cat([z, z]), i, torch.cat([cond, uncond]))
+            return self.eps(z, i, cond, control)
+        both = self.eps(torch.cat([z, z]), i, torch.cat([cond, uncond]), control)
         e_c, e_u = both.chunk(2)
         return e_u + s * (e_c - e_u)
 
@@ -239,7 +248,7 @@ class PixelTrajectory(TrajectoryBackbone):
         dev = self.timesteps.device
         return self.condition(torch.full((n,), self.null_class, dtype=torch.long, device=dev))
 
-    def _eps(self, z, t, cond):
+    def _eps(self, z, t, cond, control=None):
         return self.unet(z, t, class_labels=cond).sample
 
 
@@ -272,6 +281,9 @@ class LatentDiffusion(TrajectoryBackbone):
         self.dtype_ = torch_dtype
         if attention_slicing and hasattr(self.unet, "set_attention_slice"):
             self.unet.set_attention_slice("auto")
+        from .attention import install_attention_control
+
+        install_attention_control(self.unet)  # no-op until a call passes a control
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         from diffusers import DDPMScheduler
 
@@ -326,11 +338,24 @@ class LatentDiffusion(TrajectoryBackbone):
         return self.text_encoder(ids)[0].float()
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """Padded token ids (N, L) of ``prompts``, as the text encoder sees them."""
         return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
+
+    def word_ids(self, word: str) -> list[int]:
+        """The token ids of ``word`` alone (no start/end tokens)."""
+        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
 
     def null_condition(self, n: int) -> torch.Tensor:
         return self.condition([""] * n)
 
-    def _eps(self, z, t, cond):
-        return self.unet(z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_)).sample.float()
+    supports_attention_control = True
+
+    @property
+    def latent_size(self) -> int:
+        s = self.unet.config.sample_size
+        return s[0] if isinstance(s, (tuple, list)) else int(s)
+
+    def _eps(self, z, t, cond, control=None):
+        kwargs = None if control is None else {"control": control}
+        return self.unet(z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_), cross_attention_kwargs=kwargs).sample.float()

@@ -189,7 +189,8 @@ class VCEModule(L.LightningModule):
         x, src, tgt = images[idx], source[idx], target[idx]
         sub_ids = [ids[i] for i in todo]
         mask = batch["mask"][idx] if "mask" in batch else None
-        vb = VCEBatch(x, src, tgt, sub_ids, sample_generators(self.seed, sub_ids, device=x.device), mask)
+        captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
+        vb = VCEBatch(x, src, tgt, sub_ids, sample_generators(self.seed, sub_ids, device=x.device), mask, captions)
         with torch.enable_grad():
             result = generate_in_chunks(self.method, vb, self.classifier, 1 if self.deterministic else None)
         cf = quantize(result.images.detach())

@@ -28,6 +28,7 @@ class VCEBatch:
     sample_ids: list[str]
     generators: list[torch.Generator]
     mask: torch.Tensor | None = None  # (N, 1, H, W) foreground masks, when known
+    captions: list[str] | None = None  # one caption per image, when known (text-conditioned methods)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -76,7 +77,7 @@ def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
     for i in range(0, len(batch), size):
         sl = slice(i, i + size)
         out.append(VCEBatch(batch.images[sl], batch.source[sl], batch.target[sl], batch.sample_ids[sl], batch.generators[sl],
-                            None if batch.mask is None else batch.mask[sl]))
+                            None if batch.mask is None else batch.mask[sl], None if batch.captions is None else batch.captions[sl]))
     return out
 
 

@@ -7,12 +7,15 @@ For a real image (a VCE):
    conditioning, then null-text inversion (per-step unconditional embeddings
    optimised so the guided trajectory reconstructs the image);
 2. switch the conditioning to the target (pixel model: the class; Stable
-   Diffusion: the class word in the caption), keeping the source conditioning
-   for the first ``injection`` fraction of steps (the pixel analogue of
-   cross-attention injection: the layout is fixed early) and blending the
-   original trajectory's background back for the first ``blend`` fraction of
-   steps where a foreground mask is known; the combinations are tried once and
-   the one with the lowest loss is kept, per sample;
+   Diffusion: the class word in the caption, prompt-to-prompt), injecting the
+   original trajectory's cross-attention maps for the first ``injection``
+   fraction of steps (Stable Diffusion; the pixel model has no cross-attention,
+   so it keeps the source class for those steps instead: the layout is fixed
+   early either way), and blending the original trajectory's background back
+   for the first ``blend`` fraction of steps where a foreground mask is known
+   (given with the data, or from the class word's cross-attention maps); the
+   combinations are tried once and the one with the lowest loss is kept, per
+   sample;
 3. optimise the initial latent z_T and one additive delta per step on the
    conditional and on the unconditional embedding with Adam (z_T at a tenth of
    the learning rate, renormalised to its starting norm after each update),
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -38,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..generators.attention import (AttentionInjection, AttentionRecorder, AttentionStore, attention_mask, find_tokens,
+                                    token_alignment)
 from ..generators.noise import per_sample_rand, per_sample_randn
 from ..generators.trajectory import Inversion, PixelTrajectory, TrajectoryBackbone
 from ..objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
@@ -68,6 +75,26 @@ def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: i
     return torch.cat(views) + noise.reshape(n * num, c, h, w)
 
 
+def switch_word(caption: str, old: str, new: str) -> str | None:
+    """``caption`` with every whole-word, case-insensitive occurrence of ``old`` replaced
+    by ``new``; ``None`` when ``old`` does not occur."""
+    pattern = re.compile(r"(?<!\w)" + re.escape(old) + r"(?!\w)", re.IGNORECASE)
+    out, k = pattern.subn(new, caption)
+    return out if k else None
+
+
+class _AttentionPlan:
+    """The recorded maps of a batch and each sample's source->target token alignment."""
+
+    def __init__(self, store: AttentionStore, mapper: torch.Tensor, own: torch.Tensor):
+        self.store, self.mapper, self.own = store, mapper, own
+
+    def injection(self, step: int, active: torch.Tensor) -> AttentionInjection:
+        if step >= len(self.store.maps):
+            raise RuntimeError(f"attention maps were recorded for {len(self.store.maps)} steps, step {step} needs injection")
+        return AttentionInjection(self.store.maps[step], self.mapper, self.own, active)
+
+
 @METHODS.register("digin")
 class DiGIN(VCEMethod):
     """DiG-IN VCEs of real images.
@@ -91,10 +118,22 @@ class DiGIN(VCEMethod):
         null_text_steps, null_text_lr: inner Adam steps and learning rate per step.
         blend_fractions, injection_fractions: the settings searched before
             optimisation (published: blend {0, 0.3} x injection {0.3, 0.4, 0.5}).
+        injection: what is kept from the original trajectory in the first steps:
+            ``"attention"`` (its cross-attention maps, prompt-to-prompt; text backbones),
+            ``"conditioning"`` (the source conditioning itself) or ``"auto"`` (attention
+            where the backbone has cross-attention, else conditioning).
+        mask_source: the foreground masks of background blending and the background
+            terms: ``"batch"`` (given with the data, e.g. the world's ground truth),
+            ``"attention"`` (the source word's cross-attention maps, thresholded at
+            ``mask_threshold`` of their maximum), ``"none"``, or ``"auto"`` (the batch's
+            masks, else attention maps where the backbone has them).
         gradient_checkpointing: checkpoint UNet, decoder and classifier calls.
         autocast: ``None`` or ``"bfloat16"``/``"float16"`` (mixed precision).
         inner_batch_size: process the batch in chunks (memory; outputs do not change).
-        prompt: the caption template of text backbones (``{}`` = the class name).
+        prompt: the caption template of text backbones (``{}`` = the class name). When
+            the data gives captions, the source class name in each caption is replaced by
+            the target's (whole word, any case); a caption that does not name the source
+            class falls back to the template (diagnostic ``caption_used`` = 0).
         class_names: class names for prompts (default: the classifier's).
     """
 
@@ -124,6 +163,9 @@ class DiGIN(VCEMethod):
         null_text_lr: float = 0.01,
         blend_fractions: tuple[float, ...] = (0.0, 0.3),
         injection_fractions: tuple[float, ...] = (0.3, 0.4, 0.5),
+        injection: str = "auto",
+        mask_source: str = "auto",
+        mask_threshold: float = 0.3,
         gradient_checkpointing: bool = False,
         autocast: str | None = None,
         inner_batch_size: int | None = None,
@@ -137,6 +179,10 @@ class DiGIN(VCEMethod):
             raise ValueError("loss_steps must be in [1, num_steps]")
         if autocast not in (None, "bfloat16", "float16"):
             raise ValueError("autocast must be None, 'bfloat16' or 'float16'")
+        if injection not in ("auto", "attention", "conditioning"):
+            raise ValueError("injection must be 'auto', 'attention' or 'conditioning'")
+        if mask_source not in ("auto", "batch", "attention", "none"):
+            raise ValueError("mask_source must be 'auto', 'batch', 'attention' or 'none'")
         if isinstance(backbone, str):
             backbone = PixelTrajectory(backbone, num_steps=num_steps, guidance_scale=guidance_scale,
                                        gradient_checkpointing=gradient_checkpointing)
@@ -145,7 +191,14 @@ class DiGIN(VCEMethod):
                 raise ValueError(f"the backbone was built with {backbone.num_steps} steps, not num_steps={num_steps}")
             backbone.guidance_scale = guidance_scale
             backbone.gradient_checkpointing = gradient_checkpointing
+        if not backbone.supports_attention_control:
+            if injection == "attention":
+                raise ValueError(f"injection='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
+            if mask_source == "attention":
+                raise ValueError(f"mask_source='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
         self.backbone = backbone
+        self.injection = ("attention" if backbone.supports_attention_control else "conditioning") if injection == "auto" else injection
+        self.mask_source, self.mask_threshold = mask_source, float(mask_threshold)
         self.num_steps, self.guidance_scale, self.outer_steps = num_steps, guidance_scale, outer_steps
         self.lr, self.latent_lr_factor, self.loss_steps = lr, latent_lr_factor, loss_steps
         self.num_cutouts, self.cutout_min_scale, self.noise_sd = num_cutouts, cutout_min_scale, noise_sd
@@ -176,25 +229,53 @@ class DiGIN(VCEMethod):
                 "lr": self.lr, "latent_lr_factor": self.latent_lr_factor, "loss_steps": self.loss_steps,
                 "num_cutouts": self.num_cutouts, "noise_sd": self.noise_sd, "inversion": self.inversion,
                 "blend_fractions": list(self.blend_fractions), "injection_fractions": list(self.injection_fractions),
+                "injection": self.injection, "mask_source": self.mask_source, "mask_threshold": self.mask_threshold,
                 "gradient_checkpointing": self.gradient_checkpointing, "autocast": self.autocast}
 
     # --- conditioning ------------------------------------------------------------------
-    def conditions(self, labels: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        bb = self.backbone
-        if isinstance(bb, PixelTrajectory):
-            return bb.condition(labels)
+    def _names(self, classifier: nn.Module) -> list[str]:
         names = self.class_names or list(getattr(classifier, "class_names", []))
         if not names:
             raise ValueError("a text backbone needs class names (class_names=... or a classifier with class_names)")
+        return names
+
+    def conditions(self, labels: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
+        """The conditioning of ``labels``: class embeddings (pixel) or the template prompt's text embedding."""
+        bb = self.backbone
+        if isinstance(bb, PixelTrajectory):
+            return bb.condition(labels)
+        names = self._names(classifier)
         return bb.condition([self.prompt.format(names[int(c)]) for c in labels])
+
+    def prompts(self, batch: VCEBatch, classifier: nn.Module) -> tuple[list[str], list[str], torch.Tensor]:
+        """(source prompts, target prompts, whether each sample's own caption was used)."""
+        names = self._names(classifier)
+        src, tgt, used = [], [], []
+        for k in range(len(batch)):
+            s_name, t_name = names[int(batch.source[k])], names[int(batch.target[k])]
+            caption = batch.captions[k] if batch.captions else None
+            switched = switch_word(caption, s_name, t_name) if caption else None
+            if caption and switched is None:
+                warnings.warn(f"the caption of {batch.sample_ids[k]!r} does not name its class {s_name!r}; "
+                              f"the template prompt is used instead", stacklevel=2)
+            if switched is None:
+                src.append(self.prompt.format(s_name))
+                tgt.append(self.prompt.format(t_name))
+            else:
+                src.append(caption)
+                tgt.append(switched)
+            used.append(switched is not None)
+        return src, tgt, torch.tensor(used, dtype=torch.float32)
 
     # --- the trajectory ------------------------------------------------------------------------
     def run_trajectory(self, z_t: torch.Tensor, cond_src, cond_tgt, uncond: list[torch.Tensor], delta_c=None, delta_u=None,
                        injection_steps: torch.Tensor | None = None, blend_steps: torch.Tensor | None = None,
                        inversion: Inversion | None = None, latent_mask: torch.Tensor | None = None,
-                       keep_last: int = 1) -> list[torch.Tensor]:
+                       keep_last: int = 1, attention: "_AttentionPlan | None" = None) -> list[torch.Tensor]:
         """Sample from ``z_t`` with per-sample injection/blend step counts; returns the
-        x0-predictions of the last ``keep_last`` steps."""
+        x0-predictions of the last ``keep_last`` steps. With ``attention`` (a recorded
+        trajectory's maps) the first injection steps get its cross-attention maps and the
+        target conditioning; without, they get the source conditioning."""
         bb, n = self.backbone, len(z_t)
         dev = z_t.device
         inj = torch.zeros(n, dtype=torch.long, device=dev) if injection_steps is None else injection_steps
@@ -203,11 +284,18 @@ class DiGIN(VCEMethod):
         shape_z = (n,) + (1,) * (z_t.dim() - 1)
         x0s = []
         for i in range(self.num_steps):
-            cond = torch.where((inj > i).view(shape_c), cond_src, cond_tgt)
+            control = None
+            if attention is not None:
+                cond = cond_tgt
+                active = inj > i
+                if bool(active.any()):
+                    control = attention.injection(i, active)
+            else:
+                cond = torch.where((inj > i).view(shape_c), cond_src, cond_tgt)
             if delta_c is not None:
                 cond = cond + delta_c[i]
             u = uncond[i] if delta_u is None else uncond[i] + delta_u[i]
-            eps = bb.eps_cfg(z_t, i, cond, u)
+            eps = bb.eps_cfg(z_t, i, cond, u, control=control)
             z_next, x0 = bb.ddim_step(z_t, eps, i)
             if inversion is not None and latent_mask is not None:
                 use = (blend > i).view(shape_z).to(z_next.dtype)
@@ -217,6 +305,20 @@ class DiGIN(VCEMethod):
                 x0s.append(x0)
             z_t = z_next
         return x0s
+
+    @torch.no_grad()
+    def record_attention(self, inversion: Inversion, cond: torch.Tensor, keep_steps: int) -> AttentionStore:
+        """Run the reconstruction trajectory (``cond`` and the inversion's unconditional
+        embeddings from its z_T) and record its cross-attention: the maps of the first
+        ``keep_steps`` steps and every token's map averaged over all steps."""
+        bb, store = self.backbone, AttentionStore()
+        z = inversion.latents[0]
+        for i in range(self.num_steps):
+            rec = AttentionRecorder(len(z), store, i, keep_maps=i < keep_steps, latent_size=z.shape[-1])
+            eps = bb.eps_cfg(z, i, cond, inversion.uncond[i], control=rec)
+            rec.finish()
+            z, _ = bb.ddim_step(z, eps, i)
+        return store
 
     def _loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool) -> torch.Tensor:
         k = len(x0s)
@@ -266,13 +368,38 @@ class DiGIN(VCEMethod):
             def clf(x, _c=classifier):  # noqa: E306
                 return _checkpoint(_c, x, use_reentrant=False) if torch.is_grad_enabled() else _c(x)
             clf.num_classes = getattr(classifier, "num_classes", None)
-        cond_src = self.conditions(batch.source, classifier)
-        cond_tgt = self.conditions(batch.target, classifier)
+        captions_used = None
+        if isinstance(bb, PixelTrajectory):
+            cond_src = self.conditions(batch.source, classifier)
+            cond_tgt = self.conditions(batch.target, classifier)
+        else:
+            src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
+            cond_src, cond_tgt = bb.condition(src_prompts), bb.condition(tgt_prompts)
         z0, inv = self.invert(batch.images, cond_src, batch.generators)
-        latent_mask = None
-        if batch.mask is not None and self.inversion != "none":
-            latent_mask = F.interpolate(batch.mask.float(), size=z0.shape[-2:], mode="area")
-        ctx = ObjectiveContext(batch.images, batch.source, batch.target, clf, batch.mask,
+        latent_mask, pixel_mask = None, batch.mask
+        if self.mask_source == "batch" and batch.mask is None:
+            raise ValueError("mask_source='batch' but the data gives no foreground masks")
+        attn_masks = self.inversion != "none" and (self.mask_source == "attention" or (
+            self.mask_source == "auto" and batch.mask is None and bb.supports_attention_control))
+        if self.mask_source == "none":
+            pixel_mask = None
+        plan = None
+        keep = max((round(j * self.num_steps) for j in self.injection_fractions), default=0)
+        if self.inversion != "none" and ((self.injection == "attention" and keep > 0) or attn_masks):
+            store = self.record_attention(inv, cond_src, keep if self.injection == "attention" else 0)
+            ids_src = bb.token_ids(src_prompts).tolist()
+            if self.injection == "attention":
+                aligned = [token_alignment(a, b) for a, b in zip(ids_src, bb.token_ids(tgt_prompts).tolist())]
+                plan = _AttentionPlan(store, torch.stack([m for m, _ in aligned]).to(dev),
+                                      torch.stack([o for _, o in aligned]).to(dev))
+            if attn_masks:
+                names = self._names(classifier)
+                tokens = [find_tokens(ids, bb.word_ids(names[int(c)])) for ids, c in zip(ids_src, batch.source)]
+                latent_mask = attention_mask(store.token_maps, tokens, self.mask_threshold)
+                pixel_mask = F.interpolate(latent_mask, size=batch.images.shape[-2:], mode="nearest")
+        if pixel_mask is not None and latent_mask is None and self.inversion != "none":
+            latent_mask = F.interpolate(pixel_mask.float(), size=z0.shape[-2:], mode="area")
+        ctx = ObjectiveContext(batch.images, batch.source, batch.target, clf, pixel_mask,
                                views=lambda x: cutout_views(x, batch.generators, self.num_cutouts, self.cutout_min_scale, self.noise_sd),
                                original_latents=z0, latent_mask=latent_mask)
         # 1. the settings search (no optimisation), per sample
@@ -288,7 +415,7 @@ class DiGIN(VCEMethod):
                 bs = torch.full((n,), round(b * self.num_steps), dtype=torch.long, device=dev)
                 js = torch.full((n,), round(j * self.num_steps), dtype=torch.long, device=dev)
                 x0s = self.run_trajectory(inv.latents[0], cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
-                                          inversion=inv, latent_mask=latent_mask)
+                                          inversion=inv, latent_mask=latent_mask, attention=plan)
                 loss = self._loss(x0s, ctx, augmented=False).float()
                 better = loss < search_loss
                 search_loss = torch.where(better, loss, search_loss)
@@ -307,7 +434,7 @@ class DiGIN(VCEMethod):
             last = it == self.outer_steps
             with torch.set_grad_enabled(not last), self._autocast(dev):
                 x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, inj, blend, inv, latent_mask,
-                                          keep_last=1 if last else self.loss_steps)
+                                          keep_last=1 if last else self.loss_steps, attention=plan)
                 with torch.no_grad():  # the un-augmented loss of this iterate decides what is kept
                     clean = self._loss(x0s[-1:], ctx, augmented=False).float()
                 better = (clean < best_loss) & ok
@@ -342,6 +469,10 @@ class DiGIN(VCEMethod):
         diag = {"target_confidence": p_t, "loss": best_loss.detach().cpu(), "best_iterate": chosen.float().cpu(),
                 "injection_steps": inj.float().cpu(), "blend_steps": blend.float().cpu(),
                 "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan")))}
+        if latent_mask is not None:
+            diag["mask_fraction"] = latent_mask.float().flatten(1).mean(1).cpu()
+        if captions_used is not None:
+            diag["caption_used"] = captions_used
         return CounterfactualResult(best_img.detach(), diag, failure)
 
     def _image(self, x0: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
