@@ -110,6 +110,13 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
         torch.testing.assert_close(after[1], before[1])                # inactive sample: its own map
         torch.testing.assert_close(after[2:], before[2:])              # unconditional half untouched
         assert (before[0] - after[0]).abs().max() > 1e-4
+    # sliced attention (installed before or after) still reaches the control
+    sliced = LatentDiffusion(str(tiny_sd[0]), num_steps=4, attention_slicing=True)
+    sliced.unet.set_attention_slice(1)
+    store2 = AttentionStore()
+    out = sliced.eps_cfg(z, 0, c, u, control=AttentionRecorder(2, store2, 0, True, 16))
+    torch.testing.assert_close(out, bb.eps_cfg(z, 0, c, u), rtol=0, atol=1e-5)
+    assert len(store2.maps[0]) == 4
     with pytest.raises(ValueError, match="no cross-attention"):
         from lit_vce.generators.trajectory import PixelTrajectory
 

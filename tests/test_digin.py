@@ -169,6 +169,11 @@ def test_digin_runs_through_lit_vce_predict(tmp_path):
           "--writer.output_dir", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "digin" and res["n"] == 2 and "TargetCE" in res["config"]["method"]["objective"]
+    import csv
+
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 2 and {"diag_injection_steps", "diag_best_iterate", "diag_mask_fraction"} <= set(rows[0])
+    assert all(float(r["diag_mask_fraction"]) > 0 for r in rows)  # the world's masks were used
 
 
 def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
@@ -206,3 +211,15 @@ def test_lpips_regulariser_is_differentiable_and_composes(tmp_path, monkeypatch,
     m = DiGIN("world", outer_steps=1, lpips_weight=2.0, **FAST)
     assert m.describe()["objective"].endswith("2*LPIPSDistance")
     assert torch.isfinite(m.generate(b, robust).images).all()
+
+
+def test_more_random_starts_never_start_worse(robust):
+    kw = dict(num_steps=4, outer_steps=0, num_cutouts=1, inversion="none", blend_fractions=(0.0,), injection_fractions=(0.0,))
+    one = DiGIN("world", **kw).generate(_world_batch(4), robust).diagnostics
+    many = DiGIN("world", num_starts=4, **kw).generate(_world_batch(4), robust).diagnostics
+    assert (many["loss"] <= one["loss"] + 1e-6).all()  # start 0 is the single run's start
+    assert (many["loss"] < one["loss"] - 1e-4).any() and (many["start"] > 0).any()
+    again = DiGIN("world", num_starts=4, **kw).generate(_world_batch(4), robust).diagnostics
+    assert torch.equal(many["loss"], again["loss"])  # the starts come from the per-sample generators
+    with pytest.raises(ValueError, match="num_starts"):
+        DiGIN("world", num_starts=0)

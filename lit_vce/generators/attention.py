@@ -191,8 +191,9 @@ class ControlledAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  control: AttentionControl | None = None, **kwargs):
         if control is None or encoder_hidden_states is None:
-            return self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                             attention_mask=attention_mask, temb=temb, **kwargs)
+            if temb is not None:  # not every processor takes temb (e.g. the sliced one)
+                kwargs["temb"] = temb
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

@@ -357,5 +357,10 @@ class LatentDiffusion(TrajectoryBackbone):
         return s[0] if isinstance(s, (tuple, list)) else int(s)
 
     def _eps(self, z, t, cond, control=None):
-        kwargs = None if control is None else {"control": control}
+        kwargs = None
+        if control is not None:
+            from .attention import install_attention_control
+
+            install_attention_control(self.unet)  # again, in case processors were replaced since (e.g. slicing)
+            kwargs = {"control": control}
         return self.unet(z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_), cross_attention_kwargs=kwargs).sample.float()

@@ -17,6 +17,7 @@ Guidance needs autograd: the Trainer must be built with ``inference_mode=False``
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any
 
@@ -28,6 +29,12 @@ from ..generators.noise import sample_generators
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics.suite import build_suite
 from .writer import VCEPredictionWriter, quantize
+
+
+def _scalar(value) -> float | None:
+    """A diagnostic as a JSON-safe float (non-finite -> None)."""
+    v = float(value)
+    return v if math.isfinite(v) else None
 
 
 class VCEModule(L.LightningModule):
@@ -199,6 +206,7 @@ class VCEModule(L.LightningModule):
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
         for j in range(len(todo)):
             rows.append(self._row(values[j], result.failure[j], seconds))
+            rows[-1]["diagnostics"] = {k: _scalar(v[j]) for k, v in result.diagnostics.items()}
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
         # rows of unreadable images come first; keep images aligned with their rows

@@ -150,6 +150,8 @@ class VCEPredictionWriter(BasePredictionWriter):
                 if orig is not None:
                     save_png(self.output_dir / "originals" / f"{key}.png", orig[i])
             clean = {k: row.get(k) for k in self.fields}
+            if row.get("diagnostics"):
+                clean["diagnostics"] = row["diagnostics"]
             _atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
             self.done_ids().add(row["sample_id"])
 
@@ -161,7 +163,10 @@ class VCEPredictionWriter(BasePredictionWriter):
         return sorted(rows, key=lambda r: r["sample_id"])
 
     def write_table(self, rows: list[dict[str, Any]]) -> Path:
-        return write_rows_csv(self.output_dir / "samples.csv", rows, self.fields)
+        """``samples.csv``: the fields, then one ``diag_<name>`` column per method diagnostic."""
+        names = sorted({k for r in rows for k in (r.get("diagnostics") or {})})
+        flat = [{**r, **{f"diag_{k}": (r.get("diagnostics") or {}).get(k) for k in names}} for r in rows]
+        return write_rows_csv(self.output_dir / "samples.csv", flat, self.fields + [f"diag_{k}" for k in names])
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         path = self.output_dir / name

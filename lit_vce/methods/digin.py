@@ -115,6 +115,9 @@ class DiGIN(VCEMethod):
             terms cover the whole image; LPIPS needs its AlexNet weights (see ``build_lpips``).
         objective: a custom :class:`Objective` (replaces the weighted terms).
         inversion: ``"null_text"`` (published), ``"ddim"`` or ``"none"`` (random z_T).
+        num_starts: with ``inversion="none"``, draw this many random z_T per sample and
+            keep the one with the lowest un-augmented loss before optimising (the random-start
+            analogue of the settings search; 1 = the published single start).
         null_text_steps, null_text_lr: inner Adam steps and learning rate per step.
         blend_fractions, injection_fractions: the settings searched before
             optimisation (published: blend {0, 0.3} x injection {0.3, 0.4, 0.5}).
@@ -159,6 +162,7 @@ class DiGIN(VCEMethod):
         lpips_weight: float = 0.0,
         objective: Objective | None = None,
         inversion: str = "null_text",
+        num_starts: int = 1,
         null_text_steps: int = 10,
         null_text_lr: float = 0.01,
         blend_fractions: tuple[float, ...] = (0.0, 0.3),
@@ -179,6 +183,8 @@ class DiGIN(VCEMethod):
             raise ValueError("loss_steps must be in [1, num_steps]")
         if autocast not in (None, "bfloat16", "float16"):
             raise ValueError("autocast must be None, 'bfloat16' or 'float16'")
+        if num_starts < 1:
+            raise ValueError("num_starts must be >= 1")
         if injection not in ("auto", "attention", "conditioning"):
             raise ValueError("injection must be 'auto', 'attention' or 'conditioning'")
         if mask_source not in ("auto", "batch", "attention", "none"):
@@ -215,7 +221,7 @@ class DiGIN(VCEMethod):
             if lpips_weight:
                 objective = objective + lpips_weight * LPIPSDistance()
         self.objective = objective
-        self.inversion = inversion
+        self.inversion, self.num_starts = inversion, int(num_starts)
         self.null_text_steps, self.null_text_lr = null_text_steps, null_text_lr
         self.blend_fractions, self.injection_fractions = tuple(blend_fractions), tuple(injection_fractions)
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
@@ -227,7 +233,7 @@ class DiGIN(VCEMethod):
         return {**super().describe(), "objective": self.objective.describe(), "backbone": type(self.backbone).__name__,
                 "num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "outer_steps": self.outer_steps,
                 "lr": self.lr, "latent_lr_factor": self.latent_lr_factor, "loss_steps": self.loss_steps,
-                "num_cutouts": self.num_cutouts, "noise_sd": self.noise_sd, "inversion": self.inversion,
+                "num_cutouts": self.num_cutouts, "noise_sd": self.noise_sd, "inversion": self.inversion, "num_starts": self.num_starts,
                 "blend_fractions": list(self.blend_fractions), "injection_fractions": list(self.injection_fractions),
                 "injection": self.injection, "mask_source": self.mask_source, "mask_threshold": self.mask_threshold,
                 "gradient_checkpointing": self.gradient_checkpointing, "autocast": self.autocast}
@@ -402,26 +408,36 @@ class DiGIN(VCEMethod):
         ctx = ObjectiveContext(batch.images, batch.source, batch.target, clf, pixel_mask,
                                views=lambda x: cutout_views(x, batch.generators, self.num_cutouts, self.cutout_min_scale, self.noise_sd),
                                original_latents=z0, latent_mask=latent_mask)
-        # 1. the settings search (no optimisation), per sample
+        # 1. the search over settings (and random starts), no optimisation, per sample
         blends = [b for b in self.blend_fractions if b == 0 or latent_mask is not None] or [0.0]
-        combos = list(itertools.product(blends, self.injection_fractions or (0.0,)))
+        injections = self.injection_fractions or (0.0,)
+        if plan is None and torch.equal(cond_src, cond_tgt):
+            injections = (0.0,)  # nothing to inject: the settings would repeat one trajectory
+        combos = list(itertools.product(blends, injections))
+        starts = [inv.latents[0]]
+        if self.inversion == "none":
+            starts += [per_sample_randn(z0.shape[1:], batch.generators).to(z0) for _ in range(self.num_starts - 1)]
         search_loss = torch.full((n,), float("inf"), device=dev)
         best_loss = torch.full((n,), float("inf"), device=dev)
         inj = torch.zeros(n, dtype=torch.long, device=dev)
         blend = torch.zeros(n, dtype=torch.long, device=dev)
+        start = torch.zeros(n, dtype=torch.long, device=dev)
         best_img = batch.images.clone()
         with torch.no_grad(), self._autocast(dev):
-            for b, j in combos:
-                bs = torch.full((n,), round(b * self.num_steps), dtype=torch.long, device=dev)
-                js = torch.full((n,), round(j * self.num_steps), dtype=torch.long, device=dev)
-                x0s = self.run_trajectory(inv.latents[0], cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
-                                          inversion=inv, latent_mask=latent_mask, attention=plan)
-                loss = self._loss(x0s, ctx, augmented=False).float()
-                better = loss < search_loss
-                search_loss = torch.where(better, loss, search_loss)
-                inj, blend = torch.where(better, js, inj), torch.where(better, bs, blend)
+            for k, z_start in enumerate(starts):
+                for b, j in combos:
+                    bs = torch.full((n,), round(b * self.num_steps), dtype=torch.long, device=dev)
+                    js = torch.full((n,), round(j * self.num_steps), dtype=torch.long, device=dev)
+                    x0s = self.run_trajectory(z_start, cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
+                                              inversion=inv, latent_mask=latent_mask, attention=plan)
+                    loss = self._loss(x0s, ctx, augmented=False).float()
+                    better = loss < search_loss
+                    search_loss = torch.where(better, loss, search_loss)
+                    inj, blend = torch.where(better, js, inj), torch.where(better, bs, blend)
+                    start = torch.where(better, torch.full_like(start, k), start)
+        z_start = torch.stack(starts)[start, torch.arange(n, device=dev)]
         # 2. trajectory optimisation
-        z_T = inv.latents[0].detach().clone().requires_grad_(True)
+        z_T = z_start.detach().clone().requires_grad_(True)
         norm0 = z_T.detach().flatten(1).norm(dim=1)
         delta_c = torch.zeros((self.num_steps, *cond_src.shape), device=dev, requires_grad=True)
         delta_u = torch.zeros((self.num_steps, *inv.uncond[0].shape), device=dev, requires_grad=True)
@@ -467,7 +483,7 @@ class DiGIN(VCEMethod):
         with torch.no_grad():
             p_t = classifier(best_img).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
         diag = {"target_confidence": p_t, "loss": best_loss.detach().cpu(), "best_iterate": chosen.float().cpu(),
-                "injection_steps": inj.float().cpu(), "blend_steps": blend.float().cpu(),
+                "injection_steps": inj.float().cpu(), "blend_steps": blend.float().cpu(), "start": start.float().cpu(),
                 "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan")))}
         if latent_mask is not None:
             diag["mask_fraction"] = latent_mask.float().flatten(1).mean(1).cpu()
