@@ -172,7 +172,7 @@ def test_digin_on_text_backbone_uses_captions_and_attention_masks(tiny_sd):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         r = m.generate(b, clf)
-    assert any("does not name its class" in str(x.message) for x in w)
+    assert any("do not name their class" in str(x.message) for x in w)
     assert r.diagnostics["caption_used"].tolist() == [1.0, 0.0]
     frac = r.diagnostics["mask_fraction"]
     assert ((frac > 0) & (frac < 1)).all(), frac  # a thresholded attention mask, neither empty nor everything
@@ -193,11 +193,21 @@ def test_image_folder_captions_reach_the_batch(tmp_path):
         (tmp_path / "img" / cls).mkdir(parents=True)
         Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "img" / cls / "a.png")
     (tmp_path / "captions.csv").write_text("file,caption\ncat/a.png,a red cat on a mat\n")
+    (tmp_path / "masks" / "cat").mkdir(parents=True)
+    m = Image.new("L", (40, 40), 0)
+    m.paste(255, (0, 0, 20, 40))     # left half is the object
+    m.save(tmp_path / "masks" / "cat" / "a.png")
     dm = VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, protocol="next",
-                       captions=str(tmp_path / "captions.csv"))
+                       captions=str(tmp_path / "captions.csv"), masks=str(tmp_path / "masks"))
     dm.setup()
     batch = collate([dm.dataset[i] for i in range(len(dm.dataset))])
     assert batch["caption"] == ["a red cat on a mat", ""]
+    mask = batch["mask"][0, 0]
+    assert mask.shape == (32, 32) and mask[:, :16].all() and mask[:, 16:].sum() == 0
+    assert batch["error"][0] == "" and "no usable foreground mask" in batch["error"][1]  # dog has none: that sample fails
+    (tmp_path / "masks" / "dog").mkdir()
+    Image.new("L", (20, 20), 255).save(tmp_path / "masks" / "dog" / "a.png")
+    assert "differs from the image" in dm.dataset[1]["error"]
     (tmp_path / "bad.csv").write_text("path,text\ncat/a.png,x\n")
     with pytest.raises(ValueError, match="lacks column"):
         VCEDataModule("imagefolder", root=str(tmp_path / "img"), captions=str(tmp_path / "bad.csv")).setup()

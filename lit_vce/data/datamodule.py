@@ -55,6 +55,9 @@ class VCEDataModule(L.LightningDataModule):
         image_size: imagefolder resize/crop resolution (default 256).
         images_per_class: imagefolder: first N images of each class.
         captions: imagefolder: a ``file,caption`` CSV (see :class:`ImageFolderDataset`).
+        masks: imagefolder: a folder of foreground masks mirroring ``root`` (see
+            :class:`ImageFolderDataset`); DiG-IN blends and regularises the background
+            outside them.
         protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``ldce``,
             ``cluster``, ``misclassified``, ``random``, ``next``; see :mod:`lit_vce.data.protocols`).
         target: the class of the ``fixed`` protocol.
@@ -74,6 +77,7 @@ class VCEDataModule(L.LightningDataModule):
         image_size: int = 256,
         images_per_class: int | None = None,
         captions: str | None = None,
+        masks: str | None = None,
         protocol: str = "random",
         target: int | None = None,
         pairs: list[list[int]] | None = None,
@@ -87,8 +91,8 @@ class VCEDataModule(L.LightningDataModule):
             raise ValueError(f"dataset must be 'world' or 'imagefolder', got {dataset!r}")
         if dataset == "imagefolder" and not root:
             raise ValueError("dataset 'imagefolder' needs root=<folder>")
-        if captions and dataset != "imagefolder":
-            raise ValueError("captions are read for dataset 'imagefolder' only")
+        if (captions or masks) and dataset != "imagefolder":
+            raise ValueError("captions and masks are read for dataset 'imagefolder' only (the world ships its masks)")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.save_hyperparameters()
@@ -104,7 +108,8 @@ class VCEDataModule(L.LightningDataModule):
         else:
             from .imagenet import ImageFolderDataset
 
-            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class, captions=h.captions)
+            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class, captions=h.captions,
+                                      masks=h.masks)
             labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
             if h.protocol == "ldce" and not base.full_imagenet:

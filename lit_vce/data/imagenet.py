@@ -117,12 +117,14 @@ def synset_words() -> dict[str, str]:
     return out
 
 
-def _load_image(path: Path, size: int | None) -> torch.Tensor:
+def _load_image(path: Path, size: int | None, mask: bool = False) -> torch.Tensor:
+    """An image (3, H, W) in [0, 1], or with ``mask`` a binary mask (1, H, W) (foreground:
+    pixels above half intensity), shorter side resized to ``size`` and centre-cropped."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = im.convert("L" if mask else "RGB")
         x = pil_to_tensor(im).float() / 255.0
     if size is not None:
         # shorter side to `size`, centre crop (the usual 256px VCE protocol)
@@ -130,9 +132,14 @@ def _load_image(path: Path, size: int | None) -> torch.Tensor:
         s = size / min(h, w)
         nh, nw = max(size, round(h * s)), max(size, round(w * s))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+            if mask:
+                x = F.interpolate(x[None], size=(nh, nw), mode="nearest")[0]
+            else:
+                x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, top : top + size, left : left + size]
+    if mask:
+        x = (x > 0.5).float()
     return x.contiguous()
 
 
@@ -171,10 +178,14 @@ class ImageFolderDataset(Dataset):
             ``n03445777/ILSVRC2012_val_00000001.JPEG``) and ``caption``; items then carry
             ``caption`` ("" for files it does not list). Text-conditioned methods
             (DiG-IN on Stable Diffusion) switch the class word inside it.
+        masks: a folder of foreground masks mirroring ``root`` (``<class folder>/<image
+            stem>.png``, white = object); items then carry ``mask`` (1, size, size),
+            cropped like the image. A missing or unreadable mask fails that sample.
     """
 
     def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None,
-                 classes: list[int] | None = None, class_index: str = "auto", captions: str | Path | None = None):
+                 classes: list[int] | None = None, class_index: str = "auto", captions: str | Path | None = None,
+                 masks: str | Path | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -203,6 +214,9 @@ class ImageFolderDataset(Dataset):
         if not self.items:
             raise ValueError(f"no images found under {self.root} for the requested classes")
         self.captions = None if captions is None else read_captions(captions)
+        self.masks = None if masks is None else Path(masks)
+        if self.masks is not None and not self.masks.is_dir():
+            raise FileNotFoundError(f"mask folder {self.masks} does not exist")
         if self.imagenet_labels:
             names = imagenet_class_names()
             self.classes = names
@@ -223,4 +237,16 @@ class ImageFolderDataset(Dataset):
         item = {"image": image, "label": label, "sample_id": rel, "index": index, "error": error}
         if self.captions is not None:
             item["caption"] = self.captions.get(rel, "")
+        if self.masks is not None:
+            path = (self.masks / rel).with_suffix(".png")
+            try:
+                from PIL import Image
+
+                with Image.open(path) as m, Image.open(self.root / rel) as im:
+                    if m.size != im.size:
+                        raise ValueError(f"mask size {m.size} differs from the image's {im.size}")
+                item["mask"] = _load_image(path, self.image_size, mask=True)
+            except Exception as e:
+                item["mask"] = torch.zeros(1, self.image_size, self.image_size)
+                item["error"] = item["error"] or f"no usable foreground mask {path}: {type(e).__name__}: {e}"
         return item

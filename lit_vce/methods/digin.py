@@ -256,14 +256,13 @@ class DiGIN(VCEMethod):
     def prompts(self, batch: VCEBatch, classifier: nn.Module) -> tuple[list[str], list[str], torch.Tensor]:
         """(source prompts, target prompts, whether each sample's own caption was used)."""
         names = self._names(classifier)
-        src, tgt, used = [], [], []
+        src, tgt, used, unnamed = [], [], [], []
         for k in range(len(batch)):
             s_name, t_name = names[int(batch.source[k])], names[int(batch.target[k])]
             caption = batch.captions[k] if batch.captions else None
             switched = switch_word(caption, s_name, t_name) if caption else None
             if caption and switched is None:
-                warnings.warn(f"the caption of {batch.sample_ids[k]!r} does not name its class {s_name!r}; "
-                              f"the template prompt is used instead", stacklevel=2)
+                unnamed.append(f"{batch.sample_ids[k]!r} ({s_name!r})")
             if switched is None:
                 src.append(self.prompt.format(s_name))
                 tgt.append(self.prompt.format(t_name))
@@ -271,6 +270,9 @@ class DiGIN(VCEMethod):
                 src.append(caption)
                 tgt.append(switched)
             used.append(switched is not None)
+        if unnamed:
+            warnings.warn(f"{len(unnamed)} caption(s) do not name their class, e.g. {unnamed[0]}; "
+                          f"the template prompt is used for them (diagnostic caption_used = 0)", stacklevel=2)
         return src, tgt, torch.tensor(used, dtype=torch.float32)
 
     # --- the trajectory ------------------------------------------------------------------------
@@ -392,7 +394,8 @@ class DiGIN(VCEMethod):
         plan = None
         keep = max((round(j * self.num_steps) for j in self.injection_fractions), default=0)
         if self.inversion != "none" and ((self.injection == "attention" and keep > 0) or attn_masks):
-            store = self.record_attention(inv, cond_src, keep if self.injection == "attention" else 0)
+            with self._autocast(dev):  # maps stored in the compute dtype (half the memory under bf16)
+                store = self.record_attention(inv, cond_src, keep if self.injection == "attention" else 0)
             ids_src = bb.token_ids(src_prompts).tolist()
             if self.injection == "attention":
                 aligned = [token_alignment(a, b) for a, b in zip(ids_src, bb.token_ids(tgt_prompts).tolist())]
