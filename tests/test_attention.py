@@ -27,7 +27,10 @@ def test_token_alignment_maps_a_swapped_word_onto_the_source_word():
     assert mapper.shape == (10, 10)
     for j in range(4):  # start token and the common prefix: one to one
         assert mapper[j, j] == 1 and mapper[:, j].sum() == 1
-    assert mapper[4, 4] == 1 and mapper[4, 5] == 1  # both new tokens read the swapped source token
+    assert mapper[4, 4] == 0.5 and mapper[4, 5] == 0.5  # both new tokens share the swapped token's attention
+    two_to_one, _ = token_alignment(tgt, src)
+    assert two_to_one[4, 4] == 1 and two_to_one[5, 4] == 1  # ... and two tokens -> one sums it
+    assert torch.allclose(mapper.sum(1)[:9], torch.ones(9))  # attention mass is kept (the last pad falls off)
     assert mapper[5, 6] == 1  # end-of-text shifts by one
     assert mapper[6, 7] == 1 and mapper[8, 9] == 1  # and so does the padding
     assert not own[:10].any()  # every target token has a source here

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 def token_alignment(source_ids: list[int], target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Align two token sequences of equal padded length that differ in one segment
     (a word swap): the common prefix and suffix map one to one; inside the differing
-    segment, target token ``j`` takes the source token at the same relative position.
+    segment each source token's attention is shared among the target tokens that cover
+    the same relative span (by overlap), so the word's attention mass is kept: two source
+    tokens -> one target token sums their maps, one -> two splits it.
 
     Returns ``(mapper, own)``: ``mapper`` (L_src, L_tgt) with ``maps_tgt = maps_src @ mapper``,
     and ``own`` (L_tgt,) bool, True for target tokens that have no source token and keep
@@ -64,11 +66,16 @@ def token_alignment(source_ids: list[int], target_ids: list[int]) -> tuple[torch
     for j in range(pre):
         mapper[j, j] = 1.0
     s0, s1, t0, t1 = pre, src_end - suf, pre, tgt_end - suf
+    ns, nt = s1 - s0, t1 - t0
     for j in range(t0, t1):
-        if s1 > s0:
-            mapper[s0 + (j - t0) * (s1 - s0) // (t1 - t0), j] = 1.0
-        else:
+        if ns == 0:
             own[j] = True  # inserted words: nothing to copy
+            continue
+        lo_t, hi_t = (j - t0) / nt, (j - t0 + 1) / nt
+        for s in range(s0, s1):
+            overlap = min(hi_t, (s - s0 + 1) / ns) - max(lo_t, (s - s0) / ns)
+            if overlap > 1e-9:
+                mapper[s, j] = overlap * ns
     shift = src_end - tgt_end
     for j in range(t1, lt):  # the suffix, then the padding, aligned from the end of the content
         s = j + shift
