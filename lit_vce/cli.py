@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data.datamodule import VCEDataModule
 from .lightning.module import VCEModule
@@ -36,6 +36,22 @@ TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
 }
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the parsed config as ``config.yaml`` in the run's output folder (the
+    writer's ``output_dir``), not in the working directory; rank 0 only."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        writers = [c for c in trainer.callbacks if isinstance(c, VCEPredictionWriter)]
+        if trainer.is_global_zero and writers:
+            out = writers[0].output_dir
+            out.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(out / self.config_filename), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
+        self.already_saved = trainer.strategy.broadcast(True)
 
 
 class VCECLI(LightningCLI):
@@ -80,7 +96,7 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
     argv = list(sys.argv[2:] if args is None else args)
     cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
     cli(AnalysisModule, GenerationDataModule, args=["predict", *argv], trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True}, seed_everything_default=False)
+        save_config_callback=RunConfig, seed_everything_default=False)
 
 
 def run_predict(args: list[str] | None) -> None:
@@ -92,7 +108,7 @@ def run_predict(args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     VCECLI(
         VCEModule, VCEDataModule, args=None if args is None else ["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True}, seed_everything_default=False,
+        save_config_callback=RunConfig, seed_everything_default=False,
     )
 
 

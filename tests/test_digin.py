@@ -158,8 +158,10 @@ def test_latent_diffusion_components_load_offline_and_run_digin(tmp_path):
         LatentDiffusion(str(tmp_path / "missing"))
 
 
-def test_digin_runs_through_lit_vce_predict(tmp_path):
+def test_digin_runs_through_lit_vce_predict(tmp_path, monkeypatch):
     from lit_vce.cli import main
+
+    monkeypatch.chdir(tmp_path)
 
     cfg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "digin.yaml")
     out = tmp_path / "run"
@@ -174,6 +176,7 @@ def test_digin_runs_through_lit_vce_predict(tmp_path):
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 2 and {"diag_injection_steps", "diag_best_iterate", "diag_mask_fraction"} <= set(rows[0])
     assert all(float(r["diag_mask_fraction"]) > 0 for r in rows)  # the world's masks were used
+    assert "DiGIN" in (out / "config.yaml").read_text() and not (tmp_path / "config.yaml").exists()  # in the run, not the cwd
 
 
 def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
