@@ -5,6 +5,8 @@ gradient checkpointing, on one GPU. Random weights cost the same as real ones.
 
     .venv/bin/python scripts/gpu_digin_sd15.py [--dtypes float32 bfloat16] [--outer 20] [--steps 20]
     .venv/bin/python scripts/gpu_digin_sd15.py --tiny      # a CPU smoke run of the same code path
+    .venv/bin/python scripts/gpu_digin_sd15.py --dtypes float32 --size 256 --steps 2 --outer 1 --null-text-steps 1
+                                                           # the full architecture, cut down to run on CPUs
 
 Prints, per dtype: seconds for null-text inversion + settings search +
 optimisation of one image, and the peak GPU memory. The classifier is a
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-def sd15_components(tiny: bool):
+def sd15_components(tiny: bool, size: int = 512):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -36,16 +38,16 @@ def sd15_components(tiny: bool):
                                            vocab_size=1000, max_position_embeddings=77))
         return unet, vae, text
     # the Stable Diffusion 1.5 architecture (860M UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+    unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768, attention_head_dim=8,
                                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, sample_size=size)
     text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                                        vocab_size=49408, max_position_embeddings=77))
     return unet, vae, text
 
 
-def run(dtype: str, steps: int, outer: int, tiny: bool, device: str) -> dict:
+def run(dtype: str, steps: int, outer: int, tiny: bool, device: str, size: int = 512, null_text_steps: int = 10) -> dict:
     import timm
     from transformers import CLIPTokenizer
 
@@ -56,7 +58,7 @@ def run(dtype: str, steps: int, outer: int, tiny: bool, device: str) -> dict:
     from lit_vce.testing import save_tiny_latent_diffusion
 
     torch.manual_seed(0)
-    unet, vae, text = sd15_components(tiny)
+    unet, vae, text = sd15_components(tiny, size)
     with tempfile.TemporaryDirectory() as tmp:  # the toy tokenizer (token ids only matter for cost, not content)
         tokenizer = CLIPTokenizer.from_pretrained(str(save_tiny_latent_diffusion(Path(tmp) / "sd") / "tokenizer"))
     sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -70,7 +72,7 @@ def run(dtype: str, steps: int, outer: int, tiny: bool, device: str) -> dict:
     batch = VCEBatch(torch.rand(1, 3, size, size, device=device), torch.tensor([0], device=device),
                      torch.tensor([1], device=device), ids, sample_generators(0, ids, device=device))
     method = DiGIN(bb, num_steps=steps, outer_steps=outer, gradient_checkpointing=True, background_latent_weight=0.0,
-                   background_pixel_weight=0.0, null_text_steps=10, injection_fractions=(0.3, 0.4, 0.5),
+                   background_pixel_weight=0.0, null_text_steps=null_text_steps, injection_fractions=(0.3, 0.4, 0.5),
                    autocast=None if dtype == "float32" else dtype)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -91,12 +93,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--outer", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="tiny components on the CPU (smoke run)")
+    p.add_argument("--size", type=int, default=512, help="image size (the SD 1.5 architecture at this resolution)")
+    p.add_argument("--null-text-steps", type=int, default=10)
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args()
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}")
-    rows = [run(dt, a.steps, a.outer, a.tiny, device) for dt in a.dtypes]
+    rows = [run(dt, a.steps, a.outer, a.tiny, device, a.size, a.null_text_steps) for dt in a.dtypes]
     for r in rows:
         print(json.dumps(r))
     if a.out:
