@@ -281,9 +281,6 @@ class LatentDiffusion(TrajectoryBackbone):
         self.dtype_ = torch_dtype
         if attention_slicing and hasattr(self.unet, "set_attention_slice"):
             self.unet.set_attention_slice("auto")
-        from .attention import install_attention_control
-
-        install_attention_control(self.unet)  # no-op until a call passes a control
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         from diffusers import DDPMScheduler
 
@@ -351,16 +348,11 @@ class LatentDiffusion(TrajectoryBackbone):
 
     supports_attention_control = True
 
-    @property
-    def latent_size(self) -> int:
-        s = self.unet.config.sample_size
-        return s[0] if isinstance(s, (tuple, list)) else int(s)
-
     def _eps(self, z, t, cond, control=None):
         kwargs = None
         if control is not None:
             from .attention import install_attention_control
 
-            install_attention_control(self.unet)  # again, in case processors were replaced since (e.g. slicing)
+            install_attention_control(self.unet)  # idempotent; also after processors were replaced (e.g. slicing)
             kwargs = {"control": control}
         return self.unet(z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_), cross_attention_kwargs=kwargs).sample.float()
