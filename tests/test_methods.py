@@ -9,22 +9,23 @@ from lit_vce.methods.parts import angle, cone_projection, random_affine_perspect
 from lit_vce.registry import METHODS
 
 
-def test_cone_projection_gives_exactly_alpha_when_outside_and_is_identity_inside():
+def test_cone_projection_gives_exactly_alpha_around_the_axis_when_outside_and_is_identity_inside():
     torch.manual_seed(0)
-    r = torch.randn(64, 3, 8, 8)
-    g = torch.randn(64, 3, 8, 8)  # random directions in high dimension: ~90 degrees apart
-    out = cone_projection(g, r, 30.0)
-    assert torch.allclose(angle(out, r), torch.full((64,), math.radians(30)), atol=1e-4)
-    assert torch.allclose(out.flatten(1).norm(dim=1), g.flatten(1).norm(dim=1), rtol=1e-5)
-    # the result stays in the plane of g and r: no component orthogonal to both
-    basis = torch.stack([r.flatten(1), g.flatten(1)], 2)  # (N, D, 2)
+    axis = torch.randn(64, 3, 8, 8)
+    v = torch.randn(64, 3, 8, 8)  # random directions in high dimension: ~90 degrees apart
+    out = cone_projection(axis, v, 30.0)
+    assert torch.allclose(angle(out, axis), torch.full((64,), math.radians(30)), atol=1e-4)
+    assert torch.allclose(out.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1), rtol=1e-5)
+    # the result stays in the plane of axis and v, on v's side
+    basis = torch.stack([axis.flatten(1), v.flatten(1)], 2)  # (N, D, 2)
     q, _ = torch.linalg.qr(basis)
     resid = out.flatten(1) - (q @ (q.transpose(1, 2) @ out.flatten(1)[..., None]))[..., 0]
     assert resid.norm(dim=1).max() < 1e-3
+    assert (angle(out, v) < angle(axis, v)).all()
     # inside the cone: unchanged
-    inside = r + 0.1 * g
-    assert (angle(inside, r) < math.radians(30)).all()
-    assert torch.equal(cone_projection(inside, r, 30.0), inside)
+    inside = axis + 0.1 * v
+    assert (angle(inside, axis) < math.radians(30)).all()
+    assert torch.equal(cone_projection(axis, inside, 30.0), inside)
 
 
 def test_augmentations_are_per_sample_deterministic_and_differentiable():

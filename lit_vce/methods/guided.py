@@ -1,11 +1,17 @@
 """The per-step guided sampler shared by classifier guidance, DVCE and their relatives.
 
 Noise the input to a late start step, then run the reverse process; at every
-step a guidance gradient (computed on the x0-prediction, differentiated with
-respect to x_t through the denoiser) shifts the noise prediction:
-``eps' = eps - sqrt(1 - abar_t) * g`` (Dhariwal & Nichol, 2021). For ancestral
-DDPM steps this moves the posterior mean by ``beta_t / sqrt(alpha_t) * g``,
-i.e. by about ``Sigma_t * g``.
+step a guidance gradient g (computed on the x0-prediction, differentiated with
+respect to x_t through the denoiser) steers the step:
+
+- ``scheduler="adm"`` (guided-diffusion's respaced ancestral sampler, as DVCE
+  was published): the posterior mean moves by ``Sigma_t * g`` (Sohl-Dickstein
+  conditioning, with the model's learned variance where it has one), x0 is
+  not clipped inside the step, and the result is the last step's
+  x0-prediction;
+- ``ddim``/``ddpm`` (diffusers' schedulers): the noise prediction is shifted,
+  ``eps' = eps - sqrt(1 - abar_t) * g`` (Dhariwal & Nichol, 2021), and the
+  result is the final sample.
 
 Subclasses implement :meth:`PerStepGuidance.guidance`, the only method-specific part.
 """
@@ -34,8 +40,12 @@ class PerStepGuidance(VCEMethod):
     Args:
         generator: a :class:`PixelDiffusion` or the name/folder it loads
             (default: the world's ``ddpm``).
-        scheduler: ``"ddim"`` (deterministic) or ``"ddpm"`` (ancestral).
+        scheduler: ``"ddim"`` (deterministic), ``"ddpm"`` (diffusers'
+            ancestral) or ``"adm"`` (guided-diffusion's respaced ancestral
+            sampler with mean-shift guidance; see the module docstring).
         num_steps: respaced steps over the whole noise range.
+        clip_sample: clip the x0-prediction to [-1, 1] inside every step (when
+            ``generator`` is a name; a built generator keeps its own setting).
         skip: fraction of those steps skipped at the noisy end (late start):
             the input is noised to the first step after the skipped ones.
         conditioning: ``"none"`` (unconditional / null class) or ``"target"``
@@ -59,6 +69,7 @@ class PerStepGuidance(VCEMethod):
         cfg_scale: float = 1.0,
         through_unet: bool = True,
         inner_batch_size: int | None = None,
+        clip_sample: bool = True,
     ):
         super().__init__()
         if not 0 <= skip < 1:
@@ -68,7 +79,7 @@ class PerStepGuidance(VCEMethod):
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if isinstance(generator, str):
-            generator = PixelDiffusion(generator, scheduler=scheduler, num_inference_steps=num_steps)
+            generator = PixelDiffusion(generator, scheduler=scheduler, num_inference_steps=num_steps, clip_sample=clip_sample)
         self.generator = generator
         self.skip, self.conditioning, self.cfg_scale = skip, conditioning, cfg_scale
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
@@ -76,7 +87,7 @@ class PerStepGuidance(VCEMethod):
     def describe(self) -> dict:
         return {
             "name": self.name, "scheduler": self.generator.scheduler_kind, "num_steps": self.generator.num_inference_steps,
-            "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale, "through_unet": self.through_unet,
+            "clip_sample": self.generator.clip_sample, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale, "through_unet": self.through_unet,
         }
 
     # --- the method-specific part --------------------------------------------
@@ -101,53 +112,67 @@ class PerStepGuidance(VCEMethod):
 
     def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
         gen = self.generator
-        size_in = batch.images.shape[-2:]
-        original = batch.images
-        images = batch.images
-        if images.shape[-1] != gen.image_size or images.shape[-2] != gen.image_size:
-            # the sampler, and so the guidance terms, work at the generator's resolution
-            images = F.interpolate(images, size=(gen.image_size, gen.image_size), mode="bilinear", antialias=True, align_corners=False)
-            mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
-            batch = dataclasses.replace(batch, images=images, mask=mask)
-        n = len(images)
-        x = gen.encode(images)
+        size_in, original = batch.images.shape[-2:], batch.images
+        batch = self._at_model_resolution(batch)
+        n = len(batch)
         steps = gen.timesteps[self.start_index():]
-        x_t = gen.add_noise(x, per_sample_randn(x.shape[1:], batch.generators).to(x), int(steps[0]))
+        x_t = gen.add_noise(gen.encode(batch.images), per_sample_randn(batch.images.shape[1:], batch.generators).to(batch.images),
+                            int(steps[0]))
         labels = batch.target if self.conditioning == "target" else None
         failure: list[str | None] = [None] * n
-        ok = torch.ones(n, dtype=torch.bool, device=x.device)
+        ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
+        x0_last = None
         for t in steps:
             t = int(t)
-            with torch.enable_grad():
-                xt = x_t.detach().requires_grad_(True)
-                eps = gen.eps(xt, t, labels, self.cfg_scale)
-                x0 = gen.predict_x0(xt, eps, t)
-                img0 = (x0 + 1) / 2
-
-                def to_xt(v, _img0=img0, _xt=xt):
-                    return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / gen.alpha_bar(t).sqrt()
-
-                if not self.through_unet:
-                    img0_d = img0.detach().requires_grad_(True)
-                    grad = self.guidance(img0_d, batch, classifier, eps.detach(), to_xt)
-                else:
-                    grad = self.guidance(img0, batch, classifier, eps.detach(), to_xt)
+            out, grad = self._guided_step(x_t, t, batch, classifier, labels)
             finite = torch.isfinite(grad).flatten(1).all(1)
             for i in torch.nonzero(~finite & ok).flatten().tolist():
                 failure[i] = f"non-finite guidance gradient at t={t}"
             ok &= finite
             grad = torch.where(ok.view(-1, 1, 1, 1), torch.nan_to_num(grad, 0.0, 0.0, 0.0), torch.zeros_like(grad))
-            eps_g = eps.detach() - (1 - gen.alpha_bar(t)).sqrt().to(eps) * grad
-            x_t = gen.step(eps_g, t, x_t.detach(), batch.generators).detach()
-        out = gen.decode(x_t)
-        if out.shape[-2:] != size_in:
-            out = F.interpolate(out, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        # failed samples return the original image
-        out = torch.where(ok.view(-1, 1, 1, 1), out, original)
+            if gen.diffusion is not None:  # mean shift by variance * gradient
+                x_t = gen.p_sample(gen.diffusion.condition_mean(out, grad), out["log_variance"], t, batch.generators).detach()
+                x0_last = out["pred_xstart"].detach()
+            else:  # noise-prediction shift
+                eps_g = out["eps"] - (1 - gen.alpha_bar(t)).sqrt().to(out["eps"]) * grad
+                x_t = gen.step(eps_g, t, x_t.detach(), batch.generators).detach()
+        out_img = gen.decode(x0_last if x0_last is not None else x_t)
+        if out_img.shape[-2:] != size_in:
+            out_img = F.interpolate(out_img, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        out_img = torch.where(ok.view(-1, 1, 1, 1), out_img, original)  # failed samples return the original image
         with torch.no_grad():
-            probs = classifier(out).softmax(1)
-        diag = {
-            "target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
-            "steps": torch.full((n,), len(steps), dtype=torch.float32),
-        }
-        return CounterfactualResult(out.detach(), diag, failure)
+            probs = classifier(out_img).softmax(1)
+        diag = {"target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
+                "steps": torch.full((n,), len(steps), dtype=torch.float32)}
+        return CounterfactualResult(out_img.detach(), diag, failure)
+
+    def _at_model_resolution(self, batch: VCEBatch) -> VCEBatch:
+        """The batch resized to the diffusion model's resolution (the sampler and the guidance work there)."""
+        size = self.generator.image_size
+        images = batch.images
+        if images.shape[-1] == size and images.shape[-2] == size:
+            return batch
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
+        return dataclasses.replace(batch, images=images, mask=mask)
+
+    def _guided_step(self, x_t: torch.Tensor, t: int, batch: VCEBatch, classifier, labels) -> tuple[dict, torch.Tensor]:
+        """The model's prediction at step ``t`` (a dict with ``eps``, and for ``adm`` the mean and variance) and g."""
+        gen = self.generator
+        with torch.enable_grad():
+            xt = x_t.detach().requires_grad_(True)
+            model_out = gen.model_output(xt, t, labels, self.cfg_scale)
+            if gen.diffusion is not None:
+                out = gen.p_mean_variance(model_out, xt, t)
+                x0 = out["pred_xstart"]
+            else:
+                out = {"eps": model_out[:, : xt.shape[1]]}
+                x0 = gen.predict_x0(xt, out["eps"], t)
+            img0 = (x0 + 1) / 2
+            eps = out["eps"].detach()
+
+            def to_xt(v, _img0=img0, _xt=xt):
+                return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / gen.alpha_bar(t).sqrt().to(v)
+
+            grad = self.guidance(img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps, to_xt)
+        return {k: v.detach() for k, v in out.items()}, grad

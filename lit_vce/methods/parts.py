@@ -20,25 +20,30 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1, 1))
 
 
-def cone_projection(grad: torch.Tensor, robust_grad: torch.Tensor, alpha_deg: float = 30.0) -> torch.Tensor:
-    """DVCE's cone projection (Augustin et al., NeurIPS 2022), per sample.
+def cone_projection(axis: torch.Tensor, vector: torch.Tensor, alpha_deg: float = 30.0) -> torch.Tensor:
+    """Project ``vector`` onto the cone of half-angle ``alpha`` around ``axis``, per sample.
 
-    Where the angle between ``grad`` and ``robust_grad`` exceeds ``alpha``,
-    ``grad`` is replaced by the vector of the same norm in the plane spanned by
-    both that makes an angle of exactly ``alpha`` with ``robust_grad``;
-    elsewhere it is returned unchanged. (Only the direction matters to DVCE,
-    which rescales gradients afterwards.)
+    DVCE (Augustin et al., NeurIPS 2022) calls it with the **explained**
+    classifier's gradient as ``axis`` and the robust partner's gradient as
+    ``vector``: the guidance then always lies within ``alpha`` of the explained
+    classifier's ascent direction while following the robust model's
+    perceptually aligned gradient as closely as that allows. Where the angle
+    between the two exceeds ``alpha``, ``vector`` is replaced by the vector of
+    the same norm in the plane of both at exactly ``alpha`` from ``axis``;
+    inside the cone it is returned unchanged (the official code returns the
+    unit axis there; see ``docs/parity.md``). DVCE rescales the result, so only
+    its direction matters.
     """
     alpha = math.radians(alpha_deg)
-    shape = grad.shape
-    g, r = grad.flatten(1), robust_grad.flatten(1)
-    r_hat = r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    ortho = g - (g * r_hat).sum(1, keepdim=True) * r_hat
+    shape = vector.shape
+    a, v = axis.flatten(1), vector.flatten(1)
+    a_hat = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    ortho = v - (v * a_hat).sum(1, keepdim=True) * a_hat
     ortho_norm = ortho.norm(dim=1, keepdim=True)
     u = torch.where(ortho_norm > 1e-30, ortho / ortho_norm.clamp_min(1e-30), torch.zeros_like(ortho))
-    projected = g.norm(dim=1, keepdim=True) * (math.cos(alpha) * r_hat + math.sin(alpha) * u)
-    outside = angle(grad, robust_grad) > alpha
-    return torch.where(outside[:, None], projected, g).view(shape)
+    projected = v.norm(dim=1, keepdim=True) * (math.cos(alpha) * a_hat + math.sin(alpha) * u)
+    outside = angle(axis, vector) > alpha
+    return torch.where(outside[:, None], projected, v).view(shape)
 
 
 def rescale_to(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
