@@ -99,52 +99,74 @@ class TargetCE(Objective):
         return F.cross_entropy(logits.reshape(n * k, c), ctx.target.repeat_interleave(k), reduction="none").view(n, k).mean(1)
 
 
-class L1Distance(Objective):
-    """Mean absolute difference to the original (optionally only outside the mask)."""
+def _space(images: torch.Tensor, ctx, space: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(change, foreground mask) in pixel space or in a trajectory method's latent space."""
+    if space == "pixel":
+        return images - ctx.original, ctx.mask
+    if ctx.latents is None or ctx.original_latents is None:
+        raise ValueError(f"{name}(space='latent') needs latents (a trajectory method)")
+    return ctx.latents - ctx.original_latents, ctx.latent_mask
 
-    def __init__(self, background_only: bool = False):
-        self.background_only = background_only
+
+def _check_space(space: str) -> str:
+    if space not in ("pixel", "latent"):
+        raise ValueError("space must be 'pixel' or 'latent'")
+    return space
+
+
+class L1Distance(Objective):
+    """Mean absolute change, ``mean(|x - x_orig|)`` (DiG-IN's ``px_l1``/``latent_l1``),
+    in pixel or latent space, optionally only outside the mask."""
+
+    def __init__(self, background_only: bool = False, space: str = "pixel"):
+        self.background_only, self.space = background_only, _check_space(space)
 
     def loss(self, images, ctx):
-        d = (images - ctx.original).abs()
+        d, m = _space(images, ctx, self.space, "L1Distance")
+        d = d.abs()
         if self.background_only:
-            if ctx.mask is None:
+            if m is None:
                 raise ValueError("L1Distance(background_only=True) needs masks")
-            d = d * (1 - ctx.mask)
+            d = d * (1 - m)
         return d.flatten(1).mean(1)
 
     def describe(self):
-        return "L1Distance(background)" if self.background_only else "L1Distance"
+        where = "" if self.space == "pixel" else "latent"
+        if self.background_only:
+            where = ", ".join(w for w in (where, "background") if w)
+        return f"L1Distance({where})" if where else "L1Distance"
 
 
 class L2Distance(Objective):
-    """Per-sample Euclidean distance to the original."""
+    """Mean squared change, ``mean((x - x_orig)^2)``, in pixel or latent space: DiG-IN's
+    ``px_l2``/``latent_l2`` (``F.mse_loss``), not the Euclidean norm."""
+
+    def __init__(self, space: str = "pixel"):
+        self.space = _check_space(space)
 
     def loss(self, images, ctx):
-        return (images - ctx.original).flatten(1).norm(dim=1)
+        d, _ = _space(images, ctx, self.space, "L2Distance")
+        return d.pow(2).flatten(1).mean(1)
+
+    def describe(self):
+        return "L2Distance" if self.space == "pixel" else "L2Distance(latent)"
 
 
 class BackgroundL2(Objective):
-    """Mean squared change outside the object: ``mean(((x - x_orig) * (1 - mask))^2)``,
-    in pixel space (``space="pixel"``) or in the latent space of a trajectory method
-    (``space="latent"``, with the mask at latent resolution). Without a mask the whole
-    image counts as background."""
+    """Mean squared change weighted by the background: ``mean((1 - mask) * (x - x_orig)^2)``
+    (DiG-IN's ``px_background_l2``/``latent_background_l2``; the mask may be soft), in
+    pixel space or in the latent space of a trajectory method (with the mask at latent
+    resolution). Without a mask the whole image counts as background."""
 
     def __init__(self, space: str = "pixel"):
-        if space not in ("pixel", "latent"):
-            raise ValueError("space must be 'pixel' or 'latent'")
-        self.space = space
+        self.space = _check_space(space)
 
     def loss(self, images, ctx):
-        if self.space == "pixel":
-            d, m = images - ctx.original, ctx.mask
-        else:
-            if ctx.latents is None or ctx.original_latents is None:
-                raise ValueError("BackgroundL2(space='latent') needs latents (a trajectory method)")
-            d, m = ctx.latents - ctx.original_latents, ctx.latent_mask
+        d, m = _space(images, ctx, self.space, "BackgroundL2")
+        d2 = d.pow(2)
         if m is not None:
-            d = d * (1 - m)
-        return d.pow(2).flatten(1).mean(1)
+            d2 = d2 * (1 - m)
+        return d2.flatten(1).mean(1)
 
     def describe(self):
         return f"BackgroundL2({self.space})"

@@ -133,3 +133,21 @@ def test_pixel_diffusion_runs_an_adm_checkpoint_with_the_respaced_sampler(tmp_pa
     with torch.no_grad():
         imgs = short.sample(None, 2, sample_generators(0, ["a", "b"]))
     assert imgs.shape == (2, 3, 32, 32) and torch.isfinite(imgs).all()
+
+
+@pytest.mark.parametrize("method", ["dvce", "classifier_guidance"])
+def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method, tmp_path, monkeypatch):
+    import importlib
+
+    import yaml
+
+    from lit_vce.classifiers import MissingWeightsError
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "imagenet" / "methods" / f"{method}.yaml").read_text())
+    spec = cfg["model"]["method"]
+    module, _, name = spec["class_path"].rpartition(".")
+    args = {**spec["init_args"], "robust_classifier": None} if method == "dvce" else spec["init_args"]
+    assert args["generator"] == "adm:imagenet256_uncond"
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"adm/256x256_diffusion_uncond\.pt"):
+        getattr(importlib.import_module(module), name)(**args)

@@ -97,7 +97,7 @@ def test_sfid_is_the_mean_of_the_two_cross_fids_and_ignores_batch_and_process_sp
     keys = torch.arange(20) * 7919
     one = SplitFID(_Flat(), seed=3)
     one.update(real, fake, keys)
-    value = float(one.compute())
+    value = float(one.compute()[0])
     # reference: the same seeded split, FIDs from the scipy implementation
     salt = torch.randint(1, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item()
     order = torch.argsort(keys ^ salt, stable=True).numpy()
@@ -111,7 +111,117 @@ def test_sfid_is_the_mean_of_the_two_cross_fids_and_ignores_batch_and_process_sp
     r1.update(real[perm[:13]], fake[perm[:13]], keys[perm[:13]])
     r2.update(real[perm[13:]], fake[perm[13:]], keys[perm[13:]])
     r1.merge_state(r2)
-    assert float(r1.compute()) == pytest.approx(value, rel=1e-9)
+    assert float(r1.compute()[0]) == pytest.approx(value, rel=1e-9)
+
+
+def test_sfid_under_aces_convention_uses_successful_counterfactuals_and_equal_halves():
+    from lit_vce.metrics import SplitFID
+
+    torch.manual_seed(1)
+    n = 21  # odd: ACE's head/tail split leaves the middle instance out
+    real, fake = torch.rand(n, 3, 4, 4), torch.rand(n, 3, 4, 4) * 0.9
+    keys, success = torch.arange(n) * 104729, torch.rand(n) < 0.7
+    m = SplitFID(_Flat(), seed=5)
+    m.update(real, fake, keys, success=success)
+    all_vs_all, ace = (float(v) for v in m.compute())
+    salt = torch.randint(1, 2**62, (1,), generator=torch.Generator().manual_seed(5)).item()
+    order = torch.argsort(keys ^ salt, stable=True)
+    fr, ff = real.flatten(1)[:, :6].double().numpy(), fake.flatten(1)[:, :6].double().numpy()
+    a, b = order[:10], order[11:]  # 10 and 10, the 11th left out
+    sa, sb = a[success[a]].numpy(), b[success[b]].numpy()
+    ref = 0.5 * (_reference_fid(fr[a.numpy()], ff[sb]) + _reference_fid(fr[b.numpy()], ff[sa]))
+    assert ace == pytest.approx(ref, rel=1e-4)
+    assert ace != pytest.approx(all_vs_all, rel=1e-3)
+    # every counterfactual successful: the ACE value differs from all-vs-all only by the dropped instance
+    m2 = SplitFID(_Flat(), seed=5)
+    m2.update(real[:20], fake[:20], keys[:20])
+    assert float(m2.compute()[1]) == pytest.approx(float(m2.compute()[0]), rel=1e-12)
+
+
+class _ByChannel(torch.nn.Module):
+    """3 classes; the logits are the per-channel means (a hand-controllable classifier)."""
+
+    num_classes = 3
+
+    def forward(self, x):
+        return x.mean((2, 3)) * 10
+
+
+class _Feat6(_Flat):
+    num_features = 6
+
+
+def _colour(c, n=1, size=4):
+    x = torch.full((n, 3, size, size), 0.1)
+    x[:, c] = 0.9
+    return x
+
+
+def test_suite_conventions_on_a_hand_built_case():
+    from lit_vce.metrics.suite import VCEMetrics
+
+    torch.manual_seed(0)
+    # 6 originals of class 0, one of them misclassified as 2; targets 1
+    orig = _colour(0, 6) + 0.05 * torch.rand(6, 3, 4, 4)
+    orig[5] = _colour(2)[0]
+    source, target = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    # counterfactuals: 3 flipped to the target, 2 unchanged, the misclassified one moved to class 0
+    cf = orig.clone()
+    cf[:3] = _colour(1, 3) + 0.05 * torch.rand(3, 3, 4, 4)
+    cf[5] = _colour(0)[0]
+    m = VCEMetrics(_ByChannel(), features=_Feat6())
+    rows = m.update(orig, cf, source, target, [f"s{i}" for i in range(6)])
+    metrics, _, n = m.compute()
+    assert n == 6 and metrics["flip_rate"] == pytest.approx(3 / 6)
+    # untargeted: against the label, the last one did not flip (0 -> 0); against the prediction it did (2 -> 0)
+    assert metrics["untargeted_flip_rate"] == pytest.approx(3 / 6)
+    assert metrics["untargeted_flip_rate_prediction"] == pytest.approx(4 / 6)
+    # FID of successful ones: ALL originals against the 3 successful counterfactuals
+    f = lambda t: t.flatten(1)[:, :6].double().numpy()  # noqa: E731
+    assert metrics["fid_successful"] == pytest.approx(_reference_fid(f(orig), f(cf[:3])), rel=1e-6)
+    assert (metrics["fid_successful_n"], metrics["fid_successful_n_originals"]) == (3, 6)
+    assert metrics["fid"] == pytest.approx(_reference_fid(f(orig), f(cf)), rel=1e-6)
+    assert [r["success"] for r in rows] == [True] * 3 + [False] * 3
+
+
+class _NaNOn(torch.nn.Module):
+    """Logits are NaN for images whose red mean exceeds 0.5; else a fixed 2-class output."""
+
+    num_classes = 2
+
+    def forward(self, x):
+        out = torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], 1)
+        return torch.where((x[:, 0].mean((1, 2)) > 0.5)[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_logits_are_failures_excluded_from_every_metric():
+    from lit_vce.metrics.suite import VCEMetrics
+
+    torch.manual_seed(0)
+    orig = torch.rand(8, 3, 4, 4) * 0.4
+    cf = orig.clone() + 0.05
+    cf[[1, 4]] = _colour(0, 2)  # the classifier gives NaN on these two counterfactuals
+    src, tgt = torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)
+    m = VCEMetrics(_NaNOn(), features=_Feat6())
+    rows = m.update(orig, cf, src, tgt, [f"s{i}" for i in range(8)])
+    assert [r["sample_id"] for r in rows] == [f"s{i}" for i in range(8)]
+    assert rows[1]["failure"] == rows[4]["failure"] == "non-finite logits from the classifier on the counterfactual"
+    assert not rows[1]["success"] and not rows[4]["success"]
+    assert all("failure" not in rows[i] for i in (0, 2, 3, 5, 6, 7))
+    metrics, _, n = m.compute()
+    assert n == 6 and metrics["fid_n"] == 6
+    ref = VCEMetrics(_NaNOn(), features=_Feat6())
+    keep = [0, 2, 3, 5, 6, 7]
+    ref.update(orig[keep], cf[keep], src[keep], tgt[keep], [f"s{i}" for i in keep])
+    expected, _, _ = ref.compute()
+    for k in ("flip_rate", "target_confidence", "l1", "l2", "fid", "cout"):
+        assert metrics[k] == pytest.approx(expected[k], rel=1e-12, nan_ok=True), k
+    # an all-NaN classifier: nothing succeeds and no metric is computed from garbage
+    m = VCEMetrics(_NaNOn(), features=_Feat6())
+    rows = m.update(_colour(0, 4), _colour(0, 4), src[:4], tgt[:4], ["a", "b", "c", "d"])
+    metrics, _, n = m.compute()
+    assert n == 0 and not any(r["success"] for r in rows)
+    assert np.isnan(metrics["flip_rate"]) and np.isnan(metrics["fid"])
 
 
 def test_lpips_uses_local_backbone_weights_and_names_the_missing_file(tmp_path, monkeypatch):

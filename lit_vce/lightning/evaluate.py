@@ -230,7 +230,8 @@ class EvaluateModule(L.LightningModule):
             rows = self.metrics.update(batch["original"][idx], batch["counterfactual"][idx], batch["source"][idx],
                                        batch["target"][idx], [ids[i] for i in ok])
             for r in rows:
-                r.update(failure="", method=self.method_name, seed=self.seed)
+                r.setdefault("failure", "")
+                r.update(method=self.method_name, seed=self.seed)
             self._rows.extend(rows)
         return len(ids)
 

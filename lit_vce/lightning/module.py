@@ -216,7 +216,8 @@ class VCEModule(L.LightningModule):
 
     def _row(self, values: dict[str, Any], failure: str, seconds: float) -> dict[str, Any]:
         row = dict(values)
-        row.update(method=self.method.name, seed=self.seed, seconds=round(float(seconds), 4), failure=failure or "")
+        row.update(method=self.method.name, seed=self.seed, seconds=round(float(seconds), 4),
+                   failure=failure or values.get("failure") or "")
         row["success"] = bool(row.get("success")) and not failure
         return row
 

@@ -113,7 +113,8 @@ class VCEMetrics(nn.Module):
         self.classifier = classifier
         self.resolution = resolution
         self.flip_rate = FlipRate()
-        self.untargeted_flip_rate = FlipRate(targeted=False)
+        self.untargeted_flip_rate = FlipRate(targeted=False)  # top-1 != the source label
+        self.untargeted_flip_rate_prediction = FlipRate(targeted=False)  # != the original's prediction (ACE)
         self.target_confidence = TargetConfidence()
         self.flip_rate_source_correct = FlipRate()
         self.l1, self.l2 = PerSampleMean(), PerSampleMean()
@@ -147,14 +148,37 @@ class VCEMetrics(nn.Module):
     def update(self, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                sample_ids: list[str], logits_before: torch.Tensor | None = None,
                logits_after: torch.Tensor | None = None) -> list[dict[str, Any]]:
-        """Add a batch (images in [0, 1], same shape); returns one dict of per-sample values per image."""
+        """Add a batch (images in [0, 1], same shape); returns one dict of per-sample values per image.
+
+        A sample on which the classifier gives NaN or infinite logits (on the
+        original or the counterfactual) is never a success: its row carries the
+        reason under ``failure`` and it is left out of every metric.
+        """
         if original.shape != counterfactual.shape:
             raise ValueError(f"originals {tuple(original.shape)} and counterfactuals {tuple(counterfactual.shape)} differ in shape")
         before = self.classifier(original) if logits_before is None else logits_before
         after = self.classifier(counterfactual) if logits_after is None else logits_after
+        ok_b, ok_a = torch.isfinite(before).all(1), torch.isfinite(after).all(1)
+        if bool((ok_b & ok_a).all()):
+            return self._update(original, counterfactual, source, target, sample_ids, before, after)
+        keep = torch.nonzero(ok_b & ok_a).flatten()
+        kept = iter(self._update(original[keep], counterfactual[keep], source[keep], target[keep],
+                                 [sample_ids[i] for i in keep.tolist()], before[keep], after[keep]) if len(keep) else [])
+        rows = []
+        for i, sid in enumerate(sample_ids):
+            if ok_b[i] and ok_a[i]:
+                rows.append(next(kept))
+                continue
+            where = "the original" if not ok_b[i] else "the counterfactual"
+            rows.append({"sample_id": sid, "source": int(source[i]), "target": int(target[i]), "success": False,
+                         "failure": f"non-finite logits from the classifier on {where}"})
+        return rows
+
+    def _update(self, original, counterfactual, source, target, sample_ids, before, after) -> list[dict[str, Any]]:
         success = after.argmax(1) == target
         self.flip_rate.update(after, target)
         self.untargeted_flip_rate.update(after, source)
+        self.untargeted_flip_rate_prediction.update(after, before.argmax(1))
         self.target_confidence.update(after, target)
         correct = before.argmax(1) == source
         self.flip_rate_source_correct.update(after[correct], target[correct])
@@ -182,10 +206,11 @@ class VCEMetrics(nn.Module):
             f_o, f_c = self.features(original), self.features(counterfactual)
             self.fid.update(real=True, features=f_o)
             self.fid.update(real=False, features=f_c)
-            self.fid_successful.update(real=True, features=f_o[success])
+            # ACE/DiME's compute_FID: all originals against the successful counterfactuals
+            self.fid_successful.update(real=True, features=f_o)
             self.fid_successful.update(real=False, features=f_c[success])
             keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
-            self.sfid.update(keys=keys, real=f_o, fake=f_c)
+            self.sfid.update(keys=keys, real=f_o, fake=f_c, success=success)
         if self.audit is not None:
             self.audit.update(counterfactual, source, target, success)
         pb, pa = before.softmax(1), after.softmax(1)
@@ -211,6 +236,7 @@ class VCEMetrics(nn.Module):
         m: dict[str, float | int] = {
             "flip_rate": float(self.flip_rate.compute()),
             "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
+            "untargeted_flip_rate_prediction": float(self.untargeted_flip_rate_prediction.compute()),
             "target_confidence": float(self.target_confidence.compute()),
             "flip_rate_source_correct": float(self.flip_rate_source_correct.compute()),
             "n_source_correct": self.flip_rate_source_correct.n_used,
@@ -230,9 +256,11 @@ class VCEMetrics(nn.Module):
             m["fid"] = float(self.fid.compute())
             m["fid_n"] = self.fid.n_used
             m["fid_successful"] = float(self.fid_successful.compute())
-            m["fid_successful_n"] = self.fid_successful.n_used
-            m["sfid"] = float(self.sfid.compute())
-            m["sfid_n"] = self.sfid.n_used
+            m["fid_successful_n"] = self.fid_successful.n_fake  # successful counterfactuals
+            m["fid_successful_n_originals"] = self.fid_successful.n_real  # all originals
+            sfid_all, sfid_successful = self.sfid.compute()
+            m["sfid"], m["sfid_n"] = float(sfid_all), self.sfid.n_used
+            m["sfid_successful"] = float(sfid_successful)
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}

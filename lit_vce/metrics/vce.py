@@ -119,6 +119,7 @@ class FeatureFID(Metric):
     def compute(self) -> torch.Tensor:
         n_r, n_f = int(self.real_n), int(self.fake_n)
         self.n_used = min(n_r, n_f)  # the global N (states are synced inside compute)
+        self.n_real, self.n_fake = n_r, n_f
         if n_r < 2 or n_f < 2:
             warnings.warn(f"FID needs at least 2 images per side (got {n_r}, {n_f}); returning nan")
             return torch.tensor(float("nan"), dtype=torch.float64)
@@ -203,12 +204,21 @@ class WorldAudit(Metric):
 
 
 class SplitFID(Metric):
-    """sFID: FID without comparing a counterfactual with its own original.
+    """sFID: FID without comparing a counterfactual with its own original, under two conventions.
 
-    The explained instances are ordered by a seeded hash of their sample key,
-    split in halves A and B, and sFID = mean(FID(orig_A, cf_B), FID(orig_B, cf_A)).
-    Features are kept per sample (concatenated across processes) with their keys,
-    so the split does not depend on batch order or the number of processes.
+    The explained instances are ordered by a seeded hash of their sample key
+    and split in halves A and B. ``compute`` returns both:
+
+    - all vs all (the design note's definition): mean(FID(orig_A, cf_B),
+      FID(orig_B, cf_A)) over every instance, halves of sizes floor(N/2) and
+      ceil(N/2);
+    - ACE's ``compute_sFID.sh``: the same with only the **successful**
+      counterfactuals of each half against all originals of the other, and
+      halves of floor(N/2) each (with N odd, the middle instance is left out,
+      as ACE's ``head``/``tail`` split does).
+
+    Features are kept per sample (concatenated across processes) with their
+    keys, so the split does not depend on batch order or the number of processes.
     """
 
     higher_is_better = False
@@ -221,31 +231,45 @@ class SplitFID(Metric):
         self.add_state("real", [], dist_reduce_fx="cat")
         self.add_state("fake", [], dist_reduce_fx="cat")
         self.add_state("keys", [], dist_reduce_fx="cat")
+        self.add_state("success", [], dist_reduce_fx="cat")
 
     @torch.no_grad()
     def update(self, original: torch.Tensor | None = None, counterfactual: torch.Tensor | None = None,
-               keys: torch.Tensor | None = None, real: torch.Tensor | None = None, fake: torch.Tensor | None = None) -> None:
-        """Add originals and counterfactuals (or their precomputed features ``real``/``fake``) with their sample keys."""
+               keys: torch.Tensor | None = None, real: torch.Tensor | None = None, fake: torch.Tensor | None = None,
+               success: torch.Tensor | None = None) -> None:
+        """Add originals and counterfactuals (or their features ``real``/``fake``) with their sample keys and success flags."""
         if real is None:
             real, fake = self.feature(original), self.feature(counterfactual)
         self.real.append(real.double())
         self.fake.append(fake.double())
         self.keys.append(keys.long())
+        self.success.append((torch.ones(len(keys), dtype=torch.bool) if success is None else success.bool()).to(keys.device))
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it)."""
         from torchmetrics.utilities import dim_zero_cat
 
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        if isinstance(self.keys, list) and not self.keys:  # nothing added (e.g. every sample failed)
+            self.n_used = 0
+            return nan, nan
         real, fake, keys = dim_zero_cat(self.real), dim_zero_cat(self.fake), dim_zero_cat(self.keys)
+        success = dim_zero_cat(self.success).bool()
         n = len(keys)
         self.n_used = n
         if n < 4:
             warnings.warn(f"sFID needs at least 4 samples (got {n}); returning nan")
-            return torch.tensor(float("nan"), dtype=torch.float64)
+            return nan, nan
         g = torch.Generator().manual_seed(self.seed)
         salt = torch.randint(1, 2**62, (1,), generator=g).item()
-        order = torch.argsort((keys.cpu() ^ salt), stable=True)
+        order = torch.argsort((keys.cpu() ^ salt), stable=True).to(real.device)
         a, b = order[: n // 2], order[n // 2 :]
-        return 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
+        all_vs_all = 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
+        a, b = order[: n // 2], order[n - n // 2 :]
+        sa, sb = a[success[a]], b[success[b]]
+        if len(sa) < 2 or len(sb) < 2:
+            return all_vs_all, nan
+        return all_vs_all, 0.5 * (_fid(real[a], fake[sb]) + _fid(real[b], fake[sa]))
 
 
 def _fid(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
