@@ -51,3 +51,35 @@ def tiny_batch():
     ids = [f"s{i}" for i in range(4)]
     return VCEBatch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]), ids,
                     sample_generators(0, ids))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable Diffusion folder (UNet, VAE, CLIP text encoder, tokenizer) and a 4-class classifier."""
+    from lit_vce.classifiers import ImageClassifier
+    from lit_vce.testing import save_tiny_latent_diffusion
+    from lit_vce.world.models import SmallCNN
+
+    folder = save_tiny_latent_diffusion(tmp_path_factory.mktemp("sd") / "sd")
+    torch.manual_seed(0)
+    clf = ImageClassifier(SmallCNN(width=8), 32, ["circle", "square", "triangle", "star"], name="tiny")
+    return folder, clf
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory):
+    """A tiny random Segment Anything model saved as a local folder."""
+    from transformers import SamConfig, SamModel
+    from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    torch.manual_seed(0)
+    cfg = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=64, patch_size=8, window_size=4, global_attn_indexes=[0], num_pos_feats=8,
+                                      mlp_dim=32),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 iou_head_hidden_dim=16))
+    folder = tmp_path_factory.mktemp("sam") / "sam"
+    SamModel(cfg).save_pretrained(folder)
+    return folder

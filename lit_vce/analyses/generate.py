@@ -166,6 +166,7 @@ class AnalysisModule(L.LightningModule):
         m.inversion = "null_text" if real else "none"
         m.injection_fractions = ()
         m.blend_fractions = (1.0,) if (real and self.freeze_object) else (0.0,)
+        m.paste_outside_mask = real and self.freeze_object  # the object exactly as it was, not only blended
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -12,7 +12,8 @@ The pieces:
   wrapped processor unchanged; a cross-attention call with a control computes
   the attention probabilities explicitly and hands them to the control.
 - :class:`AttentionRecorder`: stores the conditional half's maps per step (for
-  injection) and accumulates every token's map over steps and layers (for masks).
+  injection) and accumulates every token's map per resolution over layers and
+  steps (for masks: :mod:`lit_vce.generators.masks`).
 - :class:`AttentionInjection`: for the samples where it is active, replaces the
   conditional half's maps by the recorded ones, re-indexed from the source
   prompt's tokens to the target prompt's tokens by an alignment matrix
@@ -119,24 +120,30 @@ class AttentionControl:
 @dataclass
 class AttentionStore:
     """What a recording pass keeps: ``maps[i][layer]`` (n, heads, Q, L) of step i (only
-    the first ``len(maps)`` steps), and ``token_maps`` (n, L, h, w): every token's map
-    averaged over heads, layers (at resolutions up to ``mask_resolution``) and steps."""
+    the first ``len(maps)`` steps, for injection), and for masks every token's map
+    averaged over heads, summed per spatial resolution over layers and recorded steps
+    (``token_sums[r]`` (n, L, r, r), ``token_counts[r]`` layer-steps)."""
 
     maps: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    token_maps: torch.Tensor | None = None
-    _count: int = 0
+    token_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_counts: dict[int, int] = field(default_factory=dict)
+
+    def token_maps(self, resolution: int) -> torch.Tensor | None:
+        """Token maps (n, L, r, r) averaged over heads, layers and steps at the recorded
+        resolution closest to ``resolution`` (DiG-IN: 16 at 512 px), or None."""
+        if not self.token_sums:
+            return None
+        r = min(self.token_sums, key=lambda k: (abs(k - resolution), k))
+        return self.token_sums[r] / self.token_counts[r]
 
 
 class AttentionRecorder(AttentionControl):
-    """Records step ``step``'s maps into ``store`` (maps only while ``keep_maps``)."""
+    """Records step ``step``'s maps into ``store``: the full maps while ``keep_maps``
+    (injection), the head-averaged token maps while ``record_tokens`` (masks)."""
 
-    def __init__(self, n: int, store: AttentionStore, step: int, keep_maps: bool, latent_size: int,
-                 mask_resolution: int = 16):
+    def __init__(self, n: int, store: AttentionStore, step: int, keep_maps: bool, record_tokens: bool = True):
         super().__init__(n)
-        self.store, self.step, self.keep_maps = store, step, keep_maps
-        self.latent_size, self.mask_resolution = latent_size, mask_resolution
-        self._token_sum: dict[int, torch.Tensor] = {}
-        self._token_count: dict[int, int] = {}
+        self.store, self.step, self.keep_maps, self.record_tokens = store, step, keep_maps, record_tokens
         if keep_maps:
             while len(store.maps) <= step:
                 store.maps.append({})
@@ -146,24 +153,12 @@ class AttentionRecorder(AttentionControl):
         if self.keep_maps:
             self.store.maps[self.step][layer] = cond.clone()
         r = math.isqrt(cond.shape[2])
-        if r * r == cond.shape[2]:
+        if self.record_tokens and r * r == cond.shape[2]:
             m = cond.float().mean(1).transpose(1, 2).reshape(self.n, -1, r, r)  # (n, L, r, r)
-            self._token_sum[r] = self._token_sum.get(r, 0) + m
-            self._token_count[r] = self._token_count.get(r, 0) + 1
+            s = self.store
+            s.token_sums[r] = s.token_sums.get(r, 0) + m
+            s.token_counts[r] = s.token_counts.get(r, 0) + 1
         return probs
-
-    def finish(self) -> None:
-        """Fold this step's token maps into the store (resolutions up to ``mask_resolution``,
-        or all of them when the model has none that coarse)."""
-        res = [r for r in self._token_sum if r <= self.mask_resolution] or list(self._token_sum)
-        if not res:
-            return
-        maps = [F.interpolate(self._token_sum[r] / self._token_count[r], size=(self.latent_size,) * 2, mode="bilinear",
-                              align_corners=False) for r in res]
-        step_map = torch.stack(maps).mean(0)
-        s = self.store
-        s.token_maps = step_map if s.token_maps is None else (s.token_maps * s._count + step_map) / (s._count + 1)
-        s._count += 1
 
 
 class AttentionInjection(AttentionControl):
@@ -236,19 +231,3 @@ def install_attention_control(unet) -> None:
         return
     unet.set_attn_processor({name: p if isinstance(p, ControlledAttention) else ControlledAttention(name, p)
                              for name, p in procs.items()})
-
-
-def attention_mask(token_maps: torch.Tensor, tokens: list[list[int]], threshold: float = 0.3) -> torch.Tensor:
-    """Foreground masks (n, 1, h, w) from the summed maps of each sample's ``tokens``:
-    dilated by a 3x3 max-filter, normalised to a maximum of 1, thresholded. A sample
-    without tokens gets an all-ones mask (everything is foreground: nothing is blended)."""
-    n, _, h, w = token_maps.shape
-    out = torch.ones(n, 1, h, w, device=token_maps.device)
-    for i, toks in enumerate(tokens):
-        if not toks:
-            continue
-        m = token_maps[i, toks].sum(0, keepdim=True)[None]
-        m = F.max_pool2d(m, 3, stride=1, padding=1)
-        m = m / m.amax().clamp_min(1e-12)
-        out[i] = (m[0] > threshold).float()
-    return out

@@ -135,14 +135,21 @@ class TrajectoryBackbone(nn.Module):
     def null_text_inversion(self, z0: torch.Tensor, cond: torch.Tensor, inner_steps: int = 10, lr: float = 1e-2,
                             tol: float = 1e-5, scale: float | None = None) -> Inversion:
         """DDIM inversion, then per-step unconditional embeddings optimised (Adam) so that
-        the CFG trajectory from z_T retraces the inverted latents (Mokady et al., 2023)."""
+        the CFG trajectory from z_T retraces the inverted latents (Mokady et al., 2023).
+
+        As the official DiG-IN/null-text code: at step i Adam runs with learning rate
+        ``lr * (1 - i / 100)`` for at most ``inner_steps`` steps and stops once the
+        loss (the MSE to the inverted latent, computed before the update) falls
+        below ``tol + i * 2e-5``, checked after the update. Each sample stops on its
+        own loss, so the batch does not matter.
+        """
         target = self.ddim_invert(z0, cond)
         n = len(z0)
         u = self.null_condition(n).detach()
         uncond, z = [], target[0]
         for i in range(self.num_steps):
             u = u.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / (2 * self.num_steps)))  # lr decays over the steps
+            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
             with torch.no_grad():
                 e_c = self.eps(z, i, cond)
             done = torch.zeros(n, dtype=torch.bool, device=z.device)
@@ -153,13 +160,13 @@ class TrajectoryBackbone(nn.Module):
                     per_sample = (pred - target[i + 1]).pow(2).flatten(1).mean(1)
                     opt.zero_grad()
                     per_sample.sum().backward()  # a sum: each sample's gradient is its own
-                done |= per_sample.detach() < tol  # early stop per sample, so the batch does not matter
-                if done.all():
-                    break
                 kept = u.detach()[done].clone()
                 opt.step()
                 with torch.no_grad():
-                    u[done] = kept
+                    u[done] = kept  # samples that stopped earlier keep their embedding
+                done |= per_sample.detach() < tol + i * 2e-5
+                if done.all():
+                    break
             with torch.no_grad():
                 z, _ = self.ddim_step(z, self.eps_cfg(z, i, cond, u.detach(), scale), i)
             uncond.append(u.detach())

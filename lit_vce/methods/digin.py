@@ -11,11 +11,12 @@ For a real image (a VCE):
    original trajectory's cross-attention maps for the first ``injection``
    fraction of steps (Stable Diffusion; the pixel model has no cross-attention,
    so it keeps the source class for those steps instead: the layout is fixed
-   early either way), and blending the original trajectory's background back
-   for the first ``blend`` fraction of steps where a foreground mask is known
-   (given with the data, or from the class word's cross-attention maps); the
-   combinations are tried once and the one with the lowest loss is kept, per
-   sample;
+   early either way), and blending the reconstruction trajectory's background
+   into the inputs of the first ``blend`` fraction of steps (z_T included) where
+   a foreground mask is known (given with the data, or from the class word's
+   cross-attention maps as the official code computes them:
+   :mod:`lit_vce.generators.masks`); the combinations are tried once and the one
+   with the lowest loss is kept, per sample;
 3. optimise the initial latent z_T and one additive delta per step on the
    conditional and on the unconditional embedding with Adam (z_T at a tenth of
    the learning rate, renormalised to its starting norm after each update),
@@ -26,14 +27,16 @@ For a real image (a VCE):
    augmentation (the start counts as iterate 0).
 
 The classifier terms see ``num_cutouts`` random square cutouts of each decoded
-image (resized back to its size) plus Gaussian noise. All randomness is drawn
-from the per-sample generators.
+image (:func:`cutout_views`) plus Gaussian noise. All randomness is drawn from
+the per-sample generators. Official quirks deliberately not copied, and other
+deviations: ``docs/parity.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 import re
 import warnings
 from typing import Any
@@ -43,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..generators.attention import (AttentionInjection, AttentionRecorder, AttentionStore, attention_mask, find_tokens,
-                                    token_alignment)
+from ..generators.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
+from ..generators.masks import OFFICIAL_POSTPROCESSING, SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
 from ..generators.noise import per_sample_rand, per_sample_randn
 from ..generators.trajectory import Inversion, PixelTrajectory, TrajectoryBackbone
 from ..objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
@@ -52,11 +55,32 @@ from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
 
-def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: int, min_scale: float = 0.7,
-                 noise_sd: float = 0.005) -> torch.Tensor:
-    """``num`` random square cutouts per image (side in [min_scale, 1] of the image, random
-    position), resized back to the image size, plus Gaussian noise: (N * num, C, H, W).
-    Cutout 0 of every image is the whole image."""
+def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: int, noise_sd: float = 0.005,
+                 cut_size: int | None = None, power: float = 0.3) -> torch.Tensor:
+    """DiG-IN's published cutouts: ``num`` random square crops per image whose side is
+    ``int(U^power * (min(H, W) - s) + s)`` with ``s = min(H, W, cut_size)`` (the
+    classifier's input size), at a uniform position, average-pooled to ``cut_size``,
+    plus Gaussian noise of sd ``noise_sd`` after pooling; no full view is forced.
+    Returns (N * num, C, cut_size, cut_size), image-major."""
+    n, c, h, w = images.shape
+    big = min(h, w)
+    cut = big if cut_size is None else int(cut_size)
+    small = min(big, cut)
+    u = per_sample_rand((num, 3), generators).to(images.device)  # side, top, left in [0, 1)
+    noise = per_sample_randn((num, c, cut, cut), generators).to(images) * noise_sd
+    views = []
+    for i in range(n):
+        for k in range(num):
+            side = int(float(u[i, k, 0]) ** power * (big - small) + small)
+            top, left = int(float(u[i, k, 1]) * (h - side + 1)), int(float(u[i, k, 2]) * (w - side + 1))
+            views.append(F.adaptive_avg_pool2d(images[i : i + 1, :, top : top + side, left : left + side], cut))
+    return torch.cat(views) + noise.reshape(n * num, c, cut, cut)
+
+
+def scaled_cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: int, min_scale: float = 0.7,
+                        noise_sd: float = 0.005) -> torch.Tensor:
+    """The earlier scheme (``cutouts="scaled"``): crops with side in [min_scale, 1] of the
+    image, resized back to the image size; view 0 of every image is the whole image."""
     n, c, h, w = images.shape
     u = per_sample_rand((num, 3), generators).to(images.device)  # side, top, left in [0, 1)
     noise = per_sample_randn((num, c, h, w), generators).to(images) * noise_sd
@@ -75,12 +99,51 @@ def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: i
     return torch.cat(views) + noise.reshape(n * num, c, h, w)
 
 
+def fraction_steps(fraction: float, num_steps: int) -> int:
+    """How many of the first steps a schedule fraction covers: the steps i with
+    ``i / num_steps < fraction`` (the official ``threshold_0.0_<fraction>`` schedule;
+    0.3 of 20 steps = steps 0-5)."""
+    return sum(1 for i in range(num_steps) if i / num_steps < fraction)
+
+
 def switch_word(caption: str, old: str, new: str) -> str | None:
     """``caption`` with every whole-word, case-insensitive occurrence of ``old`` replaced
     by ``new``; ``None`` when ``old`` does not occur."""
     pattern = re.compile(r"(?<!\w)" + re.escape(old) + r"(?!\w)", re.IGNORECASE)
     out, k = pattern.subn(new, caption)
     return out if k else None
+
+
+@dataclass
+class _Edit:
+    """What the edit keeps from the original: the reconstruction's latents at each step's
+    input (blending templates), the attention plan (text backbones), foreground masks."""
+
+    templates: list[torch.Tensor] | None
+    plan: "_AttentionPlan | None"
+    pixel_mask: torch.Tensor | None
+    latent_mask: torch.Tensor | None
+    paste: torch.Tensor | None = None  # the clean latent pasted outside the mask (``paste_outside_mask``)
+
+
+@dataclass
+class _Search:
+    """The setting chosen per sample: injection and blend step counts, start, its z_T."""
+
+    injection: torch.Tensor
+    blend: torch.Tensor
+    start: torch.Tensor
+    z_start: torch.Tensor
+
+
+@dataclass
+class _Best:
+    """Per sample: the best iterate's image, its clean loss, its index, failures."""
+
+    images: torch.Tensor
+    loss: torch.Tensor
+    iterate: torch.Tensor
+    failure: list[str | None]
 
 
 class _AttentionPlan:
@@ -107,8 +170,12 @@ class DiGIN(VCEMethod):
         outer_steps: Adam iterations (published: 20); ``0`` = inversion + edit only.
         lr: learning rate of the embedding deltas; z_T uses ``lr * latent_lr_factor``.
         loss_steps: the last k x0-predictions enter the loss with weights 1..k (3).
-        num_cutouts, cutout_min_scale, noise_sd: augmentation of classifier inputs
-            (published: 16 cutouts, noise sd 0.005).
+        num_cutouts, noise_sd: augmentation of classifier inputs (published: 16
+            cutouts, noise sd 0.005).
+        cutouts: ``"published"`` (:func:`cutout_views`: side ``U^cutout_power``
+            between the classifier's input size and the image size, pooled to the
+            classifier's size, no full view) or ``"scaled"`` (the earlier scheme:
+            side in [``cutout_min_scale``, 1], resized back, view 0 the whole image).
         classifier_weight, background_latent_weight, background_pixel_weight,
             l1_weight, l2_weight, lpips_weight: the objective ``w_c * TargetCE + 25 * BackgroundL2(latent)
             + 250 * BackgroundL2(pixel) (+ L1, L2, LPIPS)``; without masks the background
@@ -127,12 +194,20 @@ class DiGIN(VCEMethod):
             where the backbone has cross-attention, else conditioning).
         mask_source: the foreground masks of background blending and the background
             terms: ``"batch"`` (given with the data, e.g. the world's ground truth),
-            ``"attention"`` (the source word's cross-attention maps, thresholded at
-            ``mask_threshold`` of their maximum), ``"none"``, or ``"auto"`` (the batch's
-            masks, else attention maps where the backbone has them).
+            ``"attention"`` (the source word's cross-attention maps, official recipe:
+            soft, squashed with cut-off ``mask_threshold``, post-processed), ``"none"``,
+            or ``"auto"`` (the batch's masks, else attention maps where the backbone has them).
+        mask_postprocessing: erosion, dilation, blur kernel and blur sigma at 512 px
+            (scaled with the resolution) for attention masks; ``None``: none.
+        sam_model: refine attention masks with Segment Anything (a ``SamModel``
+            folder or hub id; the official code uses SAM-HQ); ``None``: off.
+        sam_points, sam_threshold: points drawn where the soft mask exceeds the threshold.
         gradient_checkpointing: checkpoint UNet, decoder and classifier calls.
         autocast: ``None`` or ``"bfloat16"``/``"float16"`` (mixed precision).
         inner_batch_size: process the batch in chunks (memory; outputs do not change).
+        paste_outside_mask: also put the original's clean latent outside the mask into
+            the x0-predictions that are scored and returned (not part of the published
+            method; the analyses use it to keep a frozen object exactly).
         prompt: the caption template of text backbones (``{}`` = the class name). When
             the data gives captions, the source class name in each caption is replaced by
             the target's (whole word, any case); a caption that does not name the source
@@ -152,6 +227,8 @@ class DiGIN(VCEMethod):
         latent_lr_factor: float = 0.1,
         loss_steps: int = 3,
         num_cutouts: int = 16,
+        cutouts: str = "published",
+        cutout_power: float = 0.3,
         cutout_min_scale: float = 0.7,
         noise_sd: float = 0.005,
         classifier_weight: float = 1.0,
@@ -170,9 +247,14 @@ class DiGIN(VCEMethod):
         injection: str = "auto",
         mask_source: str = "auto",
         mask_threshold: float = 0.3,
+        mask_postprocessing: tuple[float, ...] | None = OFFICIAL_POSTPROCESSING,
+        sam_model: str | None = None,
+        sam_points: int = 5,
+        sam_threshold: float = 0.35,
         gradient_checkpointing: bool = False,
         autocast: str | None = None,
         inner_batch_size: int | None = None,
+        paste_outside_mask: bool = False,
         prompt: str = "a photograph of a {}",
         class_names: list[str] | None = None,
     ):
@@ -189,6 +271,10 @@ class DiGIN(VCEMethod):
             raise ValueError("injection must be 'auto', 'attention' or 'conditioning'")
         if mask_source not in ("auto", "batch", "attention", "none"):
             raise ValueError("mask_source must be 'auto', 'batch', 'attention' or 'none'")
+        if cutouts not in ("published", "scaled"):
+            raise ValueError("cutouts must be 'published' or 'scaled'")
+        if mask_postprocessing is not None and len(mask_postprocessing) != 4:
+            raise ValueError("mask_postprocessing: (erosion, dilation, blur kernel, blur sigma) at 512 px, or None")
         if isinstance(backbone, str):
             backbone = PixelTrajectory(backbone, num_steps=num_steps, guidance_scale=guidance_scale,
                                        gradient_checkpointing=gradient_checkpointing)
@@ -205,9 +291,13 @@ class DiGIN(VCEMethod):
         self.backbone = backbone
         self.injection = ("attention" if backbone.supports_attention_control else "conditioning") if injection == "auto" else injection
         self.mask_source, self.mask_threshold = mask_source, float(mask_threshold)
+        self.mask_postprocessing = None if mask_postprocessing is None else tuple(mask_postprocessing)
+        self.sam_spec = sam_model
+        self.sam = SamRefiner(sam_model, sam_points, sam_threshold) if sam_model else None
         self.num_steps, self.guidance_scale, self.outer_steps = num_steps, guidance_scale, outer_steps
         self.lr, self.latent_lr_factor, self.loss_steps = lr, latent_lr_factor, loss_steps
         self.num_cutouts, self.cutout_min_scale, self.noise_sd = num_cutouts, cutout_min_scale, noise_sd
+        self.cutouts, self.cutout_power = cutouts, float(cutout_power)
         if objective is None:
             objective = classifier_weight * TargetCE()
             if background_latent_weight:
@@ -226,6 +316,7 @@ class DiGIN(VCEMethod):
         self.blend_fractions, self.injection_fractions = tuple(blend_fractions), tuple(injection_fractions)
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
         self.inner_batch_size = inner_batch_size
+        self.paste_outside_mask = bool(paste_outside_mask)
         self.prompt, self.class_names = prompt, class_names
         self.last_trace: list[torch.Tensor] = []  # per outer step: augmented loss per sample (diagnostics)
 
@@ -233,9 +324,12 @@ class DiGIN(VCEMethod):
         return {**super().describe(), "objective": self.objective.describe(), "backbone": type(self.backbone).__name__,
                 "num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "outer_steps": self.outer_steps,
                 "lr": self.lr, "latent_lr_factor": self.latent_lr_factor, "loss_steps": self.loss_steps,
-                "num_cutouts": self.num_cutouts, "noise_sd": self.noise_sd, "inversion": self.inversion, "num_starts": self.num_starts,
+                "num_cutouts": self.num_cutouts, "cutouts": self.cutouts, "cutout_power": self.cutout_power,
+                "noise_sd": self.noise_sd, "inversion": self.inversion, "num_starts": self.num_starts,
                 "blend_fractions": list(self.blend_fractions), "injection_fractions": list(self.injection_fractions),
                 "injection": self.injection, "mask_source": self.mask_source, "mask_threshold": self.mask_threshold,
+                "mask_postprocessing": list(self.mask_postprocessing or []), "sam_model": self.sam_spec,
+                "null_text_steps": self.null_text_steps, "null_text_lr": self.null_text_lr,
                 "gradient_checkpointing": self.gradient_checkpointing, "autocast": self.autocast}
 
     # --- conditioning ------------------------------------------------------------------
@@ -278,12 +372,16 @@ class DiGIN(VCEMethod):
     # --- the trajectory ------------------------------------------------------------------------
     def run_trajectory(self, z_t: torch.Tensor, cond_src, cond_tgt, uncond: list[torch.Tensor], delta_c=None, delta_u=None,
                        injection_steps: torch.Tensor | None = None, blend_steps: torch.Tensor | None = None,
-                       inversion: Inversion | None = None, latent_mask: torch.Tensor | None = None,
-                       keep_last: int = 1, attention: "_AttentionPlan | None" = None) -> list[torch.Tensor]:
+                       templates: list[torch.Tensor] | None = None, latent_mask: torch.Tensor | None = None,
+                       keep_last: int = 1, attention: "_AttentionPlan | None" = None,
+                       paste: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Sample from ``z_t`` with per-sample injection/blend step counts; returns the
         x0-predictions of the last ``keep_last`` steps. With ``attention`` (a recorded
         trajectory's maps) the first injection steps get its cross-attention maps and the
-        target conditioning; without, they get the source conditioning."""
+        target conditioning; without, they get the source conditioning. For the first
+        blend steps the input latent is ``mask * z + (1 - mask) * templates[i]`` (the
+        reconstruction trajectory's latent at that step; step 0's input is z_T). With
+        ``paste`` (a clean latent) the returned x0-predictions take it outside the mask."""
         bb, n = self.backbone, len(z_t)
         dev = z_t.device
         inj = torch.zeros(n, dtype=torch.long, device=dev) if injection_steps is None else injection_steps
@@ -292,6 +390,9 @@ class DiGIN(VCEMethod):
         shape_z = (n,) + (1,) * (z_t.dim() - 1)
         x0s = []
         for i in range(self.num_steps):
+            if templates is not None and latent_mask is not None and bool((blend > i).any()):
+                use = (blend > i).view(shape_z).to(z_t.dtype)
+                z_t = use * (latent_mask * z_t + (1 - latent_mask) * templates[i]) + (1 - use) * z_t
             control = None
             if attention is not None:
                 cond = cond_tgt
@@ -304,29 +405,35 @@ class DiGIN(VCEMethod):
                 cond = cond + delta_c[i]
             u = uncond[i] if delta_u is None else uncond[i] + delta_u[i]
             eps = bb.eps_cfg(z_t, i, cond, u, control=control)
-            z_next, x0 = bb.ddim_step(z_t, eps, i)
-            if inversion is not None and latent_mask is not None:
-                use = (blend > i).view(shape_z).to(z_next.dtype)
-                mixed = latent_mask * z_next + (1 - latent_mask) * inversion.latents[i + 1]
-                z_next = use * mixed + (1 - use) * z_next
+            z_t, x0 = bb.ddim_step(z_t, eps, i)
             if i >= self.num_steps - keep_last:
+                if paste is not None and latent_mask is not None:
+                    x0 = latent_mask * x0 + (1 - latent_mask) * paste
                 x0s.append(x0)
-            z_t = z_next
         return x0s
 
     @torch.no_grad()
-    def record_attention(self, inversion: Inversion, cond: torch.Tensor, keep_steps: int) -> AttentionStore:
+    def reconstruct(self, inversion: Inversion, cond: torch.Tensor, keep_steps: int = 0,
+                    record_tokens: bool = False) -> tuple[list[torch.Tensor], AttentionStore | None]:
         """Run the reconstruction trajectory (``cond`` and the inversion's unconditional
-        embeddings from its z_T) and record its cross-attention: the maps of the first
-        ``keep_steps`` steps and every token's map averaged over all steps."""
-        bb, store = self.backbone, AttentionStore()
-        z = inversion.latents[0]
+        embeddings from its z_T): its latent at the input of every step (the blending
+        templates) and, on text backbones, its cross-attention: the maps of the first
+        ``keep_steps`` steps (injection) and, with ``record_tokens``, the token maps of
+        the first half of the steps (masks; the official ``xa_start_t = 0.5``)."""
+        bb = self.backbone
+        record = bb.supports_attention_control and (keep_steps > 0 or record_tokens)
+        store = AttentionStore() if record else None
+        z, latents = inversion.latents[0], []
+        last = self.num_steps - 1
         for i in range(self.num_steps):
-            rec = AttentionRecorder(len(z), store, i, keep_maps=i < keep_steps, latent_size=z.shape[-1])
+            latents.append(z)
+            rec = None
+            if record:
+                in_first_half = last == 0 or 1 - i / last >= 0.5
+                rec = AttentionRecorder(len(z), store, i, keep_maps=i < keep_steps, record_tokens=record_tokens and in_first_half)
             eps = bb.eps_cfg(z, i, cond, inversion.uncond[i], control=rec)
-            rec.finish()
             z, _ = bb.ddim_step(z, eps, i)
-        return store
+        return latents, store
 
     def _loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool) -> torch.Tensor:
         k = len(x0s)
@@ -370,129 +477,176 @@ class DiGIN(VCEMethod):
         return z0, Inversion([z_T] + [z0] * self.num_steps, [u] * self.num_steps)
 
     def _generate(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
-        bb, n, dev = self.backbone, len(batch), batch.images.device
-        clf = classifier
-        if self.gradient_checkpointing:
-            def clf(x, _c=classifier):  # noqa: E306
-                return _checkpoint(_c, x, use_reentrant=False) if torch.is_grad_enabled() else _c(x)
-            clf.num_classes = getattr(classifier, "num_classes", None)
-        captions_used = None
-        if isinstance(bb, PixelTrajectory):
-            cond_src = self.conditions(batch.source, classifier)
-            cond_tgt = self.conditions(batch.target, classifier)
-        else:
-            src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
-            cond_src, cond_tgt = bb.condition(src_prompts), bb.condition(tgt_prompts)
+        """The phases: condition, invert, prepare the edit, search, optimise, select."""
+        cond_src, cond_tgt, prompts, captions_used = self._conditioning(batch, classifier)
         z0, inv = self.invert(batch.images, cond_src, batch.generators)
-        latent_mask, pixel_mask = None, batch.mask
+        edit = self.prepare_edit(batch, classifier, inv, cond_src, prompts)
+        ctx = ObjectiveContext(batch.images, batch.source, batch.target, self._checkpointed(classifier), edit.pixel_mask,
+                               views=self._views(batch, classifier), original_latents=z0, latent_mask=edit.latent_mask)
+        search = self.search(batch, inv, cond_src, cond_tgt, edit, ctx)
+        best = self.optimise(batch, inv, cond_src, cond_tgt, edit, ctx, search)
+        with torch.no_grad():
+            p_t = classifier(best.images).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
+        n = len(batch)
+        diag = {"target_confidence": p_t, "loss": best.loss.detach().cpu(), "best_iterate": best.iterate.float().cpu(),
+                "injection_steps": search.injection.float().cpu(), "blend_steps": search.blend.float().cpu(),
+                "start": search.start.float().cpu(),
+                "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan")))}
+        if edit.latent_mask is not None:
+            diag["mask_fraction"] = edit.latent_mask.float().flatten(1).mean(1).cpu()
+        if captions_used is not None:
+            diag["caption_used"] = captions_used
+        return CounterfactualResult(best.images.detach(), diag, best.failure)
+
+    def _checkpointed(self, classifier: nn.Module):
+        if not self.gradient_checkpointing:
+            return classifier
+
+        def clf(x, _c=classifier):
+            return _checkpoint(_c, x, use_reentrant=False) if torch.is_grad_enabled() else _c(x)
+        clf.num_classes = getattr(classifier, "num_classes", None)
+        return clf
+
+    def _conditioning(self, batch: VCEBatch, classifier: nn.Module):
+        """(source conditioning, target conditioning, (source prompts, target prompts) or None, captions used)."""
+        bb = self.backbone
+        if isinstance(bb, PixelTrajectory):
+            return self.conditions(batch.source, classifier), self.conditions(batch.target, classifier), None, None
+        src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
+        return bb.condition(src_prompts), bb.condition(tgt_prompts), (src_prompts, tgt_prompts), captions_used
+
+    def _views(self, batch: VCEBatch, classifier: nn.Module):
+        if self.cutouts == "scaled":
+            return lambda x: scaled_cutout_views(x, batch.generators, self.num_cutouts, self.cutout_min_scale, self.noise_sd)
+        size = getattr(classifier, "input_size", None)
+        return lambda x: cutout_views(x, batch.generators, self.num_cutouts, self.noise_sd, size, self.cutout_power)
+
+    def prepare_edit(self, batch: VCEBatch, classifier: nn.Module, inv: Inversion, cond_src: torch.Tensor,
+                     prompts: tuple[list[str], list[str]] | None) -> "_Edit":
+        """The reconstruction's blending templates, the attention plan and the foreground masks."""
+        bb, dev = self.backbone, batch.images.device
         if self.mask_source == "batch" and batch.mask is None:
             raise ValueError("mask_source='batch' but the data gives no foreground masks")
-        attn_masks = self.inversion != "none" and (self.mask_source == "attention" or (
+        real = self.inversion != "none"
+        pixel_mask = None if self.mask_source == "none" else batch.mask
+        attn_masks = real and (self.mask_source == "attention" or (
             self.mask_source == "auto" and batch.mask is None and bb.supports_attention_control))
-        if self.mask_source == "none":
-            pixel_mask = None
-        plan = None
-        keep = max((round(j * self.num_steps) for j in self.injection_fractions), default=0)
-        if self.inversion != "none" and ((self.injection == "attention" and keep > 0) or attn_masks):
+        keep = max((fraction_steps(j, self.num_steps) for j in self.injection_fractions), default=0)
+        inject = real and self.injection == "attention" and keep > 0
+        templates = store = None
+        if real and (inject or attn_masks or any(b > 0 for b in self.blend_fractions)):
             with self._autocast(dev):  # maps stored in the compute dtype (half the memory under bf16)
-                store = self.record_attention(inv, cond_src, keep if self.injection == "attention" else 0)
-            ids_src = bb.token_ids(src_prompts).tolist()
-            if self.injection == "attention":
-                aligned = [token_alignment(a, b) for a, b in zip(ids_src, bb.token_ids(tgt_prompts).tolist())]
-                plan = _AttentionPlan(store, torch.stack([m for m, _ in aligned]).to(dev),
-                                      torch.stack([o for _, o in aligned]).to(dev))
-            if attn_masks:
-                names = self._names(classifier)
-                tokens = [find_tokens(ids, bb.word_ids(names[int(c)])) for ids, c in zip(ids_src, batch.source)]
-                latent_mask = attention_mask(store.token_maps, tokens, self.mask_threshold)
-                pixel_mask = F.interpolate(latent_mask, size=batch.images.shape[-2:], mode="nearest")
-        if pixel_mask is not None and latent_mask is None and self.inversion != "none":
-            latent_mask = F.interpolate(pixel_mask.float(), size=z0.shape[-2:], mode="area")
-        ctx = ObjectiveContext(batch.images, batch.source, batch.target, clf, pixel_mask,
-                               views=lambda x: cutout_views(x, batch.generators, self.num_cutouts, self.cutout_min_scale, self.noise_sd),
-                               original_latents=z0, latent_mask=latent_mask)
-        # 1. the search over settings (and random starts), no optimisation, per sample
-        blends = [b for b in self.blend_fractions if b == 0 or latent_mask is not None] or [0.0]
+                templates, store = self.reconstruct(inv, cond_src, keep if inject else 0, record_tokens=attn_masks)
+        plan = None
+        if inject:
+            aligned = [token_alignment(a, b) for a, b in zip(bb.token_ids(prompts[0]).tolist(), bb.token_ids(prompts[1]).tolist())]
+            plan = _AttentionPlan(store, torch.stack([m for m, _ in aligned]).to(dev), torch.stack([o for _, o in aligned]).to(dev))
+        if attn_masks:
+            pixel_mask = self.attention_masks(store, batch, classifier, prompts[0], inv.latents[0].shape[-1])
+        latent_mask = None
+        if pixel_mask is not None and real:
+            latent_mask = latent_mask_from_pixels(pixel_mask, inv.latents[0].shape[-1])
+        paste = inv.latents[-1] if (self.paste_outside_mask and latent_mask is not None) else None
+        return _Edit(templates, plan, pixel_mask, latent_mask, paste)
+
+    def attention_masks(self, store: AttentionStore, batch: VCEBatch, classifier: nn.Module, src_prompts: list[str],
+                        latent_size: int) -> torch.Tensor:
+        """Soft foreground masks (n, 1, H, W) from the source class word's cross-attention
+        (:mod:`lit_vce.generators.masks`), optionally refined by SAM, post-processed."""
+        bb, names = self.backbone, self._names(classifier)
+        ids_src = bb.token_ids(src_prompts).tolist()
+        tokens = [find_tokens(ids, bb.word_ids(names[int(c)])) for ids, c in zip(ids_src, batch.source)]
+        maps = store.token_maps(max(1, latent_size // 4))  # 16x16 for Stable Diffusion at 512 px
+        mask = attention_foreground(maps, tokens, batch.images.shape[-1], self.mask_threshold)
+        if self.sam is not None:
+            mask = self.sam(batch.images, mask, batch.generators)
+        if self.mask_postprocessing is not None:
+            mask = postprocess_mask(mask, *self.mask_postprocessing)
+        return mask
+
+    def search(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: "_Edit", ctx: ObjectiveContext) -> "_Search":
+        """Try every (blend, injection) setting (and random start) once, keep the best per sample."""
+        n, dev = len(batch), batch.images.device
+        blends = [b for b in self.blend_fractions if b == 0 or (edit.latent_mask is not None and edit.templates is not None)] or [0.0]
         injections = self.injection_fractions or (0.0,)
-        if plan is None and torch.equal(cond_src, cond_tgt):
+        if edit.plan is None and torch.equal(cond_src, cond_tgt):
             injections = (0.0,)  # nothing to inject: the settings would repeat one trajectory
-        combos = list(itertools.product(blends, injections))
         starts = [inv.latents[0]]
         if self.inversion == "none":
-            starts += [per_sample_randn(z0.shape[1:], batch.generators).to(z0) for _ in range(self.num_starts - 1)]
-        search_loss = torch.full((n,), float("inf"), device=dev)
-        best_loss = torch.full((n,), float("inf"), device=dev)
-        inj = torch.zeros(n, dtype=torch.long, device=dev)
-        blend = torch.zeros(n, dtype=torch.long, device=dev)
-        start = torch.zeros(n, dtype=torch.long, device=dev)
-        best_img = batch.images.clone()
+            starts += [per_sample_randn(inv.latents[0].shape[1:], batch.generators).to(inv.latents[0]) for _ in range(self.num_starts - 1)]
+        best = torch.full((n,), float("inf"), device=dev)
+        inj, blend, start = (torch.zeros(n, dtype=torch.long, device=dev) for _ in range(3))
         with torch.no_grad(), self._autocast(dev):
             for k, z_start in enumerate(starts):
-                for b, j in combos:
-                    bs = torch.full((n,), round(b * self.num_steps), dtype=torch.long, device=dev)
-                    js = torch.full((n,), round(j * self.num_steps), dtype=torch.long, device=dev)
+                for b, j in itertools.product(blends, injections):
+                    bs = torch.full((n,), fraction_steps(b, self.num_steps), dtype=torch.long, device=dev)
+                    js = torch.full((n,), fraction_steps(j, self.num_steps), dtype=torch.long, device=dev)
                     x0s = self.run_trajectory(z_start, cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
-                                              inversion=inv, latent_mask=latent_mask, attention=plan)
+                                              templates=edit.templates, latent_mask=edit.latent_mask, attention=edit.plan,
+                                              paste=edit.paste)
                     loss = self._loss(x0s, ctx, augmented=False).float()
-                    better = loss < search_loss
-                    search_loss = torch.where(better, loss, search_loss)
+                    better = loss < best
+                    best = torch.where(better, loss, best)
                     inj, blend = torch.where(better, js, inj), torch.where(better, bs, blend)
                     start = torch.where(better, torch.full_like(start, k), start)
-        z_start = torch.stack(starts)[start, torch.arange(n, device=dev)]
-        # 2. trajectory optimisation
-        z_T = z_start.detach().clone().requires_grad_(True)
+        return _Search(inj, blend, start, torch.stack(starts)[start, torch.arange(n, device=dev)])
+
+    def optimise(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: "_Edit", ctx: ObjectiveContext,
+                 search: "_Search") -> "_Best":
+        """Adam on z_T and the per-step embedding deltas; keeps each sample's iterate with the lowest clean loss."""
+        n, dev = len(batch), batch.images.device
+        z_T = search.z_start.detach().clone().requires_grad_(True)
         norm0 = z_T.detach().flatten(1).norm(dim=1)
         delta_c = torch.zeros((self.num_steps, *cond_src.shape), device=dev, requires_grad=True)
         delta_u = torch.zeros((self.num_steps, *inv.uncond[0].shape), device=dev, requires_grad=True)
         opt = torch.optim.Adam([{"params": [z_T], "lr": self.lr * self.latent_lr_factor}, {"params": [delta_c, delta_u], "lr": self.lr}])
-        failure: list[str | None] = [None] * n
+        best = _Best(batch.images.clone(), torch.full((n,), float("inf"), device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                     [None] * n)
         ok = torch.ones(n, dtype=torch.bool, device=dev)
         self.last_trace = []
-        chosen = torch.zeros(n, dtype=torch.long, device=dev)
         for it in range(self.outer_steps + 1):  # iterates 0..outer_steps; 0 is the searched start
             last = it == self.outer_steps
             with torch.set_grad_enabled(not last), self._autocast(dev):
-                x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, inj, blend, inv, latent_mask,
-                                          keep_last=1 if last else self.loss_steps, attention=plan)
+                x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, search.injection, search.blend,
+                                          edit.templates, edit.latent_mask, keep_last=1 if last else self.loss_steps,
+                                          attention=edit.plan, paste=edit.paste)
                 with torch.no_grad():  # the un-augmented loss of this iterate decides what is kept
                     clean = self._loss(x0s[-1:], ctx, augmented=False).float()
-                better = (clean < best_loss) & ok
+                better = (clean < best.loss) & ok
                 if better.any():
-                    best_loss = torch.where(better, clean, best_loss)
-                    chosen = torch.where(better, torch.full_like(chosen, it), chosen)
-                    best_img[better] = self._image(x0s[-1].detach(), batch.images)[better]
+                    best.loss = torch.where(better, clean, best.loss)
+                    best.iterate = torch.where(better, torch.full_like(best.iterate, it), best.iterate)
+                    best.images[better] = self._image(x0s[-1].detach(), batch.images)[better]
                 if last:
                     break
                 loss = self._loss(x0s, ctx, augmented=True).float()
                 opt.zero_grad()
                 loss.sum().backward()
             self.last_trace.append(loss.detach())
-            for p in (z_T, delta_c, delta_u):
-                if p.grad is None:  # e.g. delta_u when guidance_scale is 1 (no unconditional branch)
-                    p.grad = torch.zeros_like(p)
-            grads_ok = torch.isfinite(z_T.grad).flatten(1).all(1) & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1) \
-                & torch.isfinite(delta_u.grad.transpose(0, 1).flatten(1)).all(1)
-            for i in torch.nonzero(~grads_ok & ok).flatten().tolist():
-                failure[i] = f"non-finite gradient at outer step {it + 1}"
-            ok &= grads_ok
-            for p in (z_T, delta_c, delta_u):
-                p.grad = torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
-            z_T.grad[~ok] = 0
-            delta_c.grad[:, ~ok] = 0
-            delta_u.grad[:, ~ok] = 0
+            ok &= self._finite_grads(z_T, delta_c, delta_u, ok, best.failure, it)
             opt.step()
             with torch.no_grad():
                 z_T.mul_((norm0 / z_T.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z_T.dim() - 1))))
-        with torch.no_grad():
-            p_t = classifier(best_img).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
-        diag = {"target_confidence": p_t, "loss": best_loss.detach().cpu(), "best_iterate": chosen.float().cpu(),
-                "injection_steps": inj.float().cpu(), "blend_steps": blend.float().cpu(), "start": start.float().cpu(),
-                "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan")))}
-        if latent_mask is not None:
-            diag["mask_fraction"] = latent_mask.float().flatten(1).mean(1).cpu()
-        if captions_used is not None:
-            diag["caption_used"] = captions_used
-        return CounterfactualResult(best_img.detach(), diag, failure)
+        return best
+
+    @staticmethod
+    def _finite_grads(z_T, delta_c, delta_u, ok, failure, it) -> torch.Tensor:
+        """Per-sample finiteness of the gradients; non-finite samples are recorded as failures
+        and frozen (their gradients zeroed)."""
+        for p in (z_T, delta_c, delta_u):
+            if p.grad is None:  # e.g. delta_u when guidance_scale is 1 (no unconditional branch)
+                p.grad = torch.zeros_like(p)
+        fine = torch.isfinite(z_T.grad).flatten(1).all(1) & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1) \
+            & torch.isfinite(delta_u.grad.transpose(0, 1).flatten(1)).all(1)
+        for i in torch.nonzero(~fine & ok).flatten().tolist():
+            failure[i] = f"non-finite gradient at outer step {it + 1}"
+        keep = ok & fine
+        for p in (z_T, delta_c, delta_u):
+            p.grad = torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
+        z_T.grad[~keep] = 0
+        delta_c.grad[:, ~keep] = 0
+        delta_u.grad[:, ~keep] = 0
+        return fine
 
     def _image(self, x0: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         img = self.backbone.decode(x0).float()
