@@ -129,6 +129,8 @@ def test_pixel_diffusion_runs_an_adm_checkpoint_with_the_respaced_sampler(tmp_pa
     assert _rel(out["mean"], data["step100.mean"]) < TOL
     # an explicit path with the preset works too
     short = PixelDiffusion(f"adm:tiny@{tmp_path / 'adm' / 'tiny_official.pt'}", scheduler="adm", num_inference_steps=5)
+    with pytest.raises(ValueError, match="does not fit"):  # overrides reach the architecture
+        PixelDiffusion("adm:tiny", scheduler="adm", num_inference_steps=5, adm_overrides={"num_res_blocks": 1})
     assert short.diffusion.timestep_map.tolist() == [0, 250, 500, 749, 999]
     with torch.no_grad():
         imgs = short.sample(None, 2, sample_generators(0, ["a", "b"]))

@@ -99,6 +99,8 @@ class PixelDiffusion(nn.Module):
         unet: an already built ``UNet2DModel`` (tests, programmatic use);
             overrides ``model``.
         scheduler_config: the training noise-schedule config (with ``unet``).
+        adm_overrides: ADM architecture keys that differ from the preset (e.g.
+            ``{"num_channels": 128}`` for a checkpoint of one's own).
         clip_sample: clip the x0-prediction to [-1, 1] inside every step. The
             published DVCE/ADM sampling does not (``clip_denoised=False``); the
             world's ddpm needs it for plain sampling (oracle shape accuracy of
@@ -114,12 +116,13 @@ class PixelDiffusion(nn.Module):
         unet: nn.Module | None = None,
         scheduler_config: dict | None = None,
         clip_sample: bool = True,
+        adm_overrides: dict | None = None,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         if unet is None:
-            unet, scheduler_config, default_null = self._load(model)
+            unet, scheduler_config, default_null = self._load(model, adm_overrides or {})
             null_class = default_null if null_class is None else null_class
         if scheduler_config is None:
             raise ValueError("scheduler_config is required with a prebuilt unet")
@@ -144,7 +147,7 @@ class PixelDiffusion(nn.Module):
             self.diffusion = None
 
     @staticmethod
-    def _load(model: str):
+    def _load(model: str, adm_overrides: dict):
         if model in ("world", "world:ddpm"):
             from ..world.models import NULL_CLASS, SCHEDULER_CONFIG, load_world_network
 
@@ -153,7 +156,7 @@ class PixelDiffusion(nn.Module):
         if adm is not None:
             from .adm import load_adm
 
-            net = load_adm(adm[0], adm[1])
+            net = load_adm(adm[0], adm[1], **adm_overrides)
             c = net.config
             return _ADMAdapter(net), {"num_train_timesteps": c.diffusion_steps, "beta_schedule": c.noise_schedule}, None
         import json
