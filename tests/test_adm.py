@@ -153,3 +153,24 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(MissingWeightsError, match=r"adm/256x256_diffusion_uncond\.pt"):
         getattr(importlib.import_module(module), name)(**args)
+
+
+def test_guided_methods_run_on_an_adm_checkpoint(tmp_path, monkeypatch, tiny_classifier):
+    from lit_vce.generators import PixelDiffusion, sample_generators
+    from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
+
+    cfg, _, state = _fixture("uncond")
+    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
+                                              "file": "tiny_official.pt"})
+    (tmp_path / "adm").mkdir()
+    torch.save(state, tmp_path / "adm" / "tiny_official.pt")
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    ids = ["a", "b"]
+    batch = VCEBatch(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor([1, 2]), ids, sample_generators(0, ids))
+    cg = ClassifierGuidance(generator="adm:tiny", scheduler="ddim", num_steps=6)  # eps = the first 3 of 6 channels
+    dvce = DVCE(generator="adm:tiny", num_steps=6, robust_classifier=None)  # the respaced sampler, learned variance
+    for method in (cg, dvce):
+        out = method.generate(batch, tiny_classifier)
+        assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
+        assert (out.images - batch.images).abs().mean() > 1e-3
+    assert dvce.describe()["scheduler"] == "adm" and dvce.describe()["clip_sample"] is False

@@ -147,7 +147,7 @@ class PixelDiffusion(nn.Module):
             self.diffusion = None
 
     @staticmethod
-    def _load(model: str, adm_overrides: dict):
+    def _load(model: str, adm_overrides: dict | None = None):
         if model in ("world", "world:ddpm"):
             from ..world.models import NULL_CLASS, SCHEDULER_CONFIG, load_world_network
 
@@ -156,7 +156,7 @@ class PixelDiffusion(nn.Module):
         if adm is not None:
             from .adm import load_adm
 
-            net = load_adm(adm[0], adm[1], **adm_overrides)
+            net = load_adm(adm[0], adm[1], **(adm_overrides or {}))
             c = net.config
             return _ADMAdapter(net), {"num_train_timesteps": c.diffusion_steps, "beta_schedule": c.noise_schedule}, None
         import json
