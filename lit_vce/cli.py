@@ -169,11 +169,10 @@ def main(argv: list[str] | None = None) -> None:
             p.exit(2, f"lit-vce report: {e}\n")
         print(f"report written to {out}")
     elif args.command == "methods":
-        from . import methods  # noqa: F401  (registers the built-in methods)
-        from .registry import METHODS
+        from .registry import METHODS, describe_method
 
         for name in METHODS.names():
-            print(f"{name:24s} {METHODS.get(name).__module__}.{METHODS.get(name).__qualname__}")
+            print(describe_method(name, METHODS.get(name)) + "\n")
 
 
 if __name__ == "__main__":

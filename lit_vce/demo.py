@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-DEMO_METHODS = ("classifier_guidance", "dvce", "digin")
+DEMO_METHODS = ("classifier_guidance", "dvce", "fastdime", "digin")
 DEMO_CLASSIFIERS = ("biased", "robust")
 
 

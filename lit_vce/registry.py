@@ -5,9 +5,11 @@
     @METHODS.register("my_method")
     class MyMethod(VCEMethod): ...
 
-A package can also register without being imported by lit_vce, through the entry
-point group named by the registry (``lit_vce.methods``, ``lit_vce.classifiers``),
-e.g. in its pyproject: ``[project.entry-points."lit_vce.methods"] my_method = "pkg.mod:MyMethod"``.
+Every module inside ``lit_vce/methods/`` is imported when the method registry is
+first read, so a new method is one file there (no other file to edit). A package
+can also register without being imported by lit_vce, through the entry point
+group named by the registry (``lit_vce.methods``, ``lit_vce.classifiers``), e.g.
+in its pyproject: ``[project.entry-points."lit_vce.methods"] my_method = "pkg.mod:MyMethod"``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 class Registry:
     """A name -> object table filled by the ``register`` decorator."""
 
-    def __init__(self, kind: str, group: str):
-        self.kind, self.group = kind, group
+    def __init__(self, kind: str, group: str, package: str | None = None):
+        self.kind, self.group, self.package = kind, group, package
         self._items: dict[str, Any] = {}
         self._entry_points_loaded = False
 
@@ -38,6 +40,10 @@ class Registry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        if self.package:  # the built-in modules register on import
+            import importlib
+
+            importlib.import_module(self.package)
         for ep in entry_points(group=self.group):
             if ep.name not in self._items:
                 self._items[ep.name] = ep.load()
@@ -58,5 +64,25 @@ class Registry:
         return name in self._items
 
 
-METHODS = Registry("method", "lit_vce.methods")
+METHODS = Registry("method", "lit_vce.methods", package="lit_vce.methods")
 CLASSIFIER_FAMILIES = Registry("classifier family", "lit_vce.classifiers")
+
+
+def describe_method(name: str, cls: Any) -> str:
+    """``name``, the class path, the docstring's first line and the constructor's defaults
+    (the class's own arguments, then those it inherits through ``**kwargs``)."""
+    import inspect
+
+    doc = (inspect.getdoc(cls) or "").strip().splitlines()
+    lines = [f"{name}  ({cls.__module__}.{cls.__qualname__})", f"  {doc[0] if doc else '(no description)'}"]
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = [p for p in inspect.signature(init).parameters.values()
+                  if p.name not in seen and p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        seen.update(p.name for p in params)
+        if params:
+            lines.append("  " + ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params))
+    return "\n".join(lines)

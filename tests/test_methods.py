@@ -39,21 +39,28 @@ def test_augmentations_are_per_sample_deterministic_and_differentiable():
     assert x.grad.abs().sum() > 0
 
 
-def _build(name, tiny_generator, tiny_classifier, scheduler="ddim"):
+def _build(name, tiny_generator, tiny_classifier, stochastic=False):
+    """A registered method on the tiny models, from its own ``test_kwargs``; the harness adds
+    the diffusion model and, for a ``robust_classifier`` argument, the tiny classifier."""
     import inspect
 
     cls = METHODS.get(name)
     params = inspect.signature(cls.__init__).parameters
+    kwargs = dict(cls.test_kwargs())
     if "backbone" in params:  # trajectory methods: the same tiny UNet as a trajectory backbone
         from lit_vce.generators.trajectory import PixelTrajectory
         from lit_vce.world.models import SCHEDULER_CONFIG
 
-        gen = tiny_generator(scheduler, 10)
-        backbone = PixelTrajectory(unet=gen.unet, scheduler_config=SCHEDULER_CONFIG, null_class=gen.null_class, num_steps=5)
-        return cls(backbone=backbone, num_steps=5, outer_steps=2, num_cutouts=2, null_text_steps=2)
-    kwargs = {"generator": tiny_generator(scheduler, 10)}
-    if name == "dvce":
-        kwargs.update(robust_classifier=tiny_classifier, num_augmentations=2)
+        gen = tiny_generator("ddim", 10)
+        steps = kwargs.get("num_steps", 5)
+        backbone = PixelTrajectory(unet=gen.unet, scheduler_config=SCHEDULER_CONFIG, null_class=gen.null_class, num_steps=steps)
+        return cls(backbone=backbone, **kwargs)
+    scheduler = kwargs.pop("scheduler", params["scheduler"].default if "scheduler" in params else "ddim")
+    if stochastic and scheduler == "ddim":
+        scheduler = "ddpm"  # ancestral noise: what batch independence is about
+    kwargs["generator"] = tiny_generator(scheduler, kwargs.pop("num_steps", 10))
+    if "robust_classifier" in params:
+        kwargs["robust_classifier"] = tiny_classifier
     return cls(**kwargs)
 
 
@@ -71,7 +78,7 @@ def test_every_registered_method_runs_on_tiny_models(name, tiny_generator, tiny_
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_outputs_do_not_depend_on_batch_composition(name, tiny_generator, tiny_classifier, tiny_batch):
-    method = _build(name, tiny_generator, tiny_classifier, scheduler="ddpm")
+    method = _build(name, tiny_generator, tiny_classifier, stochastic=True)
     full = method.generate(tiny_batch, tiny_classifier).images
     b = tiny_batch
     part = VCEBatch(b.images[2:], b.source[2:], b.target[2:], b.sample_ids[2:], sample_generators(0, b.sample_ids[2:]))

@@ -67,7 +67,7 @@ def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     ids = ["a", "b", "c"]
     batch = VCEBatch(images, torch.tensor([0, 0, 0]), target, ids, sample_generators(0, ids))
     x_t, i = data["x"], 120
-    out, grad = method._guided_step(x_t, i, batch, explained, None)
+    out, grad, _ = method._guided_step(x_t, i, batch, explained, None, (0, None, 1, {}))
 
     # the official recipe, written out: gradients w.r.t. x_t through the model
     xt = x_t.clone().requires_grad_(True)

@@ -66,6 +66,15 @@ class VCEMethod(nn.Module):
         """Settings stored with every result (override to add the objective etc.)."""
         return {"name": self.name}
 
+    @classmethod
+    def test_kwargs(cls) -> dict:
+        """Small constructor arguments for the registry-driven tests (``tests/test_methods.py``):
+        they build every registered method on tiny models with these, adding the
+        diffusion model (``generator`` / ``backbone``) and, for a ``robust_classifier``
+        argument, a tiny classifier. Choose values that exercise the method's real
+        branches in seconds."""
+        return {}
+
     def setup(self, device: torch.device) -> None:
         """Called once before the first batch (e.g. to move auxiliary models)."""
         self.to(device)
@@ -79,6 +88,14 @@ def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
         out.append(VCEBatch(batch.images[sl], batch.source[sl], batch.target[sl], batch.sample_ids[sl], batch.generators[sl],
                             None if batch.mask is None else batch.mask[sl], None if batch.captions is None else batch.captions[sl]))
     return out
+
+
+def select_batch(batch: VCEBatch, idx: list[int]) -> VCEBatch:
+    """The samples at positions ``idx`` (generators travel with their samples), e.g. to retry some."""
+    pick = torch.tensor(idx, dtype=torch.long, device=batch.images.device)
+    return VCEBatch(batch.images[pick], batch.source[pick], batch.target[pick], [batch.sample_ids[i] for i in idx],
+                    [batch.generators[i] for i in idx], None if batch.mask is None else batch.mask[pick],
+                    None if batch.captions is None else [batch.captions[i] for i in idx])
 
 
 def concat_results(parts: list[CounterfactualResult]) -> CounterfactualResult:

@@ -320,6 +320,10 @@ class DiGIN(VCEMethod):
         self.prompt, self.class_names = prompt, class_names
         self.last_trace: list[torch.Tensor] = []  # per outer step: augmented loss per sample (diagnostics)
 
+    @classmethod
+    def test_kwargs(cls) -> dict:
+        return {"num_steps": 5, "outer_steps": 2, "num_cutouts": 2, "null_text_steps": 2}
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "objective": self.objective.describe(), "backbone": type(self.backbone).__name__,
                 "num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "outer_steps": self.outer_steps,

@@ -79,6 +79,10 @@ class DVCE(PerStepGuidance):
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle
         self.distance_through_unet = distance_through_unet
 
+    @classmethod
+    def test_kwargs(cls) -> dict:
+        return {"num_steps": 10, "num_augmentations": 2}  # the augmented branch and the cone
+
     def describe(self) -> dict:
         return {**super().describe(), "robust_classifier": self.robust_spec, "classifier_weight": self.classifier_weight,
                 "distance_weight": self.distance_weight, "num_augmentations": self.num_augmentations,
@@ -92,7 +96,7 @@ class DVCE(PerStepGuidance):
         (g,) = torch.autograd.grad(logp.sum(), x0, retain_graph=True)
         return g
 
-    def guidance(self, x0, batch, classifier, eps, to_xt):
+    def guidance(self, x0, batch, classifier, eps, to_xt, step):
         views = x0 if self.num_augmentations == 1 else random_affine_perspective(x0, batch.generators, self.num_augmentations)
         g_cls = to_xt(self._logp_grad(classifier, x0, views, batch))
         if self.robust is not None and self.robust is not classifier:

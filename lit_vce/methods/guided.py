@@ -13,7 +13,10 @@ respect to x_t through the denoiser) steers the step:
   ``eps' = eps - sqrt(1 - abar_t) * g`` (Dhariwal & Nichol, 2021), and the
   result is the final sample.
 
-Subclasses implement :meth:`PerStepGuidance.guidance`, the only method-specific part.
+Subclasses implement :meth:`PerStepGuidance.guidance` (the ascent direction at a
+step) and, when they need to, :meth:`PerStepGuidance.post_step` (anything done
+to the new sample: masks, blending, resampling). Both receive a :class:`Step`
+record; ``step.state`` is a dict that lives for one ``generate`` call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,32 @@ import torch.nn.functional as F
 from ..generators.noise import per_sample_randn
 from ..generators.pixel import PixelDiffusion
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
+
+
+@dataclasses.dataclass
+class Step:
+    """One reverse step, as the hooks see it.
+
+    ``index``: 0 for the first guided step; ``t`` / ``next_t``: the sampler's
+    timestep of this step and of the next (``None`` at the last step; respaced
+    indices for the ``adm`` sampler); ``x_t``: the noisy input of the step (model
+    space, detached); ``x0``: the step's x0-prediction as an image in [0, 1]
+    (detached); ``alpha_bar``: the cumulative alpha at ``t``; ``num_steps``: steps
+    in the run; ``state``: a dict shared by every step of one ``generate`` call.
+    """
+
+    index: int
+    t: int
+    next_t: int | None
+    x_t: torch.Tensor
+    x0: torch.Tensor
+    alpha_bar: torch.Tensor
+    num_steps: int
+    state: dict
+
+    @property
+    def last(self) -> bool:
+        return self.next_t is None
 
 
 def vjp(output: torch.Tensor, inputs: torch.Tensor, v: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
@@ -46,6 +75,9 @@ class PerStepGuidance(VCEMethod):
         num_steps: respaced steps over the whole noise range.
         clip_sample: clip the x0-prediction to [-1, 1] inside every step (when
             ``generator`` is a name; a built generator keeps its own setting).
+        output: ``"x0"`` (the last step's x0-prediction, as DVCE returns),
+            ``"sample"`` (the final sample) or ``"auto"`` (x0 for the ``adm``
+            sampler, the sample for the others).
         skip: fraction of those steps skipped at the noisy end (late start):
             the input is noised to the first step after the skipped ones.
         conditioning: ``"none"`` (unconditional / null class) or ``"target"``
@@ -70,8 +102,11 @@ class PerStepGuidance(VCEMethod):
         through_unet: bool = True,
         inner_batch_size: int | None = None,
         clip_sample: bool = True,
+        output: str = "auto",
     ):
         super().__init__()
+        if output not in ("auto", "x0", "sample"):
+            raise ValueError("output must be 'auto', 'x0' or 'sample'")
         if not 0 <= skip < 1:
             raise ValueError("skip must be in [0, 1)")
         if conditioning not in ("none", "target"):
@@ -83,22 +118,36 @@ class PerStepGuidance(VCEMethod):
         self.generator = generator
         self.skip, self.conditioning, self.cfg_scale = skip, conditioning, cfg_scale
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
+        self.output = ("x0" if self.generator.diffusion is not None else "sample") if output == "auto" else output
 
     def describe(self) -> dict:
         return {
             "name": self.name, "scheduler": self.generator.scheduler_kind, "num_steps": self.generator.num_inference_steps,
-            "clip_sample": self.generator.clip_sample, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale, "through_unet": self.through_unet,
+            "clip_sample": self.generator.clip_sample, "output": self.output, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale, "through_unet": self.through_unet,
         }
 
+    @classmethod
+    def test_kwargs(cls) -> dict:
+        return {"num_steps": 10}
+
     # --- the method-specific part --------------------------------------------
-    def guidance(self, x0: torch.Tensor, batch: VCEBatch, classifier, eps: torch.Tensor, to_xt) -> torch.Tensor:
+    def guidance(self, x0: torch.Tensor, batch: VCEBatch, classifier, eps: torch.Tensor, to_xt, step: Step) -> torch.Tensor:
         """The ascent direction on x_t (same shape as ``x0``).
 
         ``x0`` is the x0-prediction as an image in [0, 1] (part of the autograd
         graph); ``to_xt(v)`` maps an image-space gradient to x_t (a VJP through
-        the denoiser, or the identity scaled to model space).
+        the denoiser, or the identity scaled to model space); ``eps`` the noise
+        prediction (detached); ``step`` the :class:`Step` record.
         """
         raise NotImplementedError
+
+    def post_step(self, x_t: torch.Tensor, step: Step, batch: VCEBatch, state: dict) -> torch.Tensor:
+        """The new sample after a reverse step (model space): return it changed or not.
+
+        Masks, blending the noised original back, RePaint-style resampling go
+        here. ``state`` is ``step.state``. The default keeps ``x_t``.
+        """
+        return x_t
 
     # --- the sampler -----------------------------------------------------------
     def start_index(self) -> int:
@@ -121,10 +170,11 @@ class PerStepGuidance(VCEMethod):
         labels = batch.target if self.conditioning == "target" else None
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
-        x0_last = None
-        for t in steps:
+        x0_last, state = None, {}
+        for k, t in enumerate(steps):
             t = int(t)
-            out, grad = self._guided_step(x_t, t, batch, classifier, labels)
+            next_t = int(steps[k + 1]) if k + 1 < len(steps) else None
+            out, grad, step = self._guided_step(x_t, t, batch, classifier, labels, (k, next_t, len(steps), state))
             finite = torch.isfinite(grad).flatten(1).all(1)
             for i in torch.nonzero(~finite & ok).flatten().tolist():
                 failure[i] = f"non-finite guidance gradient at t={t}"
@@ -132,11 +182,12 @@ class PerStepGuidance(VCEMethod):
             grad = torch.where(ok.view(-1, 1, 1, 1), torch.nan_to_num(grad, 0.0, 0.0, 0.0), torch.zeros_like(grad))
             if gen.diffusion is not None:  # mean shift by variance * gradient
                 x_t = gen.p_sample(gen.diffusion.condition_mean(out, grad), out["log_variance"], t, batch.generators).detach()
-                x0_last = out["pred_xstart"].detach()
             else:  # noise-prediction shift
                 eps_g = out["eps"] - (1 - gen.alpha_bar(t)).sqrt().to(out["eps"]) * grad
                 x_t = gen.step(eps_g, t, x_t.detach(), batch.generators).detach()
-        out_img = gen.decode(x0_last if x0_last is not None else x_t)
+            x_t = self.post_step(x_t, step, batch, state).detach()
+            x0_last = out["pred_xstart"] if "pred_xstart" in out else gen.encode(step.x0)
+        out_img = gen.decode(x0_last if self.output == "x0" else x_t)
         if out_img.shape[-2:] != size_in:
             out_img = F.interpolate(out_img, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         out_img = torch.where(ok.view(-1, 1, 1, 1), out_img, original)  # failed samples return the original image
@@ -156,8 +207,10 @@ class PerStepGuidance(VCEMethod):
         mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
         return dataclasses.replace(batch, images=images, mask=mask)
 
-    def _guided_step(self, x_t: torch.Tensor, t: int, batch: VCEBatch, classifier, labels) -> tuple[dict, torch.Tensor]:
-        """The model's prediction at step ``t`` (a dict with ``eps``, and for ``adm`` the mean and variance) and g."""
+    def _guided_step(self, x_t: torch.Tensor, t: int, batch: VCEBatch, classifier, labels, where: tuple
+                     ) -> tuple[dict, torch.Tensor, Step]:
+        """The model's prediction at step ``t`` (a dict with ``eps``, and for ``adm`` the mean and
+        variance), the guidance g and the step's record; ``where``: (index, next t, steps, state)."""
         gen = self.generator
         with torch.enable_grad():
             xt = x_t.detach().requires_grad_(True)
@@ -174,5 +227,8 @@ class PerStepGuidance(VCEMethod):
             def to_xt(v, _img0=img0, _xt=xt):
                 return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / gen.alpha_bar(t).sqrt().to(v)
 
-            grad = self.guidance(img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps, to_xt)
-        return {k: v.detach() for k, v in out.items()}, grad
+            index, next_t, num_steps, state = where
+            step = Step(index, t, next_t, x_t.detach(), img0.detach(), gen.alpha_bar(t), num_steps, state)
+            grad = self.guidance(img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps,
+                                 to_xt, step)
+        return {k: v.detach() for k, v in out.items()}, grad, step
