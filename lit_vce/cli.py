@@ -84,6 +84,30 @@ class AnalysisCLI(VCECLI):
         parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
 
 
+def resolve_method_names(argv: list[str]) -> list[str]:
+    """``--model.method NAME`` (or ``=NAME``, or ``--model.method.class_path NAME``) with a
+    registered method name becomes the method's class path, so jsonargparse can build it
+    and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``)."""
+    from .registry import METHODS
+
+    keys = ("--model.method", "--model.method.class_path")
+    out = list(argv)
+    for i, a in enumerate(out):
+        key, eq, value = a.partition("=")
+        if key not in keys:
+            continue
+        j = i if eq else i + 1
+        value = value if eq else (out[j] if j < len(out) else "")
+        if value and "." not in value and value in METHODS:
+            cls = METHODS.get(value)
+            path = f"{cls.__module__}.{cls.__qualname__}"
+            if eq:
+                out[i] = f"{key}={path}"
+            else:
+                out[j] = path
+    return out
+
+
 def run_analysis(analysis: str, args: list[str] | None) -> None:
     """Run ``disagree`` or ``neurons`` (``args=None`` parses ``sys.argv[2:]``)."""
     import warnings
@@ -93,7 +117,7 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    argv = list(sys.argv[2:] if args is None else args)
+    argv = resolve_method_names(list(sys.argv[2:] if args is None else args))
     cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
     cli(AnalysisModule, GenerationDataModule, args=["predict", *argv], trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=RunConfig, seed_everything_default=False)
@@ -106,8 +130,9 @@ def run_predict(args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    args = resolve_method_names(list(sys.argv[2:] if args is None else args))
     VCECLI(
-        VCEModule, VCEDataModule, args=None if args is None else ["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
+        VCEModule, VCEDataModule, args=["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=RunConfig, seed_everything_default=False,
     )
 

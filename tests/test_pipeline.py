@@ -178,3 +178,24 @@ def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
     assert "classifier_guidance · biased" in page and "classifier_guidance · robust" in page
     printed = capsys.readouterr().out
     assert "background only" in printed and "report.html" in printed
+
+
+def test_predict_takes_a_registered_method_name_and_rejects_empty_runs(tmp_path):
+    out = tmp_path / "byname"
+    main(["predict", "--config", CG, "--model.method", "fastdime", "--model.method.init_args.num_steps", "10",
+          "--model.method.init_args.warmup", "1", "--data.num_samples", "2", "--data.batch_size", "2",
+          "--writer.output_dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "fastdime" and res["n"] == 2
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        VCEDataModule("world", num_samples=0)
+
+
+def test_resume_removes_stray_temporary_files(tmp_path):
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    stray = [out / "samples" / ".x.json.123.tmp", out / "counterfactuals" / ".y.png.9.tmp", out / ".results.json.5.tmp"]
+    for p in stray:
+        p.write_text("half-written")
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    assert not any(p.exists() for p in stray)

@@ -47,7 +47,9 @@ class ImageClassifier(nn.Module):
             raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
+        for param in self.model.parameters():  # (TorchScript modules have no requires_grad_)
+            param.requires_grad_(False)
         self.input_size = int(input_size)
         self.resize_size = int(resize_size or input_size)
         self.class_names = list(class_names)

@@ -235,7 +235,9 @@ def load_file(name: str, arch: str | None = None, input_size: int = 224, class_n
             model = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a module; pass arch=<timm name> for a state dict")
-    n = class_names or (imagenet_class_names() if getattr(model, "num_classes", 1000) == 1000 else None)
-    if n is None:
-        n = [str(i) for i in range(model.num_classes)]
+    k = getattr(model, "num_classes", None)
+    if k is None and not class_names:  # e.g. TorchScript: count the outputs
+        with torch.no_grad():
+            k = int(model.eval()(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+    n = class_names or (imagenet_class_names() if (k or 1000) == 1000 else [str(i) for i in range(k)])
     return ImageClassifier(model, input_size, n, mean=mean, std=std, name=f"file:{path.name}", **kwargs)

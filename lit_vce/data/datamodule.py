@@ -95,6 +95,8 @@ class VCEDataModule(L.LightningDataModule):
             raise ValueError("captions and masks are read for dataset 'imagefolder' only (the world ships its masks)")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (or null for all images), got {num_samples}")
         self.save_hyperparameters()
         self._data: _Explained | None = None
         self.class_names: list[str] = []

@@ -44,6 +44,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_stray_temporaries(folder: Path) -> int:
+    """Delete ``.<name>.<pid>.tmp`` files a killed atomic write left in a run folder; returns how many."""
+    n = 0
+    for sub in (folder, *(folder / d for d in ("counterfactuals", "originals", "samples", "evaluation"))):
+        for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def write_rows_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Path:
     """Per-sample rows as CSV, columns ``fields`` in order, written atomically."""
     out = io.StringIO()
@@ -131,6 +141,8 @@ class VCEPredictionWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         for sub in ("counterfactuals", "originals", "samples"):
             (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        if trainer is None or trainer.is_global_zero:
+            remove_stray_temporaries(self.output_dir)
         self._done = None
         self.done_ids()
 
