@@ -205,3 +205,25 @@ def test_latent_distances_and_declared_resolution(tmp_path, tiny_classifier):
     suite.reset()
     suite.update(x, x.clone(), torch.tensor([0]).repeat(3), torch.tensor([1]).repeat(3), ["a", "b", "c"])
     assert suite.compute()[0]["latent_l2"] == 0
+
+
+def test_evaluate_inherits_the_runs_metric_settings_and_keeps_its_generation_time(world_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "ev"
+    main(["evaluate", str(world_run), "--out", str(out)])  # no flags: the run's second classifier and audit
+    inline = json.loads((world_run / "results.json").read_text())
+    ev = json.loads((out / "results.json").read_text())
+    assert "flip_rate_independent" in ev["metrics"] and ev["audit"] == inline["audit"] is not None
+    assert ev["wall_time_s"] == pytest.approx(inline["wall_time_total_s"]) and ev["evaluation_time_s"] > 0
+    # a counterfactual without its sample record is listed as a failure, not dropped
+    run = tmp_path / "run"
+    shutil.copytree(world_run, run)
+    shutil.rmtree(run / "evaluation", ignore_errors=True)
+    gone = sorted((run / "samples").glob("*.json"))[0]
+    gone.unlink()
+    main(["evaluate", str(run), "--out", str(tmp_path / "ev2")])
+    rows = list(csv.DictReader((tmp_path / "ev2" / "samples.csv").open()))
+    assert len(rows) == 7
+    missing = [r for r in rows if r["failure"]]
+    assert len(missing) == 1 and f"samples/{gone.stem}.json is missing" in missing[0]["failure"]

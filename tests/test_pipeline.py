@@ -199,3 +199,20 @@ def test_resume_removes_stray_temporary_files(tmp_path):
         p.write_text("half-written")
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
     assert not any(p.exists() for p in stray)
+
+
+def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path):
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    first = json.loads((out / "results.json").read_text())
+    assert first["attempts"] == 1 and first["wall_time_total_s"] == pytest.approx(first["wall_time_s"], abs=0.01)
+    with pytest.raises(ValueError, match=r"another configuration: .*method\.scale \(2\.0 -> 5\.0\).*seed \(0 -> 3\)"):
+        main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3",
+              "--model.method.init_args.scale", "5.0"])
+    # more samples and another batch size are the same run: resumed, times add up
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--data.num_samples", "8", "--data.batch_size", "3"])
+    grown = json.loads((out / "results.json").read_text())
+    assert grown["n"] == 8 and grown["resumed"] == 6 and grown["attempts"] == 2
+    assert grown["wall_time_total_s"] == pytest.approx(first["wall_time_s"] + grown["wall_time_s"], abs=0.02)
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3", "--writer.resume", "force"])
+    assert json.loads((out / "results.json").read_text())["attempts"] == 3

@@ -97,6 +97,11 @@ class PairDataset(Dataset):
             entries.append({"sample_id": sid, "source": int(row["source"]), "target": int(row["target"]),
                             "original": run / "originals" / f"{key}.png", "counterfactual": run / "counterfactuals" / f"{key}.png",
                             "failure": row.get("failure") or "", "method": row.get("method")})
+        known = {sample_key(e["sample_id"]) for e in entries}
+        for png in sorted((run / "counterfactuals").glob("*.png")):
+            if png.stem not in known:  # an image without its record: listed as a failure, not dropped
+                entries.append({"sample_id": f"(no metadata) {png.stem}", "source": -1, "target": -1, "original": png,
+                                "counterfactual": png, "failure": f"sample metadata samples/{png.stem}.json is missing"})
         entries.sort(key=lambda e: e["sample_id"])
         return cls(entries, image_size)
 
@@ -144,7 +149,8 @@ class PairDataset(Dataset):
     # --- checks and items ------------------------------------------------------
     def check_classes(self, num_classes: int) -> None:
         """Raise before any work when a source/target id is outside the classifier's classes."""
-        bad = sorted({v for e in self.entries for v in (e["source"], e["target"]) if not 0 <= v < num_classes})
+        bad = sorted({v for e in self.entries if not e.get("failure") for v in (e["source"], e["target"])
+                      if not 0 <= v < num_classes})
         if bad:
             raise ValueError(f"class ids {bad[:10]} are unknown to the classifier (classes 0..{num_classes - 1})")
 
@@ -202,8 +208,9 @@ class EvaluateModule(L.LightningModule):
         super().__init__()
         self.classifier = load_classifier(classifier)
         self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
+        self.generation_time_s = float("nan")  # the run's, when known (results keep it; evaluation time is separate)
         self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
-                                   second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
+                                   second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
                                    resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights)
         self.output_dir = Path(output_dir)
         self.method_name, self.seed = method, seed
@@ -253,7 +260,8 @@ class EvaluateModule(L.LightningModule):
         results = build_results(
             run_name=self.run_name, method=self.method_name, classifier=self.classifier_spec, n=n,
             n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
-            metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
+            metrics=metrics, audit=audit, seed=self.seed, wall_time_s=self.generation_time_s, evaluation_time_s=round(wall, 2),
+            sample_ids_hash=ids_hash,
             config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
             world_size=self.trainer.world_size, stage="evaluate", protocol=self.protocol, dataset=self.dataset_name,
         )
@@ -294,6 +302,7 @@ def run_evaluate(
 
     meta: dict[str, Any] = {}
     protocol = dataset_name = None
+    generation_time = float("nan")  # unknown for counterfactuals made elsewhere
     if run_dir is not None:
         if originals or counterfactuals or targets:
             raise ValueError("give either a run folder or --originals/--counterfactuals/--targets, not both")
@@ -307,6 +316,13 @@ def run_evaluate(
             module_kwargs.setdefault("seed", prev.get("seed", 0))
             module_kwargs.setdefault("run_name", prev.get("run_name"))
             protocol, dataset_name = prev.get("protocol"), prev.get("dataset")
+            generation_time = prev.get("wall_time_total_s") or prev.get("wall_time_s")
+            settings = prev.get("config", {}).get("metric_settings", {})
+            for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder"):
+                if module_kwargs.get(key) is None and settings.get(key) is not None:
+                    module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
+            if fid_features == "auto" and settings.get("fid_features"):
+                fid_features = settings["fid_features"]
         data = PairDataset.from_run(run, image_size)
         output_dir = output_dir or str(run / "evaluation")
         method = method or next((e.get("method") for e in data.entries if e.get("method")), None)
@@ -330,6 +346,7 @@ def run_evaluate(
     module = EvaluateModule(clf, output_dir=output_dir, method=method or "unknown", fid_features=fid_features,
                             metadata=meta, protocol=protocol, dataset=dataset_name, **module_kwargs)
     module.classifier_spec = classifier
+    module.generation_time_s = generation_time
     multi = devices > 1 or num_nodes > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp" if multi else "auto",
                         logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False)
@@ -352,13 +369,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="output folder (default <run_dir>/evaluation)")
     p.add_argument("--classifier", help="the explained classifier (default: the one in the run's results.json)")
     p.add_argument("--method", help="the method's name in the results (default: from the run)")
-    p.add_argument("--second-classifier", help="an independent classifier for *_independent validity")
+    p.add_argument("--second-classifier", help="an independent classifier for *_independent validity (default: the run's)")
     p.add_argument("--fid-features", default="auto", choices=["auto", "inception", "world", "none"])
     p.add_argument("--inception-weights", help="local Inception FID weights (else $LIT_VCE_INCEPTION_WEIGHTS, ...)")
-    p.add_argument("--lpips", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--lpips", default=None, choices=["auto", "on", "off"], help="default: as the run had it, else auto")
     p.add_argument("--lpips-weights", help="local AlexNet weights for LPIPS (else $LIT_VCE_LPIPS_WEIGHTS, ...)")
-    p.add_argument("--world-audit", action="store_true", help="the world's shape/background audit")
-    p.add_argument("--resolution", type=int, help="L1/L2 resolution (default: native; 256 for ImageNet)")
+    p.add_argument("--world-audit", action=argparse.BooleanOptionalAction, default=None,
+                   help="the world's shape/background audit (default: as the run had it)")
+    p.add_argument("--resolution", type=int, help="L1/L2 resolution (default: as the run had it, else native)")
     p.add_argument("--autoencoder", help="first-stage autoencoder for latent L1/L2 (diffusers folder or hub id[:subfolder])")
     p.add_argument("--image-size", type=int, help="resize all images to this square size when reading")
     p.add_argument("--seed", type=int, default=None, help="sFID split seed (default: the run's seed, else 0)")

@@ -98,6 +98,10 @@ class VCEModule(L.LightningModule):
         self.seed = int(seed)
         self.deterministic = bool(deterministic)
         self.run_name = run_name or f"{method.name}-{self.classifier.name}"
+        # what `lit-vce evaluate RUN` reuses unless told otherwise
+        self.metric_settings = {"fid_features": fid_features, "second_classifier": second_classifier if isinstance(
+            second_classifier, str) else None, "world_audit": bool(world_audit), "resolution": resolution, "lpips": lpips,
+            "autoencoder": autoencoder if isinstance(autoencoder, str) else None}
         self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
                                    second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
                                    resolution=resolution, autoencoder=autoencoder, seed=self.seed,
@@ -106,6 +110,7 @@ class VCEModule(L.LightningModule):
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         self._misclassified = False
+        self._run_record: dict[str, Any] | None = None
         self.final_results: dict[str, Any] | None = None
 
     # --- helpers ---------------------------------------------------------------
@@ -130,8 +135,22 @@ class VCEModule(L.LightningModule):
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.method.setup(self.device)
         writer = self._writer()
+        self._run_record = None
+        if writer is not None:
+            from .writer import check_resume
+
+            self._run_record = check_resume(writer, self.fingerprint())
         if writer is not None and writer.done_ids():
             self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides a sample's output: seed, classifier, method settings and the data
+        (not batch size, workers or the number of samples: a run may grow)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        data = dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else {}
+        for k in ("batch_size", "num_workers", "num_samples"):
+            data.pop(k, None)
+        return {"seed": self.seed, "classifier": self.classifier_spec, "method": self.method.describe(), "data": data}
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads)
@@ -247,12 +266,18 @@ class VCEModule(L.LightningModule):
             run_name=self.run_name, method=self.method.name, classifier=self.classifier_spec, n=n,
             n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
-            config={"method": self.method.describe(), "metrics": self.metrics.describe(), "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
+            config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
+                    "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "classifier": self.classifier_spec, "not_selected": counts[3]},
             world_size=self.trainer.world_size, resumed=counts[0],
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
         )
+        if self._run_record is not None:
+            record = dict(self._run_record, generation_seconds=[*self._run_record["generation_seconds"], round(wall, 2)])
+            writer.write_json("run.json", record)
+            results["wall_time_total_s"] = round(sum(record["generation_seconds"]), 2)
+            results["attempts"] = len(record["generation_seconds"])
         writer.write_json("results.json", results)
         save_grid(writer.output_dir, rows[:16])
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""

@@ -111,10 +111,17 @@ class VCEPredictionWriter(BasePredictionWriter):
         output_dir: the run folder.
         save_originals: also save the (preprocessed) original as PNG.
         fields: the per-sample columns (default: the VCE ones, :data:`ROW_FIELDS`).
+        resume: finished samples in ``output_dir`` are skipped; ``"auto"`` refuses a
+            folder whose recorded configuration (``run.json``: seed, method, classifier,
+            data) differs and names the differing keys, ``"force"`` resumes anyway.
     """
 
-    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True, fields: list[str] | None = None):
+    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True, fields: list[str] | None = None,
+                 resume: str = "auto"):
         super().__init__(write_interval="batch")
+        if resume not in ("auto", "force"):
+            raise ValueError("resume must be 'auto' (only into a run of the same configuration) or 'force'")
+        self.resume = resume
         self.output_dir = Path(output_dir)
         self.save_originals = save_originals
         self.fields = list(fields) if fields else ROW_FIELDS
@@ -184,3 +191,36 @@ class VCEPredictionWriter(BasePredictionWriter):
         path = self.output_dir / name
         _atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
         return path
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Compare ``fingerprint`` (what decides a sample's output) with the folder's ``run.json``.
+
+    Returns the record to keep (the fingerprint and the generation time of earlier
+    attempts). Raises ``ValueError`` naming the differing keys when finished samples
+    exist under another configuration and ``writer.resume`` is not ``"force"``.
+    """
+    fp = json.loads(json.dumps(fingerprint, default=str))  # tuples -> lists, as stored
+    path = writer.output_dir / "run.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and writer.done_ids():
+        a, b = _flatten(old.get("fingerprint", {})), _flatten(fp)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff and writer.resume != "force":
+            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6])
+            raise ValueError(f"{writer.output_dir} holds {len(writer.done_ids())} samples of a run with another configuration: "
+                             f"{shown}{' ...' if len(diff) > 6 else ''}. Use another --writer.output_dir, or "
+                             f"--writer.resume force to mix them anyway")
+    attempts = list(old.get("generation_seconds", [])) if writer.done_ids() else []
+    return {"fingerprint": fp, "generation_seconds": attempts}

@@ -62,6 +62,9 @@ class RunResults:
     hardware: dict[str, Any] = field(default_factory=hardware)
     world_size: int = 1
     resumed: int = 0
+    wall_time_total_s: float | None = None  # generation time over every attempt into this folder (resumes)
+    evaluation_time_s: float | None = None  # `lit-vce evaluate`: its own time (wall_time_s stays the generation's)
+    attempts: int = 1
     stage: str = "predict"  # "predict" (in-line), "evaluate" (re-read from disk) or "analysis" (disagree/neurons)
     protocol: str | None = None
     dataset: str | None = None
