@@ -54,12 +54,35 @@ class Objective:
         return self.loss(images, ctx)
 
     def __add__(self, other: Objective) -> Objective:
+        if isinstance(other, (int, float)) and other == 0:  # sum([...]) starts from 0
+            return self
+        if not isinstance(other, Objective):
+            return NotImplemented
         return Sum([self, other])
 
+    __radd__ = __add__
+
+    def __sub__(self, other: Objective) -> Objective:
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Sum([self, -other])
+
+    def __neg__(self) -> Objective:
+        return Scaled(self, -1.0)
+
     def __mul__(self, weight: float) -> Objective:
+        if not isinstance(weight, (int, float)):
+            return NotImplemented
         return Scaled(self, float(weight))
 
     __rmul__ = __mul__
+
+    def __truediv__(self, divisor: float) -> Objective:
+        if not isinstance(divisor, (int, float)):
+            return NotImplemented
+        if divisor == 0:
+            raise ZeroDivisionError("an objective divided by 0")
+        return Scaled(self, 1.0 / float(divisor))
 
     def __repr__(self) -> str:
         return self.describe()
@@ -75,18 +98,29 @@ class Sum(Objective):
         return sum(t(images, ctx) for t in self.terms)
 
     def describe(self):
-        return " + ".join(t.describe() for t in self.terms)
+        out = self.terms[0].describe()
+        for t in self.terms[1:]:
+            d = t.describe()
+            out += f" - {d[1:]}" if d.startswith("-") else f" + {d}"
+        return out
 
 
 class Scaled(Objective):
     def __init__(self, term: Objective, weight: float):
+        if isinstance(term, Scaled):  # weights multiply: 2 * (3 * T) = 6 * T
+            term, weight = term.term, weight * term.weight
         self.term, self.weight = term, weight
 
     def loss(self, images, ctx):
         return self.weight * self.term(images, ctx)
 
     def describe(self):
-        return f"{self.weight:g}*{self.term.describe()}"
+        inner = self.term.describe()
+        if isinstance(self.term, Sum):
+            inner = f"({inner})"
+        if self.weight == -1.0:
+            return f"-{inner}"
+        return f"{self.weight:g}*{inner}"
 
 
 class TargetCE(Objective):
