@@ -62,7 +62,11 @@ class VCECLI(LightningCLI):
         return {"predict": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
+        from .classifiers.loaders import classifier_class_names
+
         parser.add_lightning_class_args(VCEPredictionWriter, "writer")
+        if "data.class_names" in parser.get_defaults():  # the data maps class-name folders to the classifier's classes
+            parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -124,3 +124,17 @@ def test_torchscript_checkpoint_loads_and_guides(tmp_path):
     assert torch.allclose(out, net(x), atol=1e-5)
     out[:, 1].sum().backward()  # gradients reach the input (guidance works through a scripted model)
     assert x.grad.abs().sum() > 0
+
+
+def test_a_classifier_given_as_a_mapping_with_arguments(tmp_path):
+    from lit_vce.classifiers.loaders import classifier_class_names
+
+    net = SmallCNN(num_outputs=3, width=8).eval()
+    torch.save(net, tmp_path / "net.pt")
+    spec = {"spec": str(tmp_path / "net.pt"), "input_size": 32, "class_names": ["x", "y", "z"], "mean": None, "std": None}
+    clf = load_classifier(spec)
+    assert clf.class_names == ["x", "y", "z"] and clf.input_size == 32
+    assert classifier_class_names(spec) == ["x", "y", "z"] and classifier_class_names("robust")[0] == "circle"
+    assert classifier_class_names({"spec": "timm:resnet50"})[0].lower().startswith("tench")
+    with pytest.raises(ValueError, match="needs a 'spec' key"):
+        load_classifier({"input_size": 32})

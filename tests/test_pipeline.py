@@ -216,3 +216,35 @@ def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path):
     assert grown["wall_time_total_s"] == pytest.approx(first["wall_time_s"] + grown["wall_time_s"], abs=0.02)
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3", "--writer.resume", "force"])
     assert json.loads((out / "results.json").read_text())["attempts"] == 3
+
+
+def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_path):
+    from lit_vce.data.world import ShapesWorld
+
+    # world images in folders named by their shape, in an order unlike the classifier's (circle, square, triangle, cross)
+    d = ShapesWorld("balanced", "test", 12)
+    names = ("circle", "square", "triangle", "cross")
+    for i in range(12):
+        it = d[i]
+        folder = tmp_path / "img" / names[it["label"]].upper()  # case does not matter
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((it["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(folder / f"{i}.png")
+    dm = VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, protocol="next", class_names=list(names))
+    dm.setup()
+    base = dm._data.base
+    assert {rel.split("/")[0]: lab for rel, lab, _ in base.items} == {n.upper(): i for i, n in enumerate(names)
+                                                                        if (tmp_path / "img" / n.upper()).is_dir()}
+    # through the CLI: the classifier's names reach the data, and robust reads the true shapes
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, "--model.classifier", "robust", "--data.dataset", "imagefolder", "--data.root",
+          str(tmp_path / "img"), "--data.image_size", "32", "--data.num_samples", "12", "--model.method.init_args.num_steps", "4",
+          "--writer.output_dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["audit"] is None  # the world audit runs only on world data
+    rows = list(__import__("csv").DictReader((out / "samples.csv").open()))
+    assert all(r["pred_before"] == r["source"] for r in rows)  # labels by name: robust agrees on every image
+    # a folder that names no class of the classifier is an error, not a silent folder order
+    (tmp_path / "img" / "HEXAGON").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "HEXAGON" / "x.png")
+    with pytest.raises(ValueError, match=r"\['HEXAGON'\] under .* name no class of the classifier"):
+        VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, class_names=list(names)).setup()

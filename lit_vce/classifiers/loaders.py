@@ -61,10 +61,21 @@ def imagenet_class_names() -> list[str]:
     return names()
 
 
-def load_classifier(spec: str | ImageClassifier, **kwargs) -> ImageClassifier:
-    """Build the classifier named by ``spec`` (see the module docstring)."""
+def load_classifier(spec: str | dict | ImageClassifier, **kwargs) -> ImageClassifier:
+    """Build the classifier named by ``spec`` (see the module docstring).
+
+    ``spec`` may also be a mapping: ``{"spec": "file:/path/model.pt", "input_size": 224,
+    "class_names": [...], "mean": [...], "std": [...], ...}``: the other keys are the
+    family loader's arguments (checkpoint, class names, input size, normalisation,
+    zero-shot templates, ...).
+    """
     if isinstance(spec, ImageClassifier):
         return spec
+    if isinstance(spec, dict):
+        args = dict(spec)
+        if "spec" not in args:
+            raise ValueError(f"a classifier mapping needs a 'spec' key (e.g. 'timm:resnet50'), got keys {sorted(args)}")
+        return load_classifier(args.pop("spec"), **{**args, **kwargs})
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a classifier spec must be a non-empty string, got {spec!r}")
     if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec.split("/")[0]:
@@ -74,6 +85,24 @@ def load_classifier(spec: str | ImageClassifier, **kwargs) -> ImageClassifier:
     else:
         family, name = "world", spec
     return CLASSIFIER_FAMILIES.get(family)(name, **kwargs)
+
+
+def classifier_class_names(spec) -> list[str] | None:
+    """The class names a classifier spec stands for, without loading weights: the world's
+    four shapes, or ImageNet's for the timm, robustbench and open_clip families; ``None``
+    when only the weights can tell (local files)."""
+    if isinstance(spec, dict):
+        return list(spec["class_names"]) if spec.get("class_names") else classifier_class_names(spec.get("spec"))
+    if not isinstance(spec, str) or not spec:
+        return list(getattr(spec, "class_names", [])) or None
+    family = spec.split(":", 1)[0] if ":" in spec else ("file" if spec.endswith((".pt", ".pth", ".safetensors")) else "world")
+    if family == "world":
+        from ..data.world import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if family in ("timm", "robustbench", "openclip"):
+        return imagenet_class_names()
+    return None
 
 
 @CLASSIFIER_FAMILIES.register("world")

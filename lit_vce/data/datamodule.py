@@ -65,6 +65,12 @@ class VCEDataModule(L.LightningDataModule):
         num_classes: classes of the explained classifier (default: world 4, folder count).
         batch_size, num_workers: loader settings.
         seed: the seed of random target choices.
+        class_names: the explained classifier's class names; ``lit-vce predict`` fills
+            them from ``--model.classifier``. An imagefolder whose folders are class
+            names (not synset ids) gets each folder's label by name, and a folder that
+            names no class is an error (not a silent folder order).
+        class_index: imagefolder: ``"auto"`` (synset ids, else names, else folder
+            order) or ``"sorted"`` (always the sorted folder order).
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class VCEDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        class_names: list[str] | None = None,
+        class_index: str = "auto",
     ):
         super().__init__()
         if dataset not in ("world", "imagefolder"):
@@ -95,6 +103,8 @@ class VCEDataModule(L.LightningDataModule):
             raise ValueError("captions and masks are read for dataset 'imagefolder' only (the world ships its masks)")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if class_index not in ("auto", "sorted"):
+            raise ValueError("class_index must be 'auto' or 'sorted'")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (or null for all images), got {num_samples}")
         self.save_hyperparameters()
@@ -111,7 +121,7 @@ class VCEDataModule(L.LightningDataModule):
             from .imagenet import ImageFolderDataset
 
             base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class, captions=h.captions,
-                                      masks=h.masks)
+                                      masks=h.masks, class_names=h.class_names, class_index=h.class_index)
             labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
             if h.protocol == "ldce" and not base.full_imagenet:

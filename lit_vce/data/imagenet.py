@@ -158,6 +158,25 @@ def read_captions(path: str | Path) -> dict[str, str]:
         return {row["file"].strip(): row["caption"].strip() for row in reader}
 
 
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def folder_labels_by_name(folders: list[str], class_names: list[str], root: Path | str = "") -> list[int]:
+    """The classifier's class index of each folder, matched by name (case, ``_``/``-``/space
+    insensitive); a folder that names no class is an error naming it."""
+    index = {}
+    for i, n in enumerate(class_names):
+        index.setdefault(_norm(n), i)
+    unknown = [f for f in folders if _norm(f) not in index]
+    if unknown:
+        shown = ", ".join(repr(n) for n in class_names[:8])
+        raise ValueError(f"class folder(s) {unknown[:5]} under {root} name no class of the classifier "
+                         f"({len(class_names)} classes: {shown}{', ...' if len(class_names) > 8 else ''}); rename them, "
+                         "use ImageNet synset ids, or --data.class_index sorted for the sorted folder order")
+    return [index[_norm(f)] for f in folders]
+
+
 class ImageFolderDataset(Dataset):
     """An ImageFolder layout (``root/<class folder>/<image>``); class index = sorted folder order.
 
@@ -172,8 +191,11 @@ class ImageFolderDataset(Dataset):
         classes: restrict to these class indices (of the full sorted folder list).
         class_index: ``"auto"``: when every folder is named by an ImageNet synset id
             (``n01440764``), labels are ImageNet class indices, so a folder with a few
-            ImageNet classes keeps their ids; otherwise the sorted folder order.
+            ImageNet classes keeps their ids; otherwise, with ``class_names`` (the
+            classifier's), each folder's label is the class it names (an unknown
+            folder name is an error); else the sorted folder order.
             ``"sorted"``: always the sorted folder order.
+        class_names: the explained classifier's class names (the CLI passes them).
         captions: a CSV with columns ``file`` (the path relative to ``root``, e.g.
             ``n03445777/ILSVRC2012_val_00000001.JPEG``) and ``caption``; items then carry
             ``caption`` ("" for files it does not list). Text-conditioned methods
@@ -185,7 +207,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None,
                  classes: list[int] | None = None, class_index: str = "auto", captions: str | Path | None = None,
-                 masks: str | Path | None = None):
+                 masks: str | Path | None = None, class_names: list[str] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -196,7 +218,14 @@ class ImageFolderDataset(Dataset):
             raise ValueError("class_index must be 'auto' or 'sorted'")
         synsets = {wn: i for i, wn in enumerate(imagenet_synsets())}
         self.imagenet_labels = class_index == "auto" and all(f in synsets for f in self.class_folders)
-        label_of = [synsets[f] if self.imagenet_labels else i for i, f in enumerate(self.class_folders)]
+        self.named_labels = False
+        if self.imagenet_labels:
+            label_of = [synsets[f] for f in self.class_folders]
+        elif class_index == "auto" and class_names:
+            label_of = folder_labels_by_name(self.class_folders, class_names, self.root)
+            self.named_labels = True
+        else:
+            label_of = list(range(len(self.class_folders)))
         self.full_imagenet = self.imagenet_labels and len(self.class_folders) == 1000
         self.image_size = image_size
         wanted = set(range(len(self.class_folders))) if classes is None else set(classes)
@@ -218,8 +247,9 @@ class ImageFolderDataset(Dataset):
         if self.masks is not None and not self.masks.is_dir():
             raise FileNotFoundError(f"mask folder {self.masks} does not exist")
         if self.imagenet_labels:
-            names = imagenet_class_names()
-            self.classes = names
+            self.classes = imagenet_class_names()
+        elif self.named_labels:
+            self.classes = list(class_names)
         else:
             self.classes = self.class_folders
 

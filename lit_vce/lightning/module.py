@@ -41,8 +41,9 @@ class VCEModule(L.LightningModule):
     """Counterfactual generation as a prediction stage.
 
     Args:
-        classifier: the explained classifier's spec (see ``load_classifier``), or an
-            :class:`ImageClassifier` when used from Python.
+        classifier: the explained classifier's spec (see ``load_classifier``), a mapping
+            ``{spec: ..., <loader arguments>}`` (checkpoint, class names, input size,
+            mean/std, templates), or an :class:`ImageClassifier` when used from Python.
         method: a :class:`VCEMethod` (default: ``ClassifierGuidance()``).
         seed: global seed; each sample's randomness depends only on (seed, sample id).
         fid_features: FID/sFID features: ``"world"`` (the oracle's), ``"inception"``
@@ -71,7 +72,7 @@ class VCEModule(L.LightningModule):
 
     def __init__(
         self,
-        classifier: str = "biased",
+        classifier: str | dict = "biased",
         method: VCEMethod | None = None,
         seed: int = 0,
         fid_features: str = "world",
@@ -89,7 +90,8 @@ class VCEModule(L.LightningModule):
         if fid_features not in ("world", "inception", "none"):
             raise ValueError("fid_features must be 'world', 'inception' or 'none'")
         self.classifier = load_classifier(classifier)
-        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
+        self.classifier_config = classifier if isinstance(classifier, (str, dict)) else self.classifier.name
+        self.classifier_spec = classifier.get("spec", self.classifier.name) if isinstance(classifier, dict) else self.classifier_config
         if method is None:
             from ..methods import ClassifierGuidance
 
@@ -127,6 +129,11 @@ class VCEModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         protocol = dm.hparams.get("protocol") if dm is not None and hasattr(dm, "hparams") else None
         self._misclassified = protocol == "misclassified"
+        dataset = dm.hparams.get("dataset") if dm is not None and hasattr(dm, "hparams") else None
+        if self.metrics.audit is not None and dataset not in (None, "world"):
+            # the audit reads shapes and backgrounds with the world's oracle: meaningless elsewhere
+            self.metrics.audit = None
+            self.metric_settings["world_audit"] = False
         self._check_classes()
         self._threads = torch.get_num_threads()
         if self.deterministic:
@@ -150,7 +157,7 @@ class VCEModule(L.LightningModule):
         data = dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else {}
         for k in ("batch_size", "num_workers", "num_samples"):
             data.pop(k, None)
-        return {"seed": self.seed, "classifier": self.classifier_spec, "method": self.method.describe(), "data": data}
+        return {"seed": self.seed, "classifier": self.classifier_config, "method": self.method.describe(), "data": data}
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads)
@@ -268,7 +275,7 @@ class VCEModule(L.LightningModule):
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
                     "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
-                    "classifier": self.classifier_spec, "not_selected": counts[3]},
+                    "classifier": self.classifier_config, "not_selected": counts[3]},
             world_size=self.trainer.world_size, resumed=counts[0],
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
