@@ -48,7 +48,7 @@ def _prepare(root: Path, n: int) -> tuple[Path, Path, Path]:
     import torch
 
     from lit_vce.data.world import ShapesWorld
-    from lit_vce.lightning.writer import save_png, to_uint8
+    from lit_vce.io import save_png, to_uint8
 
     data = ShapesWorld("balanced", "test", n)
     orig, cf = root / "orig", root / "cf"

@@ -156,7 +156,7 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
 
 
 def test_guided_methods_run_on_an_adm_checkpoint(tmp_path, monkeypatch, tiny_classifier):
-    from lit_vce.generators import PixelDiffusion, sample_generators
+    from lit_vce.generators import sample_generators
     from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
 
     cfg, _, state = _fixture("uncond")

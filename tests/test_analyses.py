@@ -94,7 +94,7 @@ def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
 def test_neurons_on_real_images_keep_the_object_and_change_the_rest(tmp_path):
     from pathlib import Path
 
-    from lit_vce.lightning.writer import load_png, sample_key
+    from lit_vce.io import load_png, sample_key
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "world" / "neurons.yaml"
     out = tmp_path / "neu"

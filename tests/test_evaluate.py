@@ -80,7 +80,7 @@ def _pair_folders(tmp_path: Path, world_run: Path) -> tuple[Path, Path, Path]:
     o.mkdir(), c.mkdir()
     rows = json.loads((world_run / "results.json").read_text())
     table = list(csv.DictReader((world_run / "samples.csv").open()))
-    from lit_vce.lightning.writer import sample_key
+    from lit_vce.io import sample_key
 
     lines = ["file,source,target"]
     for i, r in enumerate(table[:4]):
@@ -149,7 +149,7 @@ def test_inception_fid_uses_offline_weights_and_matches_torch_fidelity(tmp_path,
     import torch_fidelity
 
     from lit_vce.classifiers import MissingWeightsError
-    from lit_vce.lightning.writer import load_png
+    from lit_vce.io import load_png
     from lit_vce.metrics import FeatureFID
     from lit_vce.metrics.features import INCEPTION_FILE, InceptionFeatures
     from lit_vce.testing import save_random_inception_weights

@@ -185,7 +185,7 @@ class AnalysisModule(L.LightningModule):
         vb = VCEBatch(images, labels, labels, sub, sample_generators(self.seed, sub, device=images.device), mask)
         with torch.enable_grad():
             result = self.method.generate(vb, self.classifier)
-        from ..lightning.writer import quantize
+        from ..io import quantize
 
         out = quantize(result.images.detach())
         rows = self._rows_for(out, images, labels, sub, result, (time.perf_counter() - t0) / len(sub))

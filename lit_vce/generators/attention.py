@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 def token_alignment(source_ids: list[int], target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

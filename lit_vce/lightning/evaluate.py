@@ -31,7 +31,8 @@ from torch.utils.data import Dataset
 
 from ..classifiers import load_classifier
 from ..metrics.suite import build_suite, resize_to
-from .writer import ROW_FIELDS, _atomic_write_bytes, gather_rows, load_png, sample_key, write_rows_csv
+from ..io import load_png, sample_key, write_json, write_rows_csv
+from .writer import ROW_FIELDS, gather_rows
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
@@ -267,7 +268,7 @@ class EvaluateModule(L.LightningModule):
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_rows_csv(self.output_dir / "samples.csv", rows, ROW_FIELDS)
-        _atomic_write_bytes(self.output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+        write_json(self.output_dir / "results.json", results)
         failed = sum(1 for r in rows if r.get("failure"))
         print(f"evaluated {n} samples ({failed} failed): flip rate {metrics['flip_rate']:.3f}, L2 {metrics['l2']:.3f}"
               + (f", FID {metrics['fid']:.3f} (N={metrics['fid_n']})" if "fid" in metrics else "")

@@ -28,7 +28,8 @@ from ..classifiers import load_classifier
 from ..generators.noise import sample_generators
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics.suite import build_suite
-from .writer import VCEPredictionWriter, quantize
+from ..io import quantize
+from .writer import VCEPredictionWriter
 
 
 def _scalar(value) -> float | None:

@@ -12,57 +12,21 @@ A sample is finished when its ``samples/<key>.json`` exists (it is written last)
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from ..io import (atomic_write_bytes, load_png, quantize, remove_stray_temporaries, sample_key, save_png, to_uint8,  # noqa: F401
+                  write_json, write_rows_csv)
 
 ROW_FIELDS = [
     "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
     "target_conf_after", "success", "success_independent", "l1", "l2", "lpips", "latent_l1", "latent_l2", "cout",
     "failure", "method", "seed", "seconds",
 ]
-
-
-def sample_key(sample_id: str) -> str:
-    """A filesystem-safe, unique file stem for a sample id."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id)[-80:]
-    return f"{safe}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def remove_stray_temporaries(folder: Path) -> int:
-    """Delete ``.<name>.<pid>.tmp`` files a killed atomic write left in a run folder; returns how many."""
-    n = 0
-    for sub in (folder, *(folder / d for d in ("counterfactuals", "originals", "samples", "evaluation"))):
-        for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
-            tmp.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
-def write_rows_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Path:
-    """Per-sample rows as CSV, columns ``fields`` in order, written atomically."""
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=fields)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k) for k in fields})
-    _atomic_write_bytes(path, out.getvalue().encode())
-    return path
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,35 +37,6 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows)
     return [r for part in parts for r in part]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounding as PNG writers do."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """The values a PNG round trip gives back (so metrics match what is on disk)."""
-    return (images.clamp(0, 1) * 255).round() / 255
-
-
-def save_png(path: Path, array: np.ndarray) -> None:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """An image file (any format PIL reads) as (3, H, W) in [0, 1]."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
 class VCEPredictionWriter(BasePredictionWriter):
@@ -171,7 +106,7 @@ class VCEPredictionWriter(BasePredictionWriter):
             clean = {k: row.get(k) for k in self.fields}
             if row.get("diagnostics"):
                 clean["diagnostics"] = row["diagnostics"]
-            _atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
+            atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
             self.done_ids().add(row["sample_id"])
 
     def collect_rows(self) -> list[dict[str, Any]]:
@@ -188,9 +123,7 @@ class VCEPredictionWriter(BasePredictionWriter):
         return write_rows_csv(self.output_dir / "samples.csv", flat, self.fields + [f"diag_{k}" for k in names])
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
-        path = self.output_dir / name
-        _atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-        return path
+        return write_json(self.output_dir / name, data)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

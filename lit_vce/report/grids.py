@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..lightning.writer import load_png, sample_key
+from ..io import load_png, sample_key
 
 
 def save_grid(run_dir: str | Path, rows: list[dict], path: str | Path | None = None, scale: int = 4) -> Path | None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..lightning.writer import load_png, sample_key, save_png, to_uint8
+from ..io import load_png, sample_key, save_png, to_uint8
 from .leaderboard import SORT_SCRIPT, TABLE_CSS, html_table
 from .results import RunResults
 
