@@ -248,3 +248,13 @@ def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_pa
     Image.new("RGB", (32, 32)).save(tmp_path / "img" / "HEXAGON" / "x.png")
     with pytest.raises(ValueError, match=r"\['HEXAGON'\] under .* name no class of the classifier"):
         VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, class_names=list(names)).setup()
+
+
+def test_results_record_the_resolved_cli_config(tmp_path):
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.method.init_args.scale", "3.5"])
+    res = json.loads((out / "results.json").read_text())
+    cli = res["config"]["cli"]
+    assert cli["model"]["method"]["init_args"]["scale"] == 3.5 and cli["data"]["num_samples"] == 6
+    assert res["config"]["precision"] and res["config"]["dtype"] == "torch.float32"
+    assert res["versions"]["lit_vce"] and res["git_sha"]

@@ -151,6 +151,19 @@ class VCEModule(L.LightningModule):
         if writer is not None and writer.done_ids():
             self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
 
+    @staticmethod
+    def _cli_config(writer) -> dict[str, Any] | None:
+        """The resolved LightningCLI config as run (``config.yaml`` in the run folder), when there is one."""
+        path = writer.output_dir / "config.yaml"
+        if not path.is_file():
+            return None
+        import yaml
+
+        try:
+            return yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            return None
+
     def fingerprint(self) -> dict[str, Any]:
         """What decides a sample's output: seed, classifier, method settings and the data
         (not batch size, workers or the number of samples: a run may grow)."""
@@ -276,6 +289,8 @@ class VCEModule(L.LightningModule):
             metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
                     "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
+                    "cli": self._cli_config(writer), "precision": str(self.trainer.precision),
+                    "dtype": str(next(self.classifier.parameters(), torch.empty(0)).dtype),
                     "classifier": self.classifier_config, "not_selected": counts[3]},
             world_size=self.trainer.world_size, resumed=counts[0],
             protocol=dm.hparams.get("protocol") if dm is not None else None,
