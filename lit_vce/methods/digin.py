@@ -114,6 +114,43 @@ def switch_word(caption: str, old: str, new: str) -> str | None:
     return out if k else None
 
 
+_CHOICES = {"inversion": ("null_text", "ddim", "none"), "autocast": (None, "bfloat16", "float16"),
+            "injection": ("auto", "attention", "conditioning"), "mask_source": ("auto", "batch", "attention", "none"),
+            "cutouts": ("published", "scaled")}
+
+
+def _check_choices(**values) -> None:
+    for key, value in values.items():
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{key} must be one of {_CHOICES[key]}, got {value!r}")
+
+
+def _prepare_backbone(backbone, num_steps: int, guidance_scale: float, checkpointing: bool, injection: str,
+                      mask_source: str) -> TrajectoryBackbone:
+    """The backbone (built from a name, or checked and configured), refusing attention
+    options on a backbone without cross-attention."""
+    if isinstance(backbone, str):
+        backbone = PixelTrajectory(backbone, num_steps=num_steps, guidance_scale=guidance_scale, gradient_checkpointing=checkpointing)
+    else:
+        if backbone.num_steps != num_steps:
+            raise ValueError(f"the backbone was built with {backbone.num_steps} steps, not num_steps={num_steps}")
+        backbone.guidance_scale, backbone.gradient_checkpointing = guidance_scale, checkpointing
+    if not backbone.supports_attention_control:
+        for key, value in (("injection", injection), ("mask_source", mask_source)):
+            if value == "attention":
+                raise ValueError(f"{key}='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
+    return backbone
+
+
+def default_objective(classifier_weight: float = 1.0, background_latent_weight: float = 25.0,
+                      background_pixel_weight: float = 250.0, l1_weight: float = 0.0, l2_weight: float = 0.0,
+                      lpips_weight: float = 0.0) -> Objective:
+    """DiG-IN's VCE objective: ``w_c * TargetCE`` plus the weighted regularisers that are non-zero."""
+    terms = [(background_latent_weight, lambda: BackgroundL2("latent")), (background_pixel_weight, lambda: BackgroundL2("pixel")),
+             (l1_weight, L1Distance), (l2_weight, L2Distance), (lpips_weight, LPIPSDistance)]  # built only when weighted
+    return sum((w * make() for w, make in terms if w), classifier_weight * TargetCE())
+
+
 @dataclass
 class _Edit:
     """What the edit keeps from the original: the reconstruction's latents at each step's
@@ -259,36 +296,15 @@ class DiGIN(VCEMethod):
         class_names: list[str] | None = None,
     ):
         super().__init__()
-        if inversion not in ("null_text", "ddim", "none"):
-            raise ValueError("inversion must be 'null_text', 'ddim' or 'none'")
+        _check_choices(inversion=inversion, autocast=autocast, injection=injection, mask_source=mask_source, cutouts=cutouts)
         if not 1 <= loss_steps <= num_steps:
             raise ValueError("loss_steps must be in [1, num_steps]")
-        if autocast not in (None, "bfloat16", "float16"):
-            raise ValueError("autocast must be None, 'bfloat16' or 'float16'")
         if num_starts < 1:
             raise ValueError("num_starts must be >= 1")
-        if injection not in ("auto", "attention", "conditioning"):
-            raise ValueError("injection must be 'auto', 'attention' or 'conditioning'")
-        if mask_source not in ("auto", "batch", "attention", "none"):
-            raise ValueError("mask_source must be 'auto', 'batch', 'attention' or 'none'")
-        if cutouts not in ("published", "scaled"):
-            raise ValueError("cutouts must be 'published' or 'scaled'")
         if mask_postprocessing is not None and len(mask_postprocessing) != 4:
             raise ValueError("mask_postprocessing: (erosion, dilation, blur kernel, blur sigma) at 512 px, or None")
-        if isinstance(backbone, str):
-            backbone = PixelTrajectory(backbone, num_steps=num_steps, guidance_scale=guidance_scale,
-                                       gradient_checkpointing=gradient_checkpointing)
-        else:
-            if backbone.num_steps != num_steps:
-                raise ValueError(f"the backbone was built with {backbone.num_steps} steps, not num_steps={num_steps}")
-            backbone.guidance_scale = guidance_scale
-            backbone.gradient_checkpointing = gradient_checkpointing
-        if not backbone.supports_attention_control:
-            if injection == "attention":
-                raise ValueError(f"injection='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
-            if mask_source == "attention":
-                raise ValueError(f"mask_source='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
-        self.backbone = backbone
+        self.backbone = backbone = _prepare_backbone(backbone, num_steps, guidance_scale, gradient_checkpointing, injection,
+                                                     mask_source)
         self.injection = ("attention" if backbone.supports_attention_control else "conditioning") if injection == "auto" else injection
         self.mask_source, self.mask_threshold = mask_source, float(mask_threshold)
         self.mask_postprocessing = None if mask_postprocessing is None else tuple(mask_postprocessing)
@@ -298,19 +314,8 @@ class DiGIN(VCEMethod):
         self.lr, self.latent_lr_factor, self.loss_steps = lr, latent_lr_factor, loss_steps
         self.num_cutouts, self.cutout_min_scale, self.noise_sd = num_cutouts, cutout_min_scale, noise_sd
         self.cutouts, self.cutout_power = cutouts, float(cutout_power)
-        if objective is None:
-            objective = classifier_weight * TargetCE()
-            if background_latent_weight:
-                objective = objective + background_latent_weight * BackgroundL2("latent")
-            if background_pixel_weight:
-                objective = objective + background_pixel_weight * BackgroundL2("pixel")
-            if l1_weight:
-                objective = objective + l1_weight * L1Distance()
-            if l2_weight:
-                objective = objective + l2_weight * L2Distance()
-            if lpips_weight:
-                objective = objective + lpips_weight * LPIPSDistance()
-        self.objective = objective
+        self.objective = objective if objective is not None else default_objective(
+            classifier_weight, background_latent_weight, background_pixel_weight, l1_weight, l2_weight, lpips_weight)
         self.inversion, self.num_starts = inversion, int(num_starts)
         self.null_text_steps, self.null_text_lr = null_text_steps, null_text_lr
         self.blend_fractions, self.injection_fractions = tuple(blend_fractions), tuple(injection_fractions)
