@@ -258,3 +258,12 @@ def test_results_record_the_resolved_cli_config(tmp_path):
     assert cli["model"]["method"]["init_args"]["scale"] == 3.5 and cli["data"]["num_samples"] == 6
     assert res["config"]["precision"] and res["config"]["dtype"] == "torch.float32"
     assert res["versions"]["lit_vce"] and res["git_sha"]
+
+
+def test_a_yaml_config_names_a_method_by_its_class_name(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  method:\n    class_path: FastDiME\n    init_args:\n      num_steps: 10\n      warmup: 1\n")
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, "--config", str(cfg), "--data.num_samples", "2", "--data.batch_size", "2",
+          "--writer.output_dir", str(out)])
+    assert json.loads((out / "results.json").read_text())["method"] == "fastdime"
