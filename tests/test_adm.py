@@ -112,15 +112,22 @@ def test_load_adm_from_a_checkpoint_file_and_clear_errors(tmp_path, monkeypatch)
         ADMConfig.preset("nope")
 
 
-def test_pixel_diffusion_runs_an_adm_checkpoint_with_the_respaced_sampler(tmp_path, monkeypatch):
-    from lit_vce.generators import PixelDiffusion, sample_generators
-
+@pytest.fixture
+def tiny_adm_preset(tmp_path, monkeypatch):
+    """The parity ADM as preset ``tiny``, its checkpoint where ``adm:tiny`` looks for it."""
     cfg, data, state = _fixture("uncond")
     monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
                                               "file": "tiny_official.pt"})
     (tmp_path / "adm").mkdir()
     torch.save(state, tmp_path / "adm" / "tiny_official.pt")
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    return data
+
+
+def test_pixel_diffusion_runs_an_adm_checkpoint_with_the_respaced_sampler(tmp_path, tiny_adm_preset):
+    from lit_vce.generators import PixelDiffusion, sample_generators
+
+    data = tiny_adm_preset
     gen = PixelDiffusion("adm:tiny", scheduler="adm", num_inference_steps=200, clip_sample=False)
     assert gen.learned_variance and gen.image_size == 32 and len(gen.timesteps) == 200
     # the wrapper calls the model at the original timestep of each respaced index, as the official one does
@@ -155,16 +162,10 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
         getattr(importlib.import_module(module), name)(**args)
 
 
-def test_guided_methods_run_on_an_adm_checkpoint(tmp_path, monkeypatch, tiny_classifier):
+def test_guided_methods_run_on_an_adm_checkpoint(tiny_adm_preset, tiny_classifier):
     from lit_vce.generators import sample_generators
     from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
 
-    cfg, _, state = _fixture("uncond")
-    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
-                                              "file": "tiny_official.pt"})
-    (tmp_path / "adm").mkdir()
-    torch.save(state, tmp_path / "adm" / "tiny_official.pt")
-    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     ids = ["a", "b"]
     batch = VCEBatch(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor([1, 2]), ids, sample_generators(0, ids))
     cg = ClassifierGuidance(generator="adm:tiny", scheduler="ddim", num_steps=6)  # eps = the first 3 of 6 channels
