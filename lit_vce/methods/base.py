@@ -82,12 +82,8 @@ class VCEMethod(nn.Module):
 
 def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
     """Consecutive sub-batches of at most ``size`` samples (generators travel with their samples)."""
-    out = []
-    for i in range(0, len(batch), size):
-        sl = slice(i, i + size)
-        out.append(VCEBatch(batch.images[sl], batch.source[sl], batch.target[sl], batch.sample_ids[sl], batch.generators[sl],
-                            None if batch.mask is None else batch.mask[sl], None if batch.captions is None else batch.captions[sl]))
-    return out
+    n = len(batch)
+    return [select_batch(batch, list(range(i, min(i + size, n)))) for i in range(0, n, size)]
 
 
 def select_batch(batch: VCEBatch, idx: list[int]) -> VCEBatch:

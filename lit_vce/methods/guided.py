@@ -170,7 +170,7 @@ class PerStepGuidance(VCEMethod):
         labels = batch.target if self.conditioning == "target" else None
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
-        x0_last, state = None, {}
+        state: dict = {}
         for k, t in enumerate(steps):
             t = int(t)
             next_t = int(steps[k + 1]) if k + 1 < len(steps) else None
@@ -186,8 +186,9 @@ class PerStepGuidance(VCEMethod):
                 eps_g = out["eps"] - (1 - gen.alpha_bar(t)).sqrt().to(out["eps"]) * grad
                 x_t = gen.step(eps_g, t, x_t.detach(), batch.generators).detach()
             x_t = self.post_step(x_t, step, batch, state).detach()
-            x0_last = out["pred_xstart"] if "pred_xstart" in out else gen.encode(step.x0)
-        out_img = gen.decode(x0_last if self.output == "x0" else x_t)
+        if self.output == "x0":  # the last step's x0-prediction (model space)
+            x_t = out["pred_xstart"] if "pred_xstart" in out else gen.encode(step.x0)
+        out_img = gen.decode(x_t)
         if out_img.shape[-2:] != size_in:
             out_img = F.interpolate(out_img, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         out_img = torch.where(ok.view(-1, 1, 1, 1), out_img, original)  # failed samples return the original image
