@@ -28,14 +28,14 @@ def one(steps: int, outer: int, checkpointing: bool, n: int) -> dict:
 
     from lit_vce.classifiers import load_classifier
     from lit_vce.data.world import ShapesWorld
-    from lit_vce.generators import sample_generators
+    from lit_vce.rngs import sample_rngs
     from lit_vce.methods import DiGIN, VCEBatch
 
     d = ShapesWorld("balanced", "test", n)
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    batch = VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_generators(0, ids),
+    batch = VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_rngs(0, ids),
                      torch.stack([it["mask"] for it in items]))
     clf = load_classifier("robust")
     m = DiGIN("world", num_steps=steps, outer_steps=outer, num_cutouts=8, null_text_steps=5, gradient_checkpointing=checkpointing)

@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import CLIPTokenizer
 
     from lit_vce.data.world import ShapesWorld
-    from lit_vce.generators.trajectory import LatentDiffusion, PixelTrajectory
+    from lit_vce.diffusion import LatentDiffusion, PixelDiffusion
     from lit_vce.testing import save_tiny_latent_diffusion
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +61,7 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)  # the same random weights for both
         if a.model == "world":
-            bb = PixelTrajectory("world", num_steps=a.steps).to(device)
+            bb = PixelDiffusion("world", num_steps=a.steps, guidance_scale=3.0).to(device)
             images = torch.stack([d[i]["image"] for i in range(a.n)]).to(device)
             cond_of = lambda: bb.condition(torch.tensor([d[i]["label"] for i in range(a.n)], device=device))  # noqa: E731
         else:

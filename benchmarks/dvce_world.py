@@ -22,16 +22,16 @@ import torch
 
 from lit_vce.classifiers import load_classifier
 from lit_vce.data.world import ShapesWorld
-from lit_vce.generators import sample_generators
+from lit_vce.rngs import sample_rngs
 from lit_vce.methods import DVCE, VCEBatch
 from lit_vce.world.models import load_world_network
 
 SETTINGS = {
-    "published (adm, no clip, 1 view), weight 1.0": dict(scheduler="adm", clip_sample=False, num_augmentations=1, classifier_weight=1.0),
-    "published, weight 0.1 (ImageNet value)": dict(scheduler="adm", clip_sample=False, num_augmentations=1, classifier_weight=0.1),
-    "adm, clip, 1 view, weight 1.0": dict(scheduler="adm", clip_sample=True, num_augmentations=1, classifier_weight=1.0),
-    "adm, no clip, 8 views, weight 1.0": dict(scheduler="adm", clip_sample=False, num_augmentations=8, classifier_weight=1.0),
-    "diffusers ddpm eps-shift, clip, 8 views, weight 1.0": dict(scheduler="ddpm", clip_sample=True, num_augmentations=8,
+    "published (adm, no clip, 1 view), weight 1.0": dict(sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=1.0),
+    "published, weight 0.1 (ImageNet value)": dict(sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=0.1),
+    "adm, clip, 1 view, weight 1.0": dict(sampler="adm", clip_sample=True, num_augmentations=1, classifier_weight=1.0),
+    "adm, no clip, 8 views, weight 1.0": dict(sampler="adm", clip_sample=False, num_augmentations=8, classifier_weight=1.0),
+    "diffusers ddpm eps-shift, clip, 8 views, weight 1.0": dict(sampler="ddpm", clip_sample=True, num_augmentations=8,
                                                                 classifier_weight=1.0),
 }
 
@@ -54,7 +54,7 @@ def main() -> None:
             continue
         m = DVCE(robust_classifier="robust", num_steps=100, skip=0.5, **kw)
         t0 = time.perf_counter()
-        r = m.generate(VCEBatch(x.clone(), src, tgt, ids, sample_generators(0, ids)), biased)
+        r = m.generate(VCEBatch(x.clone(), src, tgt, ids, sample_rngs(0, ids)), biased)
         sec = (time.perf_counter() - t0) / a.n
         with torch.no_grad():
             fr = (biased(r.images).argmax(1) == tgt).float().mean().item()

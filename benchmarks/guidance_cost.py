@@ -18,7 +18,7 @@ import torch
 
 from lit_vce.classifiers import load_classifier
 from lit_vce.data.world import ShapesWorld
-from lit_vce.generators import sample_generators
+from lit_vce.rngs import sample_rngs
 from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
 
 
@@ -27,7 +27,7 @@ def _batch(n: int) -> VCEBatch:
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     src = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_generators(0, ids))
+    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(0, ids))
 
 
 def main() -> None:

@@ -53,8 +53,8 @@ def run(dtype: str, steps: int, outer: int, tiny: bool, device: str, size: int =
     from transformers import CLIPTokenizer
 
     from lit_vce.classifiers import ImageClassifier
-    from lit_vce.generators import sample_generators
-    from lit_vce.generators.trajectory import LatentDiffusion
+    from lit_vce.rngs import sample_rngs
+    from lit_vce.diffusion import LatentDiffusion
     from lit_vce.methods import DiGIN, VCEBatch
     from lit_vce.testing import save_tiny_latent_diffusion
 
@@ -71,7 +71,7 @@ def run(dtype: str, steps: int, outer: int, tiny: bool, device: str, size: int =
     size = bb.image_size
     ids = ["img0"]
     batch = VCEBatch(torch.rand(1, 3, size, size, device=device), torch.tensor([0], device=device),
-                     torch.tensor([1], device=device), ids, sample_generators(0, ids, device=device))
+                     torch.tensor([1], device=device), ids, sample_rngs(0, ids, device=device))
     method = DiGIN(bb, num_steps=steps, outer_steps=outer, gradient_checkpointing=True, background_latent_weight=0.0,
                    background_pixel_weight=0.0, null_text_steps=null_text_steps, injection_fractions=(0.3, 0.4, 0.5),
                    autocast=None if dtype == "float32" else dtype)

@@ -13,11 +13,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
-def tiny_generator():
+def tiny_diffusion():
     """A random 16x16 class-conditional pixel diffusion model (4 classes + null)."""
     from diffusers import UNet2DModel
 
-    from lit_vce.generators import PixelDiffusion
+    from lit_vce.diffusion import PixelDiffusion
     from lit_vce.world.models import SCHEDULER_CONFIG
 
     torch.manual_seed(0)
@@ -25,9 +25,9 @@ def tiny_generator():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, num_class_embeds=5)
 
-    def make(scheduler="ddim", steps=10):
-        return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, scheduler=scheduler,
-                              num_inference_steps=steps, null_class=4)
+    def make(sampler="ddim", steps=10):
+        return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, sampler=sampler,
+                              num_steps=steps, null_class=4)
 
     return make
 
@@ -44,13 +44,13 @@ def tiny_classifier():
 
 @pytest.fixture
 def tiny_batch():
-    from lit_vce.generators import sample_generators
+    from lit_vce.rngs import sample_rngs
     from lit_vce.methods import VCEBatch
 
     torch.manual_seed(2)
     ids = [f"s{i}" for i in range(4)]
     return VCEBatch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]), ids,
-                    sample_generators(0, ids))
+                    sample_rngs(0, ids))
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +83,27 @@ def tiny_sam(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sam") / "sam"
     SamModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def tiny_adm_preset(tmp_path, monkeypatch):
+    """The parity ADM (``tests/fixtures/adm_tiny_uncond``) as preset ``tiny``, its checkpoint
+    where ``adm:tiny`` looks for it; returns the fixture's tensors."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lit_vce.diffusion.adm import ADM_PRESETS, ADMConfig
+
+    path = Path(__file__).parent / "fixtures" / "adm_tiny_uncond.safetensors"
+    cfg = json.loads(safe_open(str(path), "pt").metadata()["config"])
+    data = load_file(str(path))
+    state = {k[len("state_dict."):]: v for k, v in data.items() if k.startswith("state_dict.")}
+    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
+                                              "file": "tiny_official.pt"})
+    (tmp_path / "adm").mkdir()
+    torch.save(state, tmp_path / "adm" / "tiny_official.pt")
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    return data

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lit_vce.generators.adm import ADM_PRESETS, ADMConfig, ADMUNet, load_adm
-from lit_vce.generators.gaussian import RespacedDiffusion, named_betas, space_timesteps
+from lit_vce.diffusion.adm import ADM_PRESETS, ADMConfig, ADMUNet, load_adm
+from lit_vce.diffusion.gaussian import RespacedDiffusion, named_betas, space_timesteps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-5
@@ -112,35 +112,24 @@ def test_load_adm_from_a_checkpoint_file_and_clear_errors(tmp_path, monkeypatch)
         ADMConfig.preset("nope")
 
 
-@pytest.fixture
-def tiny_adm_preset(tmp_path, monkeypatch):
-    """The parity ADM as preset ``tiny``, its checkpoint where ``adm:tiny`` looks for it."""
-    cfg, data, state = _fixture("uncond")
-    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
-                                              "file": "tiny_official.pt"})
-    (tmp_path / "adm").mkdir()
-    torch.save(state, tmp_path / "adm" / "tiny_official.pt")
-    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
-    return data
-
-
 def test_pixel_diffusion_runs_an_adm_checkpoint_with_the_respaced_sampler(tmp_path, tiny_adm_preset):
-    from lit_vce.generators import PixelDiffusion, sample_generators
+    from lit_vce.diffusion import PixelDiffusion
+    from lit_vce.rngs import sample_rngs
 
     data = tiny_adm_preset
-    gen = PixelDiffusion("adm:tiny", scheduler="adm", num_inference_steps=200, clip_sample=False)
+    gen = PixelDiffusion("adm:tiny", sampler="adm", num_steps=200, clip_sample=False)
     assert gen.learned_variance and gen.image_size == 32 and len(gen.timesteps) == 200
     # the wrapper calls the model at the original timestep of each respaced index, as the official one does
     with torch.no_grad():
         out = gen.p_mean_variance(gen.model_output(data["x"], 100), data["x"], 100)
     assert _rel(out["mean"], data["step100.mean"]) < TOL
     # an explicit path with the preset works too
-    short = PixelDiffusion(f"adm:tiny@{tmp_path / 'adm' / 'tiny_official.pt'}", scheduler="adm", num_inference_steps=5)
+    short = PixelDiffusion(f"adm:tiny@{tmp_path / 'adm' / 'tiny_official.pt'}", sampler="adm", num_steps=5)
     with pytest.raises(ValueError, match="does not fit"):  # overrides reach the architecture
-        PixelDiffusion("adm:tiny", scheduler="adm", num_inference_steps=5, adm_overrides={"num_res_blocks": 1})
-    assert short.diffusion.timestep_map.tolist() == [0, 250, 500, 749, 999]
+        PixelDiffusion("adm:tiny", sampler="adm", num_steps=5, adm_overrides={"num_res_blocks": 1})
+    assert short.respaced.timestep_map.tolist() == [0, 250, 500, 749, 999]
     with torch.no_grad():
-        imgs = short.sample(None, 2, sample_generators(0, ["a", "b"]))
+        imgs = short.sample(None, sample_rngs(0, ["a", "b"]))
     assert imgs.shape == (2, 3, 32, 32) and torch.isfinite(imgs).all()
 
 
@@ -156,22 +145,22 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
     spec = cfg["model"]["method"]
     module, _, name = spec["class_path"].rpartition(".")
     args = {**spec["init_args"], "robust_classifier": None} if method == "dvce" else spec["init_args"]
-    assert args["generator"] == "adm:imagenet256_uncond"
+    assert args["diffusion"] == "adm:imagenet256_uncond"
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(MissingWeightsError, match=r"adm/256x256_diffusion_uncond\.pt"):
         getattr(importlib.import_module(module), name)(**args)
 
 
 def test_guided_methods_run_on_an_adm_checkpoint(tiny_adm_preset, tiny_classifier):
-    from lit_vce.generators import sample_generators
+    from lit_vce.rngs import sample_rngs
     from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
 
     ids = ["a", "b"]
-    batch = VCEBatch(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor([1, 2]), ids, sample_generators(0, ids))
-    cg = ClassifierGuidance(generator="adm:tiny", scheduler="ddim", num_steps=6)  # eps = the first 3 of 6 channels
-    dvce = DVCE(generator="adm:tiny", num_steps=6, robust_classifier=None)  # the respaced sampler, learned variance
+    batch = VCEBatch(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor([1, 2]), ids, sample_rngs(0, ids))
+    cg = ClassifierGuidance(diffusion="adm:tiny", sampler="ddim", num_steps=6)  # eps = the first 3 of 6 channels
+    dvce = DVCE(diffusion="adm:tiny", num_steps=6, robust_classifier=None)  # the respaced sampler, learned variance
     for method in (cg, dvce):
         out = method.generate(batch, tiny_classifier)
         assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
         assert (out.images - batch.images).abs().mean() > 1e-3
-    assert dvce.describe()["scheduler"] == "adm" and dvce.describe()["clip_sample"] is False
+    assert dvce.describe()["sampler"] == "adm" and dvce.describe()["clip_sample"] is False

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from lit_vce.generators import sample_generators
-from lit_vce.generators.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
-from lit_vce.generators.trajectory import LatentDiffusion
+from lit_vce.rngs import sample_rngs
+from lit_vce.diffusion.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
+from lit_vce.diffusion import LatentDiffusion
 from lit_vce.methods import DiGIN, VCEBatch
 from lit_vce.methods.digin import switch_word
 
@@ -54,7 +54,7 @@ def _batch(n=2, offset=1, captions=None):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_generators(0, ids),
+    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_rngs(0, ids),
                     captions=captions)
 
 
@@ -66,7 +66,7 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     u = bb.null_condition(2)
     store = AttentionStore()
     rec = AttentionRecorder(2, store, 0, True)
-    torch.testing.assert_close(bb.eps_cfg(z, 0, c, u, control=rec), bb.eps_cfg(z, 0, c, u), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bb.eps(z, bb.timesteps[0], c, u, control=rec), bb.eps(z, bb.timesteps[0], c, u), rtol=0, atol=1e-5)
     assert len(store.maps[0]) == 4  # the tiny UNet's 4 cross-attention layers
     maps = {r: store.token_maps(r) for r in store.token_sums}
     assert all(m.shape == (2, 77, r, r) for r, m in maps.items()) and sum(store.token_counts.values()) == 4
@@ -84,7 +84,7 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     c2 = bb.condition(["a photograph of a zebra"] * 2)
     eye = torch.eye(77).expand(2, 77, 77)
     spy = Spy(store.maps[0], eye, torch.zeros(2, 77, dtype=torch.bool), torch.tensor([True, False]))
-    bb.eps_cfg(z, 0, c2, u, control=spy)
+    bb.eps(z, bb.timesteps[0], c2, u, control=spy)
     for layer, (before, after) in seen.items():
         torch.testing.assert_close(after[0], store.maps[0][layer][0])  # injected: the recorded map
         torch.testing.assert_close(after[1], before[1])                # inactive sample: its own map
@@ -94,24 +94,24 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     sliced = LatentDiffusion(str(tiny_sd[0]), num_steps=4, attention_slicing=True)
     sliced.unet.set_attention_slice(1)
     store2 = AttentionStore()
-    out = sliced.eps_cfg(z, 0, c, u, control=AttentionRecorder(2, store2, 0, True))
-    torch.testing.assert_close(out, bb.eps_cfg(z, 0, c, u), rtol=0, atol=1e-5)
+    out = sliced.eps(z, sliced.timesteps[0], c, u, control=AttentionRecorder(2, store2, 0, True))
+    torch.testing.assert_close(out, bb.eps(z, bb.timesteps[0], c, u), rtol=0, atol=1e-5)
     assert len(store2.maps[0]) == 4
     with pytest.raises(ValueError, match="no cross-attention"):
-        from lit_vce.generators.trajectory import PixelTrajectory
+        from lit_vce.diffusion import PixelDiffusion
 
-        PixelTrajectory("world", num_steps=4).eps(torch.zeros(1, 3, 32, 32), 0, torch.zeros(1, 8), control=rec)
+        PixelDiffusion("world", num_steps=4, guidance_scale=3.0).eps(torch.zeros(1, 3, 32, 32), 0, torch.zeros(1, 8), control=rec)
 
 
 def _reconstruction(m, b, clf):
-    bb = m.backbone
+    bb = m.diffusion
     src, _, _ = m.prompts(b, clf)
     cond = bb.condition(src)
     _, inv = m.invert(b.images, cond)
     with torch.no_grad():
         z = inv.latents[0]
         for i in range(bb.num_steps):
-            z, x0 = bb.ddim_step(z, bb.eps_cfg(z, i, cond, inv.uncond[i]), i)
+            z, x0 = bb.step(bb.eps(z, bb.timesteps[i], cond, inv.uncond[i]), bb.timesteps[i], z)
     return bb.decode(x0)
 
 
@@ -138,7 +138,7 @@ def test_attention_injection_keeps_what_it_should(tiny_sd):
     assert dist[1.0] < 0.7 * dist[0.0] and dist[0.5] < 0.7 * dist[0.0], dist
 
 
-def test_digin_on_text_backbone_uses_captions_and_attention_masks(tiny_sd):
+def test_digin_on_a_text_model_uses_captions_and_attention_masks(tiny_sd):
     folder, clf = tiny_sd
     bb = LatentDiffusion(str(folder), num_steps=4)
     m = DiGIN(bb, num_steps=4, outer_steps=1, null_text_steps=1, num_cutouts=1, injection_fractions=(0.5,),

@@ -1,4 +1,4 @@
-"""DiG-IN: trajectory backbones, inversion, the optimisation and its switches."""
+"""DiG-IN: diffusion models, inversion, the optimisation and its switches."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,8 @@ import torch
 
 from lit_vce.classifiers import load_classifier
 from lit_vce.data.world import ShapesWorld
-from lit_vce.generators import sample_generators
-from lit_vce.generators.trajectory import LatentDiffusion, PixelTrajectory
+from lit_vce.rngs import sample_rngs
+from lit_vce.diffusion import LatentDiffusion, PixelDiffusion
 from lit_vce.methods import DiGIN, VCEBatch
 from lit_vce.objectives import ObjectiveContext
 
@@ -21,7 +21,7 @@ def _world_batch(n=3, offset=1):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_generators(0, ids),
+    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_rngs(0, ids),
                     torch.stack([it["mask"] for it in items]))
 
 
@@ -31,7 +31,7 @@ def robust():
 
 
 def test_null_text_inversion_reconstructs_better_than_ddim_inversion():
-    bb = PixelTrajectory("world", num_steps=10)
+    bb = PixelDiffusion("world", num_steps=10, guidance_scale=3.0)
     b = _world_batch(4)
     z0 = bb.encode(b.images)
     cond = bb.condition(b.source)
@@ -54,7 +54,7 @@ def test_digin_loss_falls_and_flips_the_robust_model(robust):
 
 def _grads(m: DiGIN, b: VCEBatch, classifier):
     """Gradients of the DiG-IN loss with respect to z_T and every per-step delta."""
-    bb = m.backbone
+    bb = m.diffusion
     c_src, c_tgt = m.conditions(b.source, classifier), m.conditions(b.target, classifier)
     z0, inv = m.invert(b.images, c_src)
     z_T = inv.latents[0].clone().requires_grad_(True)
@@ -88,12 +88,12 @@ def test_source_conditioning_for_all_steps_without_optimisation_reconstructs(rob
     m = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(1.0,), blend_fractions=(0.0,),
               num_cutouts=2)
     out = m.generate(b, robust).images
-    bb = m.backbone
+    bb = m.diffusion
     z0, inv = m.invert(b.images, bb.condition(b.source))
     with torch.no_grad():
         z = inv.latents[0]
         for i in range(bb.num_steps):
-            z, x0 = bb.ddim_step(z, bb.eps_cfg(z, i, bb.condition(b.source), inv.uncond[i]), i)
+            z, x0 = bb.step(bb.eps(z, bb.timesteps[i], bb.condition(b.source), inv.uncond[i]), bb.timesteps[i], z)
     torch.testing.assert_close(out, bb.decode(x0), rtol=0, atol=1e-6)
     # and the class switch (no injection) changes the image
     switched = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(0.0,),
@@ -129,7 +129,7 @@ def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust):
 
 
 def test_batch_composition_does_not_change_a_sample(robust):
-    # a fresh batch per run: the per-sample generators are consumed by a run
+    # a fresh batch per run: the per-sample rngs are consumed by a run
     kw = dict(outer_steps=2, **FAST)
     whole = DiGIN("world", **kw).generate(_world_batch(3), robust).images
     chunked = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust).images
@@ -223,6 +223,6 @@ def test_more_random_starts_never_start_worse(robust):
     assert (many["loss"] <= one["loss"] + 1e-6).all()  # start 0 is the single run's start
     assert (many["loss"] < one["loss"] - 1e-4).any() and (many["start"] > 0).any()
     again = DiGIN("world", num_starts=4, **kw).generate(_world_batch(4), robust).diagnostics
-    assert torch.equal(many["loss"], again["loss"])  # the starts come from the per-sample generators
+    assert torch.equal(many["loss"], again["loss"])  # the starts come from the per-sample rngs
     with pytest.raises(ValueError, match="num_starts"):
         DiGIN("world", num_starts=0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_vce.generators import sample_generators
-from lit_vce.generators.masks import SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
-from lit_vce.generators.trajectory import PixelTrajectory
+from lit_vce.rngs import sample_rngs
+from lit_vce.diffusion.masks import SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
+from lit_vce.diffusion import PixelDiffusion
 from lit_vce.methods import DiGIN, VCEBatch
 from lit_vce.methods.digin import cutout_views, fraction_steps
 from lit_vce.objectives import BackgroundL2, L2Distance, ObjectiveContext
@@ -23,7 +23,7 @@ def _world(n=2):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_generators(0, ids),
+    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_rngs(0, ids),
                     torch.stack([it["mask"] for it in items]))
 
 
@@ -36,12 +36,12 @@ def test_schedule_fractions_are_the_official_threshold_schedules():
 def test_null_text_schedule_matches_the_official_loop():
     """lr 1e-2 * (1 - i / 100), at most 10 inner steps, stop once the pre-update loss is
     below 1e-5 + i * 2e-5, checked after the update; per sample as the official batch of one."""
-    bb = PixelTrajectory("world", num_steps=5)
+    bb = PixelDiffusion("world", num_steps=5, guidance_scale=3.0)
     b = _world(2)
     z0 = bb.encode(b.images)
     cond = bb.condition(b.source)
     ours = bb.null_text_inversion(z0, cond, inner_steps=10)
-    target = bb.ddim_invert(z0, cond)
+    target = bb.invert(z0, cond)
     for k in range(2):  # the official loop, one image at a time
         u = bb.null_condition(1).detach()
         z, t_k = target[0][k : k + 1], [t[k : k + 1] for t in target]
@@ -50,10 +50,10 @@ def test_null_text_schedule_matches_the_official_loop():
             u = u.clone().detach().requires_grad_(True)
             opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
             with torch.no_grad():
-                e_c = bb.eps(z, i, cond[k : k + 1])
+                e_c = bb.eps(z, bb.timesteps[i], cond[k : k + 1])
             for j in range(10):
-                e_u = bb.eps(z, i, u)
-                pred, _ = bb.ddim_step(z, e_u + bb.guidance_scale * (e_c - e_u), i)
+                e_u = bb.eps(z, bb.timesteps[i], u)
+                pred, _ = bb.step(e_u + bb.guidance_scale * (e_c - e_u), bb.timesteps[i], z)
                 loss = F.mse_loss(pred, t_k[i + 1])
                 opt.zero_grad()
                 loss.backward()
@@ -63,7 +63,7 @@ def test_null_text_schedule_matches_the_official_loop():
             inner_used.append(j + 1)
             torch.testing.assert_close(ours.uncond[i][k : k + 1], u.detach(), rtol=1e-3, atol=1e-4)  # batched vs single: float rounding
             with torch.no_grad():
-                z, _ = bb.ddim_step(z, bb.eps_cfg(z, i, cond[k : k + 1], u.detach()), i)
+                z, _ = bb.step(bb.eps(z, bb.timesteps[i], cond[k : k + 1], u.detach()), bb.timesteps[i], z)
         assert max(inner_used) > 1  # the schedule was exercised (not a trivial first-step stop)
 
 
@@ -107,10 +107,10 @@ def test_sam_refinement_with_a_tiny_local_model(tiny_sam, tmp_path):
     sam = SamRefiner(str(tiny_sam))
     soft = torch.zeros(2, 1, 48, 48)
     soft[0, 0, 10:20, 30:40] = torch.linspace(0.4, 1.0, 10)[None]
-    gens = sample_generators(0, ["a", "b"])
+    gens = sample_rngs(0, ["a", "b"])
     pts = sam.points(soft[0], gens[0])
     assert pts.shape == (5, 2) and (pts[:, 0] >= 30).all() and (pts[:, 0] < 40).all() and (pts[:, 1] >= 10).all()
-    refined = sam(torch.rand(2, 3, 48, 48), soft, sample_generators(0, ["a", "b"]))
+    refined = sam(torch.rand(2, 3, 48, 48), soft, sample_rngs(0, ["a", "b"]))
     assert refined.shape == soft.shape and set(refined[0].unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(refined[1], soft[1])  # nothing above the threshold: the attention mask stays
     with pytest.raises(MissingWeightsError, match="sam_model=None"):
@@ -118,7 +118,7 @@ def test_sam_refinement_with_a_tiny_local_model(tiny_sam, tmp_path):
 
 
 def test_digin_on_stable_diffusion_with_attention_masks_and_sam(tiny_sd, tiny_sam):
-    from lit_vce.generators.trajectory import LatentDiffusion
+    from lit_vce.diffusion import LatentDiffusion
 
     folder, clf = tiny_sd
     bb = LatentDiffusion(str(folder), num_steps=4)
@@ -160,10 +160,10 @@ def test_published_cutouts():
     h = w = 64
     ramp = torch.linspace(0, 1, w)
     img = torch.stack([ramp[None].expand(h, w), ramp[:, None].expand(h, w), torch.zeros(h, w)])[None].repeat(2, 1, 1, 1)
-    gens = sample_generators(0, ["a", "b"])
+    gens = sample_rngs(0, ["a", "b"])
     views = cutout_views(img, gens, 200, noise_sd=0.0, cut_size=16, power=0.3)
     assert views.shape == (400, 3, 16, 16)
-    again = cutout_views(img[1:], sample_generators(0, ["b"]), 200, noise_sd=0.0, cut_size=16, power=0.3)
+    again = cutout_views(img[1:], sample_rngs(0, ["b"]), 200, noise_sd=0.0, cut_size=16, power=0.3)
     torch.testing.assert_close(views[200:], again)  # a sample's views depend on its own generator only
     # the side, read off the x-ramp's span: between the cut size and the image, E[U^0.3] = 1 / 1.3
     span = views[:, 0].amax((1, 2)) - views[:, 0].amin((1, 2))

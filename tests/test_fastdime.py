@@ -11,8 +11,8 @@ def _step(x_t, x0, index=0, t=5, next_t=4, state=None):
     return Step(index, t, next_t, x_t, x0, torch.tensor(0.5), 10, {} if state is None else state)
 
 
-def test_guidance_is_the_official_gradient_at_the_previous_x0(tiny_generator, tiny_classifier, tiny_batch):
-    m = FastDiME(generator=tiny_generator("adm", 10), scales=(8.0,), l1_weight=0.05)
+def test_guidance_is_the_official_gradient_at_the_previous_x0(tiny_diffusion, tiny_classifier, tiny_batch):
+    m = FastDiME(diffusion=tiny_diffusion("adm", 10), scales=(8.0,), l1_weight=0.05)
     b = tiny_batch
     torch.manual_seed(0)
     x_t = torch.randn(4, 3, 16, 16)
@@ -29,8 +29,8 @@ def test_guidance_is_the_official_gradient_at_the_previous_x0(tiny_generator, ti
     assert not torch.allclose(g0, g)
 
 
-def test_the_self_optimised_mask_puts_the_original_back_where_the_edit_is_small(tiny_generator, tiny_batch):
-    m = FastDiME(generator=tiny_generator("adm", 10), warmup=2, dilation=3, threshold=0.15)
+def test_the_self_optimised_mask_puts_the_original_back_where_the_edit_is_small(tiny_diffusion, tiny_batch):
+    m = FastDiME(diffusion=tiny_diffusion("adm", 10), warmup=2, dilation=3, threshold=0.15)
     b = tiny_batch
     x0 = b.images.clone()
     x0[:, :, 4:8, 4:8] = 1 - x0[:, :, 4:8, 4:8]  # the edit: a 4x4 patch
@@ -50,8 +50,8 @@ def test_the_self_optimised_mask_puts_the_original_back_where_the_edit_is_small(
     torch.testing.assert_close(last[:, :, 12:, 12:], b.images[:, :, 12:, 12:] * 2 - 1)  # the final sample: the clean original
 
 
-def test_failed_samples_are_retried_with_the_next_scale(tiny_generator, tiny_classifier, tiny_batch):
-    m = FastDiME(generator=tiny_generator("adm", 10), scales=(0.0, 1e4), warmup=100)
+def test_failed_samples_are_retried_with_the_next_scale(tiny_diffusion, tiny_classifier, tiny_batch):
+    m = FastDiME(diffusion=tiny_diffusion("adm", 10), scales=(0.0, 1e4), warmup=100)
     out = m.generate(tiny_batch, tiny_classifier)
     flipped = tiny_classifier(out.images).argmax(1) == tiny_batch.target
     scales = out.diagnostics["scale"]

@@ -98,7 +98,7 @@ def _predict_args(root: Path, protocol: str, out: Path, method: str = "classifie
             "--data.root", str(root / "val"), "--data.image_size", "32", "--data.num_workers", "0", "--data.batch_size", "4",
             "--data.images_per_class", "null", "--model.resolution", "32",
             "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
-            "--model.method.init_args.generator", str(root / "adm_tiny"), "--model.method.init_args.num_steps", "4",
+            "--model.method.init_args.diffusion", str(root / "adm_tiny"), "--model.method.init_args.num_steps", "4",
             "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
 
 

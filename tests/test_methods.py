@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_vce.generators import sample_generators
+from lit_vce.rngs import sample_rngs
 from lit_vce.methods import VCEBatch
 from lit_vce.methods.parts import angle, cone_projection, random_affine_perspective
 from lit_vce.registry import METHODS
@@ -30,8 +30,8 @@ def test_cone_projection_gives_exactly_alpha_around_the_axis_when_outside_and_is
 
 def test_augmentations_are_per_sample_deterministic_and_differentiable():
     x = torch.rand(3, 3, 16, 16, requires_grad=True)
-    a = random_affine_perspective(x, sample_generators(0, ["a", "b", "c"]), 4)
-    b = random_affine_perspective(x[1:2], sample_generators(0, ["b"]), 4)
+    a = random_affine_perspective(x, sample_rngs(0, ["a", "b", "c"]), 4)
+    b = random_affine_perspective(x[1:2], sample_rngs(0, ["b"]), 4)
     assert a.shape == (12, 3, 16, 16)
     assert torch.allclose(a[4:8], b, atol=1e-6)
     assert torch.allclose(a[0], x[0], atol=1e-5)  # the first view is clean
@@ -39,7 +39,7 @@ def test_augmentations_are_per_sample_deterministic_and_differentiable():
     assert x.grad.abs().sum() > 0
 
 
-def _build(name, tiny_generator, tiny_classifier, stochastic=False):
+def _build(name, tiny_diffusion, tiny_classifier, stochastic=False):
     """A registered method on the tiny models, from its own ``test_kwargs``; the harness adds
     the diffusion model and, for a ``robust_classifier`` argument, the tiny classifier."""
     import inspect
@@ -47,26 +47,19 @@ def _build(name, tiny_generator, tiny_classifier, stochastic=False):
     cls = METHODS.get(name)
     params = inspect.signature(cls.__init__).parameters
     kwargs = dict(cls.test_kwargs())
-    if "backbone" in params:  # trajectory methods: the same tiny UNet as a trajectory backbone
-        from lit_vce.generators.trajectory import PixelTrajectory
-        from lit_vce.world.models import SCHEDULER_CONFIG
-
-        gen = tiny_generator("ddim", 10)
-        steps = kwargs.get("num_steps", 5)
-        backbone = PixelTrajectory(unet=gen.unet, scheduler_config=SCHEDULER_CONFIG, null_class=gen.null_class, num_steps=steps)
-        return cls(backbone=backbone, **kwargs)
-    scheduler = kwargs.pop("scheduler", params["scheduler"].default if "scheduler" in params else "ddim")
-    if stochastic and scheduler == "ddim":
-        scheduler = "ddpm"  # ancestral noise: what batch independence is about
-    kwargs["generator"] = tiny_generator(scheduler, kwargs.pop("num_steps", 10))
+    sampler = kwargs.pop("sampler", params["sampler"].default if "sampler" in params else "ddim")
+    if stochastic and sampler == "ddim" and "sampler" in params:
+        sampler = "ddpm"  # ancestral noise: what batch independence is about
+    steps = kwargs.pop("num_steps", 10) if "sampler" in params else kwargs.get("num_steps", 10)
+    kwargs["diffusion"] = tiny_diffusion(sampler, steps)  # trajectory methods (no sampler argument): ddim
     if "robust_classifier" in params:
         kwargs["robust_classifier"] = tiny_classifier
     return cls(**kwargs)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_registered_method_runs_on_tiny_models(name, tiny_generator, tiny_classifier, tiny_batch):
-    method = _build(name, tiny_generator, tiny_classifier)
+def test_every_registered_method_runs_on_tiny_models(name, tiny_diffusion, tiny_classifier, tiny_batch):
+    method = _build(name, tiny_diffusion, tiny_classifier)
     out = method.generate(tiny_batch, tiny_classifier)
     assert out.images.shape == tiny_batch.images.shape
     assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
@@ -77,15 +70,15 @@ def test_every_registered_method_runs_on_tiny_models(name, tiny_generator, tiny_
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_outputs_do_not_depend_on_batch_composition(name, tiny_generator, tiny_classifier, tiny_batch):
-    method = _build(name, tiny_generator, tiny_classifier, stochastic=True)
+def test_outputs_do_not_depend_on_batch_composition(name, tiny_diffusion, tiny_classifier, tiny_batch):
+    method = _build(name, tiny_diffusion, tiny_classifier, stochastic=True)
     full = method.generate(tiny_batch, tiny_classifier).images
     b = tiny_batch
-    part = VCEBatch(b.images[2:], b.source[2:], b.target[2:], b.sample_ids[2:], sample_generators(0, b.sample_ids[2:]))
+    part = VCEBatch(b.images[2:], b.source[2:], b.target[2:], b.sample_ids[2:], sample_rngs(0, b.sample_ids[2:]))
     half = method.generate(part, tiny_classifier).images
     assert (full[2:] - half).abs().max() <= 1 / 255
     method.inner_batch_size = 1
-    b.generators = sample_generators(0, b.sample_ids)
+    b.rngs = sample_rngs(0, b.sample_ids)
     chunked = method.generate(b, tiny_classifier).images
     assert (full - chunked).abs().max() <= 1 / 255
 
@@ -103,8 +96,8 @@ class _NaNOnFirst(torch.nn.Module):
         return out + bad
 
 
-def test_non_finite_gradient_marks_only_that_sample_failed(tiny_generator, tiny_classifier, tiny_batch):
-    method = METHODS.get("classifier_guidance")(generator=tiny_generator("ddim", 10))
+def test_non_finite_gradient_marks_only_that_sample_failed(tiny_diffusion, tiny_classifier, tiny_batch):
+    method = METHODS.get("classifier_guidance")(diffusion=tiny_diffusion("ddim", 10))
     out = method.generate(tiny_batch, _NaNOnFirst(tiny_classifier))
     assert out.failure[0] and "non-finite" in out.failure[0]
     assert out.failure[1:] == [None, None, None]
@@ -126,7 +119,7 @@ def test_classifier_guidance_raises_target_confidence_on_the_world():
     ids = [it["sample_id"] for it in items]
     conf = {}
     for scale in (0.0, 2.0):
-        m = ClassifierGuidance(scale=scale, l1_weight=0.6, normalize=True, scheduler="ddpm", num_steps=50, skip=0.6)
-        out = m.generate(VCEBatch(x, src, tgt, ids, sample_generators(0, ids)), clf)
+        m = ClassifierGuidance(scale=scale, l1_weight=0.6, normalize=True, sampler="ddpm", num_steps=50, skip=0.6)
+        out = m.generate(VCEBatch(x, src, tgt, ids, sample_rngs(0, ids)), clf)
         conf[scale] = out.diagnostics["target_confidence"].mean().item()
     assert conf[2.0] > conf[0.0] + 0.5, conf

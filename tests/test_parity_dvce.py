@@ -45,10 +45,11 @@ def test_cone_projection_matches_the_official_direction_outside_the_cone():
 
 def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     from lit_vce.classifiers import ImageClassifier
-    from lit_vce.generators import PixelDiffusion, sample_generators
-    from lit_vce.generators.adm import ADMConfig, ADMUNet
-    from lit_vce.generators.pixel import _ADMAdapter
+    from lit_vce.diffusion import PixelDiffusion
+    from lit_vce.rngs import sample_rngs
+    from lit_vce.diffusion.adm import ADMConfig, ADMUNet
     from lit_vce.methods import DVCE, VCEBatch
+    from lit_vce.methods.guided import Step
     from lit_vce.world.models import SmallCNN
 
     path = FIXTURES / "adm_tiny_uncond.safetensors"
@@ -56,22 +57,23 @@ def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     data = load_file(str(path))
     adm = ADMUNet(ADMConfig.from_dict(cfg)).eval().requires_grad_(False)
     adm.load_state_dict({k[11:]: v for k, v in data.items() if k.startswith("state_dict.")})
-    gen = PixelDiffusion(unet=_ADMAdapter(adm), scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"},
-                         scheduler="adm", num_inference_steps=200, clip_sample=False)
+    gen = PixelDiffusion(unet=adm, scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"},
+                         sampler="adm", num_steps=200, clip_sample=False)
     torch.manual_seed(3)
     explained = ImageClassifier(SmallCNN(width=8), 32, ["a", "b", "c", "d"], name="explained")
     robust = ImageClassifier(SmallCNN(width=8), 32, ["a", "b", "c", "d"], name="robust")
-    method = DVCE(generator=gen, robust_classifier=robust)
+    method = DVCE(diffusion=gen, robust_classifier=robust)
     images = (data["x"].clamp(-1, 1) + 1) / 2
     target = torch.tensor([1, 2, 3])
     ids = ["a", "b", "c"]
-    batch = VCEBatch(images, torch.tensor([0, 0, 0]), target, ids, sample_generators(0, ids))
+    batch = VCEBatch(images, torch.tensor([0, 0, 0]), target, ids, sample_rngs(0, ids))
     x_t, i = data["x"], 120
-    out, grad, _ = method._guided_step(x_t, i, batch, explained, None, (0, None, 1, {}))
+    step = Step(0, i, None, x_t, None, gen.alpha_bar(i), 1, {})
+    out, grad = method._guided_step(step, batch, explained, (None, None))
 
     # the official recipe, written out: gradients w.r.t. x_t through the model
     xt = x_t.clone().requires_grad_(True)
-    o = gen.diffusion.p_mean_variance(adm(xt, torch.full((3,), gen.diffusion.model_timestep(i))), xt, i)
+    o = gen.respaced.p_mean_variance(adm(xt, torch.full((3,), gen.respaced.model_timestep(i))), xt, i)
     img = (o["pred_xstart"] + 1) / 2
     g1 = torch.autograd.grad(robust(img).log_softmax(1)[range(3), target].mean(), xt, retain_graph=True)[0].flatten(1)
     g2 = torch.autograd.grad(explained(img).log_softmax(1)[range(3), target].mean(), xt)[0].flatten(1)
@@ -86,5 +88,5 @@ def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     g_lp = 0.15 * eps_norm * lp / lp.norm(dim=1, keepdim=True)
     expected = (g_cls - g_lp).view_as(x_t)
     assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
-    assert torch.allclose(gen.diffusion.condition_mean(out, grad), o["mean"].detach() + o["variance"].detach() * expected,
+    assert torch.allclose(gen.respaced.condition_mean(out, grad), o["mean"].detach() + o["variance"].detach() * expected,
                           rtol=1e-5, atol=1e-6)

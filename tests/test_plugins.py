@@ -43,7 +43,7 @@ def test_a_method_file_in_the_package_registers_without_editing_other_files():
     assert METHODS.get("fastdime") is FastDiME
 
 
-def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, monkeypatch, tiny_generator, tiny_classifier,
+def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, monkeypatch, tiny_diffusion, tiny_classifier,
                                                                        tiny_batch, capsys):
     (tmp_path / "lvce_plugin").mkdir()
     (tmp_path / "lvce_plugin" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
@@ -55,7 +55,7 @@ def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, 
     monkeypatch.setattr(METHODS, "_entry_points_loaded", False)
     try:
         assert "plugin_guidance" in METHODS.names()
-        method = METHODS.get("plugin_guidance")(generator=tiny_generator("ddim", 6))
+        method = METHODS.get("plugin_guidance")(diffusion=tiny_diffusion("ddim", 6))
         out = method.generate(tiny_batch, tiny_classifier)
         assert torch.isfinite(out.images).all() and not torch.allclose(out.images, tiny_batch.images)
         from lit_vce.cli import main
@@ -70,7 +70,7 @@ def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, 
         sys.modules.pop("lvce_plugin", None)
 
 
-def test_hooks_see_every_step_and_post_step_can_change_the_sample(tiny_generator, tiny_classifier, tiny_batch):
+def test_hooks_see_every_step_and_post_step_can_change_the_sample(tiny_diffusion, tiny_classifier, tiny_batch):
     from lit_vce.methods.guided import PerStepGuidance
 
     seen = []
@@ -85,7 +85,7 @@ def test_hooks_see_every_step_and_post_step_can_change_the_sample(tiny_generator
         def post_step(self, x_t, step, batch, state):
             return torch.zeros_like(x_t) if step.last else x_t  # the last sample is replaced: decode(0) = 0.5 grey
 
-    m = Recording(generator=tiny_generator("ddim", 10), output="sample")
+    m = Recording(diffusion=tiny_diffusion("ddim", 10), output="sample")
     out = m.generate(tiny_batch, tiny_classifier)
     assert [s[0] for s in seen] == list(range(5)) and seen[-1][2] is None and all(s[3] == 5 for s in seen)
     assert [s[2] for s in seen[:-1]] == [s[1] for s in seen[1:]]  # next_t is the next step's t

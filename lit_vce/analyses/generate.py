@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..classifiers import load_classifier
 from ..data.datamodule import collate
-from ..generators.noise import sample_generators
+from ..rngs import sample_rngs
 from ..methods.base import VCEBatch
 from ..methods.digin import DiGIN
 from ..objectives import SCORE_VARIANTS, Disagreement, NeuronActivation
@@ -182,7 +182,7 @@ class AnalysisModule(L.LightningModule):
         mask = None
         if "mask" in batch and self.freeze_object:
             mask = 1 - batch["mask"][idx]  # blending keeps what is outside the mask: here, the object
-        vb = VCEBatch(images, labels, labels, sub, sample_generators(self.seed, sub, device=images.device), mask)
+        vb = VCEBatch(images, labels, labels, sub, sample_rngs(self.seed, sub, device=images.device), mask)
         with torch.enable_grad():
             result = self.method.generate(vb, self.classifier)
         from ..io import quantize

@@ -99,7 +99,7 @@ def spurious_units(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
 def _visualise(classifier, result: dict[str, Any], out: Path, per_unit: int, outer_steps: int, seed: int) -> Path:
     import torchvision
 
-    from ..generators import sample_generators
+    from ..rngs import sample_rngs
     from ..methods import DiGIN, VCEBatch
     from ..objectives import NeuronActivation
 
@@ -110,7 +110,7 @@ def _visualise(classifier, result: dict[str, Any], out: Path, per_unit: int, out
                   num_cutouts=4, lr=0.05, objective=NeuronActivation(classifier, unit, class_weight=0.0))
         ids = [f"unit{unit}-class{y}-{i}" for i in range(per_unit)]
         labels = torch.full((per_unit,), int(y))
-        batch = VCEBatch(torch.zeros(per_unit, 3, 32, 32), labels, labels, ids, sample_generators(seed, ids))
+        batch = VCEBatch(torch.zeros(per_unit, 3, 32, 32), labels, labels, ids, sample_rngs(seed, ids))
         with torch.enable_grad():
             tiles.append(m.generate(batch, classifier).images)
     grid = torchvision.utils.make_grid(torch.cat(tiles), nrow=per_unit, padding=2, pad_value=1.0)

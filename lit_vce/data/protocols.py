@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..generators.noise import sample_seed
+from ..rngs import sample_seed
 
 PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "random", "next")
 IMAGENET_ONLY = ("wordnet_closest", "ldce", "cluster")

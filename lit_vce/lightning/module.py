@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from ..classifiers import load_classifier
-from ..generators.noise import sample_generators
+from ..rngs import sample_rngs
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics.suite import build_suite
 from ..io import quantize
@@ -237,7 +237,7 @@ class VCEModule(L.LightningModule):
         sub_ids = [ids[i] for i in todo]
         mask = batch["mask"][idx] if "mask" in batch else None
         captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
-        vb = VCEBatch(x, src, tgt, sub_ids, sample_generators(self.seed, sub_ids, device=x.device), mask, captions)
+        vb = VCEBatch(x, src, tgt, sub_ids, sample_rngs(self.seed, sub_ids, device=x.device), mask, captions)
         with torch.enable_grad():
             result = generate_in_chunks(self.method, vb, self.classifier, 1 if self.deterministic else None)
         cf = quantize(result.images.detach())

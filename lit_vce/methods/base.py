@@ -18,7 +18,7 @@ from torch import nn
 class VCEBatch:
     """One batch to explain.
 
-    ``generators`` hold one ``torch.Generator`` per sample, seeded by (seed,
+    ``rngs`` hold one ``torch.Generator`` per sample, seeded by (seed,
     sample id): methods must draw all their randomness from them.
     """
 
@@ -26,7 +26,7 @@ class VCEBatch:
     source: torch.Tensor  # (N,) long
     target: torch.Tensor  # (N,) long
     sample_ids: list[str]
-    generators: list[torch.Generator]
+    rngs: list[torch.Generator]
     mask: torch.Tensor | None = None  # (N, 1, H, W) foreground masks, when known
     captions: list[str] | None = None  # one caption per image, when known (text-conditioned methods)
 
@@ -81,16 +81,16 @@ class VCEMethod(nn.Module):
 
 
 def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
-    """Consecutive sub-batches of at most ``size`` samples (generators travel with their samples)."""
+    """Consecutive sub-batches of at most ``size`` samples (rngs travel with their samples)."""
     n = len(batch)
     return [select_batch(batch, list(range(i, min(i + size, n)))) for i in range(0, n, size)]
 
 
 def select_batch(batch: VCEBatch, idx: list[int]) -> VCEBatch:
-    """The samples at positions ``idx`` (generators travel with their samples), e.g. to retry some."""
+    """The samples at positions ``idx`` (rngs travel with their samples), e.g. to retry some."""
     pick = torch.tensor(idx, dtype=torch.long, device=batch.images.device)
     return VCEBatch(batch.images[pick], batch.source[pick], batch.target[pick], [batch.sample_ids[i] for i in idx],
-                    [batch.generators[i] for i in idx], None if batch.mask is None else batch.mask[pick],
+                    [batch.rngs[i] for i in idx], None if batch.mask is None else batch.mask[pick],
                     None if batch.captions is None else [batch.captions[i] for i in idx])
 
 

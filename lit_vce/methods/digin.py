@@ -15,7 +15,7 @@ For a real image (a VCE):
    into the inputs of the first ``blend`` fraction of steps (z_T included) where
    a foreground mask is known (given with the data, or from the class word's
    cross-attention maps as the official code computes them:
-   :mod:`lit_vce.generators.masks`); the combinations are tried once and the one
+   :mod:`lit_vce.diffusion.masks`); the combinations are tried once and the one
    with the lowest loss is kept, per sample;
 3. optimise the initial latent z_T and one additive delta per step on the
    conditional and on the unconditional embedding with Adam (z_T at a tenth of
@@ -28,7 +28,7 @@ For a real image (a VCE):
 
 The classifier terms see ``num_cutouts`` random square cutouts of each decoded
 image (:func:`cutout_views`) plus Gaussian noise. All randomness is drawn from
-the per-sample generators. Official quirks deliberately not copied, and other
+the per-sample rngs. Official quirks deliberately not copied, and other
 deviations: ``docs/parity.md``.
 """
 
@@ -46,16 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..generators.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
-from ..generators.masks import OFFICIAL_POSTPROCESSING, SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
-from ..generators.noise import per_sample_rand, per_sample_randn
-from ..generators.trajectory import Inversion, PixelTrajectory, TrajectoryBackbone
+from ..diffusion.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
+from ..diffusion.masks import OFFICIAL_POSTPROCESSING, SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
+from ..rngs import per_sample_rand, per_sample_randn
+from ..diffusion import Diffusion, Inversion, PixelDiffusion
 from ..objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
 from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
 
-def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: int, noise_sd: float = 0.005,
+def cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: int, noise_sd: float = 0.005,
                  cut_size: int | None = None, power: float = 0.3) -> torch.Tensor:
     """DiG-IN's published cutouts: ``num`` random square crops per image whose side is
     ``int(U^power * (min(H, W) - s) + s)`` with ``s = min(H, W, cut_size)`` (the
@@ -66,8 +66,8 @@ def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: i
     big = min(h, w)
     cut = big if cut_size is None else int(cut_size)
     small = min(big, cut)
-    u = per_sample_rand((num, 3), generators).to(images.device)  # side, top, left in [0, 1)
-    noise = per_sample_randn((num, c, cut, cut), generators).to(images) * noise_sd
+    u = per_sample_rand((num, 3), rngs).to(images.device)  # side, top, left in [0, 1)
+    noise = per_sample_randn((num, c, cut, cut), rngs).to(images) * noise_sd
     views = []
     for i in range(n):
         for k in range(num):
@@ -77,13 +77,13 @@ def cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: i
     return torch.cat(views) + noise.reshape(n * num, c, cut, cut)
 
 
-def scaled_cutout_views(images: torch.Tensor, generators: list[torch.Generator], num: int, min_scale: float = 0.7,
+def scaled_cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: int, min_scale: float = 0.7,
                         noise_sd: float = 0.005) -> torch.Tensor:
     """The earlier scheme (``cutouts="scaled"``): crops with side in [min_scale, 1] of the
     image, resized back to the image size; view 0 of every image is the whole image."""
     n, c, h, w = images.shape
-    u = per_sample_rand((num, 3), generators).to(images.device)  # side, top, left in [0, 1)
-    noise = per_sample_randn((num, c, h, w), generators).to(images) * noise_sd
+    u = per_sample_rand((num, 3), rngs).to(images.device)  # side, top, left in [0, 1)
+    noise = per_sample_randn((num, c, h, w), rngs).to(images) * noise_sd
     views = []
     for i in range(n):
         for k in range(num):
@@ -125,21 +125,27 @@ def _check_choices(**values) -> None:
             raise ValueError(f"{key} must be one of {_CHOICES[key]}, got {value!r}")
 
 
-def _prepare_backbone(backbone, num_steps: int, guidance_scale: float, checkpointing: bool, injection: str,
-                      mask_source: str) -> TrajectoryBackbone:
-    """The backbone (built from a name, or checked and configured), refusing attention
-    options on a backbone without cross-attention."""
-    if isinstance(backbone, str):
-        backbone = PixelTrajectory(backbone, num_steps=num_steps, guidance_scale=guidance_scale, gradient_checkpointing=checkpointing)
+def _prepare_diffusion(diffusion, num_steps: int, guidance_scale: float, checkpointing: bool, injection: str,
+                       mask_source: str) -> Diffusion:
+    """The diffusion model (built from a pixel model spec, or checked and configured),
+    refusing attention options on a model without cross-attention."""
+    if isinstance(diffusion, str):
+        diffusion = PixelDiffusion(diffusion, sampler="ddim", num_steps=num_steps, guidance_scale=guidance_scale,
+                                   gradient_checkpointing=checkpointing)
     else:
-        if backbone.num_steps != num_steps:
-            raise ValueError(f"the backbone was built with {backbone.num_steps} steps, not num_steps={num_steps}")
-        backbone.guidance_scale, backbone.gradient_checkpointing = guidance_scale, checkpointing
-    if not backbone.supports_attention_control:
+        if diffusion.num_steps != num_steps:
+            raise ValueError(f"the diffusion model was built with {diffusion.num_steps} steps, not num_steps={num_steps}")
+        if diffusion.sampler != "ddim":
+            raise ValueError(f"DiG-IN needs the deterministic sampler (sampler='ddim'), not {diffusion.sampler!r}")
+        diffusion.guidance_scale, diffusion.gradient_checkpointing = guidance_scale, checkpointing
+    if not diffusion.has_null_condition:
+        raise ValueError(f"DiG-IN needs a conditional model with an unconditional input (null class or empty prompt), "
+                         f"not {type(diffusion).__name__} without one")
+    if not diffusion.supports_attention_control:
         for key, value in (("injection", injection), ("mask_source", mask_source)):
             if value == "attention":
-                raise ValueError(f"{key}='attention' needs a backbone with cross-attention, not {type(backbone).__name__}")
-    return backbone
+                raise ValueError(f"{key}='attention' needs a diffusion model with cross-attention, not {type(diffusion).__name__}")
+    return diffusion
 
 
 def default_objective(classifier_weight: float = 1.0, background_latent_weight: float = 25.0,
@@ -154,7 +160,7 @@ def default_objective(classifier_weight: float = 1.0, background_latent_weight: 
 @dataclass
 class _Edit:
     """What the edit keeps from the original: the reconstruction's latents at each step's
-    input (blending templates), the attention plan (text backbones), foreground masks."""
+    input (blending templates), the attention plan (text-conditioned models), foreground masks."""
 
     templates: list[torch.Tensor] | None
     plan: "_AttentionPlan | None"
@@ -200,9 +206,10 @@ class DiGIN(VCEMethod):
     """DiG-IN VCEs of real images.
 
     Args:
-        backbone: a :class:`TrajectoryBackbone`, ``"world"`` or a ``UNet2DModel``
-            folder (pixel, class-conditional). Stable Diffusion: a
-            :class:`LatentDiffusion` (prompts from ``prompt`` and ``class_names``).
+        diffusion: a :class:`~lit_vce.diffusion.Diffusion` with the ``ddim`` sampler, or a
+            pixel model spec (``"world"``, a ``UNet2DModel`` folder; class-conditional
+            with a null class). Stable Diffusion: a :class:`~lit_vce.diffusion.LatentDiffusion`
+            (prompts from ``prompt`` and ``class_names``).
         num_steps, guidance_scale: DDIM steps and CFG scale (published: 20, 3.0).
         outer_steps: Adam iterations (published: 20); ``0`` = inversion + edit only.
         lr: learning rate of the embedding deltas; z_T uses ``lr * latent_lr_factor``.
@@ -226,14 +233,14 @@ class DiGIN(VCEMethod):
         blend_fractions, injection_fractions: the settings searched before
             optimisation (published: blend {0, 0.3} x injection {0.3, 0.4, 0.5}).
         injection: what is kept from the original trajectory in the first steps:
-            ``"attention"`` (its cross-attention maps, prompt-to-prompt; text backbones),
+            ``"attention"`` (its cross-attention maps, prompt-to-prompt; text-conditioned models),
             ``"conditioning"`` (the source conditioning itself) or ``"auto"`` (attention
-            where the backbone has cross-attention, else conditioning).
+            where the model has cross-attention, else conditioning).
         mask_source: the foreground masks of background blending and the background
             terms: ``"batch"`` (given with the data, e.g. the world's ground truth),
             ``"attention"`` (the source word's cross-attention maps, official recipe:
             soft, squashed with cut-off ``mask_threshold``, post-processed), ``"none"``,
-            or ``"auto"`` (the batch's masks, else attention maps where the backbone has them).
+            or ``"auto"`` (the batch's masks, else attention maps where the model has them).
         mask_postprocessing: erosion, dilation, blur kernel and blur sigma at 512 px
             (scaled with the resolution) for attention masks; ``None``: none.
         sam_model: refine attention masks with Segment Anything (a ``SamModel``
@@ -245,7 +252,7 @@ class DiGIN(VCEMethod):
         paste_outside_mask: also put the original's clean latent outside the mask into
             the x0-predictions that are scored and returned (not part of the published
             method; the analyses use it to keep a frozen object exactly).
-        prompt: the caption template of text backbones (``{}`` = the class name). When
+        prompt: the caption template of text-conditioned models (``{}`` = the class name). When
             the data gives captions, the source class name in each caption is replaced by
             the target's (whole word, any case); a caption that does not name the source
             class falls back to the template (diagnostic ``caption_used`` = 0).
@@ -256,7 +263,7 @@ class DiGIN(VCEMethod):
 
     def __init__(
         self,
-        backbone: TrajectoryBackbone | str = "world",
+        diffusion: Diffusion | str = "world",
         num_steps: int = 20,
         guidance_scale: float = 3.0,
         outer_steps: int = 20,
@@ -303,9 +310,9 @@ class DiGIN(VCEMethod):
             raise ValueError("num_starts must be >= 1")
         if mask_postprocessing is not None and len(mask_postprocessing) != 4:
             raise ValueError("mask_postprocessing: (erosion, dilation, blur kernel, blur sigma) at 512 px, or None")
-        self.backbone = backbone = _prepare_backbone(backbone, num_steps, guidance_scale, gradient_checkpointing, injection,
-                                                     mask_source)
-        self.injection = ("attention" if backbone.supports_attention_control else "conditioning") if injection == "auto" else injection
+        self.diffusion = diffusion = _prepare_diffusion(diffusion, num_steps, guidance_scale, gradient_checkpointing, injection,
+                                                        mask_source)
+        self.injection = ("attention" if diffusion.supports_attention_control else "conditioning") if injection == "auto" else injection
         self.mask_source, self.mask_threshold = mask_source, float(mask_threshold)
         self.mask_postprocessing = None if mask_postprocessing is None else tuple(mask_postprocessing)
         self.sam_spec = sam_model
@@ -330,7 +337,7 @@ class DiGIN(VCEMethod):
         return {"num_steps": 5, "outer_steps": 2, "num_cutouts": 2, "null_text_steps": 2}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "objective": self.objective.describe(), "backbone": type(self.backbone).__name__,
+        return {**super().describe(), "objective": self.objective.describe(), "diffusion": type(self.diffusion).__name__,
                 "num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "outer_steps": self.outer_steps,
                 "lr": self.lr, "latent_lr_factor": self.latent_lr_factor, "loss_steps": self.loss_steps,
                 "num_cutouts": self.num_cutouts, "cutouts": self.cutouts, "cutout_power": self.cutout_power,
@@ -345,13 +352,13 @@ class DiGIN(VCEMethod):
     def _names(self, classifier: nn.Module) -> list[str]:
         names = self.class_names or list(getattr(classifier, "class_names", []))
         if not names:
-            raise ValueError("a text backbone needs class names (class_names=... or a classifier with class_names)")
+            raise ValueError("a text-conditioned model needs class names (class_names=... or a classifier with class_names)")
         return names
 
     def conditions(self, labels: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
         """The conditioning of ``labels``: class embeddings (pixel) or the template prompt's text embedding."""
-        bb = self.backbone
-        if isinstance(bb, PixelTrajectory):
+        bb = self.diffusion
+        if not bb.text_conditioned:
             return bb.condition(labels)
         names = self._names(classifier)
         return bb.condition([self.prompt.format(names[int(c)]) for c in labels])
@@ -391,7 +398,7 @@ class DiGIN(VCEMethod):
         blend steps the input latent is ``mask * z + (1 - mask) * templates[i]`` (the
         reconstruction trajectory's latent at that step; step 0's input is z_T). With
         ``paste`` (a clean latent) the returned x0-predictions take it outside the mask."""
-        bb, n = self.backbone, len(z_t)
+        bb, n = self.diffusion, len(z_t)
         dev = z_t.device
         inj = torch.zeros(n, dtype=torch.long, device=dev) if injection_steps is None else injection_steps
         blend = torch.zeros(n, dtype=torch.long, device=dev) if blend_steps is None else blend_steps
@@ -413,8 +420,8 @@ class DiGIN(VCEMethod):
             if delta_c is not None:
                 cond = cond + delta_c[i]
             u = uncond[i] if delta_u is None else uncond[i] + delta_u[i]
-            eps = bb.eps_cfg(z_t, i, cond, u, control=control)
-            z_t, x0 = bb.ddim_step(z_t, eps, i)
+            t = bb.timesteps[i]
+            z_t, x0 = bb.step(bb.eps(z_t, t, cond, u, control=control), t, z_t)
             if i >= self.num_steps - keep_last:
                 if paste is not None and latent_mask is not None:
                     x0 = latent_mask * x0 + (1 - latent_mask) * paste
@@ -426,10 +433,10 @@ class DiGIN(VCEMethod):
                     record_tokens: bool = False) -> tuple[list[torch.Tensor], AttentionStore | None]:
         """Run the reconstruction trajectory (``cond`` and the inversion's unconditional
         embeddings from its z_T): its latent at the input of every step (the blending
-        templates) and, on text backbones, its cross-attention: the maps of the first
+        templates) and, on text-conditioned models, its cross-attention: the maps of the first
         ``keep_steps`` steps (injection) and, with ``record_tokens``, the token maps of
         the first half of the steps (masks; the official ``xa_start_t = 0.5``)."""
-        bb = self.backbone
+        bb = self.diffusion
         record = bb.supports_attention_control and (keep_steps > 0 or record_tokens)
         store = AttentionStore() if record else None
         z, latents = inversion.latents[0], []
@@ -440,8 +447,8 @@ class DiGIN(VCEMethod):
             if record:
                 in_first_half = last == 0 or 1 - i / last >= 0.5
                 rec = AttentionRecorder(len(z), store, i, keep_maps=i < keep_steps, record_tokens=record_tokens and in_first_half)
-            eps = bb.eps_cfg(z, i, cond, inversion.uncond[i], control=rec)
-            z, _ = bb.ddim_step(z, eps, i)
+            t = bb.timesteps[i]
+            z, _ = bb.step(bb.eps(z, t, cond, inversion.uncond[i], control=rec), t, z)
         return latents, store
 
     def _loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool) -> torch.Tensor:
@@ -451,7 +458,7 @@ class DiGIN(VCEMethod):
         views, ctx.views = ctx.views, (ctx.views if augmented else None)
         try:
             for w, x0 in zip(weights.tolist(), x0s):
-                images = self.backbone.decode_checkpointed(x0)
+                images = self.diffusion.decode_checkpointed(x0)
                 if images.shape[-2:] != ctx.original.shape[-2:]:
                     images = F.interpolate(images, size=ctx.original.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
                 ctx.latents = x0
@@ -472,23 +479,23 @@ class DiGIN(VCEMethod):
             return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
         return self._generate(batch, classifier)
 
-    def invert(self, images: torch.Tensor, cond: torch.Tensor, generators=None) -> tuple[torch.Tensor, Inversion]:
+    def invert(self, images: torch.Tensor, cond: torch.Tensor, rngs=None) -> tuple[torch.Tensor, Inversion]:
         """(clean latent, inversion) of ``images`` under ``cond``."""
-        bb = self.backbone
+        bb = self.diffusion
         with torch.no_grad():
             z0 = bb.encode(images)
         if self.inversion == "null_text":
             return z0, bb.null_text_inversion(z0, cond, self.null_text_steps, self.null_text_lr)
         if self.inversion == "ddim":
             return z0, bb.plain_inversion(z0, cond)
-        z_T = per_sample_randn(z0.shape[1:], generators).to(z0)
+        z_T = per_sample_randn(z0.shape[1:], rngs).to(z0)
         u = bb.null_condition(len(z0))
         return z0, Inversion([z_T] + [z0] * self.num_steps, [u] * self.num_steps)
 
     def _generate(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
         """The phases: condition, invert, prepare the edit, search, optimise, select."""
         cond_src, cond_tgt, prompts, captions_used = self._conditioning(batch, classifier)
-        z0, inv = self.invert(batch.images, cond_src, batch.generators)
+        z0, inv = self.invert(batch.images, cond_src, batch.rngs)
         edit = self.prepare_edit(batch, classifier, inv, cond_src, prompts)
         ctx = ObjectiveContext(batch.images, batch.source, batch.target, self._checkpointed(classifier), edit.pixel_mask,
                                views=self._views(batch, classifier), original_latents=z0, latent_mask=edit.latent_mask)
@@ -518,22 +525,22 @@ class DiGIN(VCEMethod):
 
     def _conditioning(self, batch: VCEBatch, classifier: nn.Module):
         """(source conditioning, target conditioning, (source prompts, target prompts) or None, captions used)."""
-        bb = self.backbone
-        if isinstance(bb, PixelTrajectory):
+        bb = self.diffusion
+        if not bb.text_conditioned:
             return self.conditions(batch.source, classifier), self.conditions(batch.target, classifier), None, None
         src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
         return bb.condition(src_prompts), bb.condition(tgt_prompts), (src_prompts, tgt_prompts), captions_used
 
     def _views(self, batch: VCEBatch, classifier: nn.Module):
         if self.cutouts == "scaled":
-            return lambda x: scaled_cutout_views(x, batch.generators, self.num_cutouts, self.cutout_min_scale, self.noise_sd)
+            return lambda x: scaled_cutout_views(x, batch.rngs, self.num_cutouts, self.cutout_min_scale, self.noise_sd)
         size = getattr(classifier, "input_size", None)
-        return lambda x: cutout_views(x, batch.generators, self.num_cutouts, self.noise_sd, size, self.cutout_power)
+        return lambda x: cutout_views(x, batch.rngs, self.num_cutouts, self.noise_sd, size, self.cutout_power)
 
     def prepare_edit(self, batch: VCEBatch, classifier: nn.Module, inv: Inversion, cond_src: torch.Tensor,
                      prompts: tuple[list[str], list[str]] | None) -> "_Edit":
         """The reconstruction's blending templates, the attention plan and the foreground masks."""
-        bb, dev = self.backbone, batch.images.device
+        bb, dev = self.diffusion, batch.images.device
         if self.mask_source == "batch" and batch.mask is None:
             raise ValueError("mask_source='batch' but the data gives no foreground masks")
         real = self.inversion != "none"
@@ -561,14 +568,14 @@ class DiGIN(VCEMethod):
     def attention_masks(self, store: AttentionStore, batch: VCEBatch, classifier: nn.Module, src_prompts: list[str],
                         latent_size: int) -> torch.Tensor:
         """Soft foreground masks (n, 1, H, W) from the source class word's cross-attention
-        (:mod:`lit_vce.generators.masks`), optionally refined by SAM, post-processed."""
-        bb, names = self.backbone, self._names(classifier)
+        (:mod:`lit_vce.diffusion.masks`), optionally refined by SAM, post-processed."""
+        bb, names = self.diffusion, self._names(classifier)
         ids_src = bb.token_ids(src_prompts).tolist()
         tokens = [find_tokens(ids, bb.word_ids(names[int(c)])) for ids, c in zip(ids_src, batch.source)]
         maps = store.token_maps(max(1, latent_size // 4))  # 16x16 for Stable Diffusion at 512 px
         mask = attention_foreground(maps, tokens, batch.images.shape[-1], self.mask_threshold)
         if self.sam is not None:
-            mask = self.sam(batch.images, mask, batch.generators)
+            mask = self.sam(batch.images, mask, batch.rngs)
         if self.mask_postprocessing is not None:
             mask = postprocess_mask(mask, *self.mask_postprocessing)
         return mask
@@ -582,7 +589,7 @@ class DiGIN(VCEMethod):
             injections = (0.0,)  # nothing to inject: the settings would repeat one trajectory
         starts = [inv.latents[0]]
         if self.inversion == "none":
-            starts += [per_sample_randn(inv.latents[0].shape[1:], batch.generators).to(inv.latents[0]) for _ in range(self.num_starts - 1)]
+            starts += [per_sample_randn(inv.latents[0].shape[1:], batch.rngs).to(inv.latents[0]) for _ in range(self.num_starts - 1)]
         best = torch.full((n,), float("inf"), device=dev)
         inj, blend, start = (torch.zeros(n, dtype=torch.long, device=dev) for _ in range(3))
         with torch.no_grad(), self._autocast(dev):
@@ -658,7 +665,7 @@ class DiGIN(VCEMethod):
         return fine
 
     def _image(self, x0: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        img = self.backbone.decode(x0).float()
+        img = self.diffusion.decode(x0).float()
         if img.shape[-2:] != like.shape[-2:]:
             img = F.interpolate(img, size=like.shape[-2:], mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         return img

@@ -66,13 +66,13 @@ class DVCE(PerStepGuidance):
         num_augmentations: int = 1,
         cone_angle: float = 30.0,
         distance_through_unet: bool = False,
-        scheduler: str = "adm",
+        sampler: str = "adm",
         num_steps: int = 200,
         skip: float = 0.5,
         clip_sample: bool = False,
         **kwargs,
     ):
-        super().__init__(scheduler=scheduler, num_steps=num_steps, skip=skip, clip_sample=clip_sample, **kwargs)
+        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, clip_sample=clip_sample, **kwargs)
         self.robust_spec = getattr(robust_classifier, "name", robust_classifier) or None
         self.robust = load_classifier(robust_classifier) if robust_classifier else None
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
@@ -97,7 +97,7 @@ class DVCE(PerStepGuidance):
         return g
 
     def guidance(self, x0, batch, classifier, eps, to_xt, step):
-        views = x0 if self.num_augmentations == 1 else random_affine_perspective(x0, batch.generators, self.num_augmentations)
+        views = x0 if self.num_augmentations == 1 else random_affine_perspective(x0, batch.rngs, self.num_augmentations)
         g_cls = to_xt(self._logp_grad(classifier, x0, views, batch))
         if self.robust is not None and self.robust is not classifier:
             g_rob = to_xt(self._logp_grad(self.robust, x0, views, batch))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..generators.noise import per_sample_randn
+from ..rngs import per_sample_randn
 from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch, concat_results, select_batch
 from .guided import PerStepGuidance, Step
@@ -41,9 +41,9 @@ class FastDiME(PerStepGuidance):
     name = "fastdime"
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
-                 warmup: int = 30, dilation: int = 5, threshold: float = 0.15, scheduler: str = "adm", num_steps: int = 200,
+                 warmup: int = 30, dilation: int = 5, threshold: float = 0.15, sampler: str = "adm", num_steps: int = 200,
                  skip: float = 0.7, through_unet: bool = False, output: str = "sample", **kwargs):
-        super().__init__(scheduler=scheduler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output, **kwargs)
+        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output, **kwargs)
         if dilation % 2 != 1:
             raise ValueError("dilation must be odd")
         self.scales, self.scale = tuple(scales), float(scales[0])
@@ -59,7 +59,7 @@ class FastDiME(PerStepGuidance):
         logits = classifier(x)
         score = logits if self.use_logits else logits.log_softmax(1)
         (g,) = torch.autograd.grad(score.gather(1, batch.target[:, None]).sum(), x)
-        return 0.5 * self.scale * g - self.l1_weight * torch.sign(step.x_t - self.generator.encode(batch.images))
+        return 0.5 * self.scale * g - self.l1_weight * torch.sign(step.x_t - self.diffusion.encode(batch.images))
 
     def post_step(self, x_t, step: Step, batch, state):
         x0 = step.x0
@@ -68,9 +68,9 @@ class FastDiME(PerStepGuidance):
             diff = diff / diff.amax((1, 2, 3), keepdim=True).clamp_min(1e-12)
             keep = (F.max_pool2d(diff, self.dilation, 1, self.dilation // 2) < self.threshold).float()
             x0 = x0 * (1 - keep) + keep * batch.images
-            clean = self.generator.encode(batch.images)
-            noise = per_sample_randn(clean.shape[1:], batch.generators).to(clean)
-            orig = clean if step.last else self.generator.add_noise(clean, noise, step.t)
+            clean = self.diffusion.encode(batch.images)
+            noise = per_sample_randn(clean.shape[1:], batch.rngs).to(clean)
+            orig = clean if step.last else self.diffusion.add_noise(clean, noise, step.t)
             x_t = x_t * (1 - keep) + keep * orig
         state["x0"] = x0
         return x_t

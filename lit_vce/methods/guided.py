@@ -4,7 +4,7 @@ Noise the input to a late start step, then run the reverse process; at every
 step a guidance gradient g (computed on the x0-prediction, differentiated with
 respect to x_t through the denoiser) steers the step:
 
-- ``scheduler="adm"`` (guided-diffusion's respaced ancestral sampler, as DVCE
+- ``sampler="adm"`` (guided-diffusion's respaced ancestral sampler, as DVCE
   was published): the posterior mean moves by ``Sigma_t * g`` (Sohl-Dickstein
   conditioning, with the model's learned variance where it has one), x0 is
   not clipped inside the step, and the result is the last step's
@@ -26,8 +26,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..generators.noise import per_sample_randn
-from ..generators.pixel import PixelDiffusion
+from ..rngs import per_sample_randn
+from ..diffusion import Diffusion, PixelDiffusion
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
 
@@ -67,14 +67,14 @@ class PerStepGuidance(VCEMethod):
     """Base for per-step guidance on the x0-prediction.
 
     Args:
-        generator: a :class:`PixelDiffusion` or the name/folder it loads
-            (default: the world's ``ddpm``).
-        scheduler: ``"ddim"`` (deterministic), ``"ddpm"`` (diffusers'
-            ancestral) or ``"adm"`` (guided-diffusion's respaced ancestral
-            sampler with mean-shift guidance; see the module docstring).
+        diffusion: a :class:`~lit_vce.diffusion.Diffusion` or the pixel model spec
+            :class:`~lit_vce.diffusion.PixelDiffusion` loads (default: the world's ``ddpm``).
+        sampler: ``"ddim"`` (deterministic), ``"ddpm"`` (diffusers' ancestral) or
+            ``"adm"`` (guided-diffusion's respaced ancestral sampler with mean-shift
+            guidance; see the module docstring), when ``diffusion`` is a spec.
         num_steps: respaced steps over the whole noise range.
         clip_sample: clip the x0-prediction to [-1, 1] inside every step (when
-            ``generator`` is a name; a built generator keeps its own setting).
+            ``diffusion`` is a spec; a built model keeps its own setting).
         output: ``"x0"`` (the last step's x0-prediction, as DVCE returns),
             ``"sample"`` (the final sample) or ``"auto"`` (x0 for the ``adm``
             sampler, the sample for the others).
@@ -93,8 +93,8 @@ class PerStepGuidance(VCEMethod):
 
     def __init__(
         self,
-        generator: PixelDiffusion | str = "world",
-        scheduler: str = "ddim",
+        diffusion: Diffusion | str = "world",
+        sampler: str = "ddim",
         num_steps: int = 50,
         skip: float = 0.5,
         conditioning: str = "none",
@@ -113,17 +113,19 @@ class PerStepGuidance(VCEMethod):
             raise ValueError("conditioning must be 'none' or 'target'")
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
-        if isinstance(generator, str):
-            generator = PixelDiffusion(generator, scheduler=scheduler, num_inference_steps=num_steps, clip_sample=clip_sample)
-        self.generator = generator
+        if isinstance(diffusion, str):
+            diffusion = PixelDiffusion(diffusion, sampler=sampler, num_steps=num_steps, clip_sample=clip_sample)
+        self.diffusion = diffusion
         self.skip, self.conditioning, self.cfg_scale = skip, conditioning, cfg_scale
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
-        self.output = ("x0" if self.generator.diffusion is not None else "sample") if output == "auto" else output
+        self.output = ("x0" if diffusion.sampler == "adm" else "sample") if output == "auto" else output
 
     def describe(self) -> dict:
+        d = self.diffusion
         return {
-            "name": self.name, "scheduler": self.generator.scheduler_kind, "num_steps": self.generator.num_inference_steps,
-            "clip_sample": self.generator.clip_sample, "output": self.output, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale, "through_unet": self.through_unet,
+            "name": self.name, "sampler": d.sampler, "num_steps": d.num_steps, "clip_sample": d.clip_sample,
+            "output": self.output, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale,
+            "through_unet": self.through_unet,
         }
 
     @classmethod
@@ -151,7 +153,8 @@ class PerStepGuidance(VCEMethod):
 
     # --- the sampler -----------------------------------------------------------
     def start_index(self) -> int:
-        return min(int(round(self.skip * len(self.generator.timesteps))), len(self.generator.timesteps) - 1)
+        n = len(self.diffusion.timesteps)
+        return min(int(round(self.skip * n)), n - 1)
 
     def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
         k = self.inner_batch_size
@@ -159,36 +162,45 @@ class PerStepGuidance(VCEMethod):
             return self._generate(batch, classifier)
         return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
 
+    def _conditions(self, batch: VCEBatch):
+        """(cond, uncond) of the model calls: the null input, or the target with CFG."""
+        d, n = self.diffusion, len(batch)
+        if self.conditioning == "none":
+            return (d.null_condition(n) if d.has_null_condition else None), None
+        cond = d.condition(batch.target)
+        return cond, (d.null_condition(n) if self.cfg_scale != 1.0 else None)
+
     def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        gen = self.generator
+        d = self.diffusion
         size_in, original = batch.images.shape[-2:], batch.images
         batch = self._at_model_resolution(batch)
         n = len(batch)
-        steps = gen.timesteps[self.start_index():]
-        x_t = gen.add_noise(gen.encode(batch.images), per_sample_randn(batch.images.shape[1:], batch.generators).to(batch.images),
-                            int(steps[0]))
-        labels = batch.target if self.conditioning == "target" else None
+        steps = d.timesteps[self.start_index():]
+        x_t = d.add_noise(d.encode(batch.images), per_sample_randn(batch.images.shape[1:], batch.rngs).to(batch.images),
+                          int(steps[0]))
+        conds = self._conditions(batch)
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
         state: dict = {}
         for k, t in enumerate(steps):
             t = int(t)
-            next_t = int(steps[k + 1]) if k + 1 < len(steps) else None
-            out, grad, step = self._guided_step(x_t, t, batch, classifier, labels, (k, next_t, len(steps), state))
+            step = Step(k, t, int(steps[k + 1]) if k + 1 < len(steps) else None, x_t.detach(), None, d.alpha_bar(t),
+                        len(steps), state)
+            out, grad = self._guided_step(step, batch, classifier, conds)
             finite = torch.isfinite(grad).flatten(1).all(1)
             for i in torch.nonzero(~finite & ok).flatten().tolist():
                 failure[i] = f"non-finite guidance gradient at t={t}"
             ok &= finite
             grad = torch.where(ok.view(-1, 1, 1, 1), torch.nan_to_num(grad, 0.0, 0.0, 0.0), torch.zeros_like(grad))
-            if gen.diffusion is not None:  # mean shift by variance * gradient
-                x_t = gen.p_sample(gen.diffusion.condition_mean(out, grad), out["log_variance"], t, batch.generators).detach()
+            if d.sampler == "adm":  # mean shift by variance * gradient
+                x_t = d.p_sample(d.condition_mean(out, grad), out["log_variance"], t, batch.rngs).detach()
             else:  # noise-prediction shift
-                eps_g = out["eps"] - (1 - gen.alpha_bar(t)).sqrt().to(out["eps"]) * grad
-                x_t = gen.step(eps_g, t, x_t.detach(), batch.generators).detach()
+                eps_g = out["eps"] - (1 - d.alpha_bar(t)).sqrt().to(out["eps"]) * grad
+                x_t = d.step(eps_g, t, x_t.detach(), batch.rngs)[0].detach()
             x_t = self.post_step(x_t, step, batch, state).detach()
         if self.output == "x0":  # the last step's x0-prediction (model space)
-            x_t = out["pred_xstart"] if "pred_xstart" in out else gen.encode(step.x0)
-        out_img = gen.decode(x_t)
+            x_t = out["pred_xstart"] if "pred_xstart" in out else d.encode(step.x0)
+        out_img = d.decode(x_t)
         if out_img.shape[-2:] != size_in:
             out_img = F.interpolate(out_img, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         out_img = torch.where(ok.view(-1, 1, 1, 1), out_img, original)  # failed samples return the original image
@@ -200,7 +212,7 @@ class PerStepGuidance(VCEMethod):
 
     def _at_model_resolution(self, batch: VCEBatch) -> VCEBatch:
         """The batch resized to the diffusion model's resolution (the sampler and the guidance work there)."""
-        size = self.generator.image_size
+        size = self.diffusion.image_size
         images = batch.images
         if images.shape[-1] == size and images.shape[-2] == size:
             return batch
@@ -208,28 +220,26 @@ class PerStepGuidance(VCEMethod):
         mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
         return dataclasses.replace(batch, images=images, mask=mask)
 
-    def _guided_step(self, x_t: torch.Tensor, t: int, batch: VCEBatch, classifier, labels, where: tuple
-                     ) -> tuple[dict, torch.Tensor, Step]:
-        """The model's prediction at step ``t`` (a dict with ``eps``, and for ``adm`` the mean and
-        variance), the guidance g and the step's record; ``where``: (index, next t, steps, state)."""
-        gen = self.generator
+    def _guided_step(self, step: Step, batch: VCEBatch, classifier, conds) -> tuple[dict, torch.Tensor]:
+        """The model's prediction at ``step`` (a dict with ``eps``, and for ``adm`` the mean and
+        variance) and the guidance g; fills in ``step.x0``."""
+        d, t = self.diffusion, step.t
         with torch.enable_grad():
-            xt = x_t.detach().requires_grad_(True)
-            model_out = gen.model_output(xt, t, labels, self.cfg_scale)
-            if gen.diffusion is not None:
-                out = gen.p_mean_variance(model_out, xt, t)
+            xt = step.x_t.detach().requires_grad_(True)
+            model_out = d.model_output(xt, t, conds[0], conds[1], self.cfg_scale)
+            if d.sampler == "adm":
+                out = d.p_mean_variance(model_out, xt, t)
                 x0 = out["pred_xstart"]
             else:
                 out = {"eps": model_out[:, : xt.shape[1]]}
-                x0 = gen.predict_x0(xt, out["eps"], t)
+                x0 = d.x0(xt, out["eps"], t)
             img0 = (x0 + 1) / 2
             eps = out["eps"].detach()
 
             def to_xt(v, _img0=img0, _xt=xt):
-                return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / gen.alpha_bar(t).sqrt().to(v)
+                return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / d.alpha_bar(t).sqrt().to(v)
 
-            index, next_t, num_steps, state = where
-            step = Step(index, t, next_t, x_t.detach(), img0.detach(), gen.alpha_bar(t), num_steps, state)
+            step.x0 = img0.detach()
             grad = self.guidance(img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps,
                                  to_xt, step)
-        return {k: v.detach() for k, v in out.items()}, grad, step
+        return {k: v.detach() for k, v in out.items()}, grad

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..generators.noise import per_sample_rand
+from ..rngs import per_sample_rand
 
 
 def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 def random_affine_perspective(
     images: torch.Tensor,
-    generators: list[torch.Generator],
+    rngs: list[torch.Generator],
     n: int,
     degrees: float = 15.0,
     translate: float = 0.1,
@@ -89,7 +89,7 @@ def random_affine_perspective(
         raise ValueError("n must be >= 1")
     N, C, H, W = images.shape
     dev, dt = images.device, images.dtype
-    p = per_sample_rand((n, 11), generators).to(dev, torch.float64)  # (N, n, 11)
+    p = per_sample_rand((n, 11), rngs).to(dev, torch.float64)  # (N, n, 11)
     p = p.view(N * n, 11)
     theta = (p[:, 0] * 2 - 1) * math.radians(degrees)
     tx, ty = (p[:, 1] * 2 - 1) * translate * 2, (p[:, 2] * 2 - 1) * translate * 2

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generators.noise import sample_seed
+from ..rngs import sample_seed
 from .features import build_features
 from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
 

@@ -37,24 +37,26 @@ def classifier_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
 
 @torch.no_grad()
 def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0, seed: int = 0,
-                         scheduler: str = "ddpm") -> dict[str, float]:
+                         sampler: str = "ddpm") -> dict[str, float]:
     """Oracle shape accuracy of ``n`` class-conditional samples (classes cycled)."""
-    from ..generators import PixelDiffusion, sample_generators
+    from ..diffusion import PixelDiffusion
+    from ..rngs import sample_rngs
 
-    gen = PixelDiffusion("world", scheduler=scheduler, num_inference_steps=steps)
+    gen = PixelDiffusion("world", sampler=sampler, num_steps=steps, guidance_scale=cfg_scale)
     oracle = load_world_network("oracle")
     labels = torch.arange(n) % NUM_CLASSES
     correct, backgrounds = 0, torch.zeros(NUM_CLASSES)
     for i in range(0, n, 64):
         lab = labels[i : i + 64]
-        gens = sample_generators(seed, [f"ddpm-eval-{j}" for j in range(i, i + len(lab))])
-        imgs = gen.sample(lab, len(lab), gens, guidance_scale=cfg_scale)
+        gens = sample_rngs(seed, [f"ddpm-eval-{j}" for j in range(i, i + len(lab))])
+        uncond = gen.null_condition(len(lab)) if cfg_scale != 1.0 else None
+        imgs = gen.sample(gen.condition(lab), gens, uncond)
         s, b = oracle.both(imgs)
         correct += int((s.argmax(1) == lab).sum())
         backgrounds += torch.bincount(b.argmax(1), minlength=NUM_CLASSES).float()
     return {
         "ddpm_sample_shape_accuracy": correct / n,
-        "ddpm_samples": n, "ddpm_sampler": f"{scheduler}-{steps}", "ddpm_cfg_scale": cfg_scale,
+        "ddpm_samples": n, "ddpm_sampler": f"{sampler}-{steps}", "ddpm_cfg_scale": cfg_scale,
         "ddpm_background_histogram": (backgrounds / n).tolist(),
     }
 

@@ -15,7 +15,7 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sample_generators(seed: int, sample_ids, device: str | torch.device = "cpu") -> list[torch.Generator]:
+def sample_rngs(seed: int, sample_ids, device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One ``torch.Generator`` per sample id."""
     gens = []
     for sid in sample_ids:
@@ -25,11 +25,11 @@ def sample_generators(seed: int, sample_ids, device: str | torch.device = "cpu")
     return gens
 
 
-def per_sample_randn(shape, generators: list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
-    """A batch (len(generators), *shape) of standard normal noise, row i from generator i."""
-    return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in generators])
+def per_sample_randn(shape, rngs: list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
+    """A batch (len(rngs), *shape) of standard normal noise, row i from generator i."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in rngs])
 
 
-def per_sample_rand(shape, generators: list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
+def per_sample_rand(shape, rngs: list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
     """Uniform [0, 1) analogue of :func:`per_sample_randn`."""
-    return torch.stack([torch.rand(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in generators])
+    return torch.stack([torch.rand(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in rngs])

@@ -13,7 +13,7 @@ The pieces:
   the attention probabilities explicitly and hands them to the control.
 - :class:`AttentionRecorder`: stores the conditional half's maps per step (for
   injection) and accumulates every token's map per resolution over layers and
-  steps (for masks: :mod:`lit_vce.generators.masks`).
+  steps (for masks: :mod:`lit_vce.diffusion.masks`).
 - :class:`AttentionInjection`: for the samples where it is active, replaces the
   conditional half's maps by the recorded ones, re-indexed from the source
   prompt's tokens to the target prompt's tokens by an alignment matrix

@@ -123,13 +123,13 @@ class SamRefiner(torch.nn.Module):
         return torch.stack([xs.cpu()[idx], ys.cpu()[idx]], 1).float()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, rngs: list[torch.Generator] | None = None) -> torch.Tensor:
         """Refined binary masks (n, 1, H, W) for images in [0, 1] and their soft masks."""
         n, _, h, w = images.shape
         size = self.model.config.vision_config.image_size
         out = masks.clone().float()
         for i in range(n):
-            pts = self.points(masks[i], None if generators is None else generators[i])
+            pts = self.points(masks[i], None if rngs is None else rngs[i])
             if pts is None:
                 continue
             x = F.interpolate(images[i : i + 1].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
