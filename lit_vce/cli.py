@@ -88,27 +88,66 @@ class AnalysisCLI(VCECLI):
         parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
 
 
-def resolve_method_names(argv: list[str]) -> list[str]:
-    """``--model.method NAME`` (or ``=NAME``, or ``--model.method.class_path NAME``) with a
-    registered method name becomes the method's class path, so jsonargparse can build it
-    and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``)."""
+def _class_path(name: str) -> str | None:
+    """The class path of a registered method name (``None`` when ``name`` is not one)."""
     from .registry import METHODS
 
+    if not isinstance(name, str) or "." in name or name not in METHODS:
+        return None
+    cls = METHODS.get(name)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_config_file(path: str) -> str:
+    """A YAML config whose ``model.method`` is a registered name (``method: dvce``) or has
+    one as ``class_path`` becomes a resolved copy (a temporary file); others stay as they are."""
+    import atexit
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # jsonargparse reports unreadable configs itself
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    method = model.get("method") if isinstance(model, dict) else None
+    if isinstance(method, str) and _class_path(method):
+        model["method"] = {"class_path": _class_path(method)}
+    elif isinstance(method, dict) and _class_path(method.get("class_path")):
+        method["class_path"] = _class_path(method["class_path"])
+    else:
+        return path
+    fd, out = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    atexit.register(lambda p=out: os.path.exists(p) and os.remove(p))
+    return out
+
+
+def resolve_method_names(argv: list[str]) -> list[str]:
+    """Registered method names become class paths, so jsonargparse can build the method
+    and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``):
+    on the command line ``--model.method NAME`` (or ``=NAME``, or ``--model.method.class_path
+    NAME``), and in YAML files given with ``--config`` ``method: NAME`` or ``class_path: NAME``."""
     keys = ("--model.method", "--model.method.class_path")
     out = list(argv)
     for i, a in enumerate(out):
         key, eq, value = a.partition("=")
-        if key not in keys:
-            continue
         j = i if eq else i + 1
         value = value if eq else (out[j] if j < len(out) else "")
-        if value and "." not in value and value in METHODS:
-            cls = METHODS.get(value)
-            path = f"{cls.__module__}.{cls.__qualname__}"
-            if eq:
-                out[i] = f"{key}={path}"
-            else:
-                out[j] = path
+        if key == "--config" and value:
+            new = _resolve_config_file(value)
+        elif key in keys and _class_path(value):
+            new = _class_path(value)
+        else:
+            continue
+        if eq:
+            out[i] = f"{key}={new}"
+        else:
+            out[j] = new
     return out
 
 

@@ -123,3 +123,25 @@ def test_classifier_guidance_raises_target_confidence_on_the_world():
         out = m.generate(VCEBatch(x, src, tgt, ids, sample_rngs(0, ids)), clf)
         conf[scale] = out.diagnostics["target_confidence"].mean().item()
     assert conf[2.0] > conf[0.0] + 0.5, conf
+
+
+def test_describe_records_every_constructor_argument_without_a_hand_kept_list(tiny_diffusion):
+    import inspect
+
+    from lit_vce.methods import DVCE, DiGIN
+    from lit_vce.methods.fastdime import FastDiME
+
+    m = FastDiME(diffusion=tiny_diffusion("adm", 10), warmup=3)
+    d = m.describe()
+    own = [p for p in inspect.signature(FastDiME.__init__).parameters if p not in ("self", "kwargs")]
+    inherited = [p for p in inspect.signature(FastDiME.__mro__[1].__init__).parameters if p not in ("self",)]
+    assert set(own) | set(inherited) <= set(d)  # FastDiME's and PerStepGuidance's arguments, defaults included
+    assert d["warmup"] == 3 and d["conditioning"] == "none"
+    assert d["diffusion"]["class"] == "PixelDiffusion" and d["diffusion"]["sampler"] == "adm"
+    assert d["sampler"] == "adm" and d["num_steps"] == 10  # what the built model runs, not the unused defaults
+    assert DVCE(diffusion=tiny_diffusion("adm", 10), robust_classifier=None).describe()["robust_classifier"] is None
+    g = DiGIN(diffusion=tiny_diffusion("ddim", 5), num_steps=5, l1_weight=0.5)
+    assert g.describe()["objective"] == "1*TargetCE + 25*BackgroundL2(latent) + 250*BackgroundL2(pixel) + 0.5*L1Distance"
+    assert g.describe()["injection"] == "conditioning"  # "auto" resolved
+    g.inversion = "none"  # changed after construction (as the analyses do): recorded as it runs
+    assert g.describe()["inversion"] == "none" and g.describe()["diffusion"]["guidance_scale"] == 3.0

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from lit_vce.cli import main
@@ -260,10 +261,26 @@ def test_results_record_the_resolved_cli_config(tmp_path):
     assert res["versions"]["lit_vce"] and res["git_sha"]
 
 
-def test_a_yaml_config_names_a_method_by_its_class_name(tmp_path):
+@pytest.mark.parametrize("spec", ["class_path: FastDiME", "class_path: fastdime", "class_path: lit_vce.methods.fastdime.FastDiME"])
+def test_a_yaml_config_names_a_method_by_class_name_registered_name_or_path(tmp_path, spec):
     cfg = tmp_path / "m.yaml"
-    cfg.write_text("model:\n  method:\n    class_path: FastDiME\n    init_args:\n      num_steps: 10\n      warmup: 1\n")
+    cfg.write_text(f"model:\n  method:\n    {spec}\n    init_args:\n      num_steps: 10\n      warmup: 1\n")
     out = tmp_path / "run"
     main(["predict", "--config", CG, "--config", str(cfg), "--data.num_samples", "2", "--data.batch_size", "2",
           "--writer.output_dir", str(out)])
-    assert json.loads((out / "results.json").read_text())["method"] == "fastdime"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "fastdime" and results["config"]["method"]["warmup"] == 1
+
+
+def test_a_yaml_config_names_a_method_by_its_registered_name_alone(tmp_path):
+    from lit_vce.cli import resolve_method_names
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  method: dvce\n  seed: 3\n")
+    args = resolve_method_names(["--config", str(cfg), "--config=" + str(cfg)])
+    for path in (args[1], args[2].partition("=")[2]):
+        resolved = yaml.safe_load(Path(path).read_text())
+        assert resolved["model"] == {"method": {"class_path": "lit_vce.methods.dvce.DVCE"}, "seed": 3}
+    untouched = tmp_path / "plain.yaml"
+    untouched.write_text("model:\n  seed: 1\n")
+    assert resolve_method_names(["--config", str(untouched)]) == ["--config", str(untouched)]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..provenance import RecordsInitArgs
 from ..rngs import per_sample_randn
 
 SAMPLERS = ("ddim", "ddpm", "adm")
@@ -71,7 +72,7 @@ def _diffusers_config(config: dict, clip_sample: bool) -> dict:
     return {**config, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": clip_sample}
 
 
-class Diffusion(nn.Module):
+class Diffusion(nn.Module, RecordsInitArgs):
     """Base of every diffusion model (pixel, latent, ADM): see the module docstring.
 
     Args:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..provenance import RecordsInitArgs
+
 
 @dataclass
 class VCEBatch:
@@ -54,8 +56,11 @@ class CounterfactualResult:
             raise ValueError("one failure entry per image is required")
 
 
-class VCEMethod(nn.Module):
-    """Base class of all VCE methods (register subclasses with ``@METHODS.register``)."""
+class VCEMethod(nn.Module, RecordsInitArgs):
+    """Base class of all VCE methods (register subclasses with ``@METHODS.register``).
+
+    Constructor arguments are recorded automatically (:mod:`lit_vce.provenance`), so
+    :meth:`describe` covers every setting without a hand-kept list."""
 
     name: str = "method"
 
@@ -63,14 +68,16 @@ class VCEMethod(nn.Module):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Settings stored with every result (override to add the objective etc.)."""
-        return {"name": self.name}
+        """Settings stored with every result and in the run's fingerprint: the name and
+        every constructor argument (the diffusion model's own arguments nested, objectives
+        by their description; see :meth:`~lit_vce.provenance.RecordsInitArgs.describe_init_args})."""
+        return {"name": self.name, **self.describe_init_args()}
 
     @classmethod
     def test_kwargs(cls) -> dict:
         """Small constructor arguments for the registry-driven tests (``tests/test_methods.py``):
         they build every registered method on tiny models with these, adding the
-        diffusion model (``generator`` / ``backbone``) and, for a ``robust_classifier``
+        diffusion model (``diffusion``) and, for a ``robust_classifier``
         argument, a tiny classifier. Choose values that exercise the method's real
         branches in seconds."""
         return {}

@@ -36,10 +36,6 @@ class ClassifierGuidance(PerStepGuidance):
         super().__init__(**kwargs)
         self.scale, self.l1_weight, self.normalize = scale, l1_weight, normalize
 
-    def describe(self) -> dict:
-        return {**super().describe(), "scale": self.scale, "l1_weight": self.l1_weight, "normalize": self.normalize,
-                "objective": f"{self.scale:g}*TargetLogProb - {self.l1_weight:g}*L1Distance"}
-
     def guidance(self, x0, batch, classifier, eps, to_xt, step):
         logp = F.log_softmax(classifier(x0), dim=1).gather(1, batch.target[:, None]).squeeze(1)
         l1 = (x0 - batch.images).abs().flatten(1).mean(1)

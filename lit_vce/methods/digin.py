@@ -336,18 +336,6 @@ class DiGIN(VCEMethod):
     def test_kwargs(cls) -> dict:
         return {"num_steps": 5, "outer_steps": 2, "num_cutouts": 2, "null_text_steps": 2}
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "objective": self.objective.describe(), "diffusion": type(self.diffusion).__name__,
-                "num_steps": self.num_steps, "guidance_scale": self.guidance_scale, "outer_steps": self.outer_steps,
-                "lr": self.lr, "latent_lr_factor": self.latent_lr_factor, "loss_steps": self.loss_steps,
-                "num_cutouts": self.num_cutouts, "cutouts": self.cutouts, "cutout_power": self.cutout_power,
-                "noise_sd": self.noise_sd, "inversion": self.inversion, "num_starts": self.num_starts,
-                "blend_fractions": list(self.blend_fractions), "injection_fractions": list(self.injection_fractions),
-                "injection": self.injection, "mask_source": self.mask_source, "mask_threshold": self.mask_threshold,
-                "mask_postprocessing": list(self.mask_postprocessing or []), "sam_model": self.sam_spec,
-                "null_text_steps": self.null_text_steps, "null_text_lr": self.null_text_lr,
-                "gradient_checkpointing": self.gradient_checkpointing, "autocast": self.autocast}
-
     # --- conditioning ------------------------------------------------------------------
     def _names(self, classifier: nn.Module) -> list[str]:
         names = self.class_names or list(getattr(classifier, "class_names", []))

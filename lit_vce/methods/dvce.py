@@ -73,7 +73,6 @@ class DVCE(PerStepGuidance):
         **kwargs,
     ):
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, clip_sample=clip_sample, **kwargs)
-        self.robust_spec = getattr(robust_classifier, "name", robust_classifier) or None
         self.robust = load_classifier(robust_classifier) if robust_classifier else None
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle
@@ -84,10 +83,7 @@ class DVCE(PerStepGuidance):
         return {"num_steps": 10, "num_augmentations": 2}  # the augmented branch and the cone
 
     def describe(self) -> dict:
-        return {**super().describe(), "robust_classifier": self.robust_spec, "classifier_weight": self.classifier_weight,
-                "distance_weight": self.distance_weight, "num_augmentations": self.num_augmentations,
-                "cone_angle": self.cone_angle, "distance_through_unet": self.distance_through_unet,
-                "cone": "axis = explained classifier's gradient, projected = robust partner's"}
+        return {**super().describe(), "cone": "axis = explained classifier's gradient, projected = robust partner's"}
 
     def _logp_grad(self, classifier, x0, views, batch) -> torch.Tensor:
         n = self.num_augmentations

@@ -92,7 +92,3 @@ class FastDiME(PerStepGuidance):
                 break
         self.scale = self.scales[0]
         return concat_results(out)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "scales": list(self.scales), "l1_weight": self.l1_weight, "use_logits": self.use_logits,
-                "warmup": self.warmup, "dilation": self.dilation, "threshold": self.threshold}

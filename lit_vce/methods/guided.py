@@ -116,17 +116,11 @@ class PerStepGuidance(VCEMethod):
         if isinstance(diffusion, str):
             diffusion = PixelDiffusion(diffusion, sampler=sampler, num_steps=num_steps, clip_sample=clip_sample)
         self.diffusion = diffusion
+        # what the sampler really runs (a built model keeps its own settings): recorded as such
+        self.sampler, self.num_steps, self.clip_sample = diffusion.sampler, diffusion.num_steps, diffusion.clip_sample
         self.skip, self.conditioning, self.cfg_scale = skip, conditioning, cfg_scale
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
         self.output = ("x0" if diffusion.sampler == "adm" else "sample") if output == "auto" else output
-
-    def describe(self) -> dict:
-        d = self.diffusion
-        return {
-            "name": self.name, "sampler": d.sampler, "num_steps": d.num_steps, "clip_sample": d.clip_sample,
-            "output": self.output, "skip": self.skip, "conditioning": self.conditioning, "cfg_scale": self.cfg_scale,
-            "through_unet": self.through_unet,
-        }
 
     @classmethod
     def test_kwargs(cls) -> dict:
