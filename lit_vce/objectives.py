@@ -1,4 +1,5 @@
-"""Composable objective terms (lower is better), with an algebra of ``+`` and scalar ``*``.
+"""Composable objective terms (lower is better), with an algebra of ``+``, ``-``, unary
+``-``, scalar ``*`` and ``/`` and ``sum([...])``.
 
     objective = TargetCE() + 0.1 * L1Distance()
     loss = objective(images, ctx)        # per-sample losses, shape (N,)
@@ -44,8 +45,16 @@ class ObjectiveContext:
 class Objective:
     """Base class: subclasses implement ``loss(images, ctx) -> (N,)``."""
 
+    #: whether the term reads the classifier (validity terms; distances do not)
+    uses_classifier = False
+
     def loss(self, images: torch.Tensor, ctx: ObjectiveContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def weighted_terms(self) -> list[tuple[float, Objective]]:
+        """The objective as ``[(weight, term), ...]`` with ``sum(w * term)`` equal to it: what
+        methods that treat each term's gradient on its own (DVCE's per-term rescaling) iterate over."""
+        return [(1.0, self)]
 
     def describe(self) -> str:
         return type(self).__name__
@@ -97,6 +106,13 @@ class Sum(Objective):
     def loss(self, images, ctx):
         return sum(t(images, ctx) for t in self.terms)
 
+    def weighted_terms(self):
+        return [wt for t in self.terms for wt in t.weighted_terms()]
+
+    @property
+    def uses_classifier(self):
+        return any(t.uses_classifier for t in self.terms)
+
     def describe(self):
         out = self.terms[0].describe()
         for t in self.terms[1:]:
@@ -114,6 +130,13 @@ class Scaled(Objective):
     def loss(self, images, ctx):
         return self.weight * self.term(images, ctx)
 
+    def weighted_terms(self):
+        return [(self.weight * w, t) for w, t in self.term.weighted_terms()]
+
+    @property
+    def uses_classifier(self):
+        return self.term.uses_classifier
+
     def describe(self):
         inner = self.term.describe()
         if isinstance(self.term, Sum):
@@ -126,6 +149,8 @@ class Scaled(Objective):
 class TargetCE(Objective):
     """-log p(target | x) under the context's classifier (the VCE validity term),
     averaged over the context's augmented views when it has them."""
+
+    uses_classifier = True
 
     def loss(self, images, ctx):
         logits = ctx.classify(images)
@@ -150,10 +175,13 @@ def _check_space(space: str) -> str:
 
 class L1Distance(Objective):
     """Mean absolute change, ``mean(|x - x_orig|)`` (DiG-IN's ``px_l1``/``latent_l1``),
-    in pixel or latent space, optionally only outside the mask."""
+    in pixel or latent space, optionally only outside the mask; ``reduction="sum"`` gives
+    ``|x - x_orig|_1`` (DVCE's distance term, whose gradient is ``sign(x - x_orig)``)."""
 
-    def __init__(self, background_only: bool = False, space: str = "pixel"):
-        self.background_only, self.space = background_only, _check_space(space)
+    def __init__(self, background_only: bool = False, space: str = "pixel", reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError("reduction must be 'mean' or 'sum'")
+        self.background_only, self.space, self.reduction = background_only, _check_space(space), reduction
 
     def loss(self, images, ctx):
         d, m = _space(images, ctx, self.space, "L1Distance")
@@ -162,12 +190,14 @@ class L1Distance(Objective):
             if m is None:
                 raise ValueError("L1Distance(background_only=True) needs masks")
             d = d * (1 - m)
-        return d.flatten(1).mean(1)
+        return d.flatten(1).sum(1) if self.reduction == "sum" else d.flatten(1).mean(1)
 
     def describe(self):
         where = "" if self.space == "pixel" else "latent"
         if self.background_only:
             where = ", ".join(w for w in (where, "background") if w)
+        if self.reduction == "sum":
+            where = ", ".join(w for w in (where, "sum") if w)
         return f"L1Distance({where})" if where else "L1Distance"
 
 
@@ -229,6 +259,8 @@ class Disagreement(Objective):
     ``second`` scores low: loss = -(s1(y) - s2(y)), averaged over views, with s a
     :data:`SCORE_VARIANTS` score (DiG-IN's systematic-error search)."""
 
+    uses_classifier = True
+
     def __init__(self, second: torch.nn.Module, variant: str = "confidence"):
         if variant not in SCORE_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_VARIANTS}")
@@ -261,6 +293,8 @@ class NeuronActivation(Objective):
     (default: the input of the last linear layer, i.e. a penultimate unit), spatially
     averaged, over views; optionally with ``class_weight * -log p(y)``
     (DiG-IN's variant: ``-10 * act - 0.5 * log p(y)``: ``act_weight=10, class_weight=0.5``)."""
+
+    uses_classifier = True
 
     def __init__(self, classifier: torch.nn.Module, unit: int, layer: str | None = None, sign: float = 1.0,
                  act_weight: float = 1.0, class_weight: float = 0.0):

@@ -9,6 +9,8 @@ runs it:
   x0 not clipped inside the step, guidance as a shift of the posterior mean by
   variance * gradient (the model's learned variance for ADM checkpoints); the
   result is the last step's x0-prediction;
+- the objective ``classifier_weight * TargetCE + distance_weight * L1Distance(sum)``,
+  each term's gradient on its own:
 - classifier term: the gradient, with respect to x_t through the denoiser, of
   the target log-softmax of the x0-prediction (mean over ``num_augmentations``
   views; the official DVCE path uses the clean view only);
@@ -28,14 +30,14 @@ Deviations and their measured effects: ``docs/parity.md``.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import dataclasses
 
 from ..classifiers.base import ImageClassifier
 from ..classifiers.loaders import load_classifier
+from ..objectives import L1Distance, Objective, ObjectiveContext, TargetCE
 from ..registry import METHODS
 from .guided import PerStepGuidance
-from .parts import cone_projection, random_affine_perspective, rescale_to
+from .parts import ascent, cone_projection, random_affine_perspective, rescale_to
 
 
 @METHODS.register("dvce")
@@ -46,12 +48,18 @@ class DVCE(PerStepGuidance):
         robust_classifier: spec of the robust partner (``None`` or ``""``: no
             projection, the explained classifier's own gradient guides; if it
             names the explained classifier, projection is a no-op).
-        classifier_weight, distance_weight: weights of the rescaled gradients.
+        classifier_weight, distance_weight: weights of the rescaled gradients of the
+            objective ``classifier_weight * TargetCE + distance_weight * L1Distance(sum)``.
+        objective: a custom :class:`~lit_vce.objectives.Objective` (replaces the two
+            weights): each weighted term's gradient is rescaled to the noise prediction's
+            norm; classifier terms go through the denoiser and the cone, the others
+            through the denoiser only with ``distance_through_unet``.
         num_augmentations: views of x0_hat per sample (the first is clean; 1 =
-            the clean view only, as the official DVCE path).
+            the clean view only, as the official DVCE path), drawn once per step and
+            shared by both classifiers.
         cone_angle: alpha in degrees.
-        distance_through_unet: differentiate the L1 term through the denoiser
-            (``False``: ``sign(x0_hat - x)`` on x_t, as published).
+        distance_through_unet: differentiate the distance terms through the denoiser
+            (``False``: their x0 gradient, ``sign(x0_hat - x)``, on x_t, as published).
         **kwargs: sampler settings of :class:`PerStepGuidance` (defaults here:
             ``adm`` sampler, 200 steps, skip half, no clipping).
     """
@@ -70,6 +78,7 @@ class DVCE(PerStepGuidance):
         num_steps: int = 200,
         skip: float = 0.5,
         clip_sample: bool = False,
+        objective: Objective | None = None,
         **kwargs,
     ):
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, clip_sample=clip_sample, **kwargs)
@@ -77,6 +86,8 @@ class DVCE(PerStepGuidance):
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle
         self.distance_through_unet = distance_through_unet
+        self.objective = objective if objective is not None else (
+            classifier_weight * TargetCE() + distance_weight * L1Distance(reduction="sum"))
 
     @classmethod
     def test_kwargs(cls) -> dict:
@@ -85,22 +96,30 @@ class DVCE(PerStepGuidance):
     def describe(self) -> dict:
         return {**super().describe(), "cone": "axis = explained classifier's gradient, projected = robust partner's"}
 
-    def _logp_grad(self, classifier, x0, views, batch) -> torch.Tensor:
-        n = self.num_augmentations
-        logp = F.log_softmax(classifier(views), dim=1)
-        logp = logp.gather(1, batch.target.repeat_interleave(n)[:, None]).view(-1, n).mean(1)
-        (g,) = torch.autograd.grad(logp.sum(), x0, retain_graph=True)
-        return g
+    def _views(self, batch):
+        """The augmented views of an x0-prediction, drawn once per step (both classifiers see the same)."""
+        if self.num_augmentations == 1:
+            return None
+        cache: dict = {}
+
+        def views(x):
+            if cache.get("x") is not x:
+                cache["x"], cache["v"] = x, random_affine_perspective(x, batch.rngs, self.num_augmentations)
+            return cache["v"]
+
+        return views
 
     def guidance(self, x0, batch, classifier, eps, to_xt, step):
-        views = x0 if self.num_augmentations == 1 else random_affine_perspective(x0, batch.rngs, self.num_augmentations)
-        g_cls = to_xt(self._logp_grad(classifier, x0, views, batch))
-        if self.robust is not None and self.robust is not classifier:
-            g_rob = to_xt(self._logp_grad(self.robust, x0, views, batch))
-            g_cls = cone_projection(g_cls, g_rob, self.cone_angle)
-        if self.distance_through_unet:
-            (g_dist,) = torch.autograd.grad(-(x0 - batch.images).abs().sum(), x0, retain_graph=True)
-            g_dist = to_xt(g_dist)
-        else:
-            g_dist = -torch.sign(x0.detach() - batch.images)
-        return self.classifier_weight * rescale_to(g_cls, eps) + self.distance_weight * rescale_to(g_dist, eps)
+        ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier, batch.mask, views=self._views(batch))
+        total = 0
+        for weight, term in self.objective.weighted_terms():
+            g = ascent(term, x0, ctx)
+            if term.uses_classifier:
+                g = to_xt(g)
+                if self.robust is not None and self.robust is not classifier:
+                    g_rob = to_xt(ascent(term, x0, dataclasses.replace(ctx, classifier=self.robust)))
+                    g = cone_projection(g, g_rob, self.cone_angle)
+            elif self.distance_through_unet:
+                g = to_xt(g)
+            total = total + weight * rescale_to(g, eps)
+        return total

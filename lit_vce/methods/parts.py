@@ -53,6 +53,24 @@ def rescale_to(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return grad * (rn / gn).view(-1, *([1] * (grad.ndim - 1)))
 
 
+def ascent(objective, x0: torch.Tensor, ctx) -> torch.Tensor:
+    """The gradient of ``-objective`` (lower is better) with respect to the image ``x0``, per sample."""
+    (g,) = torch.autograd.grad(-objective(x0, ctx).sum(), x0, retain_graph=True)
+    return g
+
+
+def objective_guidance(objective, x0: torch.Tensor, ctx, to_xt, rescale_like: torch.Tensor | None = None) -> torch.Tensor:
+    """The guidance of an objective on x_t: ``to_xt`` of its ascent direction at ``x0``; with
+    ``rescale_like``, each weighted term's direction is rescaled to that tensor's per-sample
+    norm before its weight is applied (DVCE's normalisation to the noise prediction)."""
+    if rescale_like is None:
+        return to_xt(ascent(objective, x0, ctx))
+    total = 0
+    for weight, term in objective.weighted_terms():
+        total = total + weight * rescale_to(to_xt(ascent(term, x0, ctx)), rescale_like)
+    return total
+
+
 def _homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Batched 3x3 homographies mapping 4 points src -> dst, each (B, 4, 2)."""
     b = src.shape[0]
