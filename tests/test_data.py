@@ -64,3 +64,25 @@ def test_registry_refuses_silent_overwrites_and_lists_names():
     with pytest.raises(KeyError, match="registered: a"):
         reg.get("b")
     assert {"classifier_guidance", "dvce"} <= set(METHODS.names())
+
+
+def test_the_data_owns_classifier_dependent_selection():
+    """misclassified: keep what the classifier gets wrong, its prediction as the source; the
+    LightningModule only asks the datamodule (no protocol names in it)."""
+    import inspect
+
+    import lit_vce.lightning.module as module_src
+    from lit_vce.data.protocols import select_by_classifier
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts class 2 for every image
+            return torch.nn.functional.one_hot(torch.full((len(x),), 2), 4).float()
+
+    images, source = torch.rand(3, 3, 8, 8), torch.tensor([2, 0, 1])
+    keep, new = select_by_classifier("misclassified", images, source, Fixed())
+    assert keep.tolist() == [False, True, True] and new.tolist() == [2, 2, 2]
+    keep, new = select_by_classifier("random", images, source, Fixed())
+    assert keep.all() and torch.equal(new, source)
+    dm = VCEDataModule(dataset="world", num_samples=4, protocol="misclassified")
+    assert dm.selects_by_classifier and not VCEDataModule(dataset="world", num_samples=4).selects_by_classifier
+    assert "misclassified" not in inspect.getsource(module_src)

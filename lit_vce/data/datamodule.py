@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .protocols import assign_target, validate_protocol
+from .protocols import CLASSIFIER_PROTOCOLS, assign_target, select_by_classifier, validate_protocol
 from .world import CLASS_NAMES as WORLD_CLASSES
 from .world import ShapesWorld
 
@@ -145,8 +145,19 @@ class VCEDataModule(L.LightningDataModule):
             self._data = self._build()
 
     def class_pairs(self) -> set[tuple[int, int]]:
-        """The distinct (source, target) pairs to explain."""
+        """The distinct (source, target) pairs to explain (for ``misclassified``: (label, label),
+        the source becoming the classifier's prediction per batch)."""
         return {(s, t) for _, s, t in self.dataset.entries}
+
+    @property
+    def selects_by_classifier(self) -> bool:
+        """Whether the protocol picks images and sources by the explained classifier, per batch."""
+        return self.hparams.protocol in CLASSIFIER_PROTOCOLS
+
+    def select(self, images: torch.Tensor, source: torch.Tensor, classifier) -> tuple[torch.Tensor, torch.Tensor]:
+        """The protocol's classifier-dependent part for a batch: (keep (N,) bool, source (N,));
+        see :func:`lit_vce.data.protocols.select_by_classifier`."""
+        return select_by_classifier(self.hparams.protocol, images, source, classifier)
 
     @property
     def dataset(self) -> _Explained:

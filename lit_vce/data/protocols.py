@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ..rngs import sample_seed
 
 PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "random", "next")
+#: protocols whose selection depends on the explained classifier (applied per batch: :func:`select_by_classifier`)
+CLASSIFIER_PROTOCOLS = ("misclassified",)
 IMAGENET_ONLY = ("wordnet_closest", "ldce", "cluster")
 
 IMAGENET_HARD_PAIRS = [[340, 339], [339, 340], [293, 286], [286, 293], [285, 283], [283, 285]]
@@ -94,3 +98,15 @@ def assign_target(
     if protocol == "next":
         return [(source + 1) % num_classes]
     raise ValueError(f"unknown target protocol {protocol!r}")
+
+
+@torch.no_grad()
+def select_by_classifier(protocol: str, images: torch.Tensor, source: torch.Tensor, classifier) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of a protocol that needs the explained classifier, for a batch of images:
+    (keep (N,) bool, source (N,)). ``misclassified`` keeps the images the classifier gets
+    wrong, with its prediction as the source (the target stays the true label); the other
+    protocols keep every image as it is."""
+    if protocol != "misclassified":
+        return torch.ones(len(images), dtype=torch.bool, device=images.device), source
+    pred = classifier(images).argmax(1).to(source.device)
+    return pred != source, torch.where(pred != source, pred, source)

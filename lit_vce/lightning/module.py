@@ -112,7 +112,7 @@ class VCEModule(L.LightningModule):
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
-        self._misclassified = False
+        self._selects = False
         self._run_record: dict[str, Any] | None = None
         self.final_results: dict[str, Any] | None = None
 
@@ -128,8 +128,7 @@ class VCEModule(L.LightningModule):
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         dm = getattr(self.trainer, "datamodule", None)
-        protocol = dm.hparams.get("protocol") if dm is not None and hasattr(dm, "hparams") else None
-        self._misclassified = protocol == "misclassified"
+        self._selects = bool(getattr(dm, "selects_by_classifier", False))  # the data's protocol needs the classifier
         dataset = dm.hparams.get("dataset") if dm is not None and hasattr(dm, "hparams") else None
         if self.metrics.audit is not None and dataset not in (None, "world"):
             # the audit reads shapes and backgrounds with the world's oracle: meaningless elsewhere
@@ -187,7 +186,7 @@ class VCEModule(L.LightningModule):
         if bad:
             raise ValueError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
         same = sorted(s for s, t in pairs if s == t)
-        if same and not self._misclassified:
+        if same and not self._selects:
             raise ValueError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
 
     # --- the step --------------------------------------------------------------
@@ -212,18 +211,13 @@ class VCEModule(L.LightningModule):
         new = [i for i, s in enumerate(ids) if s not in done]
         rows: list[dict[str, Any]] = []
         todo = [i for i in new if not errors[i]]
-        if self._misclassified and todo:
-            # error analysis: only images the classifier gets wrong; its prediction is the source
-            with torch.no_grad():
-                pred = self.classifier(quantize(images[todo])).argmax(1)
+        if self._selects and todo:  # the data's protocol picks images and sources by the classifier
+            idx = torch.tensor(todo, device=source.device)
+            keep, new_source = self.trainer.datamodule.select(quantize(images[todo]), source[idx], self.classifier)
             source = source.clone()
-            keep = []
-            for j, i in enumerate(todo):
-                if int(pred[j]) != int(source[i]):
-                    source[i] = pred[j]
-                    keep.append(i)
-            self._counts["not_selected"] += len(todo) - len(keep)
-            todo = keep
+            source[idx] = new_source
+            self._counts["not_selected"] += len(todo) - int(keep.sum())
+            todo = [i for j, i in enumerate(todo) if keep[j]]
         for i in new:
             if errors[i]:
                 rows.append(self._row({"sample_id": ids[i], "source": int(source[i]), "target": int(target[i]), "success": False},
@@ -304,7 +298,7 @@ class VCEModule(L.LightningModule):
         writer.write_json("results.json", results)
         save_grid(writer.output_dir, rows[:16])
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
-        if self._misclassified:
-            skipped += f", {counts[3]} correctly classified (not explained)"
+        if self._selects:
+            skipped += f", {counts[3]} not selected by the protocol"
         self.print(f"{self.run_name}: {counts[2]} new samples{skipped}, {counts[1]} failed; flip rate {metrics['flip_rate']:.3f}; "
                    f"results in {writer.output_dir / 'results.json'}")
