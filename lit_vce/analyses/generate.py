@@ -20,7 +20,6 @@ the generated images show.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..classifiers import load_classifier
 from ..data.datamodule import collate
+from ..lightning.stage import StageModule
 from ..rngs import sample_rngs
 from ..methods.base import VCEBatch
 from ..methods.digin import DiGIN
@@ -102,7 +102,7 @@ class GenerationDataModule(L.LightningDataModule):
                           collate_fn=collate)
 
 
-class AnalysisModule(L.LightningModule):
+class AnalysisModule(StageModule):
     """A DiG-IN generation analysis as ``predict_step``.
 
     Args:
@@ -151,14 +151,10 @@ class AnalysisModule(L.LightningModule):
         self._t0 = 0.0
         self.final_results: dict[str, Any] | None = None
 
-    def _writer(self):
-        from ..lightning.writer import VCEPredictionWriter
-
-        return next((c for c in self.trainer.callbacks if isinstance(c, VCEPredictionWriter)), None)
+    stage = "analysis"
 
     def on_predict_start(self) -> None:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("the analyses need autograd: build the Trainer with inference_mode=False")
+        self.require_autograd("the analyses")
         self._rows, self._t0 = [], time.perf_counter()
         self.method.setup(self.device)
         real = self.trainer.datamodule.hparams.source != "random"
@@ -171,7 +167,7 @@ class AnalysisModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()
         ids, y = list(batch["sample_id"]), batch["label"]
-        writer = self._writer()
+        writer = self.writer()
         done = writer.done_ids() if writer is not None else set()
         todo = [i for i, s in enumerate(ids) if s not in done]
         if not todo:
@@ -227,7 +223,7 @@ class AnalysisModule(L.LightningModule):
     def on_predict_epoch_end(self) -> None:
         from ..lightning.writer import gather_rows
 
-        writer = self._writer()
+        writer = self.writer()
         self.trainer.strategy.barrier()  # every rank's rows are on disk before they are read
         # with a writer, the folder holds the whole run (resumed samples included); else gather the ranks' rows
         rows = writer.collect_rows() if writer is not None else gather_rows(self._rows)
@@ -235,22 +231,13 @@ class AnalysisModule(L.LightningModule):
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}
         if writer is not None and self.trainer.is_global_zero:
-            from ..report.grids import save_grid
-            from ..report.results import build_results
-
-            writer.write_table(rows)
-            results = build_results(
-                run_name=self.run_name, method=f"digin-{self.analysis}", classifier=self.classifier_spec, n=len(rows),
+            results = self.results(
+                rows, metrics, len(rows), f"digin-{self.analysis}", wall_time_s=wall,
                 n_success=sum(1 for r in rows if r.get("disagrees") or (self.analysis == "neurons" and not r["failure"])),
-                n_failed=sum(1 for r in rows if r.get("failure")), metrics=metrics, seed=self.seed, wall_time_s=wall,
-                sample_ids_hash=hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16],
                 config={"analysis": self.analysis, "objective": self.method.objective.describe(), "method": self.method.describe(),
                         "second_classifier": getattr(self.second, "name", None), "variant": self.variant, "unit": self.unit,
-                        "data": dict(self.trainer.datamodule.hparams)},
-                world_size=self.trainer.world_size, stage="analysis",
-            )
-            writer.write_json("results.json", results)
-            save_grid(writer.output_dir, rows[:16])
+                        "data": dict(self.trainer.datamodule.hparams)})
+            self.finalize(writer.output_dir, rows, results)
             print(f"{self.run_name}: {len(rows)} images; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                                        if isinstance(v, float)))
 

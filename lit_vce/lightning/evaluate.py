@@ -19,7 +19,6 @@ errors raised before any work. Results are written only at the end, atomically:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from torch.utils.data import Dataset
 
 from ..classifiers import load_classifier
 from ..metrics.suite import build_suite, resize_to
-from ..io import load_png, sample_key, write_json, write_rows_csv
+from ..io import load_png, sample_key
+from .stage import StageModule
 from .writer import ROW_FIELDS, gather_rows
 
 
@@ -189,7 +189,7 @@ class PairDataset(Dataset):
         return item
 
 
-class EvaluateModule(L.LightningModule):
+class EvaluateModule(StageModule):
     """The metric suite over saved (original, counterfactual) pairs, as a prediction stage.
 
     Args:
@@ -221,6 +221,8 @@ class EvaluateModule(L.LightningModule):
         self._rows: list[dict[str, Any]] = []
         self._t0 = 0.0
         self.final_results: dict[str, Any] | None = None
+
+    stage = "evaluate"
 
     def on_predict_start(self) -> None:
         self._rows, self._t0 = [], time.perf_counter()
@@ -255,20 +257,11 @@ class EvaluateModule(L.LightningModule):
         self.metrics.reset()
 
     def _write(self, metrics, audit, n, rows, wall) -> None:
-        from ..report.results import build_results
-
-        ids_hash = hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16]
-        results = build_results(
-            run_name=self.run_name, method=self.method_name, classifier=self.classifier_spec, n=n,
-            n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
-            metrics=metrics, audit=audit, seed=self.seed, wall_time_s=self.generation_time_s, evaluation_time_s=round(wall, 2),
-            sample_ids_hash=ids_hash,
-            config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
-            world_size=self.trainer.world_size, stage="evaluate", protocol=self.protocol, dataset=self.dataset_name,
-        )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_rows_csv(self.output_dir / "samples.csv", rows, ROW_FIELDS)
-        write_json(self.output_dir / "results.json", results)
+        results = self.results(
+            rows, metrics, n, self.method_name, wall_time_s=self.generation_time_s, evaluation_time_s=round(wall, 2),
+            audit=audit, config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
+            protocol=self.protocol, dataset=self.dataset_name)
+        self.finalize(self.output_dir, rows, results, ROW_FIELDS, grid=False)
         failed = sum(1 for r in rows if r.get("failure"))
         print(f"evaluated {n} samples ({failed} failed): flip rate {metrics['flip_rate']:.3f}, L2 {metrics['l2']:.3f}"
               + (f", FID {metrics['fid']:.3f} (N={metrics['fid_n']})" if "fid" in metrics else "")

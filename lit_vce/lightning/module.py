@@ -16,12 +16,10 @@ Guidance needs autograd: the Trainer must be built with ``inference_mode=False``
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
 
-import lightning as L
 import torch
 
 from ..classifiers import load_classifier
@@ -29,7 +27,7 @@ from ..rngs import sample_rngs
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics.suite import build_suite
 from ..io import quantize
-from .writer import VCEPredictionWriter
+from .stage import StageModule
 
 
 def _scalar(value) -> float | None:
@@ -38,7 +36,7 @@ def _scalar(value) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class VCEModule(L.LightningModule):
+class VCEModule(StageModule):
     """Counterfactual generation as a prediction stage.
 
     Args:
@@ -117,14 +115,8 @@ class VCEModule(L.LightningModule):
         self.final_results: dict[str, Any] | None = None
 
     # --- helpers ---------------------------------------------------------------
-    def _writer(self) -> VCEPredictionWriter | None:
-        if self._trainer is None:
-            return None
-        return next((c for c in self.trainer.callbacks if isinstance(c, VCEPredictionWriter)), None)
-
     def on_predict_start(self) -> None:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("VCE guidance needs autograd: build the Trainer with inference_mode=False")
+        self.require_autograd("VCE guidance")
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         dm = getattr(self.trainer, "datamodule", None)
@@ -141,7 +133,7 @@ class VCEModule(L.LightningModule):
             torch.set_num_threads(1)
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.method.setup(self.device)
-        writer = self._writer()
+        writer = self.writer()
         self._run_record = None
         if writer is not None:
             from .writer import check_resume
@@ -195,7 +187,7 @@ class VCEModule(L.LightningModule):
         images, source, target = batch["image"], batch["source"], batch["target"]
         ids: list[str] = list(batch["sample_id"])
         errors: list[str] = list(batch.get("error", [""] * len(ids)))
-        writer = self._writer()
+        writer = self.writer()
         done = writer.done_ids() if writer is not None else set()
         # 1. finished earlier: reload from disk so the metrics cover the whole run
         old = [i for i, s in enumerate(ids) if s in done]
@@ -264,29 +256,21 @@ class VCEModule(L.LightningModule):
         self.trainer.strategy.barrier()
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "audit": audit, "n": n, "counts": counts, "wall_time_s": wall}
-        writer = self._writer()
+        writer = self.writer()
         if writer is not None and self.trainer.is_global_zero:
             self._finalize(writer, metrics, audit, n, counts, wall)
         self.metrics.reset()
 
     def _finalize(self, writer, metrics, audit, n, counts, wall) -> None:
-        from ..report.results import build_results
-        from ..report.grids import save_grid
-
         rows = writer.collect_rows()
-        writer.write_table(rows)
-        ids_hash = hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16]
         dm = self.trainer.datamodule
-        results = build_results(
-            run_name=self.run_name, method=self.method.name, classifier=self.classifier_spec, n=n,
-            n_success=sum(1 for r in rows if r.get("success")), n_failed=sum(1 for r in rows if r.get("failure")),
-            metrics=metrics, audit=audit, seed=self.seed, wall_time_s=wall, sample_ids_hash=ids_hash,
+        results = self.results(
+            rows, metrics, n, self.method.name, wall_time_s=wall, audit=audit, resumed=counts[0],
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
                     "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "cli": self._cli_config(writer), "precision": str(self.trainer.precision),
                     "dtype": str(next(self.classifier.parameters(), torch.empty(0)).dtype),
                     "classifier": self.classifier_config, "not_selected": counts[3]},
-            world_size=self.trainer.world_size, resumed=counts[0],
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
         )
@@ -295,8 +279,7 @@ class VCEModule(L.LightningModule):
             writer.write_json("run.json", record)
             results["wall_time_total_s"] = round(sum(record["generation_seconds"]), 2)
             results["attempts"] = len(record["generation_seconds"])
-        writer.write_json("results.json", results)
-        save_grid(writer.output_dir, rows[:16])
+        self.finalize(writer.output_dir, rows, results)
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
         if self._selects:
             skipped += f", {counts[3]} not selected by the protocol"

@@ -1,0 +1,81 @@
+"""``StageModule``: what the three prediction stages share.
+
+``lit-vce predict`` (:class:`~lit_vce.lightning.module.VCEModule`), ``lit-vce
+evaluate`` (:class:`~lit_vce.lightning.evaluate.EvaluateModule`) and the DiG-IN
+analyses (:class:`~lit_vce.analyses.generate.AnalysisModule`) each load a
+classifier, run something per batch and end with the same finalisation: rows
+sorted by sample id, the ids' hash, success/failure counts, one validated
+``results.json`` (:func:`lit_vce.report.results.build_results`), the per-sample
+table and, for run folders, the grid. This base holds that ending, the writer
+lookup and the autograd check, so each stage only says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..io import write_json, write_rows_csv
+
+
+def ids_hash(rows: list[dict[str, Any]]) -> str:
+    """A short hash of the rows' sample ids, in order (which samples a result covers)."""
+    return hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:16]
+
+
+class StageModule(L.LightningModule):
+    """Base of the prediction stages; subclasses set ``stage``, ``run_name``, ``seed``
+    and ``classifier_spec`` and call :meth:`finalize` once, on global rank 0."""
+
+    stage = "predict"
+    run_name: str = "run"
+    seed: int = 0
+    classifier_spec: str = ""
+
+    def writer(self):
+        """The run folder's :class:`~lit_vce.lightning.writer.VCEPredictionWriter`, if one is attached."""
+        from .writer import VCEPredictionWriter
+
+        if self._trainer is None:
+            return None
+        return next((c for c in self.trainer.callbacks if isinstance(c, VCEPredictionWriter)), None)
+
+    @staticmethod
+    def require_autograd(what: str) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{what} needs autograd: build the Trainer with inference_mode=False")
+
+    def results(self, rows: list[dict[str, Any]], metrics: dict[str, Any], n: int, method: str, config: dict[str, Any],
+                wall_time_s: float, n_success: int | None = None, **fields: Any) -> dict[str, Any]:
+        """The validated ``results.json`` of ``rows`` (sorted by sample id); ``fields`` are
+        further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...)."""
+        from ..report.results import build_results
+
+        return build_results(
+            run_name=self.run_name, method=method, classifier=self.classifier_spec, n=n,
+            n_success=sum(1 for r in rows if r.get("success")) if n_success is None else n_success,
+            n_failed=sum(1 for r in rows if r.get("failure")), metrics=metrics, seed=self.seed, wall_time_s=wall_time_s,
+            sample_ids_hash=ids_hash(rows), config=config, world_size=self.trainer.world_size, stage=self.stage, **fields)
+
+    def finalize(self, out_dir: str | Path, rows: list[dict[str, Any]], results: dict[str, Any],
+                 fields: list[str] | None = None, grid: bool = True) -> Path:
+        """Write ``samples.csv`` (through the writer, with its diagnostics columns, when the
+        rows are the writer's; else with ``fields``), ``results.json`` and, with ``grid``,
+        ``grid.png``; atomically, each file whole or not at all. Returns the results' path."""
+        out = Path(out_dir)
+        writer = self.writer()
+        if writer is not None and writer.output_dir == out:
+            writer.write_table(rows)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_rows_csv(out / "samples.csv", rows, fields)
+        path = write_json(out / "results.json", results)
+        if grid:
+            from ..report.grids import save_grid
+
+            save_grid(out, rows[:16])
+        return path
