@@ -91,3 +91,25 @@ def test_hooks_see_every_step_and_post_step_can_change_the_sample(tiny_diffusion
     assert [s[2] for s in seen[:-1]] == [s[1] for s in seen[1:]]  # next_t is the next step's t
     assert len({s[5] for s in seen}) == 1 and seen[0][4] == (4, 3, 16, 16)  # one state per generate call
     assert torch.allclose(out.images, torch.full_like(out.images, 0.5))
+
+
+def test_the_readmes_add_a_method_example_works_as_written(tiny_diffusion, tiny_classifier, tiny_batch):
+    """The code block under "Adding a method" in the README, run verbatim: it registers, builds
+    from its test arguments, steers the images and records its settings."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Adding a method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"__name__": "readme_example"}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        cls = METHODS.get("my_guidance")
+        method = cls(diffusion=tiny_diffusion("ddim", cls.test_kwargs()["num_steps"]), scale=cls.test_kwargs()["scale"])
+        out = method.generate(tiny_batch, tiny_classifier)
+        assert torch.isfinite(out.images).all() and not torch.allclose(out.images, tiny_batch.images)
+        d = method.describe()
+        assert d["name"] == "my_guidance" and d["scale"] == 5.0 and d["diffusion"]["sampler"] == "ddim"
+    finally:
+        METHODS._items.pop("my_guidance", None)
