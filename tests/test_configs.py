@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lit_vce.registry import METHODS
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
@@ -45,8 +47,11 @@ def test_config_parses_and_names_real_classes(path):
     cfg = yaml.safe_load(path.read_text())
     assert isinstance(cfg, dict) and cfg, path
     for where, class_path, init_args in _class_specs(cfg):
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        if "." not in class_path and class_path in METHODS:  # a registered method name
+            cls = METHODS.get(class_path)
+        else:
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
         accepted = _accepted(cls)
         unknown = set(init_args) - accepted if accepted is not None else set()
         assert not unknown, f"{path.name}: {where} ({class_path}) does not take {sorted(unknown)}"

@@ -47,11 +47,13 @@ def _build(name, tiny_diffusion, tiny_classifier, stochastic=False):
     cls = METHODS.get(name)
     params = inspect.signature(cls.__init__).parameters
     kwargs = dict(cls.test_kwargs())
-    sampler = kwargs.pop("sampler", params["sampler"].default if "sampler" in params else "ddim")
-    if stochastic and sampler == "ddim" and "sampler" in params:
-        sampler = "ddpm"  # ancestral noise: what batch independence is about
-    steps = kwargs.pop("num_steps", 10) if "sampler" in params else kwargs.get("num_steps", 10)
-    kwargs["diffusion"] = tiny_diffusion(sampler, steps)  # trajectory methods (no sampler argument): ddim
+    if "diffusion" in params:  # image-space methods (SVCE) take none
+        default = params["sampler"].default if "sampler" in params else getattr(cls, "diffusion_sampler", "ddim")
+        sampler = kwargs.pop("sampler", default)
+        if stochastic and sampler == "ddim" and "sampler" in params:
+            sampler = "ddpm"  # ancestral noise: what batch independence is about
+        steps = kwargs.pop("num_steps", 10) if "sampler" in params else kwargs.get("num_steps", 10)
+        kwargs["diffusion"] = tiny_diffusion(sampler, steps)  # methods without a sampler argument: their own sampler
     if "robust_classifier" in params:
         kwargs["robust_classifier"] = tiny_classifier
     return cls(**kwargs)

@@ -140,6 +140,11 @@ class Diffusion(nn.Module, RecordsInitArgs):
         """The model's space -> images in [0, 1]."""
         raise NotImplementedError
 
+    def x0_image(self, x0: torch.Tensor) -> torch.Tensor:
+        """An x0-prediction as the image guidance differentiates (not clamped, so gradients
+        reach values outside [0, 1]); :meth:`decode` clamps."""
+        raise NotImplementedError
+
     def condition(self, what) -> torch.Tensor | None:
         """The model's conditioning input for ``what`` (class labels, or prompts for text models)."""
         raise NotImplementedError

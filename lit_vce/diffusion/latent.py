@@ -104,8 +104,10 @@ class LatentDiffusion(Diffusion):
         return self.vae.encode((images * 2 - 1).to(self.dtype_)).latent_dist.mean.float() * self.scaling
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode((z / self.scaling).to(self.dtype_)).sample.float()
-        return ((x + 1) / 2).clamp(0, 1)
+        return self.x0_image(z).clamp(0, 1)
+
+    def x0_image(self, x0: torch.Tensor) -> torch.Tensor:
+        return (self.vae.decode((x0 / self.scaling).to(self.dtype_)).sample.float() + 1) / 2
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Padded token ids (N, L) of ``prompts``, as the text encoder sees them."""

@@ -149,6 +149,9 @@ class PixelDiffusion(Diffusion):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((z + 1) / 2).clamp(0, 1)
 
+    def x0_image(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0 + 1) / 2
+
     def condition(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The conditioning of class ``labels``: embedding vectors (N, D) of a
         ``UNet2DModel``, the ids themselves for ADM; ``None`` for unconditional models."""

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from ..rngs import per_sample_randn
 from ..registry import METHODS
-from .base import CounterfactualResult, VCEBatch, concat_results, select_batch
+from .base import CounterfactualResult, VCEBatch
 from .guided import PerStepGuidance, Step
+from .parts import retry_scales
 
 
 @METHODS.register("fastdime")
@@ -76,19 +77,4 @@ class FastDiME(PerStepGuidance):
         return x_t
 
     def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        out = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for scale in self.scales:
-            self.scale = scale
-            part = super().generate(select_batch(batch, todo), classifier)
-            for j, i in enumerate(todo):
-                out[i] = CounterfactualResult(part.images[j : j + 1], {k: v[j : j + 1] for k, v in part.diagnostics.items()},
-                                              [part.failure[j]])
-                out[i].diagnostics["scale"] = torch.tensor([scale])
-            with torch.no_grad():
-                flipped = classifier(part.images).argmax(1).cpu() == batch.target[todo].cpu()
-            todo = [i for j, i in enumerate(todo) if not flipped[j]]
-            if not todo:
-                break
-        self.scale = self.scales[0]
-        return concat_results(out)
+        return retry_scales(self, batch, classifier, super().generate)

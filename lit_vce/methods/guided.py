@@ -16,7 +16,8 @@ respect to x_t through the denoiser) steers the step:
 Subclasses implement :meth:`PerStepGuidance.guidance` (the ascent direction at a
 step) and, when they need to, :meth:`PerStepGuidance.post_step` (anything done
 to the new sample: masks, blending, resampling). Both receive a :class:`Step`
-record; ``step.state`` is a dict that lives for one ``generate`` call.
+record; ``step.state`` is a dict that lives for one ``generate`` call (its
+``"diagnostics"`` entry, a dict of per-sample tensors, joins the result's).
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ class PerStepGuidance(VCEMethod):
         batch = self._at_model_resolution(batch)
         n = len(batch)
         steps = d.timesteps[self.start_index():]
-        x_t = d.add_noise(d.encode(batch.images), per_sample_randn(batch.images.shape[1:], batch.rngs).to(batch.images),
-                          int(steps[0]))
+        z0 = d.encode(batch.images)
+        x_t = d.add_noise(z0, per_sample_randn(z0.shape[1:], batch.rngs).to(z0), int(steps[0]))
         conds = self._conditions(batch)
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
@@ -201,7 +202,7 @@ class PerStepGuidance(VCEMethod):
         with torch.no_grad():
             probs = classifier(out_img).softmax(1)
         diag = {"target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
-                "steps": torch.full((n,), len(steps), dtype=torch.float32)}
+                "steps": torch.full((n,), len(steps), dtype=torch.float32), **state.get("diagnostics", {})}
         return CounterfactualResult(out_img.detach(), diag, failure)
 
     def _at_model_resolution(self, batch: VCEBatch) -> VCEBatch:
@@ -227,8 +228,10 @@ class PerStepGuidance(VCEMethod):
             else:
                 out = {"eps": model_out[:, : xt.shape[1]]}
                 x0 = d.x0(xt, out["eps"], t)
-            img0 = (x0 + 1) / 2
+            img0 = d.x0_image(x0)
             eps = out["eps"].detach()
+            if not self.through_unet and not isinstance(d, PixelDiffusion):
+                raise ValueError("through_unet=False (the x0 gradient applied directly) needs a pixel diffusion model")
 
             def to_xt(v, _img0=img0, _xt=xt):
                 return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / d.alpha_bar(t).sqrt().to(v)
