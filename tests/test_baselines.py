@@ -51,7 +51,7 @@ def test_svce_frank_wolfe_vertex_is_the_exact_linear_maximiser(p):
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("attack,p", [("afw", 1.5), ("apgd", 2.0)])
+@pytest.mark.parametrize("attack,p", [("afw", 1.5), ("apgd", 2.0), ("apgd", 1.0)])
 def test_svce_stays_in_its_ball_and_the_box_and_raises_the_target_confidence(attack, p):
     from lit_vce.classifiers import load_classifier
     from lit_vce.data.world import ShapesWorld
@@ -63,15 +63,41 @@ def test_svce_stays_in_its_ball_and_the_box_and_raises_the_target_confidence(att
     src = torch.tensor([it["label"] for it in items])
     batch = VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(0, ids))
     robust = load_classifier("robust")
-    eps = 9.4 if p == 1.5 else 3.0
+    eps = {1.5: 9.4, 2.0: 3.0, 1.0: 60.0}[p]
     out = SVCE(eps=eps, p=p, steps=20, attack=attack).generate(batch, robust)
     assert (lp_norm(out.images - batch.images, p) <= eps * (1 + 1e-4)).all()
     assert out.images.min() >= 0 and out.images.max() <= 1
     with torch.no_grad():
         before = robust(batch.images).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
     assert (out.diagnostics["target_confidence"] > before).all()
-    with pytest.raises(ValueError, match="p=2"):
+    with pytest.raises(ValueError, match="p=1 or p=2"):
         SVCE(attack="apgd", p=1.5)
+    with pytest.raises(ValueError, match="p > 1"):
+        SVCE(attack="afw", p=1.0)
+
+
+def test_the_l1_box_projection_is_the_euclidean_projection():
+    """Its KKT conditions: one threshold lam for all coordinates, each clipped to its box room,
+    the ball met exactly when the box-clipped point lies outside it; and it is idempotent."""
+    from lit_vce.methods.svce import project_l1_box
+
+    torch.manual_seed(0)
+    x, delta = torch.rand(3, 3, 5, 5), torch.randn(3, 3, 5, 5)
+    for eps in (0.5, 5.0, 1e3):
+        d = project_l1_box(x, delta, eps)
+        assert ((x + d) >= -1e-6).all() and ((x + d) <= 1 + 1e-6).all()
+        assert (d.flatten(1).abs().sum(1) <= eps * (1 + 1e-6)).all()
+        room = torch.where(delta > 0, 1 - x, x)
+        clipped = torch.minimum(delta.abs(), room) * delta.sign()
+        for i in range(3):
+            if clipped[i].abs().sum() <= eps:  # the box alone
+                torch.testing.assert_close(d[i], clipped[i])
+                continue
+            assert abs(float(d[i].abs().sum()) - eps) < 1e-4 * eps
+            free = (d[i].abs() > 1e-7) & (d[i].abs() < room[i] - 1e-7)
+            lam = (delta[i].abs() - d[i].abs())[free]
+            assert float(lam.max() - lam.min()) < 1e-4  # one threshold
+        torch.testing.assert_close(project_l1_box(x, d, eps), d, rtol=1e-5, atol=1e-6)
 
 
 def test_ace_changes_nothing_outside_its_mask_and_its_mask_is_the_official_recipe(tiny_diffusion, tiny_classifier,

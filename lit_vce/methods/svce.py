@@ -9,14 +9,20 @@ intersected with the [0, 1] box, as the authors' code runs it:
   feasible set that maximises the linearised objective, ``v = argmax <g, v>``
   over ``||v||_p <= eps, 0 <= x + v <= 1`` (:func:`lp_box_lmo`, exact); the start
   is the vertex for a random direction;
-- ``apgd`` (p = 2, the simpler sibling): Auto-PGD with normalised gradient steps
-  (initial step 2 eps), momentum 0.75, projection onto the ball and the box;
-- both with Auto-PGD's step-size schedule: checkpoints after 22 % of the
+- ``apgd`` (the simpler sibling), p = 2: Auto-PGD with normalised gradient
+  steps (initial step 2 eps), momentum 0.75, projection onto the ball and the box;
+  p = 1: l1-APGD (Croce & Hein, 2021): sign steps on the top 20 % of the gradient's
+  coordinates, normalised by their count (initial step eps), the exact projection
+  onto the l1 ball and the box (:func:`project_l1_box`), no momentum;
+- Auto-PGD's step-size schedule: for ``afw`` and l2, checkpoints after 22 % of the
   iterations, then at intervals shrinking by 3 % to at least 6 %; where the
-  objective rose in at most 75 % of the last interval's steps, or did not
-  improve since the previous checkpoint, the step halves and the iterate
-  restarts from the best one. The best iterate (highest target log-confidence)
-  is returned.
+  objective rose in at most 75 % of the last interval's steps, or did not improve
+  since the previous checkpoint, the step halves and the iterate restarts from the
+  best one; for l1, every 4 % of the iterations the sparsity follows the best
+  iterate's (its count of changed coordinates / 1.5), and the step resets to eps
+  where that count fell by 5 % (restarting from the best iterate) or else shrinks
+  by 1.5 (at least eps / 10). The best iterate (highest target log-confidence) is
+  returned.
 
 It needs a robust classifier to give meaningful images; on a non-robust one it
 finds adversarial noise, the benchmark's negative control.
@@ -74,6 +80,30 @@ def lp_norm(v: torch.Tensor, p: float) -> torch.Tensor:
     return v.flatten(1).abs().pow(p).sum(1).pow(1 / p)
 
 
+def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float, iterations: int = 60) -> torch.Tensor:
+    """The Euclidean projection of ``delta`` onto ``{d: ||d||_1 <= eps, 0 <= x + d <= 1}``, per
+    sample: ``d_j = sign(delta_j) * clip(|delta_j| - lam, 0, room_j)`` with the box's room in
+    ``delta_j``'s direction and ``lam >= 0`` the smallest value that meets the ball (bisection
+    in float64; the projection l1-APGD's ``L1_projection`` makes)."""
+    xf, df = x.detach().flatten(1).double(), delta.detach().flatten(1).double()
+    room = torch.where(df > 0, 1 - xf, xf).clamp_min(0)
+    a = df.abs()
+
+    def size(lam):
+        return (a - lam[:, None]).clamp_min(0).minimum(room).sum(1)
+
+    lo = torch.zeros(len(df), dtype=torch.float64, device=df.device)
+    hi = a.amax(1)
+    inside = size(lo) <= eps
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        big = size(mid) > eps
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    lam = torch.where(inside, torch.zeros_like(hi), hi)
+    out = (a - lam[:, None]).clamp_min(0).minimum(room) * torch.sign(df)
+    return out.to(delta.dtype).view_as(delta)
+
+
 def _project_l2_box(x: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     """Auto-PGD's l2 projection: onto the ball around ``x``, then clipped to the box."""
     d = z - x
@@ -88,9 +118,9 @@ class SVCE(VCEMethod):
     Args:
         eps: radius of the l_p ball at the image's own resolution (published: 150 at 256 px for
             p = 1.5; the l_1.5 radius scales with the number of pixels to the power 1/1.5).
-        p: the norm (``afw``: any p > 1, published 1.5; ``apgd``: 2).
+        p: the norm (``afw``: any p > 1, published 1.5; ``apgd``: 1 or 2).
         steps: iterations (published: 75).
-        attack: ``"afw"`` (Auto-Frank-Wolfe) or ``"apgd"`` (Auto-PGD, l2).
+        attack: ``"afw"`` (Auto-Frank-Wolfe) or ``"apgd"`` (Auto-PGD, l1 or l2).
         momentum: Frank-Wolfe momentum on the gradient (0: none, the authors' default).
         rho: the oscillation threshold of the step-size schedule (0.75).
     """
@@ -102,10 +132,12 @@ class SVCE(VCEMethod):
         super().__init__()
         if attack not in ("afw", "apgd"):
             raise ValueError("attack must be 'afw' or 'apgd'")
-        if attack == "apgd" and p != 2:
-            raise ValueError("apgd runs the l2 ball (p=2); use attack='afw' for other p")
-        if p <= 1 or eps <= 0 or steps < 1:
-            raise ValueError("SVCE needs p > 1, eps > 0 and steps >= 1")
+        if attack == "apgd" and p not in (1, 2):
+            raise ValueError("apgd runs the l1 or l2 ball (p=1 or p=2); use attack='afw' for other p > 1")
+        if attack == "afw" and p <= 1:
+            raise ValueError("afw needs p > 1 (its vertex is not unique for p = 1); use attack='apgd' with p=1")
+        if eps <= 0 or steps < 1:
+            raise ValueError("SVCE needs eps > 0 and steps >= 1")
         self.eps, self.p, self.steps, self.attack = float(eps), float(p), int(steps), attack
         self.momentum, self.rho = float(momentum), float(rho)
         self.objective = TargetCE()
@@ -127,41 +159,70 @@ class SVCE(VCEMethod):
         r = per_sample_randn(x.shape[1:], batch.rngs).to(x)
         if self.attack == "afw":
             return (x + lp_box_lmo(x, r, self.eps, self.p)).clamp(0, 1)
+        if self.p == 1:
+            return x + project_l1_box(x, r, self.eps)
         return _project_l2_box(x, x + self.eps * r / r.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.eps)
+
+    def _move(self, i: int, x, x_adv, prev, grad, run: dict) -> torch.Tensor:
+        """One iterate from ``x_adv``: the Frank-Wolfe step, or Auto-PGD's l2 (momentum 0.75)
+        or l1 (sparse sign step over the top ``topk`` coordinates, no momentum) step."""
+        shape, step = (-1,) + (1,) * (x.dim() - 1), run["step"].view(-1, *([1] * (x.dim() - 1)))
+        if self.attack == "afw":
+            run["m"] = grad if i == 0 else self.momentum * run["m"] + (1 - self.momentum) * grad
+            return x_adv + step * (x + lp_box_lmo(x, run["m"], self.eps, self.p) - x_adv)
+        if self.p == 1:
+            flat = grad.abs().flatten(1)
+            kth = ((1 - run["topk"]) * flat.shape[1]).long().clamp(0, flat.shape[1] - 1)
+            cut = flat.sort(1).values.gather(1, kth[:, None]).view(shape)
+            sparse = torch.sign(grad) * (grad.abs() >= cut).to(grad)
+            moved = x_adv + step * sparse / (sparse.abs().flatten(1).sum(1).view(shape) + 1e-10)
+            return x + project_l1_box(x, moved - x, self.eps)
+        unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        z = _project_l2_box(x, x_adv + step * unit, self.eps)
+        a = 1.0 if i == 0 else 0.75
+        return _project_l2_box(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), self.eps)
+
+    def _checkpoint(self, i: int, x, best, history, run: dict) -> torch.Tensor:
+        """Auto-PGD's step-size rule at a checkpoint; returns the samples that restart from their best."""
+        if self.attack == "apgd" and self.p == 1:  # l1-APGD: adapt the sparsity, reset or shrink the step
+            full = self.eps
+            sparsity = (best - x).flatten(1).ne(0).sum(1).to(run["step"])
+            reset = sparsity / run["sparsity"] < 0.95
+            run["topk"], run["sparsity"] = sparsity / sparsity.new_tensor(x[0].numel()) / 1.5, sparsity
+            run["step"] = torch.where(reset, torch.full_like(run["step"], full), run["step"] / 1.5).clamp(full / 10, full)
+            return reset
+        k = run["k"]
+        rises = sum((history[i - j] > history[i - j - 1]).float() for j in range(k))
+        halve = (rises <= k * self.rho) | (~run["reduced"] & (run["last_best"] >= run["best_value"]))
+        run["reduced"], run["last_best"] = halve.clone(), run["best_value"].clone()
+        run["step"][halve] /= 2
+        run["k"] = max(k - max(int(0.03 * self.steps), 1), max(int(0.06 * self.steps), 1))
+        return halve
 
     def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
         x = batch.images
         n, shape = len(batch), (-1,) + (1,) * (x.dim() - 1)
         x_adv = self._start(batch)
         value, grad = self._value_and_grad(x_adv, batch, classifier)
-        best, best_value, best_grad = x_adv.clone(), value.clone(), grad.clone()
-        step = torch.full((n,), 0.75 if self.attack == "afw" else 2 * self.eps, device=x.device)
-        k, k_min, k_decr = max(int(0.22 * self.steps), 1), max(int(0.06 * self.steps), 1), max(int(0.03 * self.steps), 1)
-        history = torch.zeros(self.steps, n, device=x.device)
-        last_best, reduced, counter = best_value.clone(), torch.ones(n, dtype=torch.bool, device=x.device), 0
-        m, prev = grad, x_adv
+        best, best_grad = x_adv.clone(), grad.clone()
+        l1 = self.attack == "apgd" and self.p == 1
+        first = 0.75 if self.attack == "afw" else (1.0 if l1 else 2.0) * self.eps
+        run = {"step": torch.full((n,), first, device=x.device), "best_value": value.clone(), "last_best": value.clone(),
+               "reduced": torch.ones(n, dtype=torch.bool, device=x.device), "topk": torch.full((n,), 0.2, device=x.device),
+               "sparsity": torch.full((n,), float(x[0].numel()), device=x.device),
+               "k": max(int((0.04 if l1 else 0.22) * self.steps), 1)}
+        history, counter, prev = torch.zeros(self.steps, n, device=x.device), 0, x_adv
         for i in range(self.steps):
-            if self.attack == "afw":
-                m = grad if i == 0 else self.momentum * m + (1 - self.momentum) * grad
-                new = x_adv + step.view(shape) * (x + lp_box_lmo(x, m, self.eps, self.p) - x_adv)
-            else:
-                unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                z = _project_l2_box(x, x_adv + step.view(shape) * unit, self.eps)
-                a = 1.0 if i == 0 else 0.75
-                new = _project_l2_box(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), self.eps)
-            prev, x_adv = x_adv, new.detach()
+            prev, x_adv = x_adv, self._move(i, x, x_adv, prev, grad, run).detach()
             value, grad = self._value_and_grad(x_adv, batch, classifier)
             history[i] = value
-            up = value > best_value
-            best[up], best_value[up], best_grad[up] = x_adv[up], value[up], grad[up]
+            up = value > run["best_value"]
+            best[up], run["best_value"][up], best_grad[up] = x_adv[up], value[up], grad[up]
             counter += 1
-            if counter == k:  # Auto-PGD's checkpoint: halve the step where progress stalled
-                rises = sum((history[i - j] > history[i - j - 1]).float() for j in range(k))
-                halve = (rises <= k * self.rho) | (~reduced & (last_best >= best_value))
-                reduced, last_best = halve.clone(), best_value.clone()
-                step[halve] /= 2
-                x_adv[halve], grad[halve] = best[halve], best_grad[halve]
-                k, counter = max(k - k_decr, k_min), 0
+            if counter == run["k"]:
+                restart = self._checkpoint(i, x, best, history, run)
+                x_adv[restart], grad[restart] = best[restart], best_grad[restart]
+                counter = 0
         with torch.no_grad():
             probs = classifier(best).softmax(1)
         ok = torch.isfinite(best).flatten(1).all(1)
