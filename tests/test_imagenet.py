@@ -156,3 +156,36 @@ def test_every_imagenet_method_and_protocol_config_composes(capsys):
             assert e.value.code == 0
             printed = capsys.readouterr().out
             assert f"protocol: {protocol}" in printed and f"lit_vce.methods.{names[method]}" in printed
+
+
+BASELINE_OVERRIDES = {  # tiny settings; everything else comes from the method's ImageNet config
+    "svce": ["--model.method.init_args.steps", "2", "--model.method.init_args.eps", "5.0"],
+    "dime": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "4",
+             "--model.method.init_args.scales", "[8.0]"],
+    "ace": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "10",
+            "--model.method.init_args.attack_steps", "1", "--model.method.init_args.dilation", "3",
+            "--data.image_size", "16"],
+    "ldce": ["--model.method.init_args.diffusion.init_args.model", "{sd}",
+             "--model.method.init_args.diffusion.init_args.num_steps", "4", "--model.method.init_args.strength", "0.5"],
+}
+
+
+@pytest.mark.parametrize("method,protocol", [("svce", "pairs"), ("dime", "misclassified"), ("ace", "pairs"),
+                                             ("ldce", "pairs")])
+def test_the_baselines_imagenet_configs_compose_with_the_protocols(method, protocol, fake_imagenet, tiny_sd, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_imagenet / "weights"))
+    out = tmp_path / method
+    args = ["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
+            "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"),
+            "--data.root", str(fake_imagenet / "val"), "--data.image_size", "32", "--data.num_workers", "0",
+            "--data.batch_size", "4", "--data.images_per_class", "null", "--model.resolution", "32",
+            "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
+            "--model.fid_features", "none", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
+    if method in ("dime", "ldce"):  # the configs' inner batch size is a memory knob for real models
+        args += ["--model.method.init_args.inner_batch_size", "null"]
+    args += [a.format(adm=fake_imagenet / "adm_tiny", sd=tiny_sd[0]) for a in BASELINE_OVERRIDES[method]]
+    main(args)
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == method and res["protocol"] == protocol and res["n_failed"] == 1  # the corrupt JPEG
+    assert res["config"]["method"]["name"] == method and 0 <= res["metrics"]["flip_rate"] <= 1
