@@ -177,3 +177,32 @@ def test_ldce_runs_on_a_text_model_with_the_target_in_the_prompt(tiny_sd):
     assert "a photograph of the square" in seen and "a photograph of the triangle" in seen
     assert out.images.shape == batch.images.shape and torch.isfinite(out.images).all()
     assert (out.diagnostics["consensus_fraction"] >= 0).all() and (out.diagnostics["consensus_fraction"] <= 1).all()
+
+
+def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path, monkeypatch, tiny_diffusion,
+                                                                          tiny_classifier, tiny_batch):
+    import torchvision
+
+    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.methods.dime import DiME
+    from lit_vce.methods.guided import Step
+    from lit_vce.objectives import ObjectiveContext
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"vgg/vgg19-dcbbe73f\.pth"):
+        DiME(diffusion=tiny_diffusion("adm", 10), perceptual_weight=30.0)
+    torch.manual_seed(0)  # random weights of the layers used, saved where the loader looks
+    feats = torchvision.models.vgg19().features[:4]
+    (tmp_path / "vgg").mkdir()
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg" / "vgg19-dcbbe73f.pth")
+    d = tiny_diffusion("adm", 10)
+    with_perc = DiME(diffusion=d, perceptual_weight=30.0, perceptual_layer=4)
+    assert torch.equal(with_perc.perceptual.features[0].weight, feats[0].weight)
+    plain = DiME(diffusion=d)
+    step = Step(0, 5, 4, torch.randn(4, 3, 16, 16), None, d.alpha_bar(5), 5, {"clean": tiny_batch.images.flip(-1)})
+    g_p = with_perc.guidance(None, tiny_batch, tiny_classifier, None, None, step)
+    g_0 = plain.guidance(None, tiny_batch, tiny_classifier, None, None, step)
+    x = tiny_batch.images.flip(-1).requires_grad_(True)
+    ctx = ObjectiveContext(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_classifier)
+    (g,) = torch.autograd.grad(with_perc.perceptual(x, ctx).sum(), x)
+    torch.testing.assert_close(g_p - g_0, -0.5 * 30.0 * g / d.alpha_bar(5).sqrt(), rtol=1e-4, atol=1e-6)

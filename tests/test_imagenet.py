@@ -161,7 +161,7 @@ def test_every_imagenet_method_and_protocol_config_composes(capsys):
 BASELINE_OVERRIDES = {  # tiny settings; everything else comes from the method's ImageNet config
     "svce": ["--model.method.init_args.steps", "2", "--model.method.init_args.eps", "5.0"],
     "dime": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "4",
-             "--model.method.init_args.scales", "[8.0]"],
+             "--model.method.init_args.scales", "[8.0]", "--model.method.init_args.perceptual_weight", "0.0"],
     "ace": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "10",
             "--model.method.init_args.attack_steps", "1", "--model.method.init_args.dilation", "3",
             "--data.image_size", "16"],

@@ -11,14 +11,18 @@ sampler from it down to t = 0 (x0 clipped, noise drawn): ``tau - k`` UNet calls 
 step k, O(tau^2) in all. ``max_inner_steps`` caps that nested denoising at a
 deterministic DDIM jump over that many evenly spaced steps (not in the paper; its
 effect is measured by ``benchmarks/dime_cost.py``). Samples that do not flip are
-retried with the next classifier scale (8, 10, 15). The perceptual term (VGG-19
-features) is left out, as in FastDiME here: its weights are not available offline.
+retried with the next classifier scale (8, 10, 15). The perceptual term (published
+CelebA run: weight 30 on the VGG-19 features of layer 18, between the clean estimate
+and the image) adds ``-perceptual_weight * grad(perceptual)(x_c) / sqrt(abar_t)``; it
+needs torchvision's VGG-19 weights (:func:`lit_vce.objectives.load_vgg19_features`),
+so it is off unless ``perceptual_weight`` is set.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..objectives import ObjectiveContext, VGGPerceptual
 from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch
 from .guided import PerStepGuidance, Step
@@ -35,6 +39,9 @@ class DiME(PerStepGuidance):
         use_logits: guide the target logit instead of its log-probability (the published
             CelebA run guides the logit; the code's default is the log-probability).
         max_inner_steps: cap on the nested denoising steps (``None``: all, as published).
+        perceptual_weight, perceptual_layer, perceptual_weights: the VGG-19 perceptual term
+            (published CelebA run: 30 at layer 18; 0 = off, the code's default) and a local
+            weights file (else ``$LIT_VCE_VGG_WEIGHTS`` or ``$LIT_VCE_WEIGHTS_DIR/vgg/``).
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, the last 60 guided,
             x0 clipped).
     """
@@ -42,7 +49,8 @@ class DiME(PerStepGuidance):
     name = "dime"
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
-                 max_inner_steps: int | None = None, sampler: str = "adm", num_steps: int = 200, skip: float = 0.7,
+                 max_inner_steps: int | None = None, perceptual_weight: float = 0.0, perceptual_layer: int = 18,
+                 perceptual_weights: str | None = None, sampler: str = "adm", num_steps: int = 200, skip: float = 0.7,
                  through_unet: bool = False, output: str = "sample", clip_sample: bool = True, **kwargs):
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
                          clip_sample=clip_sample, **kwargs)
@@ -52,6 +60,8 @@ class DiME(PerStepGuidance):
             raise ValueError("max_inner_steps must be >= 1 or None")
         self.scales, self.scale = tuple(scales), float(scales[0])
         self.l1_weight, self.use_logits, self.max_inner_steps = l1_weight, use_logits, max_inner_steps
+        self.perceptual_weight = float(perceptual_weight)
+        self.perceptual = VGGPerceptual(perceptual_layer, perceptual_weights) if self.perceptual_weight else None
 
     @classmethod
     def test_kwargs(cls) -> dict:
@@ -61,8 +71,12 @@ class DiME(PerStepGuidance):
         x = step.state.get("clean", batch.images).detach().requires_grad_(True)
         logits = classifier(x)
         score = logits if self.use_logits else logits.log_softmax(1)
-        (g,) = torch.autograd.grad(score.gather(1, batch.target[:, None]).sum(), x)
-        scale = 0.5 * self.scale / step.alpha_bar.sqrt().to(g)  # image -> model space, DiME's 1 / sqrt(abar_t)
+        objective = score.gather(1, batch.target[:, None]).sum() * self.scale
+        if self.perceptual is not None:
+            ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier)
+            objective = objective - self.perceptual_weight * self.perceptual(x, ctx).sum()
+        (g,) = torch.autograd.grad(objective, x)
+        scale = 0.5 / step.alpha_bar.sqrt().to(g)  # image -> model space, DiME's 1 / sqrt(abar_t)
         return scale * g - self.l1_weight * torch.sign(step.x_t - self.diffusion.encode(batch.images))
 
     def post_step(self, x_t, step: Step, batch, state):
