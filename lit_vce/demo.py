@@ -1,7 +1,10 @@
 """The main job on the embedded world (``./scripts/demo.sh`` = ``lit-vce demo``).
 
-Runs every (method, classifier) pair of the demo through ``lit-vce predict`` on
-balanced test images (each to a random other shape) with the full metric suite
+Runs every (method, classifier) pair of the demo (all eight methods on ``biased``
+and ``robust``) through ``lit-vce predict`` on balanced test images (each to a
+random other shape; by default on fewer images, the slow methods on the fewest,
+see :data:`QUICK_SAMPLES`, so the demo finishes in about 10 minutes on 2 cores;
+``--full`` runs every method on all of them) with the full metric suite
 (FID/sFID on the world's oracle features, LPIPS when its weights are present),
 then one DiG-IN disagreement run (``biased`` vs ``robust``) and one neuron run,
 writes one folder per run under ``runs/demo/`` and renders
@@ -18,8 +21,13 @@ import json
 import time
 from pathlib import Path
 
-DEMO_METHODS = ("classifier_guidance", "dvce", "fastdime", "digin")
+DEMO_METHODS = ("classifier_guidance", "dvce", "fastdime", "digin", "svce", "dime", "ace", "ldce")
 DEMO_CLASSIFIERS = ("biased", "robust")
+#: images per run of the slow methods in the default (quick) demo; ``--full`` gives every run ``num_samples``
+QUICK_SAMPLES = {"classifier_guidance": 32, "dvce": 32, "fastdime": 32, "svce": 32, "digin": 8, "ldce": 8, "dime": 4,
+                 "ace": 4}
+#: analysis overrides of the quick demo (``--full``: the configs as they are)
+QUICK_ANALYSES = {"disagree": ["--data.per_class", "2"], "neurons": ["--data.num_samples", "4"]}
 
 
 def default_config_dir() -> Path:
@@ -28,9 +36,10 @@ def default_config_dir() -> Path:
 
 def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: int = 32,
              methods=DEMO_METHODS, classifiers=DEMO_CLASSIFIERS, config_dir: str | Path | None = None,
-             extra: list[str] | None = None, analyses: bool = True) -> str:
+             extra: list[str] | None = None, analyses: bool = True, full: bool = False) -> str:
     """Run the demo grid (and, with ``analyses``, one disagreement and one neuron run)
-    and return the leaderboard (Markdown)."""
+    and return the leaderboard (Markdown). Without ``full`` the slow methods run on
+    :data:`QUICK_SAMPLES` images (the leaderboard's N column says how many)."""
     from .cli import run_predict
     from .report.html import write_report
     from .report.leaderboard import write_leaderboard
@@ -42,10 +51,11 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
         cfg = config_dir / f"{method}.yaml"
         if not cfg.is_file():
             raise FileNotFoundError(f"demo config {cfg} is missing (pass --configs DIR)")
+        n = num_samples if full else min(num_samples, QUICK_SAMPLES.get(method, num_samples))
         for clf in classifiers:
-            print(f"\n=== {method} on {clf} ({num_samples} balanced test images) ===", flush=True)
+            print(f"\n=== {method} on {clf} ({n} balanced test images) ===", flush=True)
             run_predict([
-                "--config", str(cfg), "--model.classifier", clf, "--data.num_samples", str(num_samples),
+                "--config", str(cfg), "--model.classifier", clf, "--data.num_samples", str(n),
                 "--data.batch_size", str(batch_size), "--writer.output_dir", str(out / f"{method}-{clf}"), *(extra or []),
             ])
     if analyses:
@@ -53,7 +63,9 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
 
         for name in ("disagree", "neurons"):
             print(f"\n=== DiG-IN analysis: {name} ===", flush=True)
-            run_analysis(name, ["--config", str(config_dir / f"{name}.yaml"), "--writer.output_dir", str(out / "analyses" / name)])
+            quick = [] if full else QUICK_ANALYSES.get(name, [])
+            run_analysis(name, ["--config", str(config_dir / f"{name}.yaml"), "--writer.output_dir", str(out / "analyses" / name),
+                                *quick])
     boards = write_leaderboard(out)
     table = boards["md"].read_text()
     report = write_report([out], out / "report.html", rank_by="l2")
@@ -62,7 +74,7 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
     print(_finding(out))
     print(f"demo wall time: {wall:.0f} s; results, grids and samples under {out}/")
     print(f"open {report} in a browser for the visual report; leaderboards: {', '.join(str(p) for p in boards.values())}")
-    (out / "demo_wall_time_s.json").write_text(json.dumps({"wall_time_s": round(wall, 1)}) + "\n")
+    (out / "demo_wall_time_s.json").write_text(json.dumps({"wall_time_s": round(wall, 1), "full": bool(full)}) + "\n")
     return table
 
 
@@ -86,5 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classifiers", nargs="+", default=list(DEMO_CLASSIFIERS))
     p.add_argument("--configs", default=None, help="folder of <method>.yaml (default: the repository's configs/world)")
     p.add_argument("--no-analyses", action="store_true", help="skip the DiG-IN disagreement and neuron runs")
+    p.add_argument("--full", action="store_true",
+                   help="the complete benchmark: every method and analysis on all --num-samples images (about an hour "
+                        "on 2 cores; the default runs the slow methods on fewer images)")
     a = p.parse_args(argv)
-    run_demo(a.out, a.num_samples, a.batch_size, a.methods, a.classifiers, a.configs, analyses=not a.no_analyses)
+    run_demo(a.out, a.num_samples, a.batch_size, a.methods, a.classifiers, a.configs, analyses=not a.no_analyses,
+             full=a.full)

@@ -284,3 +284,32 @@ def test_a_yaml_config_names_a_method_by_its_registered_name_alone(tmp_path):
     untouched = tmp_path / "plain.yaml"
     untouched.write_text("model:\n  seed: 1\n")
     assert resolve_method_names(["--config", str(untouched)]) == ["--config", str(untouched)]
+
+
+def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_everything(tmp_path, monkeypatch):
+    import lit_vce.cli as cli
+    import lit_vce.demo as demo
+
+    calls = []
+    monkeypatch.setattr(cli, "run_predict", lambda args: calls.append(list(args)))
+    monkeypatch.setattr(cli, "run_analysis", lambda name, args: calls.append([name, *args]))
+    (tmp_path / "lb.md").write_text("| table |")
+    monkeypatch.setattr("lit_vce.report.leaderboard.write_leaderboard", lambda out: {"md": tmp_path / "lb.md"})
+    monkeypatch.setattr("lit_vce.report.html.write_report", lambda *a, **k: tmp_path / "report.html")
+
+    def images(run_calls):
+        return {Path(a[a.index("--writer.output_dir") + 1]).name: int(a[a.index("--data.num_samples") + 1])
+                for a in run_calls if "--data.num_samples" in a}
+
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "full").mkdir()
+    demo.run_demo(tmp_path / "quick")
+    quick = images(calls)
+    assert len(quick) == 16  # eight methods on both classifiers
+    assert quick["classifier_guidance-biased"] == 32 and quick["svce-robust"] == 32
+    assert quick["digin-biased"] == 8 and quick["ace-robust"] == 4 and quick["dime-biased"] == 4
+    assert any(c[0] == "disagree" and "--data.per_class" in c for c in calls)
+    calls.clear()
+    demo.run_demo(tmp_path / "full", full=True)
+    assert set(images(calls).values()) == {64}
+    assert not any("--data.per_class" in c for c in calls)
