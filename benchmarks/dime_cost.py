@@ -18,20 +18,11 @@ import time
 
 import torch
 
+from guidance_cost import _batch  # the same world images (this folder is on sys.path when run as a script)
+
 from lit_vce.classifiers import load_classifier
-from lit_vce.data.world import ShapesWorld
-from lit_vce.methods import VCEBatch
 from lit_vce.methods.dime import DiME
 from lit_vce.methods.fastdime import FastDiME
-from lit_vce.rngs import sample_rngs
-
-
-def _batch(n: int) -> VCEBatch:
-    d = ShapesWorld("balanced", "test", n)
-    items = [d[i] for i in range(n)]
-    ids = [it["sample_id"] for it in items]
-    src = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(0, ids))
 
 
 def main() -> None:
