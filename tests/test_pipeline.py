@@ -299,7 +299,7 @@ def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_ev
 
     def images(run_calls):
         return {Path(a[a.index("--writer.output_dir") + 1]).name: int(a[a.index("--data.num_samples") + 1])
-                for a in run_calls if "--data.num_samples" in a}
+                for a in run_calls if a[0] == "--config"}  # predict runs (analysis calls start with their name)
 
     (tmp_path / "quick").mkdir()
     (tmp_path / "full").mkdir()
@@ -309,7 +309,8 @@ def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_ev
     assert quick["classifier_guidance-biased"] == 32 and quick["svce-robust"] == 32
     assert quick["digin-biased"] == 8 and quick["ace-robust"] == 4 and quick["dime-biased"] == 4
     assert any(c[0] == "disagree" and "--data.per_class" in c for c in calls)
+    assert any(c[0] == "neurons" and "--data.num_samples" in c for c in calls)
     calls.clear()
     demo.run_demo(tmp_path / "full", full=True)
     assert set(images(calls).values()) == {64}
-    assert not any("--data.per_class" in c for c in calls)
+    assert not any("--data.per_class" in c or (c[0] == "neurons" and "--data.num_samples" in c) for c in calls)
