@@ -31,6 +31,7 @@ from ..objectives import ObjectiveContext, TargetCE
 from ..registry import METHODS
 from ..rngs import per_sample_randn
 from .base import CounterfactualResult, VCEBatch, VCEMethod
+from .parts import project_l2_box
 
 
 def change_mask(x: torch.Tensor, edited: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -114,11 +115,9 @@ class ACE(VCEMethod):
         return z
 
     def _project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        d = x_adv - x
         if self.norm == "linf":
-            return (x + d.clamp(-self.eps, self.eps)).clamp(0, 1)
-        norm = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return (x + torch.where(norm > self.eps, d * self.eps / norm.clamp_min(1e-12), d)).clamp(0, 1)
+            return (x + (x_adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+        return project_l2_box(x, x_adv, self.eps)
 
     def attack(self, batch: VCEBatch, classifier) -> torch.Tensor:
         """The pre-explanation: PGD on the classifier of the denoised image."""

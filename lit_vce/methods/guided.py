@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..rngs import per_sample_randn
 from ..diffusion import Diffusion, PixelDiffusion
+from ..diffusion.base import resize_to
 from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
 
 
@@ -208,10 +209,9 @@ class PerStepGuidance(VCEMethod):
     def _at_model_resolution(self, batch: VCEBatch) -> VCEBatch:
         """The batch resized to the diffusion model's resolution (the sampler and the guidance work there)."""
         size = self.diffusion.image_size
-        images = batch.images
-        if images.shape[-1] == size and images.shape[-2] == size:
+        if batch.images.shape[-2:] == (size, size):
             return batch
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = resize_to(batch.images, size)
         mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
         return dataclasses.replace(batch, images=images, mask=mask)
 

@@ -53,6 +53,14 @@ def rescale_to(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return grad * (rn / gn).view(-1, *([1] * (grad.ndim - 1)))
 
 
+def project_l2_box(x: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z`` projected onto the l2 ball of radius ``eps`` around ``x``, then clipped to the
+    [0, 1] box (Auto-PGD's and ACE's l2 projection)."""
+    d = z - x
+    norm = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    return (x + d * torch.clamp(eps / norm, max=1.0)).clamp(0, 1)
+
+
 def ascent(objective, x0: torch.Tensor, ctx) -> torch.Tensor:
     """The gradient of ``-objective`` (lower is better) with respect to the image ``x0``, per sample."""
     (g,) = torch.autograd.grad(-objective(x0, ctx).sum(), x0, retain_graph=True)

@@ -36,6 +36,7 @@ from ..objectives import ObjectiveContext, TargetCE
 from ..registry import METHODS
 from ..rngs import per_sample_randn
 from .base import CounterfactualResult, VCEBatch, VCEMethod
+from .parts import project_l2_box
 
 _TINY = 1e-22
 
@@ -104,13 +105,6 @@ def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float, iterations:
     return out.to(delta.dtype).view_as(delta)
 
 
-def _project_l2_box(x: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Auto-PGD's l2 projection: onto the ball around ``x``, then clipped to the box."""
-    d = z - x
-    norm = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    return (x + d * torch.clamp(eps / norm, max=1.0)).clamp(0, 1)
-
-
 @METHODS.register("svce")
 class SVCE(VCEMethod):
     """SVCE: the target log-confidence maximised within an l_p ball and the [0, 1] box (no diffusion).
@@ -161,7 +155,7 @@ class SVCE(VCEMethod):
             return (x + lp_box_lmo(x, r, self.eps, self.p)).clamp(0, 1)
         if self.p == 1:
             return x + project_l1_box(x, r, self.eps)
-        return _project_l2_box(x, x + self.eps * r / r.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.eps)
+        return project_l2_box(x, x + self.eps * r / r.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.eps)
 
     def _move(self, i: int, x, x_adv, prev, grad, run: dict) -> torch.Tensor:
         """One iterate from ``x_adv``: the Frank-Wolfe step, or Auto-PGD's l2 (momentum 0.75)
@@ -178,9 +172,9 @@ class SVCE(VCEMethod):
             moved = x_adv + step * sparse / (sparse.abs().flatten(1).sum(1).view(shape) + 1e-10)
             return x + project_l1_box(x, moved - x, self.eps)
         unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-        z = _project_l2_box(x, x_adv + step * unit, self.eps)
+        z = project_l2_box(x, x_adv + step * unit, self.eps)
         a = 1.0 if i == 0 else 0.75
-        return _project_l2_box(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), self.eps)
+        return project_l2_box(x, x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), self.eps)
 
     def _checkpoint(self, i: int, x, best, history, run: dict) -> torch.Tensor:
         """Auto-PGD's step-size rule at a checkpoint; returns the samples that restart from their best."""

@@ -25,19 +25,20 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion.base import resize_to as resize_square
 from ..rngs import sample_seed
 from .features import build_features
 from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
 
 
 def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
-    """Square ``resolution`` x ``resolution`` images (bilinear, antialiased); unchanged when None or already there."""
+    """Square ``resolution`` x ``resolution`` images (bilinear, antialiased, clamped to [0, 1]);
+    unchanged when None or already there."""
     if resolution is None or images.shape[-2:] == (resolution, resolution):
         return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return resize_square(images, resolution).clamp(0, 1)
 
 
 class PerSampleMean(_SumMean):
