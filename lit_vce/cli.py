@@ -1,16 +1,22 @@
 """The ``lit-vce`` command line.
 
-    lit-vce predict --config configs/world/dvce.yaml [--model.classifier robust] \\
+    lit-vce predict --config world/dvce [--model.classifier robust] \\
         [--writer.output_dir runs/x] [--trainer.devices 2 --trainer.strategy ddp]
     lit-vce demo [--num-samples 64]       # the embedded-world benchmark (scripts/demo.sh)
     lit-vce evaluate RUN_DIR [--devices 2]   # re-read saved PNGs, the full metric suite
     lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
     lit-vce leaderboard RUNS_DIR [--sort-by FR]   # leaderboard.md/.html/.tex
     lit-vce report RUN_DIR [RUN_DIR ...] [--rank-by l2]   # report.html
-    lit-vce disagree --config configs/world/disagree.yaml   # systematic errors (DiG-IN)
-    lit-vce neurons --config configs/world/neurons.yaml     # neuron visualisation (DiG-IN)
+    lit-vce disagree --config world/disagree   # systematic errors (DiG-IN)
+    lit-vce neurons --config world/neurons     # neuron visualisation (DiG-IN)
     lit-vce spurious --classifier biased                    # spurious penultimate units
+    lit-vce fetch --config imagenet/base ...   # load (download) every model of a run, once
     lit-vce methods                       # the registered methods
+    lit-vce configs                       # the shipped configs (--config world/dvce, imagenet/base, ...)
+
+``--config`` takes a file or a shipped config's name. ``--quiet`` (before or after
+the subcommand) turns progress bars off; user errors end in one line naming the
+option and the fix (``LIT_VCE_DEBUG=1`` shows the traceback).
 
 ``predict`` is a LightningCLI: every argument of :class:`VCEModule`,
 :class:`VCEDataModule`, :class:`VCEPredictionWriter` (as ``--writer.*``) and the
@@ -30,7 +36,7 @@ from .lightning.writer import VCEPredictionWriter
 
 TRAINER_DEFAULTS = {
     "inference_mode": False,  # guidance needs autograd inside predict_step
-    "logger": False,
+    "logger": None,  # None: a CSVLogger in the run folder (<output_dir>/logs/metrics.csv); false: none
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "accelerator": "auto",
@@ -67,6 +73,26 @@ class VCECLI(LightningCLI):
         parser.add_lightning_class_args(VCEPredictionWriter, "writer")
         if "data.class_names" in parser.get_defaults():  # the data maps class-name folders to the classifier's classes
             parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
+
+    def instantiate_classes(self) -> None:
+        """Build the run; a constructor rejecting a setting (``ValueError``, a missing
+        file) is a user error: one line, not a traceback."""
+        from .errors import ConfigError, LitVCEError
+
+        try:
+            super().instantiate_classes()
+        except LitVCEError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from e
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        out = cfg["writer"]["output_dir"]
+        if cfg["trainer"].get("default_root_dir") is None:  # hpc (requeue) checkpoints go to the run folder, not the cwd
+            self.trainer._default_root_dir = str(out)
+        if cfg["trainer"].get("logger") is None:  # the default: metrics.csv in the run folder
+            from lightning.pytorch.loggers import CSVLogger
+
+            self.trainer.loggers = [CSVLogger(save_dir=str(out), name="logs", version="")]
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -139,9 +165,17 @@ def resolve_method_names(argv: list[str]) -> list[str]:
         j = i if eq else i + 1
         value = value if eq else (out[j] if j < len(out) else "")
         if key == "--config" and value:
-            new = _resolve_config_file(value)
+            from .config_files import find_config
+
+            new = _resolve_config_file(str(find_config(value)))
         elif key in keys and _class_path(value):
             new = _class_path(value)
+        elif key in keys and value and "." not in value:  # neither registered nor a class path
+            from .errors import UnknownNameError, suggest
+            from .registry import METHODS
+
+            raise UnknownNameError(f"{key} {value}: no such method{suggest(value, METHODS.names())} "
+                                   f"(`lit-vce methods` lists {', '.join(METHODS.names())})")
         else:
             continue
         if eq:
@@ -166,8 +200,10 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
         save_config_callback=RunConfig, seed_everything_default=False)
 
 
-def run_predict(args: list[str] | None) -> None:
-    """Run ``predict``; ``args=None`` parses ``sys.argv`` (the console script)."""
+def run_predict(args: list[str] | None, run: bool = True) -> None:
+    """Run ``predict``; ``args=None`` parses ``sys.argv`` (the console script). With
+    ``run=False`` only build everything (``lit-vce fetch``: every weight file the run
+    needs is loaded, so downloaded into its cache, once, before a multi-process launch)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -175,16 +211,46 @@ def run_predict(args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     args = resolve_method_names(list(sys.argv[2:] if args is None else args))
     VCECLI(
-        VCEModule, VCEDataModule, args=["predict", *args], trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=RunConfig, seed_everything_default=False,
+        VCEModule, VCEDataModule, args=["predict", *args] if run else args, trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfig, seed_everything_default=False, run=run,
     )
+    if not run:
+        print("fetch: every model of this run loaded (its weights are in their caches)")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``lit-vce`` console script: errors of the user's input (:class:`LitVCEError`)
+    end in one line (exit status 2) instead of a traceback."""
+    import os
+
+    from .errors import LitVCEError
+
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quiet" in argv:
+        from .progress import set_quiet
+
+        set_quiet()
+        argv.remove("--quiet")
+        if argv and argv[0] in ("predict", "disagree", "neurons", "fetch"):
+            argv.append("--trainer.enable_progress_bar=false")
+        if from_console:  # `predict` re-reads sys.argv
+            sys.argv = [sys.argv[0], *argv]
+    try:
+        return _dispatch(argv, from_console)
+    except LitVCEError as e:
+        if os.environ.get("LIT_VCE_DEBUG", "0") not in ("", "0"):
+            raise
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        sys.stderr.write(f"lit-vce{' ' + command if command else ''}: {e}\n")
+        raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str], from_console: bool) -> None:
     if argv and argv[0] == "predict":
         return run_predict(None if from_console else argv[1:])
+    if argv and argv[0] == "fetch":
+        return run_predict(argv[1:], run=False)
     if argv and argv[0] in ("disagree", "neurons"):
         return run_analysis(argv[0], argv[1:])
     if argv and argv[0] == "spurious":
@@ -202,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
+    sub.add_parser("fetch", help="load every model a predict config needs (downloads once, before a cluster launch)")
     sub.add_parser("disagree", help="DiG-IN: images on which two classifiers disagree most (LightningCLI)")
     sub.add_parser("neurons", help="DiG-IN: visualise a unit of a classifier (LightningCLI)")
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
@@ -217,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--rank-by", default="l2", help="per-sample metric for best/median/worst (l1, l2, lpips, cout, ...)")
     rp.add_argument("--examples", type=int, default=4, help="samples shown per best/median/worst group")
     sub.add_parser("methods", help="list registered methods")
+    sub.add_parser("configs", help="list the shipped configs (give one to --config by name, e.g. world/dvce)")
     args = p.parse_args(argv)
     if args.command == "leaderboard":
         from .report.leaderboard import write_leaderboard
@@ -241,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
 
         for name in METHODS.names():
             print(describe_method(name, METHODS.get(name)) + "\n")
+    elif args.command == "configs":
+        from .config_files import config_root, shipped_configs
+
+        print(f"shipped configs (in {config_root()}); give one as --config NAME:")
+        for name in shipped_configs():
+            print(f"  {name}")
 
 
 if __name__ == "__main__":

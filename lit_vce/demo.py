@@ -31,7 +31,10 @@ QUICK_ANALYSES = {"disagree": ["--data.per_class", "2"], "neurons": ["--data.num
 
 
 def default_config_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs" / "world"
+    """The shipped world configs (inside the package, so an installed wheel runs the demo)."""
+    from .config_files import config_root
+
+    return config_root() / "world"
 
 
 def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: int = 32,
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
     p.add_argument("--classifiers", nargs="+", default=list(DEMO_CLASSIFIERS))
-    p.add_argument("--configs", default=None, help="folder of <method>.yaml (default: the repository's configs/world)")
+    p.add_argument("--configs", default=None, help="folder of <method>.yaml (default: the shipped world configs, `lit-vce configs`)")
     p.add_argument("--no-analyses", action="store_true", help="skip the DiG-IN disagreement and neuron runs")
     p.add_argument("--full", action="store_true",
                    help="the complete benchmark: every method and analysis on all --num-samples images (about an hour "

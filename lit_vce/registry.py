@@ -52,7 +52,11 @@ class Registry:
         if name not in self._items:
             self._load_entry_points()
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items)) or '(none)'}")
+            from .errors import UnknownNameError, suggest
+
+            known = sorted(self._items)
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{suggest(name, known)} (registered: "
+                                   f"{', '.join(known) or '(none)'})")
         return self._items[name]
 
     def names(self) -> list[str]:

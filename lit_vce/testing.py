@@ -8,6 +8,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 
 def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
@@ -86,3 +87,54 @@ def save_tiny_latent_diffusion(folder: str | Path, seed: int = 0) -> Path:
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
     return folder
+
+
+def write_hf_cache(cache_dir: str | Path, repo_id: str, folder: str | Path, revision: str = "main") -> Path:
+    """Put the files of ``folder`` into a Hugging Face hub cache as ``repo_id`` at
+    ``revision``, in the hub's own layout (``models--org--name/{blobs,snapshots,refs}``,
+    snapshot files as relative links to content-addressed blobs), so that hub
+    loaders (timm ``hf-hub:``, open_clip ``hf-hub:``, diffusers/transformers
+    ``from_pretrained(repo_id)``) find them with ``HF_HUB_OFFLINE=1`` and
+    ``HF_HUB_CACHE=cache_dir``. Returns the snapshot folder."""
+    import hashlib
+    import os
+    import shutil
+
+    folder = Path(folder)
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1("".join(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in files).encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for p in files:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        blob = repo / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(p, blob)
+        link = snapshot / p.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+class PreemptAfterBatches(Callback):
+    """A Trainer callback that plays a SLURM preemption after ``batches`` batches: it
+    sends this process the requeue signal (SIGUSR1, as ``sbatch --signal=SIGUSR1@90``
+    does) and then stops the run with an error, as the kill that follows would
+    (``--trainer.callbacks+=lit_vce.testing.PreemptAfterBatches``)."""
+
+    def __init__(self, batches: int = 1):
+        self.batches, self.seen = int(batches), 0
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        import os
+        import signal
+
+        if self.seen == self.batches:  # the first ``batches`` batches are written
+            os.kill(os.getpid(), signal.SIGUSR1)
+            raise RuntimeError("simulated preemption")
+        self.seen += 1

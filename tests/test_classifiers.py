@@ -32,7 +32,7 @@ def test_world_models_load_by_name():
         assert clf.num_classes == 4 and clf.input_size == 32
         logits, g = _grad_reaches_input(clf, 32)
         assert logits.shape == (2, 4) and g.abs().sum() > 0
-    with pytest.raises(ValueError, match="unknown world classifier"):
+    with pytest.raises(ValueError, match="unknown classifier .nope."):
         load_classifier("world:nope")
 
 

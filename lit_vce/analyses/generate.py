@@ -221,12 +221,15 @@ class AnalysisModule(StageModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        from ..lightning.writer import gather_rows
+        from ..lightning.writer import gather_rows, gather_run_rows
 
         writer = self.writer()
         self.trainer.strategy.barrier()  # every rank's rows are on disk before they are read
-        # with a writer, the folder holds the whole run (resumed samples included); else gather the ranks' rows
-        rows = writer.collect_rows() if writer is not None else gather_rows(self._rows)
+        # with a writer, the run folders hold the whole run (resumed samples included); else gather the ranks' rows
+        rows = gather_run_rows(writer, self.trainer) if writer is not None else gather_rows(self._rows)
+        if rows is None:  # not global rank 0: the summary is rank 0's
+            self.final_results = None
+            return
         metrics = summarise(self.analysis, rows)
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingDependencyError, MissingWeightsError, UnknownNameError, suggest
+from ..progress import progress_enabled
 from ..registry import CLASSIFIER_FAMILIES
 from .base import ImageClassifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Raised when a model's weights are neither on disk nor downloadable."""
 
 
 def weights_dir() -> Path:
@@ -105,6 +103,22 @@ def classifier_class_names(spec) -> list[str] | None:
     return None
 
 
+def _spec_hint(name: str) -> str:
+    """``; did you mean timm:resnet50?`` for a bare timm name, else the world's names and the families."""
+    close = suggest(name, ("biased", "robust", "oracle"))
+    if close:
+        return close
+    try:
+        import timm
+
+        if timm.is_model(name):
+            return f"; did you mean timm:{name}?"
+    except ImportError:
+        pass
+    return ("; a classifier is biased, robust, oracle (the world's) or <family>:<name> with family "
+            f"{', '.join(CLASSIFIER_FAMILIES.names())} (e.g. timm:resnet50)")
+
+
 @CLASSIFIER_FAMILIES.register("world")
 def load_world_classifier(name: str, **kwargs) -> ImageClassifier:
     """``biased``, ``robust`` or ``oracle`` from the embedded world (32x32, 4 shape classes)."""
@@ -112,20 +126,27 @@ def load_world_classifier(name: str, **kwargs) -> ImageClassifier:
     from ..world.models import load_world_network
 
     if name not in ("biased", "robust", "oracle"):
-        raise ValueError(f"unknown world classifier {name!r}; choose biased, robust or oracle")
+        raise UnknownNameError(f"unknown classifier {name!r}{_spec_hint(name)}")
     return ImageClassifier(load_world_network(name), IMAGE_SIZE, CLASS_NAMES, name=name, **kwargs)
 
 
 @CLASSIFIER_FAMILIES.register("timm")
 def load_timm(name: str, checkpoint: str | None = None, class_names=None, **kwargs) -> ImageClassifier:
-    """A timm model with its own data config (size, crop, interpolation, mean/std)."""
+    """A timm model with its own data config (size, crop, interpolation, mean/std).
+
+    ``name`` is a timm model name (``resnet50``, ``convnext_base.fb_in1k``) or a
+    Hugging Face hub id (``hf-hub:org/name``). Weights come from ``checkpoint``, else
+    ``$LIT_VCE_WEIGHTS_DIR/timm/<name>.{safetensors,pth,pt}``, else timm's own
+    download (the Hugging Face hub, its cache read offline under ``HF_HUB_OFFLINE=1``
+    or ``LIT_VCE_OFFLINE=1``)."""
     import timm
     from timm.data import resolve_data_config
 
-    if not timm.is_model(name):
-        raise ValueError(f"timm has no model {name!r}")
+    hub = name.startswith("hf-hub:")
+    if not hub and not timm.is_model(name):
+        raise UnknownNameError(f"timm has no model {name!r}{suggest(name, timm.list_models())}")
     local = Path(checkpoint) if checkpoint else None
-    if local is None:
+    if local is None and not hub:
         for ext in ("safetensors", "pth", "pt"):
             cand = weights_dir() / "timm" / f"{name}.{ext}"
             if cand.is_file():
@@ -133,17 +154,10 @@ def load_timm(name: str, checkpoint: str | None = None, class_names=None, **kwar
                 break
     if local is not None:
         if not local.is_file():
-            raise MissingWeightsError(f"checkpoint {local} does not exist")
+            raise MissingWeightsError(f"timm:{name}: checkpoint {local} does not exist")
         model = timm.create_model(name, pretrained=False, checkpoint_path=str(local))
     else:
-        hint = (f"put its weights at {weights_dir() / 'timm' / (name + '.safetensors')} "
-                f"(or pass checkpoint=...; $LIT_VCE_WEIGHTS_DIR sets the folder)")
-        if _is_offline():
-            raise MissingWeightsError(f"timm:{name}: offline and no local weights; {hint}")
-        try:
-            model = timm.create_model(name, pretrained=True)
-        except Exception as e:  # network/hub errors come in many types
-            raise MissingWeightsError(f"timm:{name}: could not download the weights ({type(e).__name__}: {e}); {hint}") from e
+        model = _timm_pretrained(name, hub)
     cfg = resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
     if class_names is None:
@@ -156,10 +170,39 @@ def load_timm(name: str, checkpoint: str | None = None, class_names=None, **kwar
     )
 
 
+def _timm_pretrained(name: str, hub: bool):
+    """``timm.create_model(name, pretrained=True)`` with a :class:`MissingWeightsError`
+    naming where the weights can go when neither the hub (or its cache) nor a URL has them."""
+    import timm
+    from timm.models._hub import has_hf_hub
+
+    if not has_hf_hub():
+        raise MissingWeightsError(
+            f"timm:{name}: timm {timm.__version__} cannot use the installed huggingface_hub (timm.models._hub.has_hf_hub() "
+            "is False); install a matching pair (`pip install 'timm>=1.0.17' 'huggingface_hub>=1'`) or give a local checkpoint")
+    where = ("the Hugging Face cache ($HF_HOME/hub, filled by `hf download` on a machine online)" if hub else
+             f"{weights_dir() / 'timm' / (name + '.safetensors')} (or checkpoint=...; $LIT_VCE_WEIGHTS_DIR sets the folder) "
+             "or the Hugging Face cache ($HF_HOME/hub)")
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:  # network/hub/cache errors come in many types
+        mode = "offline and not cached" if _is_offline() else "could not download the weights"
+        raise MissingWeightsError(f"timm:{name}: {mode} ({type(e).__name__}: {str(e)[:200]}); put them in {where}") from e
+
+
+ROBUSTBENCH_INSTALL = ("pip install 'lit_vce[robustbench]' && pip install --no-deps robustbench==1.1.1 "
+                       "(its timm==1.0.9 pin would break timm's hub loading; README, Installation)")
+
+
 def _import_robustbench():
     """Import robustbench 1.1.1, which imports ``autoattack`` while its PyPI
     dependency installs the module as ``pyautoattack``: alias it first."""
     if "robustbench" not in sys.modules:
+        import importlib.util
+
+        missing = [m for m in ("robustbench", "pyautoattack", "geotorch", "torchdiffeq") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingDependencyError(f"robustbench models need {', '.join(missing)}: {ROBUSTBENCH_INSTALL}")
         import pyautoattack
         import pyautoattack.state
 
@@ -189,7 +232,7 @@ def load_robustbench(name: str, model_dir: str | None = None, resize_size: int |
 
     table = model_dicts[BenchmarkDataset.imagenet][ThreatModel(threat)]
     if model_id not in table:
-        raise ValueError(f"robustbench has no ImageNet {threat} model {model_id!r}")
+        raise UnknownNameError(f"robustbench has no ImageNet {threat} model {model_id!r}{suggest(model_id, table)}")
     if not path.is_file() and (_is_offline() or _rank() != 0):
         why = "offline" if _is_offline() else f"rank {_rank()} does not download (fetch weights before a multi-process launch)"
         raise MissingWeightsError(f"robustbench:{name}: {path} is missing ({why}); download it once or copy it there")
@@ -216,26 +259,43 @@ class _ZeroShotCLIP(torch.nn.Module):
 
 
 @CLASSIFIER_FAMILIES.register("openclip")
-def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dict | None = None, **kwargs) -> ImageClassifier:
-    """open_clip ``<arch>/<pretrained>`` as a zero-shot classifier over ``class_names`` (default ImageNet)."""
-    import open_clip
+def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dict | None = None,
+                  head_cache: bool = True, **kwargs) -> ImageClassifier:
+    """open_clip as a zero-shot classifier over ``class_names`` (default ImageNet's, with
+    the 80 OpenAI templates).
+
+    ``name`` is ``<arch>/<pretrained>`` (``RN50/openai``, ``ViT-B-32/laion2b_s34b_b79k``,
+    or ``<arch>/<local checkpoint file>``), or a hub id ``hf-hub:org/name``. Weights:
+    ``$LIT_VCE_WEIGHTS_DIR/openclip/<arch>/<pretrained>.{safetensors,bin,pt}`` first,
+    else open_clip's own download (its Hugging Face cache is read offline). The
+    zero-shot head (one text embedding per class, averaged over templates) is
+    cached under ``$LIT_VCE_WEIGHTS_DIR/openclip_heads/``, keyed by the model, the
+    class names and the templates (``head_cache=False`` rebuilds it)."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise MissingDependencyError(f"openclip classifiers need open_clip_torch ({e}): pip install 'lit_vce[openclip]'") from e
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-    arch, _, pretrained = name.partition("/")
+    arch, pretrained = (name, None) if name.startswith("hf-hub:") else name.partition("/")[::2]
     if not arch:
-        raise ValueError("openclip spec is openclip:<arch>/<pretrained>")
-    if pretrained and (Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")) and not Path(pretrained).is_file():
-        raise MissingWeightsError(f"openclip:{name}: checkpoint {pretrained} does not exist")
+        raise ValueError(f"openclip:{name}: the spec is openclip:<arch>/<pretrained> or openclip:hf-hub:<org>/<name>")
+    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+        raise UnknownNameError(f"open_clip has no architecture {arch!r}{suggest(arch, open_clip.list_models())}")
+    pretrained = _openclip_weights(name, arch, pretrained or None)
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained or None, **(model_kwargs or {}))
-    except RuntimeError as e:
-        raise MissingWeightsError(f"openclip:{name}: could not load weights ({e}); pass a local file as <pretrained>") from e
-    tokenizer = open_clip.get_tokenizer(arch)
+        model = open_clip.create_model(arch, pretrained=pretrained, **(model_kwargs or {}))
+    except Exception as e:  # RuntimeError for unknown tags; OSError/hub errors when a download fails
+        mode = "offline and not cached" if _is_offline() else "could not load the weights"
+        raise MissingWeightsError(
+            f"openclip:{name}: {mode} ({type(e).__name__}: {str(e)[:200]}); put the checkpoint at "
+            f"{weights_dir() / 'openclip' / arch / ((pretrained or 'NAME') + '.safetensors')} or in the Hugging Face "
+            "cache ($HF_HOME/hub), or pass <arch>/<file>") from e
     names = list(class_names or IMAGENET_CLASSNAMES)
-    with torch.no_grad():
-        weights = open_clip.build_zero_shot_classifier(
-            model, tokenizer, names, templates or OPENAI_IMAGENET_TEMPLATES, num_classes_per_batch=50, device="cpu", use_tqdm=False
-        )
+    texts = [t if isinstance(t, str) else t("{}") for t in (templates or OPENAI_IMAGENET_TEMPLATES)]
+    cacheable = head_cache and (pretrained is not None or arch.startswith("hf-hub:"))  # random weights: nothing to key
+    weights = zero_shot_head(model, open_clip.get_tokenizer(arch), names, texts,
+                             key=(name, pretrained, model_kwargs) if cacheable else None)
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -244,6 +304,52 @@ def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dic
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
         interpolation="bicubic", name=f"openclip:{name}", **kwargs,
     )
+
+
+def _openclip_weights(name: str, arch: str, pretrained: str | None) -> str | None:
+    """A local file for ``pretrained`` when there is one, else the tag as given."""
+    if pretrained is None:
+        return None
+    if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if not Path(pretrained).is_file():
+            raise MissingWeightsError(f"openclip:{name}: checkpoint {pretrained} does not exist")
+        return pretrained
+    for ext in ("safetensors", "bin", "pt"):
+        cand = weights_dir() / "openclip" / arch / f"{pretrained}.{ext}"
+        if cand.is_file():
+            return str(cand)
+    return pretrained
+
+
+def zero_shot_head(model, tokenizer, class_names: list[str], templates: list[str], key=None) -> torch.Tensor:
+    """The (d, K) zero-shot weights (open_clip's ``build_zero_shot_classifier``: per class
+    the normalised mean of the normalised text embeddings of ``template.format(name)``). With ``key`` (anything that identifies the
+    weights: spec, checkpoint, overrides) the result is cached on disk, keyed by
+    ``key``, ``class_names`` and ``templates``; a cached head is only reused for
+    exactly those."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if key is not None:
+        blob = json.dumps([repr(key), class_names, templates], sort_keys=True).encode()
+        path = weights_dir() / "openclip_heads" / f"{hashlib.sha256(blob).hexdigest()[:24]}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["weights"]
+    import open_clip
+
+    with torch.no_grad():  # open_clip's own: per class the normalised mean of the normalised template embeddings
+        weights = open_clip.build_zero_shot_classifier(model, tokenizer, class_names, templates, num_classes_per_batch=50,
+                                                       device="cpu", use_tqdm=len(class_names) >= 50 and progress_enabled())
+    weights = weights.float().contiguous()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"weights": weights}, str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written head
+    return weights
 
 
 @CLASSIFIER_FAMILIES.register("file")

@@ -142,7 +142,14 @@ class VCEDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._data is None:
-            self._data = self._build()
+            from ..errors import ConfigError, LitVCEError
+
+            try:
+                self._data = self._build()
+            except LitVCEError:
+                raise
+            except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a data setting that cannot work
+                raise ConfigError(f"--data: {e}") from e
 
     def class_pairs(self) -> set[tuple[int, int]]:
         """The distinct (source, target) pairs to explain (for ``misclassified``: (label, label),

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..progress import progress
 from ..provenance import RecordsInitArgs
 from ..rngs import per_sample_randn
 
@@ -321,7 +322,7 @@ class Diffusion(nn.Module, RecordsInitArgs):
         n, s = len(z0), self.guidance_scale if scale is None else float(scale)
         u = self.null_condition(n).detach()
         uncond, z = [], target[0]
-        for i, t in enumerate(self.timesteps):
+        for i, t in enumerate(progress(self.timesteps, desc="null-text inversion", unit="step")):
             u = u.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
             with torch.no_grad():

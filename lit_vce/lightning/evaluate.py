@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from ..classifiers import load_classifier
 from ..metrics.suite import build_suite, resize_to
 from ..io import load_png, sample_key
+from ..progress import progress_enabled
 from .stage import StageModule
 from .writer import ROW_FIELDS, gather_rows
 
@@ -343,7 +344,8 @@ def run_evaluate(
     module.generation_time_s = generation_time
     multi = devices > 1 or num_nodes > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp" if multi else "auto",
-                        logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False)
+                        logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
+                        enable_progress_bar=progress_enabled())  # feature passes: on a terminal, not --quiet
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     trainer.predict(module, loader, return_predictions=False)
     return module.final_results

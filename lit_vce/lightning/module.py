@@ -110,6 +110,7 @@ class VCEModule(StageModule):
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
+        self._batches = 0
         self._selects = False
         self._run_record: dict[str, Any] | None = None
         self.final_results: dict[str, Any] | None = None
@@ -119,6 +120,7 @@ class VCEModule(StageModule):
         self.require_autograd("VCE guidance")
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
+        self._batches = 0
         dm = getattr(self.trainer, "datamodule", None)
         self._selects = bool(getattr(dm, "selects_by_classifier", False))  # the data's protocol needs the classifier
         dataset = dm.hparams.get("dataset") if dm is not None and hasattr(dm, "hparams") else None
@@ -174,12 +176,14 @@ class VCEModule(StageModule):
             return
         k = self.classifier.num_classes
         pairs = dm.class_pairs()
+        from ..errors import ConfigError
+
         bad = sorted({c for p in pairs for c in p if not 0 <= c < k})
         if bad:
-            raise ValueError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
+            raise ConfigError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
         same = sorted(s for s, t in pairs if s == t)
         if same and not self._selects:
-            raise ValueError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
+            raise ConfigError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
 
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -235,6 +239,11 @@ class VCEModule(StageModule):
             rows[-1]["diagnostics"] = {k: _scalar(v[j]) for k, v in result.diagnostics.items()}
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
+        self._batches += 1
+        done = rows[len(rows) - len(todo):]
+        self.log_values({"batch/flip_rate": sum(bool(r.get("success")) for r in done) / len(done),
+                         "batch/target_confidence": sum(float(r.get("target_conf_after") or 0) for r in done) / len(done),
+                         "batch/s_per_img": seconds, "samples/new": self._counts["new"]}, step=self._batches)
         # rows of unreadable images come first; keep images aligned with their rows
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
@@ -257,12 +266,18 @@ class VCEModule(StageModule):
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "audit": audit, "n": n, "counts": counts, "wall_time_s": wall}
         writer = self.writer()
-        if writer is not None and self.trainer.is_global_zero:
-            self._finalize(writer, metrics, audit, n, counts, wall)
+        if writer is not None:
+            from .writer import gather_run_rows
+
+            rows = gather_run_rows(writer, self.trainer)  # a collective: every rank
+            if self.trainer.is_global_zero:
+                self._finalize(writer, rows, metrics, audit, n, counts, wall)
+        self.log_values({f"final/{k}": v for k, v in {**metrics, **(audit or {}), "s_per_img": wall / max(counts[2], 1),
+                                                       "wall_time_s": wall}.items()}, step=self._batches + 1)
+        self.close_loggers()
         self.metrics.reset()
 
-    def _finalize(self, writer, metrics, audit, n, counts, wall) -> None:
-        rows = writer.collect_rows()
+    def _finalize(self, writer, rows, metrics, audit, n, counts, wall) -> None:
         dm = self.trainer.datamodule
         results = self.results(
             rows, metrics, n, self.method.name, wall_time_s=wall, audit=audit, resumed=counts[0],

@@ -44,6 +44,36 @@ class StageModule(L.LightningModule):
             return None
         return next((c for c in self.trainer.callbacks if isinstance(c, VCEPredictionWriter)), None)
 
+    # --- preemption: Lightning's SLURM auto-requeue saves an "hpc" checkpoint on SIGUSR1
+    # and restores it when the requeued job starts. A stage has nothing to train: its
+    # weights come from their specs and its progress is the run folder's finished
+    # samples, so the checkpoint carries no weights (seconds to write, not gigabytes)
+    # and restoring it keeps the weights just loaded.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {}
+        checkpoint["lit_vce_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.state_dict()
+
+    # --- loggers: ``self.log`` is not allowed in predict hooks; the stage's loggers
+    # (``--trainer.logger``; CSVLogger in the run folder by default) get values directly
+    def log_values(self, values: dict[str, float], step: int | None = None) -> None:
+        """Send finite scalar ``values`` to every logger of the Trainer (rank 0 only)."""
+        import math
+
+        if self._trainer is None or not self.trainer.loggers or not self.trainer.is_global_zero:
+            return
+        clean = {k: float(v) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(clean, step=step)
+
+    def close_loggers(self) -> None:
+        if self._trainer is not None and self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.save()
+
     @staticmethod
     def require_autograd(what: str) -> None:
         if torch.is_inference_mode_enabled():

@@ -39,6 +39,27 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in parts for r in part]
 
 
+def gather_run_rows(writer: "VCEPredictionWriter", trainer) -> list[dict[str, Any]] | None:
+    """The whole run's rows on global rank 0 (``None`` on the other ranks), sorted by
+    sample id: a collective, so no shared filesystem is needed for them.
+
+    The first process of each node reads its node's run folder (every rank's rows, the
+    resumed ones included) and sends it to rank 0, which merges them by sample id; on
+    a shared filesystem the nodes send the same rows and the merge drops the copies.
+    Images stay where they were written (on each node's disk without a shared one).
+    Call after a barrier, on every rank."""
+    rows = writer.collect_rows() if trainer.local_rank == 0 else []
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(rows, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        rows = [r for part in parts for r in part]
+    merged = {r["sample_id"]: r for r in rows}
+    return [merged[k] for k in sorted(merged)]
+
+
 class VCEPredictionWriter(BasePredictionWriter):
     """Writes each batch's outputs as they come (``write_interval="batch"``).
 

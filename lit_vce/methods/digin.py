@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..diffusion.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
 from ..diffusion.masks import OFFICIAL_POSTPROCESSING, SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
+from ..progress import progress
 from ..rngs import per_sample_rand, per_sample_randn
 from ..diffusion import Diffusion, Inversion, PixelDiffusion
 from ..objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
@@ -580,19 +581,19 @@ class DiGIN(VCEMethod):
             starts += [per_sample_randn(inv.latents[0].shape[1:], batch.rngs).to(inv.latents[0]) for _ in range(self.num_starts - 1)]
         best = torch.full((n,), float("inf"), device=dev)
         inj, blend, start = (torch.zeros(n, dtype=torch.long, device=dev) for _ in range(3))
+        settings = [(k, z, b, j) for k, z in enumerate(starts) for b, j in itertools.product(blends, injections)]
         with torch.no_grad(), self._autocast(dev):
-            for k, z_start in enumerate(starts):
-                for b, j in itertools.product(blends, injections):
-                    bs = torch.full((n,), fraction_steps(b, self.num_steps), dtype=torch.long, device=dev)
-                    js = torch.full((n,), fraction_steps(j, self.num_steps), dtype=torch.long, device=dev)
-                    x0s = self.run_trajectory(z_start, cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
-                                              templates=edit.templates, latent_mask=edit.latent_mask, attention=edit.plan,
-                                              paste=edit.paste)
-                    loss = self._loss(x0s, ctx, augmented=False).float()
-                    better = loss < best
-                    best = torch.where(better, loss, best)
-                    inj, blend = torch.where(better, js, inj), torch.where(better, bs, blend)
-                    start = torch.where(better, torch.full_like(start, k), start)
+            for k, z_start, b, j in progress(settings, desc="DiG-IN search", unit="setting"):
+                bs = torch.full((n,), fraction_steps(b, self.num_steps), dtype=torch.long, device=dev)
+                js = torch.full((n,), fraction_steps(j, self.num_steps), dtype=torch.long, device=dev)
+                x0s = self.run_trajectory(z_start, cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
+                                          templates=edit.templates, latent_mask=edit.latent_mask, attention=edit.plan,
+                                          paste=edit.paste)
+                loss = self._loss(x0s, ctx, augmented=False).float()
+                better = loss < best
+                best = torch.where(better, loss, best)
+                inj, blend = torch.where(better, js, inj), torch.where(better, bs, blend)
+                start = torch.where(better, torch.full_like(start, k), start)
         return _Search(inj, blend, start, torch.stack(starts)[start, torch.arange(n, device=dev)])
 
     def optimise(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: "_Edit", ctx: ObjectiveContext,
@@ -608,7 +609,7 @@ class DiGIN(VCEMethod):
                      [None] * n)
         ok = torch.ones(n, dtype=torch.bool, device=dev)
         self.last_trace = []
-        for it in range(self.outer_steps + 1):  # iterates 0..outer_steps; 0 is the searched start
+        for it in progress(range(self.outer_steps + 1), desc="DiG-IN outer steps", unit="step"):  # 0 is the searched start
             last = it == self.outer_steps
             with torch.set_grad_enabled(not last), self._autocast(dev):
                 x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, search.injection, search.blend,

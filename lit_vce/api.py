@@ -1,0 +1,271 @@
+"""The Python API: counterfactuals and their metrics without LightningCLI.
+
+    from lit_vce import explain
+
+    out = explain(images, targets=["square"] * len(images), classifier="robust", method="dvce")
+    out.counterfactuals        # (N, 3, H, W) in [0, 1], as a PNG would store them
+    out.metrics["flip_rate"]   # and l1, l2, target confidence, ... (FID with enough images)
+    out.rows[0]                # per sample: success, confidences, distances, diagnostics
+
+Each sample's randomness depends only on ``seed`` and its sample id (default: its
+index), so a sample gives the same counterfactual in any batch and the same as
+``lit-vce predict`` gives for that id (with ``deterministic=True``: the same bytes).
+Runs on one device; for datasets, resuming and several processes use ``lit-vce predict``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["explain", "Explanation"]
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` returns."""
+
+    originals: torch.Tensor  # (N, 3, H, W) in [0, 1], quantised as the counterfactuals
+    counterfactuals: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    source: torch.Tensor  # (N,) the classes explained from
+    target: torch.Tensor  # (N,) the classes asked for
+    success: torch.Tensor  # (N,) bool: the classifier predicts the target and the sample did not fail
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per-sample values, as in samples.csv
+    metrics: dict[str, Any] = field(default_factory=dict)  # the suite's metrics over all samples
+    audit: dict[str, Any] | None = None  # the world's shape/background audit (world classifiers)
+    method: dict[str, Any] = field(default_factory=dict)  # the method's name and settings
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.counterfactuals)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``counterfactuals/<id>.png``, ``samples.csv`` and ``results.json`` under ``folder``."""
+        from .io import save_png, sample_key, to_uint8, write_json, write_rows_csv
+
+        folder = Path(folder)
+        (folder / "counterfactuals").mkdir(parents=True, exist_ok=True)
+        for row, img in zip(self.rows, to_uint8(self.counterfactuals)):
+            save_png(folder / "counterfactuals" / f"{sample_key(str(row['sample_id']))}.png", img)
+        fields = sorted({k for r in self.rows for k in r if not isinstance(r[k], dict)})
+        write_rows_csv(folder / "samples.csv", self.rows, fields)
+        write_json(folder / "results.json", {"metrics": self.metrics, "audit": self.audit, "method": self.method,
+                                             "n": len(self), "wall_time_s": round(self.seconds, 3)})
+        return folder
+
+
+def explain(
+    images,
+    targets,
+    classifier="robust",
+    method="classifier_guidance",
+    *,
+    sources=None,
+    sample_ids: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    deterministic: bool = False,
+    metrics: bool = True,
+    fid_features: str | None = None,
+    image_size: int | None = None,
+    **method_kwargs,
+) -> Explanation:
+    """Counterfactuals of ``images`` towards ``targets`` for ``classifier`` with ``method``.
+
+    Args:
+        images: a tensor (N, 3, H, W) or (3, H, W) in [0, 1], or a list of image files
+            or PIL images (shorter side resized to ``image_size``, default the
+            classifier's input size, and centre-cropped).
+        targets: one class per image (ids or class names), or one for all.
+        classifier: a spec (``"robust"``, ``"timm:resnet50"``, ...; see
+            :func:`lit_vce.classifiers.load_classifier`) or an :class:`ImageClassifier`.
+        method: a registered name (``lit-vce methods``; its arguments as keywords,
+            e.g. ``num_steps=50``), a predict config whose method to use (``"world/dvce"``,
+            a YAML file; keywords override its arguments) or a :class:`VCEMethod` object.
+        sources: the classes explained from (default: the classifier's predictions).
+        sample_ids: one id per image, which seeds its randomness (default ``"0"``, ``"1"``, ...).
+        seed: the global seed.
+        batch_size: images per ``generate`` call.
+        device: default CUDA when available, else CPU.
+        deterministic: one sample at a time and one CPU thread: the same bytes in any batch.
+        metrics: compute the metric suite (flip rate, closeness, confidences; FID/sFID
+            with ``fid_features``, default the world's features for world classifiers).
+    """
+    from .classifiers import ImageClassifier, load_classifier
+    from .io import quantize
+    from .methods.base import VCEMethod
+
+    t0 = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(classifier, torch.nn.Module) and not isinstance(classifier, ImageClassifier):
+        raise TypeError("classifier: wrap a plain module as ImageClassifier(model, input_size, class_names, mean=..., std=...) "
+                        "or give a spec such as 'timm:resnet50'")
+    clf = load_classifier(classifier).to(device).eval()
+    vce = _method(method, method_kwargs)
+    if not isinstance(vce, VCEMethod):
+        raise TypeError(f"method must be a registered name or a VCEMethod, got {type(vce).__name__}")
+    x = _images(images, image_size or clf.input_size).to(device)
+    n = len(x)
+    ids = [str(i) for i in range(n)] if sample_ids is None else [str(s) for s in sample_ids]
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError(f"sample_ids: need {n} distinct ids, got {len(ids)} ({len(set(ids))} distinct)")
+    tgt = _classes(targets, n, clf, "targets").to(device)
+    with torch.no_grad():
+        src = clf(quantize(x)).argmax(1) if sources is None else _classes(sources, n, clf, "sources").to(device)
+    same = (src == tgt).nonzero().flatten().tolist()
+    if same:
+        raise ValueError(f"targets equal the sources for images {same[:10]}: a counterfactual needs a different target")
+    suite = _suite(clf, metrics, fid_features, seed, device)
+    vce.to(device)
+    vce.setup(device)
+    cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic)
+    audit = None
+    scores: dict[str, Any] = {}
+    if suite is not None:
+        scores, audit, _ = suite.compute()
+    success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
+    return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
+                       vce.describe(), time.perf_counter() - t0)
+
+
+def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):
+    """The counterfactuals (quantised) and one row per sample, batch by batch."""
+    from .io import quantize
+    from .methods.base import VCEBatch, generate_in_chunks
+    from .progress import progress
+    from .rngs import sample_rngs
+
+    threads = torch.get_num_threads()
+    if deterministic:
+        torch.set_num_threads(1)
+    cfs, rows = [], []
+    try:
+        for lo in progress(range(0, len(x), batch_size), desc=vce.name, total=(len(x) + batch_size - 1) // batch_size):
+            sl = slice(lo, lo + batch_size)
+            batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device))
+            with torch.enable_grad():
+                result = generate_in_chunks(vce, batch, clf, 1 if deterministic else None)
+            cf = quantize(result.images.detach())
+            values = suite.update(quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl]) if suite is not None else \
+                _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl])
+            for j, v in enumerate(values):
+                failure = result.failure[j] or v.get("failure") or ""
+                rows.append(dict(v, failure=failure, success=bool(v.get("success")) and not failure,
+                                 diagnostics={k: float(d[j]) for k, d in result.diagnostics.items()}))
+            cfs.append(cf)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(cfs), rows
+
+
+def _method(method, kwargs: dict):
+    if isinstance(method, str) and ("/" in method or method.endswith(".yaml")):
+        return _method_from_config(method, kwargs)
+    if isinstance(method, str):
+        from .registry import METHODS
+
+        return METHODS.get(method)(**kwargs)
+    if kwargs:
+        raise TypeError(f"method arguments {sorted(kwargs)} go to the method's constructor; pass them there "
+                        "(or give the method by name)")
+    return method
+
+
+def _method_from_config(name: str, kwargs: dict):
+    """The method of a predict config (``world/dvce``, a YAML file): its ``model.method``
+    with ``init_args`` updated by ``kwargs``."""
+    import importlib
+
+    import yaml
+
+    from .config_files import find_config
+    from .errors import ConfigError
+    from .registry import METHODS
+
+    path = find_config(name)
+    spec = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("method")
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ConfigError(f"method={name!r}: {path} has no model.method")
+    cls_name = spec["class_path"]
+    if cls_name in METHODS:
+        cls = METHODS.get(cls_name)
+    else:
+        module, _, attr = cls_name.rpartition(".")
+        cls = getattr(importlib.import_module(module or "lit_vce.methods"), attr)
+    return cls(**{**(spec.get("init_args") or {}), **kwargs})
+
+
+def _images(images, size: int) -> torch.Tensor:
+    from .data.imagenet import _load_image
+
+    if isinstance(images, torch.Tensor):
+        x = images[None] if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+            raise ValueError("images: values must be finite and in [0, 1]")
+        return x.float()
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, (str, Path)):
+            try:
+                out.append(_load_image(Path(im), size))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"images[{i}]: cannot read {im} ({e})") from e
+        else:  # a PIL image
+            from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+
+            t = pil_to_tensor(im.convert("RGB")).float() / 255
+            out.append(center_crop(resize(t, size, antialias=True), size).clamp(0, 1))
+    if not out:
+        raise ValueError("images: nothing to explain")
+    return torch.stack(out)
+
+
+def _classes(values, n: int, clf, what: str) -> torch.Tensor:
+    names = list(clf.class_names)
+    if isinstance(values, (int, str)) or (isinstance(values, torch.Tensor) and values.dim() == 0):
+        values = [values] * n
+    values = list(values.tolist() if isinstance(values, torch.Tensor) else values)
+    if len(values) != n:
+        raise ValueError(f"{what}: one class per image ({n}), got {len(values)}")
+    ids = []
+    for v in values:
+        if isinstance(v, str):
+            if v not in names:
+                from .errors import UnknownNameError, suggest
+
+                raise UnknownNameError(f"{what}: {clf.name} has no class {v!r}{suggest(v, names)}")
+            v = names.index(v)
+        if not 0 <= int(v) < len(names):
+            raise ValueError(f"{what}: class id {v} is unknown to {clf.name} (classes 0..{len(names) - 1})")
+        ids.append(int(v))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
+    if not metrics:
+        return None
+    from .metrics.suite import build_suite
+
+    world = getattr(clf, "name", "") in ("biased", "robust", "oracle")
+    feats = fid_features or ("world" if world else "none")
+    return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device)
+
+
+def _plain_rows(clf, cf, src, tgt, ids) -> list[dict[str, Any]]:
+    """Per-sample success and target confidence when the metric suite is off."""
+    with torch.no_grad():
+        p = clf(cf).softmax(1)
+    return [{"sample_id": s, "source": int(a), "target": int(b), "success": bool(p[i].argmax() == b),
+             "target_conf_after": float(p[i, b])} for i, (s, a, b) in enumerate(zip(ids, src, tgt))]

@@ -1,0 +1,132 @@
+"""User mistakes end in one line naming the option and the fix, not a traceback;
+configs are found by name inside the package."""
+
+from __future__ import annotations
+
+import pytest
+
+from lit_vce.cli import main, resolve_method_names
+from lit_vce.config_files import config_root, find_config, shipped_configs
+from lit_vce.errors import ConfigNotFoundError
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_configs_are_found_by_name_inside_the_package(tmp_path, monkeypatch):
+    assert "world/dvce" in shipped_configs() and "imagenet/methods/digin" in shipped_configs()
+    for name in ("world/dvce", "world/dvce.yaml", "configs/world/dvce.yaml"):
+        assert find_config(name).resolve() == (config_root() / "world" / "dvce.yaml").resolve()
+    local = tmp_path / "world" / "dvce.yaml"  # a local file of that name wins over the shipped one
+    local.parent.mkdir()
+    local.write_text("model: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_config("world/dvce.yaml").resolve() == local.resolve()
+    with pytest.raises(ConfigNotFoundError, match="did you mean world/dvce"):
+        find_config("world/dvec")
+    argv = resolve_method_names(["--config", "imagenet/protocols/pairs"])
+    assert argv[1] == str(config_root() / "imagenet" / "protocols" / "pairs.yaml")
+
+
+def test_lit_vce_configs_lists_them(capsys):
+    main(["configs"])
+    out = capsys.readouterr().out
+    assert "world/digin" in out and "imagenet/base" in out
+
+
+def test_an_unknown_config_is_one_line(capsys):
+    line = _fails(capsys, ["predict", "--config", "world/dvec"])
+    assert line.startswith("lit-vce predict: --config world/dvec") and "did you mean world/dvce" in line
+
+
+def test_a_bare_timm_name_as_classifier_suggests_the_family(capsys):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.classifier", "resnet50"])
+    assert "did you mean timm:resnet50?" in line
+
+
+def test_a_misspelt_timm_model_suggests_the_name(capsys):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.classifier", "timm:resnt50"])
+    assert "timm has no model 'resnt50'" in line and "resnet50" in line
+
+
+def test_an_unknown_family_is_one_line(capsys):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.classifier", "tim:resnet50"])
+    assert "unknown classifier family 'tim'; did you mean timm?" in line
+
+
+def test_a_misspelt_method_suggests_the_registered_one(capsys):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.method", "classifer_guidance"])
+    assert "--model.method classifer_guidance: no such method; did you mean classifier_guidance?" in line
+
+
+def test_a_missing_data_folder_is_one_line(capsys, tmp_path):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--data.dataset", "imagefolder",
+                           "--data.root", str(tmp_path / "absent"), "--writer.output_dir", str(tmp_path / "run")])
+    assert line.startswith("lit-vce predict: --data:") and "absent" in line
+
+
+def test_an_unknown_target_class_is_one_line(capsys, tmp_path):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--data.protocol", "pairs",
+                           "--data.pairs", "[[0, 7]]", "--writer.output_dir", str(tmp_path / "run")])
+    assert line.startswith("lit-vce predict: --data:") and "unknown class id 7" in line
+
+
+def test_lit_vce_debug_keeps_the_traceback(monkeypatch):
+    monkeypatch.setenv("LIT_VCE_DEBUG", "1")
+    with pytest.raises(ConfigNotFoundError):
+        main(["predict", "--config", "world/dvec"])
+
+
+class _TTY:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_bars_show_on_a_terminal_and_not_under_quiet(monkeypatch):
+    from lit_vce.progress import progress, progress_enabled
+
+    tty = _TTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    monkeypatch.setenv("LIT_VCE_QUIET", "0")  # restored after the test, which main(["--quiet"]) changes
+    for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    assert progress_enabled()
+    list(progress(range(3), desc="null-text inversion", file=tty))
+    assert "null-text inversion" in tty.text
+    monkeypatch.setenv("RANK", "1")  # only rank 0 draws
+    assert not progress_enabled()
+    monkeypatch.delenv("RANK")
+    main(["--quiet", "configs"])
+    assert not progress_enabled()
+    quiet = _TTY()
+    list(progress(range(3), desc="null-text inversion", file=quiet))
+    assert quiet.text == ""
+
+
+def test_fetch_builds_the_run_without_generating(capsys, tmp_path):
+    main(["fetch", "--config", "world/classifier_guidance", "--writer.output_dir", str(tmp_path / "run")])
+    assert "every model of this run loaded" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "samples").exists() or not list((tmp_path / "run" / "samples").iterdir())
+
+
+def test_missing_weights_offline_are_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_VCE_OFFLINE", "1")
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    line = _fails(capsys, ["fetch", "--config", "world/classifier_guidance", "--model.second_classifier",
+                           "robustbench:Salman2020Do_R18", "--writer.output_dir", str(tmp_path / "run")])
+    assert line.startswith("lit-vce fetch: robustbench:Salman2020Do_R18:") and "Salman2020Do_R18.pt is missing" in line

@@ -1,0 +1,154 @@
+"""Clusters on one machine: two simulated nodes without a shared filesystem give the
+bytes and metrics of one process; the SLURM script orders its arguments and derives
+workers and paths from SLURM's variables; a preempted SLURM job (faked variables,
+SIGUSR1) is requeued and resumes by sample id; loggers receive the run's values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--config", "world/classifier_guidance", "--model.method.init_args.num_steps", "6", "--model.deterministic", "true",
+        "--model.second_classifier", "null"]
+
+
+def _pngs(d: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted((d / "counterfactuals").glob("*.png"))}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK",
+                                                                    "WORLD_SIZE", "RANK"))}
+    env.update(PYTHONWARNINGS="ignore", LIT_VCE_QUIET="1", **extra)
+    return env
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "lit_vce.cli", "predict", *FAST, *args]
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_without_a_shared_filesystem_give_the_run_of_one_process(tmp_path):
+    one = tmp_path / "one"
+    proc = subprocess.run(_cli("--data.num_samples", "5", "--data.batch_size", "5", "--writer.output_dir", str(one)),
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = str(_free_port())
+    nodes = [tmp_path / "node0", tmp_path / "node1"]  # each node's own disk
+    procs = [subprocess.Popen(_cli("--data.num_samples", "5", "--data.batch_size", "2", "--writer.output_dir", str(nodes[r]),
+                                   "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"),
+                              env=_env(NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    ref = json.loads((one / "results.json").read_text())
+    got = json.loads((nodes[0] / "results.json").read_text())
+    assert not (nodes[1] / "results.json").exists()
+    assert got["world_size"] == 2 and got["n"] == ref["n"] == 5
+    for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
+        assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6), key
+    # rank 0's table holds every sample although node 1's rows never reached its disk
+    rows0 = list(csv.DictReader((nodes[0] / "samples.csv").open()))
+    rows1 = list(csv.DictReader((one / "samples.csv").open()))
+    assert [r["sample_id"] for r in rows0] == [r["sample_id"] for r in rows1]
+    assert [(r["success"], r["l2"]) for r in rows0] == [(r["success"], r["l2"]) for r in rows1]
+    p0, p1 = _pngs(nodes[0]), _pngs(nodes[1])
+    assert p0 and p1 and not set(p0) & set(p1)  # the images stay on the node that made them
+    ref_png = _pngs(one)
+    assert {**p0, **p1}.keys() == ref_png.keys()
+    assert all(np.array_equal({**p0, **p1}[k], ref_png[k]) for k in ref_png)
+
+
+def _fake_srun(tmp_path: Path, record: bool) -> Path:
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir(parents=True, exist_ok=True)
+    body = f'printf "%s\\n" "$@" > {tmp_path / "srun_args.txt"}\n' if record else 'exec "$@"\n'
+    srun.write_text("#!/usr/bin/env bash\n" + body)
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    return srun
+
+
+def test_the_slurm_script_puts_the_users_arguments_first_and_the_slurm_layout_last(tmp_path):
+    srun = _fake_srun(tmp_path, record=True)
+    env = _env(SRUN=str(srun), SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="4(x2)",
+               SLURM_CPUS_PER_TASK="8")
+    subprocess.run(["bash", str(ROOT / "scripts" / "slurm_predict.sh"), "--config", "imagenet/base", "--trainer.devices",
+                    "1", "--data.root", "rel/val"], cwd=tmp_path, env=env, check=True, timeout=60)
+    args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
+    assert args[0] == str(ROOT / ".venv" / "bin" / "lit-vce") and args[1] == "predict"  # absolute, from the submit dir
+    assert args[2:4] == ["--data.num_workers", "7"]  # cpus-per-task minus the main process, overridable after
+    assert args[4:10] == ["--config", "imagenet/base", "--trainer.devices", "1", "--data.root", "rel/val"]
+    assert args[10:] == ["--trainer.num_nodes", "2", "--trainer.devices", "4", "--trainer.strategy", "ddp"]
+
+
+@pytest.mark.slow
+def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir(parents=True)
+    scontrol.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    srun = _fake_srun(tmp_path, record=False)
+    out = tmp_path / "run"
+    env = _env(PATH=f"{scontrol.parent}:{os.environ['PATH']}", SRUN=str(srun), SLURM_SUBMIT_DIR=str(ROOT),
+               LIT_VCE=str(Path(sys.executable).parent / "lit-vce"), SLURM_JOB_ID="4242", SLURM_JOB_NAME="lit-vce", SLURM_NTASKS="1",
+               SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0",
+               SLURM_NODELIST="localhost", SLURM_CPUS_PER_TASK="1", MASTER_PORT=str(_free_port()))
+    script = ["bash", str(ROOT / "scripts" / "slurm_predict.sh"), *FAST, "--data.num_samples", "6", "--data.batch_size", "2",
+              "--writer.output_dir", str(out), "--trainer.accelerator", "cpu"]
+    first = subprocess.run([*script, "--trainer.callbacks+=lit_vce.testing.PreemptAfterBatches"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0 and "simulated preemption" in first.stderr
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    ckpts = list(out.glob("hpc_ckpt_*.ckpt"))
+    assert len(ckpts) == 1 and ckpts[0].stat().st_size < 200_000  # no weights in it: progress is the run folder
+    assert len(list((out / "samples").glob("*.json"))) == 2
+    second = subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # the requeued job
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 6 and results["resumed"] == 2
+    ref = tmp_path / "ref"
+    proc = subprocess.run(_cli("--data.num_samples", "6", "--data.batch_size", "2", "--writer.output_dir", str(ref)),
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _pngs(out), _pngs(ref)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_loggers_get_per_batch_and_final_values(tmp_path):
+    from lit_vce.cli import main
+
+    out = tmp_path / "csv"
+    main(["predict", *FAST, "--data.num_samples", "4", "--data.batch_size", "2", "--writer.output_dir", str(out)])
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    batch = [r for r in rows if r.get("batch/flip_rate")]
+    final = [r for r in rows if r.get("final/flip_rate")]
+    assert len(batch) == 2 and len(final) == 1 and float(batch[0]["batch/s_per_img"]) > 0
+    results = json.loads((out / "results.json").read_text())
+    assert float(final[0]["final/flip_rate"]) == pytest.approx(results["metrics"]["flip_rate"])
+    off = tmp_path / "off"
+    main(["predict", *FAST, "--data.num_samples", "2", "--writer.output_dir", str(off), "--trainer.logger", "false"])
+    assert (off / "results.json").is_file() and not (off / "logs").exists()
+    pytest.importorskip("tensorboard")
+    tb = tmp_path / "tb"
+    main(["predict", *FAST, "--data.num_samples", "2", "--writer.output_dir", str(tb), "--trainer.logger",
+          "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tb / "tb")])
+    assert list((tb / "tb").rglob("events.out.tfevents.*"))
