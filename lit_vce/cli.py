@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv = [sys.argv[0], *argv]
     try:
         return _dispatch(argv, from_console)
+    except BrokenPipeError:  # `lit-vce configs | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except LitVCEError as e:
         if os.environ.get("LIT_VCE_DEBUG", "0") not in ("", "0"):
             raise

@@ -130,3 +130,9 @@ def test_missing_weights_offline_are_one_line(capsys, tmp_path, monkeypatch):
     line = _fails(capsys, ["fetch", "--config", "world/classifier_guidance", "--model.second_classifier",
                            "robustbench:Salman2020Do_R18", "--writer.output_dir", str(tmp_path / "run")])
     assert line.startswith("lit-vce fetch: robustbench:Salman2020Do_R18:") and "Salman2020Do_R18.pt is missing" in line
+
+
+def test_a_setting_a_constructor_rejects_is_one_line(capsys, tmp_path):
+    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.fid_features", "bogus",
+                           "--writer.output_dir", str(tmp_path / "run")])
+    assert line == "lit-vce predict: fid_features must be 'world', 'inception' or 'none'"
