@@ -204,7 +204,7 @@ def _method_from_config(name: str, kwargs: dict):
 
 
 def _images(images, size: int) -> torch.Tensor:
-    from .data.imagenet import _load_image
+    from .data.imagenet import _load_image, resize_crop
 
     if isinstance(images, torch.Tensor):
         x = images[None] if images.dim() == 3 else images
@@ -222,11 +222,10 @@ def _images(images, size: int) -> torch.Tensor:
                 out.append(_load_image(Path(im), size))
             except (OSError, ValueError) as e:
                 raise ValueError(f"images[{i}]: cannot read {im} ({e})") from e
-        else:  # a PIL image
-            from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+        else:  # a PIL image: as a file of it would be read
+            from torchvision.transforms.functional import pil_to_tensor
 
-            t = pil_to_tensor(im.convert("RGB")).float() / 255
-            out.append(center_crop(resize(t, size, antialias=True), size).clamp(0, 1))
+            out.append(resize_crop(pil_to_tensor(im.convert("RGB")).float() / 255.0, size))
     if not out:
         raise ValueError("images: nothing to explain")
     return torch.stack(out)
@@ -258,7 +257,9 @@ def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
         return None
     from .metrics.suite import build_suite
 
-    world = getattr(clf, "name", "") in ("biased", "robust", "oracle")
+    from .world.models import WORLD_CLASSIFIERS
+
+    world = getattr(clf, "name", "") in WORLD_CLASSIFIERS
     feats = fid_features or ("world" if world else "none")
     return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device)
 

@@ -8,10 +8,9 @@ local copy of a config (edited) is used as given. ``lit-vce configs`` lists them
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
-from .errors import ConfigNotFoundError
+from .errors import ConfigNotFoundError, suggest
 
 __all__ = ["config_root", "shipped_configs", "find_config", "ConfigNotFoundError"]
 
@@ -41,7 +40,5 @@ def find_config(name: str | Path) -> Path:
     candidate = config_root() / f"{key}.yaml"
     if candidate.is_file():
         return candidate
-    names = shipped_configs()
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}?" if close else "`lit-vce configs` lists the shipped ones"
-    raise ConfigNotFoundError(f"--config {name}: no such file and no shipped config {key!r}; {hint}")
+    hint = suggest(key, shipped_configs(), cutoff=0.5) or "; `lit-vce configs` lists the shipped ones"
+    raise ConfigNotFoundError(f"--config {name}: no such file and no shipped config {key!r}{hint}")

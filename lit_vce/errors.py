@@ -42,7 +42,7 @@ class UnknownNameError(LitVCEError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def suggest(name: str, choices, n: int = 3) -> str:
+def suggest(name: str, choices, n: int = 3, cutoff: float = 0.6) -> str:
     """``"; did you mean a or b?"`` for the choices close to ``name`` (empty if none)."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
     return f"; did you mean {' or '.join(close)}?" if close else ""

@@ -10,7 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["progress", "progress_enabled", "set_quiet"]
+__all__ = ["progress", "progress_enabled", "set_quiet", "env_rank"]
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher's environment gives it (usable before the
+    process group exists): ``RANK``, else ``LOCAL_RANK``, else ``SLURM_PROCID``, else 0."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 def set_quiet(quiet: bool = True) -> None:
@@ -21,7 +30,7 @@ def set_quiet(quiet: bool = True) -> None:
 def progress_enabled() -> bool:
     if os.environ.get("LIT_VCE_QUIET", "0") not in ("", "0"):
         return False
-    if any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+    if env_rank() != 0:
         return False
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 

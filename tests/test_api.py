@@ -89,6 +89,9 @@ def test_explain_reads_image_files(tmp_path):
     b = explain(quantize(images), targets, classifier="robust", method=ClassifierGuidance(**FAST), sources=sources,
                 metrics=False)
     assert torch.equal(a.counterfactuals, b.counterfactuals)
+    c = explain([Image.open(path)], targets, classifier="robust", method=ClassifierGuidance(**FAST), sources=sources,
+                metrics=False)  # a PIL image is read as its file is
+    assert torch.equal(c.originals, a.originals) and torch.equal(c.counterfactuals, a.counterfactuals)
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):

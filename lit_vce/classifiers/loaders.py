@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingDependencyError, MissingWeightsError, UnknownNameError, suggest
-from ..progress import progress_enabled
+from ..progress import env_rank, progress_enabled
 from ..registry import CLASSIFIER_FAMILIES
 from .base import ImageClassifier
 
@@ -46,11 +46,6 @@ def _is_offline() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in ("LIT_VCE_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _rank() -> int:
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
 
 
 def imagenet_class_names() -> list[str]:
@@ -105,7 +100,9 @@ def classifier_class_names(spec) -> list[str] | None:
 
 def _spec_hint(name: str) -> str:
     """``; did you mean timm:resnet50?`` for a bare timm name, else the world's names and the families."""
-    close = suggest(name, ("biased", "robust", "oracle"))
+    from ..world.models import WORLD_CLASSIFIERS
+
+    close = suggest(name, WORLD_CLASSIFIERS)
     if close:
         return close
     try:
@@ -123,9 +120,9 @@ def _spec_hint(name: str) -> str:
 def load_world_classifier(name: str, **kwargs) -> ImageClassifier:
     """``biased``, ``robust`` or ``oracle`` from the embedded world (32x32, 4 shape classes)."""
     from ..data.world import CLASS_NAMES, IMAGE_SIZE
-    from ..world.models import load_world_network
+    from ..world.models import WORLD_CLASSIFIERS, load_world_network
 
-    if name not in ("biased", "robust", "oracle"):
+    if name not in WORLD_CLASSIFIERS:
         raise UnknownNameError(f"unknown classifier {name!r}{_spec_hint(name)}")
     return ImageClassifier(load_world_network(name), IMAGE_SIZE, CLASS_NAMES, name=name, **kwargs)
 
@@ -179,7 +176,7 @@ def _timm_pretrained(name: str, hub: bool):
     if not has_hf_hub():
         raise MissingWeightsError(
             f"timm:{name}: timm {timm.__version__} cannot use the installed huggingface_hub (timm.models._hub.has_hf_hub() "
-            "is False); install a matching pair (`pip install 'timm>=1.0.17' 'huggingface_hub>=1'`) or give a local checkpoint")
+            "is False); install a matching pair (`pip install 'timm>=1.0.22' 'huggingface_hub>=1'`) or give a local checkpoint")
     where = ("the Hugging Face cache ($HF_HOME/hub, filled by `hf download` on a machine online)" if hub else
              f"{weights_dir() / 'timm' / (name + '.safetensors')} (or checkpoint=...; $LIT_VCE_WEIGHTS_DIR sets the folder) "
              "or the Hugging Face cache ($HF_HOME/hub)")
@@ -233,8 +230,8 @@ def load_robustbench(name: str, model_dir: str | None = None, resize_size: int |
     table = model_dicts[BenchmarkDataset.imagenet][ThreatModel(threat)]
     if model_id not in table:
         raise UnknownNameError(f"robustbench has no ImageNet {threat} model {model_id!r}{suggest(model_id, table)}")
-    if not path.is_file() and (_is_offline() or _rank() != 0):
-        why = "offline" if _is_offline() else f"rank {_rank()} does not download (fetch weights before a multi-process launch)"
+    if not path.is_file() and (_is_offline() or env_rank() != 0):
+        why = "offline" if _is_offline() else f"rank {env_rank()} does not download (fetch weights before a multi-process launch)"
         raise MissingWeightsError(f"robustbench:{name}: {path} is missing ({why}); download it once or copy it there")
     try:
         model = utils.load_model(model_id, model_dir=str(root), dataset="imagenet", threat_model=threat)
@@ -322,15 +319,15 @@ def _openclip_weights(name: str, arch: str, pretrained: str | None) -> str | Non
 
 
 def zero_shot_head(model, tokenizer, class_names: list[str], templates: list[str], key=None) -> torch.Tensor:
-    """The (d, K) zero-shot weights (open_clip's ``build_zero_shot_classifier``: per class
-    the normalised mean of the normalised text embeddings of ``template.format(name)``). With ``key`` (anything that identifies the
-    weights: spec, checkpoint, overrides) the result is cached on disk, keyed by
-    ``key``, ``class_names`` and ``templates``; a cached head is only reused for
-    exactly those."""
+    """The (d, K) zero-shot weights (open_clip's ``build_zero_shot_classifier``: per
+    class the normalised mean of the normalised text embeddings of
+    ``template.format(name)``). With ``key`` (anything that identifies the weights:
+    spec, checkpoint, overrides) the result is cached on disk, keyed by ``key``,
+    ``class_names`` and ``templates``; a cached head is only reused for exactly those."""
     import hashlib
     import json
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     path = None
     if key is not None:
@@ -340,15 +337,15 @@ def zero_shot_head(model, tokenizer, class_names: list[str], templates: list[str
             return load_file(str(path))["weights"]
     import open_clip
 
-    with torch.no_grad():  # open_clip's own: per class the normalised mean of the normalised template embeddings
+    with torch.no_grad():
         weights = open_clip.build_zero_shot_classifier(model, tokenizer, class_names, templates, num_classes_per_batch=50,
                                                        device="cpu", use_tqdm=len(class_names) >= 50 and progress_enabled())
     weights = weights.float().contiguous()
     if path is not None:
+        from ..io import atomic_write_bytes
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"weights": weights}, str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written head
+        atomic_write_bytes(path, save({"weights": weights}))  # concurrent ranks never read a half-written head
     return weights
 
 

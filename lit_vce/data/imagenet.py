@@ -124,8 +124,12 @@ def _load_image(path: Path, size: int | None, mask: bool = False) -> torch.Tenso
     from torchvision.transforms.functional import pil_to_tensor
 
     with Image.open(path) as im:
-        im = im.convert("L" if mask else "RGB")
-        x = pil_to_tensor(im).float() / 255.0
+        return resize_crop(pil_to_tensor(im.convert("L" if mask else "RGB")).float() / 255.0, size, mask)
+
+
+def resize_crop(x: torch.Tensor, size: int | None, mask: bool = False) -> torch.Tensor:
+    """An image (C, H, W) in [0, 1] with its shorter side resized to ``size`` and
+    centre-cropped (``None``: as it is); with ``mask`` nearest resizing and binarised."""
     if size is not None:
         # shorter side to `size`, centre crop (the usual 256px VCE protocol)
         h, w = x.shape[-2:]

@@ -21,6 +21,7 @@ from torch import nn
 NUM_CLASSES = 4
 NULL_CLASS = NUM_CLASSES  # class-embedding index used for unconditional prediction
 WORLD_MODELS = ("biased", "robust", "oracle", "ddpm")
+WORLD_CLASSIFIERS = WORLD_MODELS[:3]  # the world's models that are classifiers
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
