@@ -26,6 +26,7 @@ Trainer can be set in YAML or overridden on the command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -75,17 +76,29 @@ class VCECLI(LightningCLI):
             parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
 
     def instantiate_classes(self) -> None:
-        """Build the run; a constructor rejecting a setting (``ValueError``, a missing
-        file) is a user error: one line, not a traceback."""
+        """Build the run without its weights: the stage builds its models (the classifier,
+        the metrics and the method with its diffusion model) in ``prepare_data`` on the
+        process that fetches weights and in ``setup`` on the others (:mod:`lit_vce.weights`).
+        A constructor rejecting a setting (``ValueError``, a missing file) is a user
+        error: one line, not a traceback."""
         from .errors import ConfigError, LitVCEError
+        from .lightning.stage import deferred_build
 
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        method = cfg["model"].get("method")
+        if method is not None:  # validated by the parse; built in the stage's build()
+            cfg["model"]["method"] = None
         try:
-            super().instantiate_classes()
+            with deferred_build():
+                super().instantiate_classes()
         except LitVCEError:
             raise
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from e
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        finally:
+            cfg["model"]["method"] = method  # config.yaml is saved whole
+        if method is not None:
+            self.model.method_factory = functools.partial(_instantiate_method, method, type(self.model))
         out = cfg["writer"]["output_dir"]
         if cfg["trainer"].get("default_root_dir") is None:  # hpc (requeue) checkpoints go to the run folder, not the cwd
             self.trainer._default_root_dir = str(out)
@@ -112,6 +125,22 @@ class AnalysisCLI(VCECLI):
 
         super().add_arguments_to_parser(parser)
         parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
+
+
+def _instantiate_method(config, module_class):
+    """The method of a parsed ``model.method`` config (class_path and init_args), built."""
+    import typing
+
+    from jsonargparse import ArgumentParser, Namespace
+
+    from .errors import ConfigError
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=typing.get_type_hints(module_class.__init__)["method"])  # as the CLI parsed it
+    try:
+        return parser.instantiate(Namespace(method=config)).method
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--model.method: {e}") from e
 
 
 def _class_path(name: str) -> str | None:
@@ -210,11 +239,12 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     args = resolve_method_names(list(sys.argv[2:] if args is None else args))
-    VCECLI(
+    cli = VCECLI(
         VCEModule, VCEDataModule, args=["predict", *args] if run else args, trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=RunConfig, seed_everything_default=False, run=run,
     )
     if not run:
+        cli.model.prepare_data()  # what a run's fetching process does: build everything, downloading what is missing
         print("fetch: every model of this run loaded (its weights are in their caches)")
 
 

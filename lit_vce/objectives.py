@@ -360,7 +360,8 @@ def load_vgg19_features(layers: int, weights_path: str | None = None) -> torch.n
 
     import torchvision
 
-    from .classifiers.loaders import MissingWeightsError, _is_offline, weights_dir
+    from .errors import MissingWeightsError
+    from .weights import may_download, weights_dir
 
     value = weights_path or os.environ.get("LIT_VCE_VGG_WEIGHTS")
     path = Path(value).expanduser() if value else weights_dir() / "vgg" / VGG19_FILE
@@ -371,7 +372,7 @@ def load_vgg19_features(layers: int, weights_path: str | None = None) -> torch.n
         used = {k[len("features."):]: v for k, v in state.items()
                 if k.startswith("features.") and int(k.split(".")[1]) < layers}
         features.load_state_dict(used)
-    elif value or _is_offline():
+    elif value or not may_download():
         raise MissingWeightsError(f"VGG-19 weights {path} do not exist: put torchvision's {VGG19_FILE} there "
                                   f"(or point $LIT_VCE_VGG_WEIGHTS to it)")
     else:

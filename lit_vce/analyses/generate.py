@@ -116,40 +116,61 @@ class AnalysisModule(StageModule):
         world_audit: read generated images with the world's oracle.
         seed: each sample's randomness depends only on (seed, sample id).
         run_name: label stored in the results.
+        fetch_per_node: see :class:`~lit_vce.lightning.module.VCEModule`.
     """
 
     def __init__(self, analysis: str = "disagree", classifier: str = "biased", method: DiGIN | None = None,
                  second_classifier: str | None = "robust", variant: str = "confidence", unit: int = 0,
                  layer: str | None = None, sign: float = 1.0, act_weight: float = 1.0, class_weight: float = 0.0,
-                 freeze_object: bool = True, world_audit: bool = True, seed: int = 0, run_name: str | None = None):
-        super().__init__()
+                 freeze_object: bool = True, world_audit: bool = True, seed: int = 0, run_name: str | None = None,
+                 fetch_per_node: bool = True):
+        super().__init__(fetch_per_node)
         if analysis not in ("disagree", "neurons"):
             raise ValueError("analysis must be 'disagree' or 'neurons'")
         if variant not in SCORE_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_VARIANTS}")
-        self.analysis = analysis
-        self.classifier = load_classifier(classifier)
-        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
-        self.second = load_classifier(second_classifier) if (analysis == "disagree" and second_classifier) else None
-        if analysis == "disagree" and self.second is None:
+        if analysis == "disagree" and not second_classifier:
             raise ValueError("disagree needs second_classifier")
-        self.method = method or DiGIN(outer_steps=10, inversion="none", injection_fractions=(), blend_fractions=(0.0,))
-        if analysis == "disagree":
-            self.method.objective = Disagreement(self.second, variant)
-        else:
-            self.method.objective = NeuronActivation(self.classifier, unit, layer, sign, act_weight, class_weight)
+        from ..classifiers.loaders import check_classifier_spec
+
+        for spec in (classifier, second_classifier if analysis == "disagree" else None):
+            if spec is not None:
+                check_classifier_spec(spec)
+        self.analysis = analysis
+        self._specs = (classifier, second_classifier if analysis == "disagree" else None)
+        self.classifier_spec = classifier if isinstance(classifier, str) else classifier.name
+        self.method = method
+        self.method_factory = None  # the CLI's deferred method (see VCEModule.method_factory)
+        self._objective_args = (layer, sign, act_weight, class_weight)
         self.variant, self.unit, self.freeze_object = variant, int(unit), freeze_object
+        self.world_audit = bool(world_audit)
         self.seed = int(seed)
-        self.run_name = run_name or f"{analysis}-{self.classifier.name}" + (f"-vs-{self.second.name}" if self.second is not None else "")
-        if world_audit:
+        self._run_name = run_name
+        self._rows: list[dict[str, Any]] = []
+        self._t0 = 0.0
+        self.final_results: dict[str, Any] | None = None
+        self._build_unless_deferred()
+
+    def build(self) -> None:
+        """The classifiers, the DiG-IN sampler with the analysis' objective, the world's oracle."""
+        self.classifier = load_classifier(self._specs[0])
+        self.second = load_classifier(self._specs[1]) if self._specs[1] else None
+        if self.method_factory is not None:
+            self.method = self.method_factory()
+        if self.method is None:
+            self.method = DiGIN(outer_steps=10, inversion="none", injection_fractions=(), blend_fractions=(0.0,))
+        if self.analysis == "disagree":
+            self.method.objective = Disagreement(self.second, self.variant)
+        else:
+            self.method.objective = NeuronActivation(self.classifier, self.unit, *self._objective_args)
+        self.run_name = self._run_name or f"{self.analysis}-{self.classifier.name}" + (
+            f"-vs-{self.second.name}" if self.second is not None else "")
+        if self.world_audit:
             from ..world.models import load_world_network
 
             self.oracle = load_world_network("oracle").eval().requires_grad_(False)
         else:
             self.oracle = None
-        self._rows: list[dict[str, Any]] = []
-        self._t0 = 0.0
-        self.final_results: dict[str, Any] | None = None
 
     stage = "analysis"
 

@@ -22,30 +22,20 @@ New families register with ``@CLASSIFIER_FAMILIES.register("prefix")`` (a functi
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..errors import MissingDependencyError, MissingWeightsError, UnknownNameError, suggest
-from ..progress import env_rank, progress_enabled
+from ..progress import progress_enabled
 from ..registry import CLASSIFIER_FAMILIES
+from ..weights import is_offline as _is_offline
+from ..weights import may_download, no_download_reason, weights_dir
 from .base import ImageClassifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def weights_dir() -> Path:
-    """Root of locally provided weights: ``$LIT_VCE_WEIGHTS_DIR`` or ``~/.cache/lit_vce``."""
-    return Path(os.environ.get("LIT_VCE_WEIGHTS_DIR", Path.home() / ".cache" / "lit_vce"))
-
-
-def _is_offline() -> bool:
-    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LIT_VCE_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 
 
 def imagenet_class_names() -> list[str]:
@@ -71,13 +61,43 @@ def load_classifier(spec: str | dict | ImageClassifier, **kwargs) -> ImageClassi
         return load_classifier(args.pop("spec"), **{**args, **kwargs})
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a classifier spec must be a non-empty string, got {spec!r}")
-    if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec.split("/")[0]:
-        family, name = "file", spec
-    elif ":" in spec:
-        family, name = spec.split(":", 1)
-    else:
-        family, name = "world", spec
+    family, name = _split_spec(spec)
     return CLASSIFIER_FAMILIES.get(family)(name, **kwargs)
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec.split("/")[0]:
+        return "file", spec
+    if ":" in spec:
+        family, name = spec.split(":", 1)
+        return family, name
+    return "world", spec
+
+
+def check_classifier_spec(spec) -> None:
+    """Reject a spec whose family or name is unknown without loading anything (so a run
+    stops at once, before its models are built): an unknown family, a world name that
+    is none of the world's classifiers, a timm name timm does not know."""
+    if isinstance(spec, dict):
+        if "spec" not in spec:
+            raise ValueError(f"a classifier mapping needs a 'spec' key (e.g. 'timm:resnet50'), got keys {sorted(spec)}")
+        spec = spec["spec"]
+    if not isinstance(spec, str):
+        return  # a built classifier
+    if not spec:
+        raise ValueError("a classifier spec must be a non-empty string")
+    family, name = _split_spec(spec)
+    CLASSIFIER_FAMILIES.get(family)
+    if family == "world":
+        from ..world.models import WORLD_CLASSIFIERS
+
+        if name not in WORLD_CLASSIFIERS:
+            raise UnknownNameError(f"unknown classifier {name!r}{_spec_hint(name)}")
+    elif family == "timm" and not name.startswith("hf-hub:"):
+        import timm
+
+        if not timm.is_model(name):
+            raise UnknownNameError(f"timm has no model {name!r}{suggest(name, timm.list_models())}")
 
 
 def classifier_class_names(spec) -> list[str] | None:
@@ -88,7 +108,7 @@ def classifier_class_names(spec) -> list[str] | None:
         return list(spec["class_names"]) if spec.get("class_names") else classifier_class_names(spec.get("spec"))
     if not isinstance(spec, str) or not spec:
         return list(getattr(spec, "class_names", [])) or None
-    family = spec.split(":", 1)[0] if ":" in spec else ("file" if spec.endswith((".pt", ".pth", ".safetensors")) else "world")
+    family = _split_spec(spec)[0]
     if family == "world":
         from ..data.world import CLASS_NAMES
 
@@ -216,8 +236,8 @@ def load_robustbench(name: str, model_dir: str | None = None, resize_size: int |
     """A robustbench ImageNet model; ``name`` is ``<id>`` or ``<threat model>/<id>``.
 
     The checkpoint is read from ``{model_dir}/imagenet/{threat}/{id}.pt`` (default
-    ``model_dir``: ``$LIT_VCE_WEIGHTS_DIR/robustbench``). Downloads happen only on
-    rank 0 and never offline: under DDP, fetch the weights before launching.
+    ``model_dir``: ``$LIT_VCE_WEIGHTS_DIR/robustbench``). Downloads happen only where
+    :func:`lit_vce.weights.may_download` allows (a run's fetching process; never offline).
     """
     threat, _, model_id = name.rpartition("/")
     threat = threat or "Linf"
@@ -230,9 +250,8 @@ def load_robustbench(name: str, model_dir: str | None = None, resize_size: int |
     table = model_dicts[BenchmarkDataset.imagenet][ThreatModel(threat)]
     if model_id not in table:
         raise UnknownNameError(f"robustbench has no ImageNet {threat} model {model_id!r}{suggest(model_id, table)}")
-    if not path.is_file() and (_is_offline() or env_rank() != 0):
-        why = "offline" if _is_offline() else f"rank {env_rank()} does not download (fetch weights before a multi-process launch)"
-        raise MissingWeightsError(f"robustbench:{name}: {path} is missing ({why}); download it once or copy it there")
+    if not path.is_file() and not may_download():
+        raise MissingWeightsError(f"robustbench:{name}: {path} is missing ({no_download_reason()}); download it once or copy it there")
     try:
         model = utils.load_model(model_id, model_dir=str(root), dataset="imagenet", threat_model=threat)
     except Exception as e:

@@ -32,7 +32,7 @@ from ..classifiers import load_classifier
 from ..metrics.suite import build_suite, resize_to
 from ..io import load_png, sample_key
 from ..progress import progress_enabled
-from .stage import StageModule
+from .stage import StageModule, deferred_build
 from .writer import ROW_FIELDS, gather_rows
 
 
@@ -206,22 +206,32 @@ class EvaluateModule(StageModule):
                  second_classifier: str | None = None, lpips: str = "auto", world_audit: bool = False,
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
-                 lpips_weights: str | None = None):
-        super().__init__()
-        self.classifier = load_classifier(classifier)
-        self.classifier_spec = classifier if isinstance(classifier, str) else self.classifier.name
+                 lpips_weights: str | None = None, fetch_per_node: bool = True):
+        super().__init__(fetch_per_node)
+        from ..classifiers.loaders import check_classifier_spec
+
+        check_classifier_spec(classifier)
+        self._classifier_arg = classifier
+        self.classifier_spec = classifier if isinstance(classifier, str) else classifier.name
         self.generation_time_s = float("nan")  # the run's, when known (results keep it; evaluation time is separate)
-        self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
-                                   second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
-                                   resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights)
+        self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
+                                second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
+                                resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights)
         self.output_dir = Path(output_dir)
         self.method_name, self.seed = method, seed
-        self.run_name = run_name or f"{method}-{self.classifier.name}"
+        self._run_name = run_name
         self.metadata = dict(metadata or {})
         self.protocol, self.dataset_name = protocol, dataset
         self._rows: list[dict[str, Any]] = []
         self._t0 = 0.0
         self.final_results: dict[str, Any] | None = None
+        self._build_unless_deferred()
+
+    def build(self) -> None:
+        """The classifier and the metric suite."""
+        self.classifier = load_classifier(self._classifier_arg)
+        self.run_name = self._run_name or f"{self.method_name}-{self.classifier.name}"
+        self.metrics = build_suite(self.classifier, **self._suite_args)
 
     stage = "evaluate"
 
@@ -330,16 +340,22 @@ def run_evaluate(
         data = None
     if classifier is None:
         raise ValueError("--classifier is required (no predict results.json names one)")
-    clf = load_classifier(classifier)
+    from ..classifiers.loaders import check_classifier_spec, classifier_class_names
+
+    check_classifier_spec(classifier)
+    names = classifier_class_names(classifier)
+    clf = classifier if names is not None else load_classifier(classifier)  # a local file: only its weights tell
+    names = names if names is not None else list(clf.class_names)
     if data is None:
-        data = PairDataset.from_folders(originals, counterfactuals, targets, image_size, class_names=list(clf.class_names))
-    data.check_classes(clf.num_classes)
+        data = PairDataset.from_folders(originals, counterfactuals, targets, image_size, class_names=names)
+    data.check_classes(len(names))
     if fid_features == "auto":
         from ..world.models import WORLD_MODELS
 
         fid_features = "world" if classifier in WORLD_MODELS or str(classifier).startswith("world:") else "inception"
-    module = EvaluateModule(clf, output_dir=output_dir, method=method or "unknown", fid_features=fid_features,
-                            metadata=meta, protocol=protocol, dataset=dataset_name, **module_kwargs)
+    with deferred_build():  # the models are built in prepare_data / setup (one fetching process per node)
+        module = EvaluateModule(clf, output_dir=output_dir, method=method or "unknown", fid_features=fid_features,
+                                metadata=meta, protocol=protocol, dataset=dataset_name, **module_kwargs)
     module.classifier_spec = classifier
     module.generation_time_s = generation_time
     multi = devices > 1 or num_nodes > 1

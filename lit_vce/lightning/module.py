@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..classifiers import load_classifier
+from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
 from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
 from ..metrics.suite import build_suite
@@ -67,6 +69,13 @@ class VCEModule(StageModule):
             or ``$LIT_VCE_WEIGHTS_DIR/lpips/checkpoints/``).
         autoencoder: a first-stage autoencoder (diffusers ``AutoencoderKL`` folder or
             hub id, ``id:subfolder``) for latent L1/L2.
+        fetch_per_node: weights are fetched (downloaded when missing) by one process per
+            node; ``False``: by global rank 0 only, for a cache shared by every node
+            (:mod:`lit_vce.weights`).
+
+    The models (classifier, metrics, and the method when the CLI defers it) are built
+    by :meth:`build`: in the constructor when used from Python, in ``prepare_data`` /
+    ``setup`` when built by the CLI (:func:`~lit_vce.lightning.stage.deferred_build`).
     """
 
     def __init__(
@@ -84,29 +93,32 @@ class VCEModule(StageModule):
         resolution: int | None = None,
         autoencoder: str | None = None,
         lpips_weights: str | None = None,
+        fetch_per_node: bool = True,
     ):
-        super().__init__()
+        super().__init__(fetch_per_node)
         if fid_features not in ("world", "inception", "none"):
             raise ValueError("fid_features must be 'world', 'inception' or 'none'")
-        self.classifier = load_classifier(classifier)
-        self.classifier_config = classifier if isinstance(classifier, (str, dict)) else self.classifier.name
-        self.classifier_spec = classifier.get("spec", self.classifier.name) if isinstance(classifier, dict) else self.classifier_config
-        if method is None:
-            from ..methods import ClassifierGuidance
-
-            method = ClassifierGuidance()
+        if lpips not in ("auto", "on", "off"):
+            raise ValueError(f"lpips must be 'auto', 'on' or 'off', got {lpips!r}")
+        check_classifier_spec(classifier)
+        if second_classifier is not None:
+            check_classifier_spec(second_classifier)
+        self.classifier_config = classifier if isinstance(classifier, (str, dict)) else classifier.name
+        self.classifier_spec = classifier.get("spec", "") if isinstance(classifier, dict) else self.classifier_config
+        self._classifier_arg = classifier
         self.method = method
+        #: a zero-argument callable building the method in :meth:`build` (the CLI's deferred method)
+        self.method_factory: Callable[[], VCEMethod] | None = None
         self.seed = int(seed)
         self.deterministic = bool(deterministic)
-        self.run_name = run_name or f"{method.name}-{self.classifier.name}"
+        self._run_name = run_name
         # what `lit-vce evaluate RUN` reuses unless told otherwise
         self.metric_settings = {"fid_features": fid_features, "second_classifier": second_classifier if isinstance(
             second_classifier, str) else None, "world_audit": bool(world_audit), "resolution": resolution, "lpips": lpips,
             "autoencoder": autoencoder if isinstance(autoencoder, str) else None}
-        self.metrics = build_suite(self.classifier, fid_features=fid_features, inception_weights=inception_weights,
-                                   second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
-                                   resolution=resolution, autoencoder=autoencoder, seed=self.seed,
-                                   lpips_weights=lpips_weights)
+        self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
+                                second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
+                                resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
@@ -114,6 +126,21 @@ class VCEModule(StageModule):
         self._selects = False
         self._run_record: dict[str, Any] | None = None
         self.final_results: dict[str, Any] | None = None
+        self._build_unless_deferred()
+
+    def build(self) -> None:
+        """The classifier, the method (from :attr:`method_factory` when deferred) and the metric suite."""
+        self.classifier = load_classifier(self._classifier_arg)
+        if self.method_factory is not None:
+            self.method = self.method_factory()
+        if self.method is None:
+            from ..methods import ClassifierGuidance
+
+            self.method = ClassifierGuidance()
+        if not self.classifier_spec:
+            self.classifier_spec = self.classifier.name
+        self.run_name = self._run_name or f"{self.method.name}-{self.classifier.name}"
+        self.metrics = build_suite(self.classifier, **self._suite_args)
 
     # --- helpers ---------------------------------------------------------------
     def on_predict_start(self) -> None:

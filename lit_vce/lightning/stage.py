@@ -8,11 +8,19 @@ sorted by sample id, the ids' hash, success/failure counts, one validated
 ``results.json`` (:func:`lit_vce.report.results.build_results`), the per-sample
 table and, for run folders, the grid. This base holds that ending, the writer
 lookup and the autograd check, so each stage only says what differs.
+
+Models are built in :meth:`StageModule.build` from their specs. Constructed in
+Python, a stage builds at once; constructed by the CLI (inside :func:`deferred_build`),
+it builds in Lightning's ``prepare_data`` hook on the process that fetches weights
+(one per node, or one in all with ``fetch_per_node=False``) and in ``setup`` on the
+others, from the caches only (:mod:`lit_vce.weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,21 @@ import lightning as L
 import torch
 
 from ..io import write_json, write_rows_csv
+
+
+_DEFERRED = 0  # > 0 inside deferred_build()
+
+
+@contextlib.contextmanager
+def deferred_build() -> Iterator[None]:
+    """Stages constructed inside build their models in ``prepare_data``/``setup``, not in
+    the constructor (the CLI: every process constructs the run before the process group exists)."""
+    global _DEFERRED
+    _DEFERRED += 1
+    try:
+        yield
+    finally:
+        _DEFERRED -= 1
 
 
 def ids_hash(rows: list[dict[str, Any]]) -> str:
@@ -35,6 +58,48 @@ class StageModule(L.LightningModule):
     run_name: str = "run"
     seed: int = 0
     classifier_spec: str = ""
+
+    def __init__(self, fetch_per_node: bool = True):
+        super().__init__()
+        self.prepare_data_per_node = bool(fetch_per_node)  # Lightning: prepare_data on local rank 0 of every node
+        self._deferred = _DEFERRED > 0
+        self._built = False
+
+    # --- models: built once, from their specs --------------------------------
+    def build(self) -> None:
+        """Construct the stage's models from their specs (subclasses; called once)."""
+
+    def build_models(self) -> None:
+        """Run :meth:`build` once, with the global RNG seeded by the stage's seed and restored
+        afterwards, so every process builds the same (randomly initialised) parts."""
+        if self._built:
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.build()
+        self._built = True
+
+    def _build_unless_deferred(self) -> None:
+        if not self._deferred:
+            self.build_models()
+
+    def prepare_data(self) -> None:
+        """Lightning calls this on one process per node (``fetch_per_node=False``: one in
+        all) while the others wait: build the models there, downloading what is missing."""
+        from ..weights import fetching
+
+        with fetching():
+            self.build_models()
+
+    def setup(self, stage: str) -> None:
+        """Every process: build the models the fetching process did not build here, from the caches only."""
+        if self._built:
+            return
+        from ..weights import cache_only
+
+        many = self._trainer is not None and self.trainer.world_size > 1
+        with cache_only() if many else contextlib.nullcontext():
+            self.build_models()
 
     def writer(self):
         """The run folder's :class:`~lit_vce.lightning.writer.VCEPredictionWriter`, if one is attached."""

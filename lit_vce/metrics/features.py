@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..classifiers.loaders import MissingWeightsError, _is_offline, weights_dir
+from ..errors import MissingWeightsError
+from ..weights import may_download, no_download_reason, weights_dir
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -68,8 +69,8 @@ class InceptionFeatures(nn.Module):
             where = weights_dir() / "inception" / INCEPTION_FILE
             hint = (f"download {INCEPTION_URL} and put it at {where}, or point $LIT_VCE_INCEPTION_WEIGHTS "
                     "(or the config key inception_weights) to it")
-            if _is_offline():
-                raise MissingWeightsError(f"Inception FID: offline and no local weights; {hint}")
+            if not may_download():
+                raise MissingWeightsError(f"Inception FID: no local weights ({no_download_reason()}); {hint}")
             try:
                 torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False)
             except Exception as e:  # download errors come in many types

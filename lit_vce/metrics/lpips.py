@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..classifiers.loaders import MissingWeightsError, _is_offline, weights_dir
+from ..errors import MissingWeightsError
+from ..weights import may_download, no_download_reason, weights_dir
 from .vce import _SumMean
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -97,8 +98,8 @@ def build_lpips(weights_path: str | Path | None = None) -> LPIPSDistance:
                 return _lpips_net()
     hint = (f"put {ALEXNET_FILE} (torchvision's AlexNet weights) in {weights_dir() / 'lpips' / 'checkpoints'}, "
             "or point $LIT_VCE_LPIPS_WEIGHTS (config key lpips_weights) to it")
-    if _is_offline():
-        raise MissingWeightsError(f"LPIPS: offline and no local backbone weights; {hint}")
+    if not may_download():
+        raise MissingWeightsError(f"LPIPS: no local backbone weights ({no_download_reason()}); {hint}")
     try:
         return _lpips_net()
     except Exception as e:  # download errors come in many types
