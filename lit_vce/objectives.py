@@ -34,6 +34,20 @@ class ObjectiveContext:
     original_latents: torch.Tensor | None = None
     latent_mask: torch.Tensor | None = None  # (N, 1, h, w) at latent resolution
 
+    def tiled(self, k: int) -> ObjectiveContext:
+        """The context of ``k`` stacked copies of the batch (``k * N`` candidates, copy-major),
+        so one objective call scores k candidates per sample; views are drawn per copy, in
+        order, as k separate calls would draw them."""
+        def tile(t):
+            return None if t is None else torch.cat([t] * k)
+
+        views = self.views
+        if views is not None and k > 1:
+            def views(x, _v=self.views):
+                return torch.cat([_v(c) for c in x.chunk(k)])
+        return ObjectiveContext(tile(self.original), tile(self.source), tile(self.target), self.classifier, tile(self.mask),
+                                views, tile(self.latents), tile(self.original_latents), tile(self.latent_mask))
+
     def classify(self, images: torch.Tensor, classifier: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits (N, K, C) of the K augmented views of each image (K = 1 without ``views``)."""
         clf = classifier or self.classifier

@@ -111,26 +111,30 @@ def test_mask_blending_keeps_the_background_of_the_original(robust):
     assert change(blended) < 0.5 * change(free)
 
 
-def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust):
+@pytest.mark.parametrize("speedups", [True, False])
+def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust, speedups):
     class NaNOnSecond(torch.nn.Module):
         num_classes = 4
 
-        def forward(self, x):
+        def forward(self, x):  # one view per sample: odd rows are sample 1 in every batch layout
             out = robust(x)
             if torch.is_grad_enabled():
-                out = out * torch.tensor([1.0, float("nan")]).repeat_interleave(len(x) // 2)[:, None]
+                out = out * torch.tensor([1.0, float("nan")]).repeat(len(x) // 2)[:, None]
             return out
 
     b = _world_batch(2)
     r = DiGIN("world", outer_steps=2, num_steps=4, null_text_steps=2, num_cutouts=1, injection_fractions=(0.0,),
-              blend_fractions=(0.0,)).generate(b, NaNOnSecond())
+              blend_fractions=(0.0,), speedups=speedups).generate(b, NaNOnSecond())
     assert r.failure[0] is None and "non-finite gradient" in r.failure[1]
     assert torch.isfinite(r.images).all()
 
 
-def test_batch_composition_does_not_change_a_sample(robust):
-    # a fresh batch per run: the per-sample rngs are consumed by a run
-    kw = dict(outer_steps=2, **FAST)
+@pytest.mark.parametrize("speedups", [True, False])
+def test_batch_composition_does_not_change_a_sample(robust, speedups):
+    # a fresh batch per run: the per-sample rngs are consumed by a run. The searched settings
+    # differ clearly here: with FAST's, sample 0's two blends score 10.5543 and 10.5544, a tie
+    # that float rounding (batch shape) may break either way
+    kw = dict(outer_steps=2, speedups=speedups, **{**FAST, "blend_fractions": (0.0, 0.5), "injection_fractions": (0.0, 0.5)})
     whole = DiGIN("world", **kw).generate(_world_batch(3), robust).images
     chunked = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust).images
     diff = (whole - chunked).abs()
@@ -226,3 +230,47 @@ def test_more_random_starts_never_start_worse(robust):
     assert torch.equal(many["loss"], again["loss"])  # the starts come from the per-sample rngs
     with pytest.raises(ValueError, match="num_starts"):
         DiGIN("world", num_starts=0)
+
+
+SPEED_KW = dict(num_steps=6, num_cutouts=2, null_text_steps=3, outer_steps=2, blend_fractions=(0.0, 0.5),
+                injection_fractions=(0.0, 0.5))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_speedups_off_reproduce_the_code_before_them(robust, checkpointing):
+    """``speedups=False`` is the code path before the speed-ups: its outputs equal those
+    that code wrote (tests/fixtures/digin_legacy_world.safetensors, on this stack; the tolerance
+    only absorbs another CPU's float rounding)."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "digin_legacy_world.safetensors"))
+    r = DiGIN("world", speedups=False, gradient_checkpointing=checkpointing, **SPEED_KW).generate(_world_batch(2), robust)
+    assert torch.allclose(r.images, ref[f"ckpt{int(checkpointing)}"], atol=1e-5)
+    assert torch.allclose(r.diagnostics["loss"], ref[f"loss{int(checkpointing)}"], rtol=1e-5)
+
+
+def test_speedups_change_the_cost_not_the_method(robust):
+    """Same search choices, same inversion, same final loss and image (to float rounding):
+    the speed-ups remove recomputation, they change no step of the method."""
+    slow = DiGIN("world", speedups=False, gradient_checkpointing=False, **SPEED_KW).generate(_world_batch(2), robust)
+    fast = DiGIN("world", **SPEED_KW).generate(_world_batch(2), robust)
+    for key in ("blend_steps", "injection_steps", "best_iterate"):
+        assert torch.equal(slow.diagnostics[key], fast.diagnostics[key]), key
+    assert torch.allclose(slow.diagnostics["reconstruction_mse"], fast.diagnostics["reconstruction_mse"], rtol=1e-3)
+    assert torch.allclose(slow.diagnostics["loss"], fast.diagnostics["loss"], rtol=1e-4)
+    assert (slow.images - fast.images).abs().max() < 1e-3
+
+
+def test_auto_checkpointing_checkpoints_only_what_the_budget_needs(robust):
+    kw = dict(SPEED_KW, gradient_checkpointing="auto")
+    free = DiGIN("world", memory_budget_gb=1e3, **kw)
+    ref = free.generate(_world_batch(2), robust)
+    assert torch.equal(ref.diagnostics["checkpointed_unet_calls"], torch.zeros(2))
+    unet, loss = next(iter(free._activation_bytes.values()))  # measured activations of one UNet call, one loss
+    assert unet > 0 and loss > 0
+    tight = DiGIN("world", memory_budget_gb=(loss + 2.5 * unet) / 2**30, **kw).generate(_world_batch(2), robust)
+    assert torch.equal(tight.diagnostics["checkpointed_unet_calls"], torch.full((2,), 4.0))  # 2 of 6 calls fit
+    none = DiGIN("world", memory_budget_gb=0.0, **kw).generate(_world_batch(2), robust)
+    assert torch.equal(none.diagnostics["checkpointed_unet_calls"], torch.full((2,), 6.0))
+    for r in (tight, none):  # checkpointing recomputes: the same numbers
+        assert (r.images - ref.images).abs().max() < 1e-4

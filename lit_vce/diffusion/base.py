@@ -50,6 +50,11 @@ class Inversion:
     latents: list[torch.Tensor]
     uncond: list[torch.Tensor]
     reconstruction_error: float | None = None
+    #: the reconstruction trajectory (CFG with ``uncond`` from z_T): its latent at the input
+    #: of every step, when the inversion ran it (null-text inversion does)
+    trajectory: list[torch.Tensor] | None = None
+    #: what an attention ``control`` recorded on the conditional calls of that trajectory
+    store: object | None = None
 
 
 def betas_from_config(config: dict) -> torch.Tensor:
@@ -195,36 +200,38 @@ class Diffusion(nn.Module, RecordsInitArgs):
         return torch.full((n,), int(t), device=device, dtype=torch.long)
 
     # --- model -------------------------------------------------------------------------------
-    def _call(self, z: torch.Tensor, t, cond, control=None) -> torch.Tensor:
+    def _call(self, z: torch.Tensor, t, cond, control=None, checkpoint: bool | None = None) -> torch.Tensor:
         if control is not None and not self.supports_attention_control:
             raise ValueError(f"{type(self).__name__} has no cross-attention to control")
         tt = self.model_timestep(t, len(z), z.device)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if (self.gradient_checkpointing if checkpoint is None else checkpoint) and torch.is_grad_enabled():
             return _checkpoint(self._forward, z, tt, cond, control, use_reentrant=False)
         return self._forward(z, tt, cond, control)
 
     def model_output(self, z: torch.Tensor, t, cond=None, uncond=None, scale: float | None = None,
-                     control=None) -> torch.Tensor:
+                     control=None, checkpoint: bool | None = None) -> torch.Tensor:
         """The raw model output at timestep ``t`` (eps, plus the variance channels of
         learned-variance models). With ``uncond`` and a scale other than 1 (default
         :attr:`guidance_scale`), classifier-free guidance mixes the eps channels in one
         batched call, the conditional half first (where an attention ``control`` acts);
-        the variance channels are the conditional ones."""
+        the variance channels are the conditional ones. ``checkpoint`` overrides
+        :attr:`gradient_checkpointing` for this call."""
         s = self.guidance_scale if scale is None else float(scale)
         if uncond is None or s == 1.0:
-            return self._call(z, t, cond, control)
-        both = self._call(torch.cat([z, z]), t, torch.cat([cond, uncond]), control)
+            return self._call(z, t, cond, control, checkpoint)
+        both = self._call(torch.cat([z, z]), t, torch.cat([cond, uncond]), control, checkpoint)
         c_out, u_out = both.chunk(2)
         ch = z.shape[1]
         mixed = u_out[:, :ch] + s * (c_out[:, :ch] - u_out[:, :ch])
         return mixed if both.shape[1] == ch else torch.cat([mixed, c_out[:, ch:]], 1)
 
-    def eps(self, z: torch.Tensor, t, cond=None, uncond=None, scale: float | None = None, control=None) -> torch.Tensor:
+    def eps(self, z: torch.Tensor, t, cond=None, uncond=None, scale: float | None = None, control=None,
+            checkpoint: bool | None = None) -> torch.Tensor:
         """The (guided) noise prediction: :meth:`model_output` without variance channels."""
-        return self.model_output(z, t, cond, uncond, scale, control)[:, : z.shape[1]]
+        return self.model_output(z, t, cond, uncond, scale, control, checkpoint)[:, : z.shape[1]]
 
-    def decode_checkpointed(self, z: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+    def decode_checkpointed(self, z: torch.Tensor, checkpoint: bool | None = None) -> torch.Tensor:
+        if (self.gradient_checkpointing if checkpoint is None else checkpoint) and torch.is_grad_enabled():
             return _checkpoint(self.decode, z, use_reentrant=False)
         return self.decode(z)
 
@@ -308,7 +315,8 @@ class Diffusion(nn.Module, RecordsInitArgs):
         return out[::-1]
 
     def null_text_inversion(self, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, tol: float = 1e-5,
-                            scale: float | None = None) -> Inversion:
+                            scale: float | None = None, checkpoint: bool | None = None,
+                            reuse_conditional: bool = False, control=None) -> Inversion:
         """DDIM inversion, then per-step unconditional embeddings optimised (Adam) so that
         the CFG trajectory from z_T retraces the inverted latents (Mokady et al., 2023).
 
@@ -317,20 +325,29 @@ class Diffusion(nn.Module, RecordsInitArgs):
         loss (the MSE to the inverted latent, computed before the update) falls
         below ``tol + i * 2e-5``, checked after the update. Each sample stops on its
         own loss, so the batch does not matter.
+
+        ``checkpoint`` overrides :attr:`gradient_checkpointing` for the inner steps (one
+        UNet call's activations at a time: checkpointing them only recomputes).
+        ``reuse_conditional`` advances each step with the conditional noise prediction
+        computed before the inner loop (it does not change) instead of a second CFG
+        call: one unconditional call instead of a batch of two. ``control(i)`` (an attention
+        control, e.g. a recorder) acts on step i's conditional call. The returned
+        inversion holds the reconstruction trajectory it ran (``trajectory``).
         """
         target = self.invert(z0, cond)
         n, s = len(z0), self.guidance_scale if scale is None else float(scale)
         u = self.null_condition(n).detach()
-        uncond, z = [], target[0]
+        uncond, z, trajectory = [], target[0], []
         for i, t in enumerate(progress(self.timesteps, desc="null-text inversion", unit="step")):
+            trajectory.append(z)
             u = u.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
             with torch.no_grad():
-                e_c = self.eps(z, t, cond)
+                e_c = self.eps(z, t, cond, control=None if control is None else control(i))
             done = torch.zeros(n, dtype=torch.bool, device=z.device)
             for _ in range(inner_steps):
                 with torch.enable_grad():
-                    e_u = self.eps(z, t, u)
+                    e_u = self.eps(z, t, u, checkpoint=checkpoint)
                     pred, _ = self.step(e_u + s * (e_c - e_u), t, z)
                     per_sample = (pred - target[i + 1]).pow(2).flatten(1).mean(1)
                     opt.zero_grad()
@@ -343,9 +360,13 @@ class Diffusion(nn.Module, RecordsInitArgs):
                 if done.all():
                     break
             with torch.no_grad():
-                z, _ = self.step(self.eps(z, t, cond, u.detach(), s), t, z)
+                if reuse_conditional and s != 1.0:
+                    e_u = self.eps(z, t, u.detach())
+                    z, _ = self.step(e_u + s * (e_c - e_u), t, z)
+                else:
+                    z, _ = self.step(self.eps(z, t, cond, u.detach(), s), t, z)
             uncond.append(u.detach())
-        return Inversion(target, uncond, float(F.mse_loss(z, z0)))
+        return Inversion(target, uncond, float(F.mse_loss(z, z0)), trajectory)
 
     def plain_inversion(self, z0: torch.Tensor, cond, scale: float | None = None) -> Inversion:
         """DDIM inversion with the null embedding as unconditional at every step."""

@@ -35,6 +35,8 @@ deviations: ``docs/parity.md``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 import re
@@ -98,6 +100,13 @@ def scaled_cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: 
                 crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
             views.append(crop)
     return torch.cat(views) + noise.reshape(n * num, c, h, w)
+
+
+def _copy_generator(g: torch.Generator) -> torch.Generator:
+    """A generator in ``g``'s state (drawing from it leaves ``g`` untouched)."""
+    copy = torch.Generator(device=g.device)
+    copy.set_state(g.get_state())
+    return copy
 
 
 def fraction_steps(fraction: float, num_steps: int) -> int:
@@ -247,7 +256,23 @@ class DiGIN(VCEMethod):
         sam_model: refine attention masks with Segment Anything (a ``SamModel``
             folder or hub id; the official code uses SAM-HQ); ``None``: off.
         sam_points, sam_threshold: points drawn where the soft mask exceeds the threshold.
-        gradient_checkpointing: checkpoint UNet, decoder and classifier calls.
+        gradient_checkpointing: ``True``: checkpoint every UNet, decoder and classifier
+            call of the optimised trajectory; ``False``: none; ``"auto"``: only as many
+            as ``memory_budget_gb`` needs (the activations of one UNet call and of one
+            loss evaluation are measured once per batch shape; the loss, then the
+            first UNet calls, are checkpointed until the rest fits).
+        memory_budget_gb: the activation memory ``"auto"`` may use (default: 90 % of the
+            free GPU memory, or half the available RAM on a CPU).
+        speedups: the measured speed-ups (``benchmarks/digin_speed.py``; identical
+            settings, same method): null-text inversion without checkpointing and
+            advanced with its conditional prediction; the loss's x0-predictions decoded
+            in one call and all their views through one classifier call, the last
+            decoded image reused for the un-augmented loss and the kept iterate; no
+            search trajectory when only one setting is searched. ``False`` reproduces
+            the earlier code path exactly.
+        inversion_cache: a folder where each image's null-text inversion is stored and
+            reused (keyed by the image, its source conditioning, the model and the
+            inversion settings): an image explained into several targets is inverted once.
         autocast: ``None`` or ``"bfloat16"``/``"float16"`` (mixed precision).
         inner_batch_size: process the batch in chunks (memory; outputs do not change).
         paste_outside_mask: also put the original's clean latent outside the mask into
@@ -296,7 +321,10 @@ class DiGIN(VCEMethod):
         sam_model: str | None = None,
         sam_points: int = 5,
         sam_threshold: float = 0.35,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = "auto",
+        memory_budget_gb: float | None = None,
+        speedups: bool = True,
+        inversion_cache: str | None = None,
         autocast: str | None = None,
         inner_batch_size: int | None = None,
         paste_outside_mask: bool = False,
@@ -309,10 +337,12 @@ class DiGIN(VCEMethod):
             raise ValueError("loss_steps must be in [1, num_steps]")
         if num_starts < 1:
             raise ValueError("num_starts must be >= 1")
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {gradient_checkpointing!r}")
         if mask_postprocessing is not None and len(mask_postprocessing) != 4:
             raise ValueError("mask_postprocessing: (erosion, dilation, blur kernel, blur sigma) at 512 px, or None")
-        self.diffusion = diffusion = _prepare_diffusion(diffusion, num_steps, guidance_scale, gradient_checkpointing, injection,
-                                                        mask_source)
+        self.diffusion = diffusion = _prepare_diffusion(diffusion, num_steps, guidance_scale, gradient_checkpointing is True,
+                                                        injection, mask_source)
         self.injection = ("attention" if diffusion.supports_attention_control else "conditioning") if injection == "auto" else injection
         self.mask_source, self.mask_threshold = mask_source, float(mask_threshold)
         self.mask_postprocessing = None if mask_postprocessing is None else tuple(mask_postprocessing)
@@ -328,6 +358,9 @@ class DiGIN(VCEMethod):
         self.null_text_steps, self.null_text_lr = null_text_steps, null_text_lr
         self.blend_fractions, self.injection_fractions = tuple(blend_fractions), tuple(injection_fractions)
         self.gradient_checkpointing, self.autocast = gradient_checkpointing, autocast
+        self.memory_budget_gb, self.speedups = memory_budget_gb, bool(speedups)
+        self.inversion_cache = inversion_cache
+        self._activation_bytes: dict[tuple, tuple[int, int]] = {}  # batch shape -> (UNet call, loss) bytes
         self.inner_batch_size = inner_batch_size
         self.paste_outside_mask = bool(paste_outside_mask)
         self.prompt, self.class_names = prompt, class_names
@@ -379,14 +412,16 @@ class DiGIN(VCEMethod):
                        injection_steps: torch.Tensor | None = None, blend_steps: torch.Tensor | None = None,
                        templates: list[torch.Tensor] | None = None, latent_mask: torch.Tensor | None = None,
                        keep_last: int = 1, attention: "_AttentionPlan | None" = None,
-                       paste: torch.Tensor | None = None) -> list[torch.Tensor]:
+                       paste: torch.Tensor | None = None, checkpoint_steps: int | None = None) -> list[torch.Tensor]:
         """Sample from ``z_t`` with per-sample injection/blend step counts; returns the
         x0-predictions of the last ``keep_last`` steps. With ``attention`` (a recorded
         trajectory's maps) the first injection steps get its cross-attention maps and the
         target conditioning; without, they get the source conditioning. For the first
         blend steps the input latent is ``mask * z + (1 - mask) * templates[i]`` (the
         reconstruction trajectory's latent at that step; step 0's input is z_T). With
-        ``paste`` (a clean latent) the returned x0-predictions take it outside the mask."""
+        ``paste`` (a clean latent) the returned x0-predictions take it outside the mask.
+        ``checkpoint_steps``: checkpoint the first that many UNet calls and no other
+        (``None``: as the diffusion model's ``gradient_checkpointing`` says)."""
         bb, n = self.diffusion, len(z_t)
         dev = z_t.device
         inj = torch.zeros(n, dtype=torch.long, device=dev) if injection_steps is None else injection_steps
@@ -410,7 +445,8 @@ class DiGIN(VCEMethod):
                 cond = cond + delta_c[i]
             u = uncond[i] if delta_u is None else uncond[i] + delta_u[i]
             t = bb.timesteps[i]
-            z_t, x0 = bb.step(bb.eps(z_t, t, cond, u, control=control), t, z_t)
+            ck = None if checkpoint_steps is None else i < checkpoint_steps
+            z_t, x0 = bb.step(bb.eps(z_t, t, cond, u, control=control, checkpoint=ck), t, z_t)
             if i >= self.num_steps - keep_last:
                 if paste is not None and latent_mask is not None:
                     x0 = latent_mask * x0 + (1 - latent_mask) * paste
@@ -440,14 +476,15 @@ class DiGIN(VCEMethod):
             z, _ = bb.step(bb.eps(z, t, cond, inversion.uncond[i], control=rec), t, z)
         return latents, store
 
-    def _loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool) -> torch.Tensor:
+    def _loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool, checkpoint: bool | None = None
+              ) -> torch.Tensor:
         k = len(x0s)
         weights = torch.arange(1, k + 1, dtype=torch.float32) / (k * (k + 1) / 2)
         total = 0.0
         views, ctx.views = ctx.views, (ctx.views if augmented else None)
         try:
             for w, x0 in zip(weights.tolist(), x0s):
-                images = self.diffusion.decode_checkpointed(x0)
+                images = self.diffusion.decode_checkpointed(x0, checkpoint)
                 if images.shape[-2:] != ctx.original.shape[-2:]:
                     images = F.interpolate(images, size=ctx.original.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
                 ctx.latents = x0
@@ -455,6 +492,99 @@ class DiGIN(VCEMethod):
         finally:
             ctx.views = views
         return total
+
+    def _fit(self, images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != like.shape[-2:]:
+            images = F.interpolate(images, size=like.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+        return images
+
+    def _fused_loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented loss of :meth:`_loss` with the k x0-predictions decoded in one call
+        and the objective evaluated once on all k * n images (all their views through one
+        classifier call; the views are drawn per x0-prediction in the same order as
+        :meth:`_loss` draws them); also the last x0-prediction's decoded image (unresized)."""
+        k, n = len(x0s), len(x0s[0])
+        weights = torch.arange(1, k + 1, dtype=torch.float32) / (k * (k + 1) / 2)
+        z = torch.cat(x0s)
+        raw = self.diffusion.decode_checkpointed(z, False)
+        tiled = ctx.tiled(k)
+        tiled.latents = z
+        per = self.objective(self._fit(raw, ctx.original), tiled).reshape(k, n)
+        return (weights.to(per)[:, None] * per).sum(0), raw[-n:]
+
+    def _clean_loss(self, raw: torch.Tensor, x0: torch.Tensor, ctx: ObjectiveContext) -> torch.Tensor:
+        """The un-augmented loss of a decoded image (``raw``, from ``x0``)."""
+        views, latents = ctx.views, ctx.latents
+        ctx.views, ctx.latents = None, x0
+        try:
+            with torch.no_grad():
+                return self.objective(self._fit(raw, ctx.original), ctx).float()
+        finally:
+            ctx.views, ctx.latents = views, latents
+
+    # --- memory: what "auto" checkpointing measures and plans -------------------------------
+    @staticmethod
+    def _saved_bytes(fn, exclude: set[int]) -> int:
+        """Bytes of the tensors autograd saves while ``fn()`` runs (each storage once;
+        ``exclude``: storages not counted, e.g. the frozen weights)."""
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in seen and ptr not in exclude:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return total
+
+    def _budget_bytes(self, device: torch.device) -> float:
+        if self.memory_budget_gb is not None:
+            return float(self.memory_budget_gb) * 2**30
+        if device.type == "cuda":
+            return 0.9 * torch.cuda.mem_get_info(device)[0]
+        import os
+
+        try:
+            return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return float("inf")
+
+    def checkpoint_plan(self, z: torch.Tensor, cond_tgt, uncond, ctx: ObjectiveContext,
+                        classifier: nn.Module) -> tuple[int | None, bool]:
+        """(UNet calls to checkpoint (``None``: every one, by the diffusion model's setting),
+        whether to checkpoint the loss) for the optimised trajectory. ``"auto"``: the
+        activations of one UNet call (``u``) and one loss evaluation (``d``) are measured
+        once per batch shape; with ``S`` steps and ``k`` loss steps nothing is
+        checkpointed when ``S*u + k*d`` fits the budget, else the loss (one x0-prediction
+        at a time) and the first ``S - floor((budget - d) / u)`` UNet calls. ``ctx`` must
+        draw its views from copies of the batch's generators (the probe draws views)."""
+        if self.gradient_checkpointing is True:
+            return None, True
+        if self.gradient_checkpointing is False or self.outer_steps == 0:
+            return 0, False
+        bb = self.diffusion
+        key = (tuple(z.shape), tuple(ctx.original.shape), str(z.dtype), self.autocast, self.num_cutouts)
+        if key not in self._activation_bytes:
+            frozen = {p.untyped_storage().data_ptr() for m in (bb, classifier) for p in m.parameters()}
+            leaf = z.detach().clone().requires_grad_(True)
+            with self._autocast(z.device):
+                u = self._saved_bytes(lambda: bb.eps(leaf, bb.timesteps[-1], cond_tgt, uncond[-1], checkpoint=False), frozen)
+                ctx.latents = leaf
+                d = self._saved_bytes(lambda: self.objective(self._fit(bb.decode_checkpointed(leaf, False), ctx.original),
+                                                             ctx), frozen)
+            self._activation_bytes[key] = (u, d)
+        u, d = self._activation_bytes[key]
+        budget = self._budget_bytes(z.device)
+        if self.num_steps * u + self.loss_steps * d <= budget:
+            return 0, False
+        fits = max(0, int((budget - d) // max(u, 1)))
+        return max(0, self.num_steps - fits), True
 
     def _autocast(self, device: torch.device):
         if self.autocast is None:
@@ -468,13 +598,43 @@ class DiGIN(VCEMethod):
             return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
         return self._generate(batch, classifier)
 
-    def invert(self, images: torch.Tensor, cond: torch.Tensor, rngs=None) -> tuple[torch.Tensor, Inversion]:
-        """(clean latent, inversion) of ``images`` under ``cond``."""
+    def _recording(self, mask: torch.Tensor | None) -> tuple[int, bool]:
+        """(steps whose attention maps the edit injects, whether it records token maps for
+        masks) on a model with cross-attention, for a batch with foreground ``mask`` or none."""
+        bb = self.diffusion
+        real = self.inversion != "none"
+        attn_masks = real and (self.mask_source == "attention" or (
+            self.mask_source == "auto" and mask is None and bb.supports_attention_control))
+        keep = max((fraction_steps(j, self.num_steps) for j in self.injection_fractions), default=0)
+        inject = real and self.injection == "attention" and keep > 0
+        return (keep if inject else 0), attn_masks
+
+    def invert(self, images: torch.Tensor, cond: torch.Tensor, rngs=None, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Inversion]:
+        """(clean latent, inversion) of ``images`` under ``cond`` (``mask``: the batch's
+        foreground masks, which decide what the edit records)."""
         bb = self.diffusion
         with torch.no_grad():
             z0 = bb.encode(images)
         if self.inversion == "null_text":
-            return z0, bb.null_text_inversion(z0, cond, self.null_text_steps, self.null_text_lr)
+            if not self.speedups:
+                return z0, bb.null_text_inversion(z0, cond, self.null_text_steps, self.null_text_lr)
+            # the inversion's own last pass is the reconstruction trajectory: record there what
+            # the edit needs (attention maps), so prepare_edit need not run it again
+            keep, tokens = self._recording(mask)
+            store = AttentionStore() if bb.supports_attention_control and (keep > 0 or tokens) else None
+            last = self.num_steps - 1
+
+            def control(i):
+                if store is None:
+                    return None
+                first_half = last == 0 or 1 - i / last >= 0.5
+                return AttentionRecorder(len(z0), store, i, keep_maps=i < keep, record_tokens=tokens and first_half)
+
+            inv = bb.null_text_inversion(z0, cond, self.null_text_steps, self.null_text_lr, checkpoint=False,
+                                         reuse_conditional=True, control=control)
+            inv.store = store
+            return z0, inv
         if self.inversion == "ddim":
             return z0, bb.plain_inversion(z0, cond)
         z_T = per_sample_randn(z0.shape[1:], rngs).to(z0)
@@ -484,27 +644,31 @@ class DiGIN(VCEMethod):
     def _generate(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
         """The phases: condition, invert, prepare the edit, search, optimise, select."""
         cond_src, cond_tgt, prompts, captions_used = self._conditioning(batch, classifier)
-        z0, inv = self.invert(batch.images, cond_src, batch.rngs)
+        z0, inv = self.invert(batch.images, cond_src, batch.rngs, batch.mask)
         edit = self.prepare_edit(batch, classifier, inv, cond_src, prompts)
-        ctx = ObjectiveContext(batch.images, batch.source, batch.target, self._checkpointed(classifier), edit.pixel_mask,
+        ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier, edit.pixel_mask,
                                views=self._views(batch, classifier), original_latents=z0, latent_mask=edit.latent_mask)
         search = self.search(batch, inv, cond_src, cond_tgt, edit, ctx)
-        best = self.optimise(batch, inv, cond_src, cond_tgt, edit, ctx, search)
+        probe = dataclasses.replace(ctx, views=self._views(batch, classifier, [_copy_generator(g) for g in batch.rngs]))
+        plan = self.checkpoint_plan(search.z_start, cond_tgt, inv.uncond, probe, classifier)
+        ctx.classifier = self._checkpointed(classifier, plan[1])
+        best = self.optimise(batch, inv, cond_src, cond_tgt, edit, ctx, search, plan)
         with torch.no_grad():
             p_t = classifier(best.images).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
         n = len(batch)
         diag = {"target_confidence": p_t, "loss": best.loss.detach().cpu(), "best_iterate": best.iterate.float().cpu(),
                 "injection_steps": search.injection.float().cpu(), "blend_steps": search.blend.float().cpu(),
                 "start": search.start.float().cpu(),
-                "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan")))}
+                "reconstruction_mse": torch.full((n,), float(inv.reconstruction_error or float("nan"))),
+                "checkpointed_unet_calls": torch.full((n,), float(self.num_steps if plan[0] is None else plan[0]))}
         if edit.latent_mask is not None:
             diag["mask_fraction"] = edit.latent_mask.float().flatten(1).mean(1).cpu()
         if captions_used is not None:
             diag["caption_used"] = captions_used
         return CounterfactualResult(best.images.detach(), diag, best.failure)
 
-    def _checkpointed(self, classifier: nn.Module):
-        if not self.gradient_checkpointing:
+    def _checkpointed(self, classifier: nn.Module, on: bool):
+        if not on:
             return classifier
 
         def clf(x, _c=classifier):
@@ -520,11 +684,12 @@ class DiGIN(VCEMethod):
         src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
         return bb.condition(src_prompts), bb.condition(tgt_prompts), (src_prompts, tgt_prompts), captions_used
 
-    def _views(self, batch: VCEBatch, classifier: nn.Module):
+    def _views(self, batch: VCEBatch, classifier: nn.Module, rngs: list[torch.Generator] | None = None):
+        rngs = batch.rngs if rngs is None else rngs
         if self.cutouts == "scaled":
-            return lambda x: scaled_cutout_views(x, batch.rngs, self.num_cutouts, self.cutout_min_scale, self.noise_sd)
+            return lambda x: scaled_cutout_views(x, rngs, self.num_cutouts, self.cutout_min_scale, self.noise_sd)
         size = getattr(classifier, "input_size", None)
-        return lambda x: cutout_views(x, batch.rngs, self.num_cutouts, self.noise_sd, size, self.cutout_power)
+        return lambda x: cutout_views(x, rngs, self.num_cutouts, self.noise_sd, size, self.cutout_power)
 
     def prepare_edit(self, batch: VCEBatch, classifier: nn.Module, inv: Inversion, cond_src: torch.Tensor,
                      prompts: tuple[list[str], list[str]] | None) -> "_Edit":
@@ -534,14 +699,16 @@ class DiGIN(VCEMethod):
             raise ValueError("mask_source='batch' but the data gives no foreground masks")
         real = self.inversion != "none"
         pixel_mask = None if self.mask_source == "none" else batch.mask
-        attn_masks = real and (self.mask_source == "attention" or (
-            self.mask_source == "auto" and batch.mask is None and bb.supports_attention_control))
-        keep = max((fraction_steps(j, self.num_steps) for j in self.injection_fractions), default=0)
-        inject = real and self.injection == "attention" and keep > 0
+        keep, attn_masks = self._recording(batch.mask)
+        inject = keep > 0
         templates = store = None
         if real and (inject or attn_masks or any(b > 0 for b in self.blend_fractions)):
-            with self._autocast(dev):  # maps stored in the compute dtype (half the memory under bf16)
-                templates, store = self.reconstruct(inv, cond_src, keep if inject else 0, record_tokens=attn_masks)
+            if self.speedups and inv.trajectory is not None and (inv.store is not None or not bb.supports_attention_control
+                                               or not (inject or attn_masks)):
+                templates, store = inv.trajectory, inv.store  # recorded while inverting
+            else:
+                with self._autocast(dev):  # maps stored in the compute dtype (half the memory under bf16)
+                    templates, store = self.reconstruct(inv, cond_src, keep, record_tokens=attn_masks)
         plan = None
         if inject:
             aligned = [token_alignment(a, b) for a, b in zip(bb.token_ids(prompts[0]).tolist(), bb.token_ids(prompts[1]).tolist())]
@@ -582,6 +749,10 @@ class DiGIN(VCEMethod):
         best = torch.full((n,), float("inf"), device=dev)
         inj, blend, start = (torch.zeros(n, dtype=torch.long, device=dev) for _ in range(3))
         settings = [(k, z, b, j) for k, z in enumerate(starts) for b, j in itertools.product(blends, injections)]
+        if self.speedups and len(settings) == 1:  # nothing to choose: outer step 0 runs this trajectory anyway
+            _, z_start, b, j = settings[0]
+            full = functools.partial(torch.full, (n,), dtype=torch.long, device=dev)
+            return _Search(full(fraction_steps(j, self.num_steps)), full(fraction_steps(b, self.num_steps)), full(0), z_start)
         with torch.no_grad(), self._autocast(dev):
             for k, z_start, b, j in progress(settings, desc="DiG-IN search", unit="setting"):
                 bs = torch.full((n,), fraction_steps(b, self.num_steps), dtype=torch.long, device=dev)
@@ -597,8 +768,9 @@ class DiGIN(VCEMethod):
         return _Search(inj, blend, start, torch.stack(starts)[start, torch.arange(n, device=dev)])
 
     def optimise(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: "_Edit", ctx: ObjectiveContext,
-                 search: "_Search") -> "_Best":
-        """Adam on z_T and the per-step embedding deltas; keeps each sample's iterate with the lowest clean loss."""
+                 search: "_Search", plan: tuple[int | None, bool] = (None, False)) -> "_Best":
+        """Adam on z_T and the per-step embedding deltas; keeps each sample's iterate with the lowest clean loss.
+        ``plan``: (UNet calls to checkpoint, whether the loss is checkpointed), see :meth:`checkpoint_plan`."""
         n, dev = len(batch), batch.images.device
         z_T = search.z_start.detach().clone().requires_grad_(True)
         norm0 = z_T.detach().flatten(1).norm(dim=1)
@@ -614,17 +786,28 @@ class DiGIN(VCEMethod):
             with torch.set_grad_enabled(not last), self._autocast(dev):
                 x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, search.injection, search.blend,
                                           edit.templates, edit.latent_mask, keep_last=1 if last else self.loss_steps,
-                                          attention=edit.plan, paste=edit.paste)
-                with torch.no_grad():  # the un-augmented loss of this iterate decides what is kept
-                    clean = self._loss(x0s[-1:], ctx, augmented=False).float()
+                                          attention=edit.plan, paste=edit.paste, checkpoint_steps=plan[0])
+                fused = self.speedups and not plan[1]
+                if fused:  # one decode of the k x0-predictions serves the loss, the clean loss and the kept image
+                    if last:
+                        with torch.no_grad():
+                            raw = self.diffusion.decode(x0s[-1])
+                    else:
+                        loss, raw = self._fused_loss(x0s, ctx)
+                    raw = raw.detach()
+                    clean = self._clean_loss(raw, x0s[-1].detach(), ctx)
+                else:
+                    with torch.no_grad():  # the un-augmented loss of this iterate decides what is kept
+                        clean = self._loss(x0s[-1:], ctx, augmented=False).float()
                 better = (clean < best.loss) & ok
                 if better.any():
                     best.loss = torch.where(better, clean, best.loss)
                     best.iterate = torch.where(better, torch.full_like(best.iterate, it), best.iterate)
-                    best.images[better] = self._image(x0s[-1].detach(), batch.images)[better]
+                    image = self._resized(raw.float(), batch.images) if fused else self._image(x0s[-1].detach(), batch.images)
+                    best.images[better] = image[better]
                 if last:
                     break
-                loss = self._loss(x0s, ctx, augmented=True).float()
+                loss = loss.float() if fused else self._loss(x0s, ctx, augmented=True, checkpoint=plan[1]).float()
                 opt.zero_grad()
                 loss.sum().backward()
             self.last_trace.append(loss.detach())
@@ -654,7 +837,10 @@ class DiGIN(VCEMethod):
         return fine
 
     def _image(self, x0: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        img = self.diffusion.decode(x0).float()
+        return self._resized(self.diffusion.decode(x0).float(), like)
+
+    @staticmethod
+    def _resized(img: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if img.shape[-2:] != like.shape[-2:]:
             img = F.interpolate(img, size=like.shape[-2:], mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         return img
