@@ -138,3 +138,55 @@ class PreemptAfterBatches(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
             raise RuntimeError("simulated preemption")
         self.seen += 1
+
+
+def stable_diffusion_components(size: str = "tiny", image_size: int = 64, seed: int = 0) -> dict:
+    """Random-weight Stable Diffusion components as :class:`~lit_vce.diffusion.LatentDiffusion`
+    keyword arguments (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``),
+    for benchmarks: ``size="tiny"`` (a 2-level UNet with 8/16 channels, a 2-level VAE:
+    latents at ``image_size / 2``) or ``"sd15"`` (the Stable Diffusion 1.5 architecture:
+    860M UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder; latents at ``image_size / 8``).
+    Random weights cost what real ones cost. The tokenizer is the toy word-level one of
+    :func:`save_tiny_latent_diffusion` (token ids only matter for cost)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if size not in ("tiny", "sd15"):
+        raise ValueError("size must be 'tiny' or 'sd15'")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(save_tiny_latent_diffusion(Path(tmp) / "sd", seed) / "tokenizer"))
+    torch.manual_seed(seed)
+    if size == "tiny":
+        unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=image_size // 2,
+                                    in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                    norm_num_groups=4, attention_head_dim=2)
+        vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, sample_size=image_size)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                                            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                            max_position_embeddings=77))
+    else:
+        unet = UNet2DConditionModel(sample_size=image_size // 8, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=image_size)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77))
+    sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer, "scheduler_config": sched}
+
+
+def count_flops(fn) -> tuple[object, int]:
+    """(``fn()``, the floating-point operations it ran, backward passes included), by
+    PyTorch's ``FlopCounterMode`` (matrix multiplications and convolutions: what dominates)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, int(counter.get_total_flops())

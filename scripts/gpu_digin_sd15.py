@@ -1,113 +1,121 @@
 #!/usr/bin/env python
-"""Time one DiG-IN VCE on a Stable Diffusion 1.5-sized architecture with random
-weights (512 px, 20 DDIM steps, 20 outer iterations), in fp32 and bf16, with
-gradient checkpointing, on one GPU. Random weights cost the same as real ones.
+"""One DiG-IN VCE on the Stable Diffusion 1.5 architecture with random weights (random
+weights cost what real ones cost), at the published settings, on one GPU: fp32 and
+bf16, each with every speed-up on (the defaults) and off (the code before them:
+``speedups=False, gradient_checkpointing=True``).
 
-    .venv/bin/python scripts/gpu_digin_sd15.py [--dtypes float32 bfloat16] [--outer 20] [--steps 20]
-    .venv/bin/python scripts/gpu_digin_sd15.py --tiny      # a CPU smoke run of the same code path
-    .venv/bin/python scripts/gpu_digin_sd15.py --dtypes float32 --size 256 --steps 2 --outer 1 --null-text-steps 1
-                                                           # the full architecture, cut down to run on CPUs
+    .venv/bin/python scripts/gpu_digin_sd15.py              # 512 px, published settings (one H200: a few minutes)
+    .venv/bin/python scripts/gpu_digin_sd15.py --tiny       # the same code path, tiny components, on the CPU
+    .venv/bin/python scripts/gpu_digin_sd15.py --no-flops   # skip the FLOP-counting passes
 
-Prints, per dtype: seconds for null-text inversion + settings search +
-optimisation of one image, the peak GPU memory and the null-text
-reconstruction error (latent MSE; how much bf16 costs the inversion). The classifier is a
-random-init timm ResNet-50 at 224 px.
+Published settings: 512 px, 20 DDIM steps, guidance 3, null-text inversion with 10
+inner steps, the 6-setting search (blend {0, 0.3} x injection {0.3, 0.4, 0.5}),
+20 outer Adam steps, 16 cutouts; a random-init ResNet-50 at 224 px explains.
+
+Prints one JSON row per run (seconds, peak GPU memory, FLOPs per VCE, achieved
+TFLOP/s, UNet calls checkpointed, null-text reconstruction error, final loss) and a
+one-line summary. FLOPs do not depend on the dtype: they are counted once per mode,
+in a separate bf16 pass under ``FlopCounterMode`` (matmuls and convolutions, backward
+included), so the timed runs carry no counting overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-
-def sd15_components(tiny: bool, size: int = 512):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if tiny:
-        unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, cross_attention_dim=8,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=2)
-        vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, sample_size=32)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                           vocab_size=1000, max_position_embeddings=77))
-        return unet, vae, text
-    # the Stable Diffusion 1.5 architecture (860M UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
-    unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, sample_size=size)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                                       vocab_size=49408, max_position_embeddings=77))
-    return unet, vae, text
+MODES = {"speedups": {}, "no_speedups": {"speedups": False, "gradient_checkpointing": True}}
 
 
-def run(dtype: str, steps: int, outer: int, tiny: bool, device: str, size: int = 512, null_text_steps: int = 10) -> dict:
+def build(tiny: bool, size: int, device: str):
     import timm
-    from transformers import CLIPTokenizer
 
     from lit_vce.classifiers import ImageClassifier
-    from lit_vce.rngs import sample_rngs
+    from lit_vce.testing import stable_diffusion_components
+
+    parts = stable_diffusion_components("tiny" if tiny else "sd15", size)
+    for key in ("unet", "vae", "text_encoder"):
+        parts[key] = parts[key].to(device)
+    arch, res = ("resnet18", 32) if tiny else ("resnet50", 224)
+    clf = ImageClassifier(timm.create_model(arch, pretrained=False, num_classes=4), res,
+                          ["zebra", "sorrel", "cat", "dog"], name=arch).to(device)
+    return parts, clf
+
+
+def one_vce(parts, clf, dtype: str, mode: str, a, device: str):
     from lit_vce.diffusion import LatentDiffusion
     from lit_vce.methods import DiGIN, VCEBatch
-    from lit_vce.testing import save_tiny_latent_diffusion
+    from lit_vce.rngs import sample_rngs
 
-    torch.manual_seed(0)
-    unet, vae, text = sd15_components(tiny, size)
-    with tempfile.TemporaryDirectory() as tmp:  # the toy tokenizer (token ids only matter for cost, not content)
-        tokenizer = CLIPTokenizer.from_pretrained(str(save_tiny_latent_diffusion(Path(tmp) / "sd") / "tokenizer"))
-    sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-    bb = LatentDiffusion(num_steps=steps, dtype=dtype, unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                         scheduler_config=sched).to(device)
-    arch = "resnet18" if tiny else "resnet50"
-    clf = ImageClassifier(timm.create_model(arch, pretrained=False, num_classes=4), 32 if tiny else 224,
-                          ["zebra", "sorrel", "cat", "dog"], name=arch).to(device)
+    bb = LatentDiffusion(num_steps=a.steps, guidance_scale=3.0, **parts).to(device)
     size = bb.image_size
     ids = ["img0"]
-    batch = VCEBatch(torch.rand(1, 3, size, size, device=device), torch.tensor([0], device=device),
-                     torch.tensor([1], device=device), ids, sample_rngs(0, ids, device=device))
-    method = DiGIN(bb, num_steps=steps, outer_steps=outer, gradient_checkpointing=True, background_latent_weight=0.0,
-                   background_pixel_weight=0.0, null_text_steps=null_text_steps, injection_fractions=(0.3, 0.4, 0.5),
-                   autocast=None if dtype == "float32" else dtype)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    batch = VCEBatch(image, torch.tensor([0], device=device), torch.tensor([1], device=device), ids,
+                     sample_rngs(0, ids, device=device))
+    method = DiGIN(bb, num_steps=a.steps, outer_steps=a.outer, num_cutouts=a.cutouts, null_text_steps=a.null_text_steps,
+                   background_latent_weight=0.0, background_pixel_weight=0.0,
+                   autocast=None if dtype == "float32" else dtype, **MODES[mode])
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = method.generate(batch, clf)
     if device == "cuda":
         torch.cuda.synchronize()
-    sec = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"dtype": dtype, "image_size": size, "steps": steps, "outer": outer, "seconds": round(sec, 2),
-            "peak_gib": round(peak, 2), "injection": method.injection, "finite": bool(torch.isfinite(result.images).all()),
-            "null_text_reconstruction_mse": float(result.diagnostics["reconstruction_mse"][0])}
+    return time.perf_counter() - t0, result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--outer", type=int, default=20)
-    p.add_argument("--tiny", action="store_true", help="tiny components on the CPU (smoke run)")
-    p.add_argument("--size", type=int, default=512, help="image size (the SD 1.5 architecture at this resolution)")
+    p.add_argument("--cutouts", type=int, default=16)
     p.add_argument("--null-text-steps", type=int, default=10)
+    p.add_argument("--size", type=int, default=512, help="image size (the SD 1.5 architecture at this resolution)")
+    p.add_argument("--tiny", action="store_true", help="tiny components on the CPU (smoke run of the same code path)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting passes")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args()
+    from lit_vce.testing import count_flops
+
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
-    if device == "cuda":
-        print(f"device: {torch.cuda.get_device_name(0)}")
+    size = 64 if a.tiny else a.size
+    t_start = time.perf_counter()
+    parts, clf = build(a.tiny, size, device)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"device: {name}; models built in {time.perf_counter() - t_start:.1f} s", flush=True)
+    flops = {}
+    if not a.no_flops:
+        for mode in a.modes:
+            _, flops[mode] = count_flops(lambda m=mode: one_vce(parts, clf, "bfloat16" if device == "cuda" else "float32",
+                                                                m, a, device))
+            print(f"FLOPs per VCE, {mode}: {flops[mode] / 1e12:.1f} TFLOP", flush=True)
     rows = []
-    for dt in a.dtypes:
-        rows.append(run(dt, a.steps, a.outer, a.tiny, device, a.size, a.null_text_steps))
-        print(json.dumps(rows[-1]), flush=True)
+    for dtype in a.dtypes:
+        for mode in a.modes:
+            sec, r = one_vce(parts, clf, dtype, mode, a, device)
+            f = flops.get(mode)
+            rows.append({"dtype": dtype, "mode": mode, "image_size": size, "seconds": round(sec, 2),
+                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+                         "flop_per_vce": f,
+                         "achieved_tflop_s": round(f / 1e12 / sec, 1) if f else None,
+                         "checkpointed_unet_calls": int(r.diagnostics["checkpointed_unet_calls"][0]),
+                         "reconstruction_mse": float(r.diagnostics["reconstruction_mse"][0]),
+                         "final_loss": float(r.diagnostics["loss"][0]), "finite": bool(torch.isfinite(r.images).all())})
+            print(json.dumps(rows[-1]), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+    summary = "; ".join(f"{r['dtype']}/{r['mode']} {r['seconds']} s"
+                        + (f" {r['peak_gib']} GiB" if r["peak_gib"] is not None else "")
+                        + (f" {r['achieved_tflop_s']} TFLOP/s" if r["achieved_tflop_s"] else "") for r in rows)
+    print(f"SUMMARY {name} {size}px: {summary}; total {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -190,10 +190,14 @@ def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
     out = tmp_path / "rows.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_digin_sd15.py"
     proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtypes", "float32", "--steps", "3", "--outer", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--null-text-steps", "2", "--cutouts", "2", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert rows[0]["finite"] and rows[0]["steps"] == 3 and rows[0]["seconds"] > 0
+    assert [r["mode"] for r in rows] == ["speedups", "no_speedups"]
+    assert all(r["finite"] and r["seconds"] > 0 and r["flop_per_vce"] > 0 for r in rows)
+    assert rows[1]["checkpointed_unet_calls"] == 3  # the code before the speed-ups checkpoints every call
+    assert "SUMMARY cpu 64px: float32/speedups" in proc.stdout
 
 
 def test_guidance_scale_one_leaves_the_unconditional_deltas_unused_without_failing(robust):
