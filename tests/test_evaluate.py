@@ -47,6 +47,33 @@ def test_evaluate_rereads_a_run_and_matches_the_inline_metrics(world_run):
     assert np.mean([float(r["cout"]) for r in table]) == pytest.approx(b["cout"], rel=1e-5)
 
 
+def test_metrics_selects_what_is_computed_and_the_rest_is_unchanged(world_run, tmp_path, capsys):
+    full = json.loads((world_run / "results.json").read_text())["metrics"]
+    out = tmp_path / "fid_only"
+    main(["evaluate", str(world_run), "--metrics", "fid", "--second-classifier", "oracle", "--out", str(out)])
+    got = json.loads((out / "results.json").read_text())["metrics"]
+    assert not {"sfid", "cout", "flip_rate_independent"} & set(got)  # neither computed nor loaded
+    for k in ("fid", "fid_successful", "flip_rate", "target_confidence", "l1", "l2"):
+        assert got[k] == pytest.approx(full[k], rel=1e-6, nan_ok=True), k
+    assert next(csv.DictReader((out / "samples.csv").open())).get("cout") in (None, "")  # its column stays empty
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(world_run), "--metrics", "fid,speed", "--out", str(tmp_path / "bad")])
+    assert "unknown metric(s) speed: choose from fid, sfid" in capsys.readouterr().err
+
+
+def test_the_frechet_distance_matches_the_general_eigenvalue_route():
+    from lit_vce.metrics.vce import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    for n in (20, 300):  # rank-deficient and full-rank covariances of 64-d features
+        a = torch.randn(n, 64, generator=g, dtype=torch.float64)
+        b = 1.3 * torch.randn(n, 64, generator=g, dtype=torch.float64) + 0.2
+        mu1, c1, mu2, c2 = a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)
+        ref = ((mu1 - mu2) ** 2).sum() + c1.trace() + c2.trace() - 2 * torch.linalg.eigvals(c1 @ c2).real.clamp_min(0).sqrt().sum()
+        assert float(frechet_distance(mu1, c1, mu2, c2)) == pytest.approx(float(ref), rel=1e-7)
+        assert abs(float(frechet_distance(mu1, c1, mu1, c1))) < 1e-7 * float(c1.trace())
+
+
 def test_two_processes_give_the_one_process_numbers_with_uneven_shards(world_run, tmp_path):
     from lit_vce.testing import save_random_alexnet_weights
 

@@ -206,7 +206,7 @@ class EvaluateModule(StageModule):
                  second_classifier: str | None = None, lpips: str = "auto", world_audit: bool = False,
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
-                 lpips_weights: str | None = None, fetch_per_node: bool = True):
+                 lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None):
         super().__init__(fetch_per_node)
         from ..classifiers.loaders import check_classifier_spec
 
@@ -216,7 +216,11 @@ class EvaluateModule(StageModule):
         self.generation_time_s = float("nan")  # the run's, when known (results keep it; evaluation time is separate)
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
-                                resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights)
+                                resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights,
+                                metrics=metrics)
+        from ..metrics.suite import check_metrics
+
+        check_metrics(metrics)  # an unknown name fails before anything is built
         self.output_dir = Path(output_dir)
         self.method_name, self.seed = method, seed
         self._run_name = run_name
@@ -392,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--autoencoder", help="first-stage autoencoder for latent L1/L2 (diffusers folder or hub id[:subfolder])")
     p.add_argument("--image-size", type=int, help="resize all images to this square size when reading")
     p.add_argument("--seed", type=int, default=None, help="sFID split seed (default: the run's seed, else 0)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated optional metrics (fid,sfid,cout,lpips,latent,independent,audit; default: all); "
+                        "flip rates, confidences and L1/L2 are always computed")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
@@ -401,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     kwargs: dict[str, Any] = {}
     if a.seed is not None:
         kwargs["seed"] = a.seed
+    if a.metrics is not None:
+        kwargs["metrics"] = a.metrics
     from ..classifiers import MissingWeightsError
 
     try:

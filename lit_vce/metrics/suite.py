@@ -79,6 +79,23 @@ class LatentEncoder(nn.Module):
         return dist.mean * self.scaling
 
 
+#: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
+#: (flip rates, confidences) and L1/L2 are always computed: they are what a row is
+OPTIONAL_METRICS = ("fid", "sfid", "cout", "lpips", "latent", "independent", "audit")
+
+
+def check_metrics(metrics) -> frozenset[str]:
+    """The selected optional metrics (all for None); a clear error for an unknown name."""
+    if metrics is None:
+        return frozenset(OPTIONAL_METRICS)
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    bad = sorted(set(names) - set(OPTIONAL_METRICS))
+    if bad:
+        raise ValueError(f"unknown metric(s) {', '.join(bad)}: choose from {', '.join(OPTIONAL_METRICS)} "
+                         "(flip rates, confidences and L1/L2 are always computed)")
+    return frozenset(names)
+
+
 class VCEMetrics(nn.Module):
     """The metric suite of one (method, classifier, protocol, dataset) run.
 
@@ -95,6 +112,9 @@ class VCEMetrics(nn.Module):
         autoencoder: a first-stage autoencoder (module or spec) for latent L1/L2.
         seed: the sFID split seed.
         cout_steps: insertion increments of COUT.
+        metrics: the optional metrics to compute (:data:`OPTIONAL_METRICS`; None: every
+            one that is configured): FID and sFID share one feature pass, the others cost
+            their own passes (COUT: ``cout_steps + 1`` classifier calls per batch).
     """
 
     def __init__(
@@ -109,8 +129,15 @@ class VCEMetrics(nn.Module):
         autoencoder: str | nn.Module | None = None,
         seed: int = 0,
         cout_steps: int = 50,
+        metrics=None,
     ):
         super().__init__()
+        self.selected = sel = check_metrics(metrics)
+        lpips = lpips if "lpips" in sel else None
+        second_classifier = second_classifier if "independent" in sel else None
+        autoencoder = autoencoder if "latent" in sel else None
+        features = features if ("fid" in sel or "sfid" in sel) else None
+        audit = audit and "audit" in sel
         self.classifier = classifier
         self.resolution = resolution
         self.flip_rate = FlipRate()
@@ -185,7 +212,8 @@ class VCEMetrics(nn.Module):
         self.flip_rate_source_correct.update(after[correct], target[correct])
         o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
         per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
-        per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
+        if "cout" in self.selected:
+            per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
         if self.lpips is not None:
             per["lpips"] = self.lpips.per_sample(counterfactual, original)
         if self.encoder is not None:
@@ -205,13 +233,15 @@ class VCEMetrics(nn.Module):
         if self.features is not None:
             # one extraction serves FID (both conventions) and sFID
             f_o, f_c = self.features(original), self.features(counterfactual)
-            self.fid.update(real=True, features=f_o)
-            self.fid.update(real=False, features=f_c)
-            # ACE/DiME's compute_FID: all originals against the successful counterfactuals
-            self.fid_successful.update(real=True, features=f_o)
-            self.fid_successful.update(real=False, features=f_c[success])
-            keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
-            self.sfid.update(keys=keys, real=f_o, fake=f_c, success=success)
+            if "fid" in self.selected:
+                self.fid.update(real=True, features=f_o)
+                self.fid.update(real=False, features=f_c)
+                # ACE/DiME's compute_FID: all originals against the successful counterfactuals
+                self.fid_successful.update(real=True, features=f_o)
+                self.fid_successful.update(real=False, features=f_c[success])
+            if "sfid" in self.selected:
+                keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
+                self.sfid.update(keys=keys, real=f_o, fake=f_c, success=success)
         if self.audit is not None:
             self.audit.update(counterfactual, source, target, success)
         pb, pa = before.softmax(1), after.softmax(1)
@@ -243,8 +273,9 @@ class VCEMetrics(nn.Module):
             "n_source_correct": self.flip_rate_source_correct.n_used,
             "l1": float(self.l1.compute()),
             "l2": float(self.l2.compute()),
-            "cout": float(self.cout.compute()),
         }
+        if "cout" in self.selected:
+            m["cout"] = float(self.cout.compute())
         n = self.flip_rate.n_used  # the global N, recorded while states were synced
         if self.lpips is not None:
             m["lpips"] = float(self.lpips.compute())
@@ -253,12 +284,13 @@ class VCEMetrics(nn.Module):
         if self.second is not None:
             m["flip_rate_independent"] = float(self.flip_rate_independent.compute())
             m["target_confidence_independent"] = float(self.target_confidence_independent.compute())
-        if self.features is not None:
+        if self.features is not None and "fid" in self.selected:
             m["fid"] = float(self.fid.compute())
             m["fid_n"] = self.fid.n_used
             m["fid_successful"] = float(self.fid_successful.compute())
             m["fid_successful_n"] = self.fid_successful.n_fake  # successful counterfactuals
             m["fid_successful_n_originals"] = self.fid_successful.n_real  # all originals
+        if self.features is not None and "sfid" in self.selected:
             sfid_all, sfid_successful = self.sfid.compute()
             m["sfid"], m["sfid_n"] = float(sfid_all), self.sfid.n_used
             m["sfid_successful"] = float(sfid_successful)
@@ -279,7 +311,7 @@ class VCEMetrics(nn.Module):
         """The settings stored with the results."""
         return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
                 "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
-                "cout_steps": self.cout.steps}
+                "cout_steps": self.cout.steps, "metrics": sorted(self.selected)}
 
 
 def build_suite(
@@ -293,6 +325,7 @@ def build_suite(
     autoencoder: str | nn.Module | None = None,
     seed: int = 0,
     lpips_weights: str | None = None,
+    metrics=None,
 ) -> VCEMetrics:
     """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
 
@@ -303,7 +336,12 @@ def build_suite(
 
     if lpips not in ("auto", "on", "off"):
         raise ValueError("lpips must be 'auto', 'on' or 'off'")
+    sel = check_metrics(metrics)  # what is not selected is not loaded either
+    lpips = lpips if "lpips" in sel else "off"
     lp = build_lpips(lpips_weights) if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights)) else None
-    second = load_classifier(second_classifier) if isinstance(second_classifier, str) else second_classifier
-    return VCEMetrics(classifier, features=fid_features, inception_weights=inception_weights, second_classifier=second,
-                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder, seed=seed)
+    second = second_classifier if "independent" in sel else None
+    second = load_classifier(second) if isinstance(second, str) else second
+    features = fid_features if ("fid" in sel or "sfid" in sel) else None
+    return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second,
+                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
+                      seed=seed, metrics=sorted(sel))
