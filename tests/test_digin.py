@@ -132,9 +132,11 @@ def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust, speedups):
 @pytest.mark.parametrize("speedups", [True, False])
 def test_batch_composition_does_not_change_a_sample(robust, speedups):
     # a fresh batch per run: the per-sample rngs are consumed by a run. The searched settings
-    # differ clearly here: with FAST's, sample 0's two blends score 10.5543 and 10.5544, a tie
-    # that float rounding (batch shape) may break either way
-    kw = dict(outer_steps=2, speedups=speedups, **{**FAST, "blend_fractions": (0.0, 0.5), "injection_fractions": (0.0, 0.5)})
+    # must not tie at a sample's minimum, or float rounding (batch shape) breaks the tie either
+    # way: blending the first steps changes nothing while the source conditioning is injected
+    # over them, so (blend 0.5, injection 0.5) scores what (blend 0, injection 0.5) does (sample
+    # 1's best, 1.33725 both). Here every sample's best setting leads the next by >= 0.38
+    kw = dict(outer_steps=2, speedups=speedups, **{**FAST, "blend_fractions": (0.0, 0.5), "injection_fractions": (0.0, 0.3)})
     whole = DiGIN("world", **kw).generate(_world_batch(3), robust).images
     chunked = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust).images
     diff = (whole - chunked).abs()
@@ -244,20 +246,22 @@ SPEED_KW = dict(num_steps=6, num_cutouts=2, null_text_steps=3, outer_steps=2, bl
 def test_speedups_off_reproduce_the_code_before_them(robust, checkpointing):
     """``speedups=False`` is the code path before the speed-ups: its outputs equal those
     that code wrote (tests/fixtures/digin_legacy_world.safetensors, on this stack; the tolerance
-    only absorbs another CPU's float rounding)."""
+    only absorbs another CPU's float rounding: 4.7e-5 on the images and 4.8e-5 relative on the
+    loss between the CPU that wrote it and an AMD EPYC)."""
     from safetensors.torch import load_file
 
     ref = load_file(str(Path(__file__).parent / "fixtures" / "digin_legacy_world.safetensors"))
     r = DiGIN("world", speedups=False, gradient_checkpointing=checkpointing, **SPEED_KW).generate(_world_batch(2), robust)
-    assert torch.allclose(r.images, ref[f"ckpt{int(checkpointing)}"], atol=1e-5)
-    assert torch.allclose(r.diagnostics["loss"], ref[f"loss{int(checkpointing)}"], rtol=1e-5)
+    assert torch.allclose(r.images, ref[f"ckpt{int(checkpointing)}"], atol=2e-4)
+    assert torch.allclose(r.diagnostics["loss"], ref[f"loss{int(checkpointing)}"], rtol=2e-4)
 
 
 def test_speedups_change_the_cost_not_the_method(robust):
     """Same search choices, same inversion, same final loss and image (to float rounding):
     the speed-ups remove recomputation, they change no step of the method."""
-    slow = DiGIN("world", speedups=False, gradient_checkpointing=False, **SPEED_KW).generate(_world_batch(2), robust)
-    fast = DiGIN("world", **SPEED_KW).generate(_world_batch(2), robust)
+    kw = dict(SPEED_KW, injection_fractions=(0.0, 0.3))  # no tie at a minimum (test_batch_composition_...)
+    slow = DiGIN("world", speedups=False, gradient_checkpointing=False, **kw).generate(_world_batch(2), robust)
+    fast = DiGIN("world", **kw).generate(_world_batch(2), robust)
     for key in ("blend_steps", "injection_steps", "best_iterate"):
         assert torch.equal(slow.diagnostics[key], fast.diagnostics[key]), key
     assert torch.allclose(slow.diagnostics["reconstruction_mse"], fast.diagnostics["reconstruction_mse"], rtol=1e-3)
