@@ -93,7 +93,9 @@ def explain(
         seed: the global seed.
         batch_size: images per ``generate`` call.
         device: default CUDA when available, else CPU.
-        deterministic: one sample at a time and one CPU thread: the same bytes in any batch.
+        deterministic: each sample on its own with one intra-op CPU thread: the same bytes
+            in any batch (on CPU, methods that allow it run as many samples at once
+            as there were threads; same bytes).
         metrics: compute the metric suite (flip rate, closeness, confidences; FID/sFID
             with ``fid_features``, default the world's features for world classifiers).
     """
@@ -137,7 +139,7 @@ def explain(
 def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):
     """The counterfactuals (quantised) and one row per sample, batch by batch."""
     from .io import quantize
-    from .methods.base import VCEBatch, generate_in_chunks
+    from .methods.base import VCEBatch, generate_in_chunks, generate_one_by_one
     from .progress import progress
     from .rngs import sample_rngs
 
@@ -150,7 +152,8 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
             sl = slice(lo, lo + batch_size)
             batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device))
             with torch.enable_grad():
-                result = generate_in_chunks(vce, batch, clf, 1 if deterministic else None)
+                result = generate_one_by_one(vce, batch, clf, threads) if deterministic else \
+                    generate_in_chunks(vce, batch, clf, None)
             cf = quantize(result.images.detach())
             values = suite.update(quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl]) if suite is not None else \
                 _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl])
@@ -162,6 +165,13 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
     finally:
         torch.set_num_threads(threads)
     return torch.cat(cfs), rows
+
+
+def load_method(method: str, **kwargs):
+    """The :class:`~lit_vce.methods.VCEMethod` that :func:`explain` would run for ``method``:
+    a registered name (``"dvce"``, keywords are its arguments) or a predict config whose
+    method to use (``"world/dvce"``, a YAML file; keywords override its ``init_args``)."""
+    return _method(method, kwargs)
 
 
 def _method(method, kwargs: dict):

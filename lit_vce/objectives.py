@@ -61,6 +61,9 @@ class Objective:
 
     #: whether the term reads the classifier (validity terms; distances do not)
     uses_classifier = False
+    #: whether two threads may evaluate the term at once (no hooks or other shared state
+    #: touched during ``loss``); deterministic runs generate samples concurrently only then
+    thread_safe = True
 
     def loss(self, images: torch.Tensor, ctx: ObjectiveContext) -> torch.Tensor:
         raise NotImplementedError
@@ -127,6 +130,10 @@ class Sum(Objective):
     def uses_classifier(self):
         return any(t.uses_classifier for t in self.terms)
 
+    @property
+    def thread_safe(self):
+        return all(t.thread_safe for t in self.terms)
+
     def describe(self):
         out = self.terms[0].describe()
         for t in self.terms[1:]:
@@ -150,6 +157,10 @@ class Scaled(Objective):
     @property
     def uses_classifier(self):
         return self.term.uses_classifier
+
+    @property
+    def thread_safe(self):
+        return self.term.thread_safe
 
     def describe(self):
         inner = self.term.describe()
@@ -309,6 +320,7 @@ class NeuronActivation(Objective):
     (DiG-IN's variant: ``-10 * act - 0.5 * log p(y)``: ``act_weight=10, class_weight=0.5``)."""
 
     uses_classifier = True
+    thread_safe = False  # reads the unit through a forward hook on the shared classifier
 
     def __init__(self, classifier: torch.nn.Module, unit: int, layer: str | None = None, sign: float = 1.0,
                  act_weight: float = 1.0, class_weight: float = 0.0):

@@ -85,6 +85,37 @@ def test_outputs_do_not_depend_on_batch_composition(name, tiny_diffusion, tiny_c
     assert (full - chunked).abs().max() <= 1 / 255
 
 
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).supports_concurrency])
+def test_concurrent_deterministic_generation_gives_the_sequential_bytes(name, tiny_diffusion, tiny_classifier, tiny_batch):
+    from lit_vce.methods.base import generate_one_by_one
+
+    method = _build(name, tiny_diffusion, tiny_classifier, stochastic=True)
+    assert method.concurrent_samples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b = tiny_batch
+        one = generate_one_by_one(method, b, tiny_classifier, workers=1)
+        b.rngs = sample_rngs(0, b.sample_ids)
+        four = generate_one_by_one(method, b, tiny_classifier, workers=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.images, four.images)
+    assert one.failure == four.failure
+    for key, value in one.diagnostics.items():
+        assert torch.equal(value, four.diagnostics[key]), key
+
+
+def test_methods_with_hooked_objectives_are_generated_sequentially(tiny_classifier):
+    from lit_vce.methods import ClassifierGuidance
+    from lit_vce.objectives import L1Distance, NeuronActivation, TargetCE
+
+    assert ClassifierGuidance(objective=2 * TargetCE() + L1Distance()).concurrent_samples
+    # the neuron objective reads its unit through a forward hook on the shared classifier
+    assert not ClassifierGuidance(objective=TargetCE() + 0.5 * NeuronActivation(tiny_classifier, 0)).concurrent_samples
+    assert not METHODS.get("digin").supports_concurrency  # attention control and memory probes
+
+
 class _NaNOnFirst(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()

@@ -26,7 +26,7 @@ import torch
 from ..classifiers import load_classifier
 from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
-from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks
+from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks, generate_one_by_one
 from ..metrics.suite import build_suite
 from ..io import quantize
 from .stage import StageModule
@@ -58,8 +58,10 @@ class VCEModule(StageModule):
         lpips: ``"auto"`` (LPIPS-AlexNet when its backbone weights are present),
             ``"on"`` (required: missing weights stop the run before any work) or ``"off"``.
         deterministic: byte-identical outputs whatever the batch size and the
-            number of processes: samples are generated one at a time, with one
-            CPU thread per process and deterministic cuDNN. Without it, outputs
+            number of processes: each sample is generated on its own with one
+            intra-op CPU thread (on CPU, methods that allow it run that many samples
+            concurrently as the process had threads; same bytes) and deterministic
+            cuDNN. Without it, outputs
             differ only by float rounding between batch compositions, which a
             long guided trajectory can amplify (see README, Determinism).
         inception_weights: a local file of the Inception FID weights.
@@ -256,7 +258,10 @@ class VCEModule(StageModule):
         captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
         vb = VCEBatch(x, src, tgt, sub_ids, sample_rngs(self.seed, sub_ids, device=x.device), mask, captions)
         with torch.enable_grad():
-            result = generate_in_chunks(self.method, vb, self.classifier, 1 if self.deterministic else None)
+            if self.deterministic:
+                result = generate_one_by_one(self.method, vb, self.classifier, self._threads)
+            else:
+                result = generate_in_chunks(self.method, vb, self.classifier, None)
         cf = quantize(result.images.detach())
         xq = quantize(x)
         values = self.metrics.update(xq, cf, src, tgt, sub_ids)

@@ -62,6 +62,7 @@ class ACE(VCEMethod):
     """
 
     name = "ace"
+    supports_concurrency = True
     #: the sampler a prebuilt diffusion model must run (the registry-driven tests build one)
     diffusion_sampler = "adm"
 

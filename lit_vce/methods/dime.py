@@ -114,4 +114,4 @@ class DiME(PerStepGuidance):
         return d.decode(z)
 
     def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        return retry_scales(self, batch, classifier, super().generate)
+        return retry_scales(self, batch, classifier, PerStepGuidance.generate)

@@ -77,4 +77,4 @@ class FastDiME(PerStepGuidance):
         return x_t
 
     def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        return retry_scales(self, batch, classifier, super().generate)
+        return retry_scales(self, batch, classifier, PerStepGuidance.generate)

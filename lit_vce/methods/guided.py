@@ -92,6 +92,7 @@ class PerStepGuidance(VCEMethod):
     """
 
     name = "per_step_guidance"
+    supports_concurrency = True
 
     def __init__(
         self,

@@ -120,6 +120,7 @@ class SVCE(VCEMethod):
     """
 
     name = "svce"
+    supports_concurrency = True
 
     def __init__(self, eps: float = 150.0, p: float = 1.5, steps: int = 75, attack: str = "afw", momentum: float = 0.0,
                  rho: float = 0.75):
