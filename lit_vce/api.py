@@ -38,6 +38,7 @@ class Explanation:
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-sample values, as in samples.csv
     metrics: dict[str, Any] = field(default_factory=dict)  # the suite's metrics over all samples
     audit: dict[str, Any] | None = None  # the world's shape/background audit (world classifiers)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # 95 % bootstrap intervals of ``metrics``
     method: dict[str, Any] = field(default_factory=dict)  # the method's name and settings
     seconds: float = 0.0
 
@@ -54,7 +55,8 @@ class Explanation:
             save_png(folder / "counterfactuals" / f"{sample_key(str(row['sample_id']))}.png", img)
         fields = sorted({k for r in self.rows for k in r if not isinstance(r[k], dict)})
         write_rows_csv(folder / "samples.csv", self.rows, fields)
-        write_json(folder / "results.json", {"metrics": self.metrics, "audit": self.audit, "method": self.method,
+        write_json(folder / "results.json", {"metrics": self.metrics, "intervals": self.intervals, "audit": self.audit,
+                                             "method": self.method,
                                              "n": len(self), "wall_time_s": round(self.seconds, 3)})
         return folder
 
@@ -129,11 +131,13 @@ def explain(
     cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic)
     audit = None
     scores: dict[str, Any] = {}
+    intervals: dict[str, list[float]] = {}
     if suite is not None:
         scores, audit, _ = suite.compute()
+        intervals = {k: v for k, v in suite.last_intervals.items() if k in scores}
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
-                       vce.describe(), time.perf_counter() - t0)
+                       intervals=intervals, method=vce.describe(), seconds=time.perf_counter() - t0)
 
 
 def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):

@@ -294,6 +294,10 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         from .lightning.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "compare":
+        from .report.compare import main as compare_main
+
+        return compare_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 
@@ -307,6 +311,7 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
+    sub.add_parser("compare", help="do two runs on the same samples differ? paired bootstrap per metric")
     lb = sub.add_parser("leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder")
     lb.add_argument("results_dir")
     lb.add_argument("--sort-by", default="FR", help="a column header, e.g. FR, L2, FID (sorted in its declared direction)")

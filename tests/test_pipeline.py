@@ -145,6 +145,10 @@ def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
     assert max_diff == 0, f"max pixel difference {max_diff}/255"
     for key in ("flip_rate", "target_confidence", "l1", "l2", "fid", "sfid", "cout"):
         assert r2["metrics"][key] == pytest.approx(r1["metrics"][key], rel=1e-6), key
+    # the bootstrap resamples samples ordered by key: the same intervals on 2 processes as on 1
+    assert set(r1["intervals"]) >= {"flip_rate", "l1", "l2", "fid", "sfid", "cout"}
+    for key, ci in r1["intervals"].items():
+        assert r2["intervals"][key] == pytest.approx(ci, rel=1e-5, nan_ok=True), key
 
 
 def test_lpips_in_predict_when_weights_are_present_and_required_on_demand(tmp_path, monkeypatch):

@@ -102,7 +102,16 @@ def test_leaderboard_html_and_latex_mark_the_best_value_per_direction(two_runs):
     best_fr = max(r.metrics["flip_rate"] for r in results)
     best_l2 = min(r.metrics["l2"] for r in results)
     assert f'data-value="{best_fr}" class="best"' in html and f'data-value="{best_l2}" class="best"' in html
-    assert r"\textbf{" + f"{best_l2:.3f}" + "}" in tex and r"\toprule" in tex and "classifier\\_guidance" in tex
+    assert r"\textbf{" + f"{best_l2:.3f} [" in tex and r"\toprule" in tex and "classifier\\_guidance" in tex
+    # every figure with an interval shows it: value [lo, hi], the interval around the value
+    for r in results:
+        lo, hi = r.intervals["l2"]
+        assert lo <= r.metrics["l2"] <= hi
+        assert f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in html and f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in tex
+    from lit_vce.report.html import Run, plot_flip_rate_vs_l2
+
+    svg = plot_flip_rate_vs_l2([Run(two_runs / n) for n in ("cg-biased", "cg-robust")])
+    assert svg.count("class='ci'") == 4  # an L2 and a flip-rate error bar per run
     assert 'class="sortable"' in html and "addEventListener('click'" in html
 
 

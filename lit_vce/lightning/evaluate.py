@@ -206,7 +206,8 @@ class EvaluateModule(StageModule):
                  second_classifier: str | None = None, lpips: str = "auto", world_audit: bool = False,
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
-                 lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None):
+                 lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None,
+                 interval_resamples: int = 1000, fid_interval_resamples: int = 200):
         super().__init__(fetch_per_node)
         from ..classifiers.loaders import check_classifier_spec
 
@@ -217,7 +218,8 @@ class EvaluateModule(StageModule):
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
                                 resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights,
-                                metrics=metrics)
+                                metrics=metrics, interval_resamples=interval_resamples,
+                                fid_interval_resamples=fid_interval_resamples)
         from ..metrics.suite import check_metrics
 
         check_metrics(metrics)  # an unknown name fails before anything is built
@@ -396,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--autoencoder", help="first-stage autoencoder for latent L1/L2 (diffusers folder or hub id[:subfolder])")
     p.add_argument("--image-size", type=int, help="resize all images to this square size when reading")
     p.add_argument("--seed", type=int, default=None, help="sFID split seed (default: the run's seed, else 0)")
+    p.add_argument("--interval-resamples", type=int, default=1000, help="bootstrap resamples of the 95 %% intervals of means (0: none)")
+    p.add_argument("--fid-interval-resamples", type=int, default=200,
+                   help="bootstrap resamples of the FID/sFID intervals (0: none; at N >= 2048 each costs two 2048-d eigendecompositions)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated optional metrics (fid,sfid,cout,lpips,latent,independent,audit; default: all); "
                         "flip rates, confidences and L1/L2 are always computed")
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs["seed"] = a.seed
     if a.metrics is not None:
         kwargs["metrics"] = a.metrics
+    kwargs.update(interval_resamples=a.interval_resamples, fid_interval_resamples=a.fid_interval_resamples)
     from ..classifiers import MissingWeightsError
 
     try:

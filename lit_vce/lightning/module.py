@@ -74,6 +74,10 @@ class VCEModule(StageModule):
         fetch_per_node: weights are fetched (downloaded when missing) by one process per
             node; ``False``: by global rank 0 only, for a cache shared by every node
             (:mod:`lit_vce.weights`).
+        interval_resamples: bootstrap resamples of the 95 % intervals of means in
+            ``results.json`` (0: none; :mod:`lit_vce.metrics.uncertainty`).
+        fid_interval_resamples: bootstrap resamples of the FID/sFID intervals (0: none;
+            each is one Frechet distance, two 2048-d eigendecompositions once N >= 2048).
 
     The models (classifier, metrics, and the method when the CLI defers it) are built
     by :meth:`build`: in the constructor when used from Python, in ``prepare_data`` /
@@ -96,6 +100,8 @@ class VCEModule(StageModule):
         autoencoder: str | None = None,
         lpips_weights: str | None = None,
         fetch_per_node: bool = True,
+        interval_resamples: int = 1000,
+        fid_interval_resamples: int = 200,
     ):
         super().__init__(fetch_per_node)
         if fid_features not in ("world", "inception", "none"):
@@ -120,7 +126,8 @@ class VCEModule(StageModule):
             "autoencoder": autoencoder if isinstance(autoencoder, str) else None}
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
-                                resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights)
+                                resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights,
+                                interval_resamples=interval_resamples, fid_interval_resamples=fid_interval_resamples)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}

@@ -147,8 +147,13 @@ class StageModule(L.LightningModule):
     def results(self, rows: list[dict[str, Any]], metrics: dict[str, Any], n: int, method: str, config: dict[str, Any],
                 wall_time_s: float, n_success: int | None = None, **fields: Any) -> dict[str, Any]:
         """The validated ``results.json`` of ``rows`` (sorted by sample id); ``fields`` are
-        further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...)."""
+        further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...).
+        The metric suite's intervals (``self.metrics.last_intervals``) go in by default."""
         from ..report.results import build_results
+
+        suite = getattr(self, "metrics", None)
+        if "intervals" not in fields and hasattr(suite, "last_intervals"):
+            fields["intervals"] = {k: v for k, v in suite.last_intervals.items() if k in metrics}
 
         return build_results(
             run_name=self.run_name, method=method, classifier=self.classifier_spec, n=n,

@@ -17,6 +17,10 @@ Metrics (definitions in ``metrics.md``):
   autoencoder), ``cout``;
 - realism: ``fid`` (all counterfactuals) and ``fid_successful`` (successful ones
   and their originals), each with its N, and ``sfid``, on a pluggable extractor.
+
+After ``compute``, ``last_intervals`` maps each figure to its 95 % interval
+``[lo, hi]``: a seeded bootstrap over samples (:mod:`lit_vce.metrics.uncertainty`;
+for FID and sFID over the sample set), the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from ..diffusion.base import resize_to as resize_square
 from ..rngs import sample_seed
 from .features import build_features
+from .uncertainty import FID_RESAMPLES, LEVEL, RESAMPLES, SampleValues, mean_interval
 from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
 
 
@@ -112,6 +117,10 @@ class VCEMetrics(nn.Module):
         autoencoder: a first-stage autoencoder (module or spec) for latent L1/L2.
         seed: the sFID split seed.
         cout_steps: insertion increments of COUT.
+        resamples: bootstrap resamples of the intervals of means (0: no intervals).
+        fid_resamples: bootstrap resamples of the FID and sFID intervals, one Frechet
+            distance each (four for sFID); 0: none. In sample space while N < d, so cheap
+            for small runs; at N >= d each costs two d x d eigendecompositions.
         metrics: the optional metrics to compute (:data:`OPTIONAL_METRICS`; None: every
             one that is configured): FID and sFID share one feature pass, the others cost
             their own passes (COUT: ``cout_steps + 1`` classifier calls per batch).
@@ -130,8 +139,12 @@ class VCEMetrics(nn.Module):
         seed: int = 0,
         cout_steps: int = 50,
         metrics=None,
+        resamples: int = RESAMPLES,
+        fid_resamples: int = FID_RESAMPLES,
     ):
         super().__init__()
+        self.seed, self.resamples, self.fid_resamples = int(seed), int(resamples), int(fid_resamples)
+        self.last_intervals: dict[str, list[float]] = {}
         self.selected = sel = check_metrics(metrics)
         lpips = lpips if "lpips" in sel else None
         second_classifier = second_classifier if "independent" in sel else None
@@ -162,8 +175,14 @@ class VCEMetrics(nn.Module):
             d = self.features.num_features
             self.fid = FeatureFID(self.features, d)
             self.fid_successful = FeatureFID(self.features, d)
-            self.sfid = SplitFID(self.features, seed=seed)
+            # per-sample features: sFID's split, and the FID intervals
+            self.sfid = SplitFID(self.features, seed=seed, split="sfid" in sel)
         self.audit = WorldAudit() if audit else None
+        self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
+        self._columns = ["flip_rate", "untargeted_flip_rate", "untargeted_flip_rate_prediction", "target_confidence",
+                         "source_correct", "l1", "l2"] + (["cout"] if "cout" in sel else []) + \
+            (["lpips"] if lpips is not None else []) + (["latent_l1", "latent_l2"] if self.encoder is not None else []) + \
+            (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else [])
 
     @property
     def feature_name(self) -> str | None:
@@ -239,12 +258,18 @@ class VCEMetrics(nn.Module):
                 # ACE/DiME's compute_FID: all originals against the successful counterfactuals
                 self.fid_successful.update(real=True, features=f_o)
                 self.fid_successful.update(real=False, features=f_c[success])
-            if "sfid" in self.selected:
-                keys = torch.tensor([sample_seed(0, s) for s in sample_ids], device=original.device)
-                self.sfid.update(keys=keys, real=f_o, fake=f_c, success=success)
+            self.sfid.update(keys=self._keys(sample_ids, original.device), real=f_o, fake=f_c, success=success)
         if self.audit is not None:
             self.audit.update(counterfactual, source, target, success)
         pb, pa = before.softmax(1), after.softmax(1)
+        col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
+               "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
+               "target_confidence": pa.gather(1, target[:, None]).squeeze(1), "source_correct": correct, **per}
+        if self.second is not None:
+            col["flip_rate_independent"] = success_ind
+            col["target_confidence_independent"] = second.softmax(1).gather(1, target[:, None]).squeeze(1)
+        self.samples.update(self._keys(sample_ids, original.device),
+                            torch.stack([col[c].double().to(original.device) for c in self._columns], 1))
         rows = []
         for i, sid in enumerate(sample_ids):
             t = int(target[i])
@@ -262,8 +287,31 @@ class VCEMetrics(nn.Module):
             rows.append(row)
         return rows
 
+    @staticmethod
+    def _keys(sample_ids: list[str], device) -> torch.Tensor:
+        return torch.tensor([sample_seed(0, s) for s in sample_ids], dtype=torch.long, device=device)
+
+    def _intervals(self, m: dict[str, Any]) -> dict[str, list[float]]:
+        """95 % bootstrap intervals of the figures in ``m`` (inside ``compute``: states synced)."""
+        out: dict[str, list[float]] = {}
+        if self.resamples > 0:
+            _, values = self.samples.compute()
+            if values.numel():
+                col = {c: values[:, j] for j, c in enumerate(self._columns)}
+                for name, v in col.items():
+                    if name in m and name != "source_correct":
+                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL)
+                out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], self.resamples, self.seed, LEVEL,
+                                                                weights=col["source_correct"])
+        if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
+            self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
+            fids = self.sfid.bootstrap(self.fid_resamples, self.seed, LEVEL)
+            out.update({k: v for k, v in fids.items() if k in m})
+        return {k: [round(float(x), 6) if math.isfinite(x) else float("nan") for x in v] for k, v in out.items()}
+
     def compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
-        """(metrics, audit, N): a collective under DDP (call it on every rank, in the same order)."""
+        """(metrics, audit, N): a collective under DDP (call it on every rank, in the same order).
+        Also sets ``last_intervals`` (see the module docstring)."""
         m: dict[str, float | int] = {
             "flip_rate": float(self.flip_rate.compute()),
             "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
@@ -298,6 +346,7 @@ class VCEMetrics(nn.Module):
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
         m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
+        self.last_intervals = self._intervals(m)
         return m, audit, n
 
     def reset(self) -> None:
@@ -311,7 +360,9 @@ class VCEMetrics(nn.Module):
         """The settings stored with the results."""
         return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
                 "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
-                "cout_steps": self.cout.steps, "metrics": sorted(self.selected)}
+                "cout_steps": self.cout.steps, "metrics": sorted(self.selected),
+                "intervals": {"level": LEVEL, "method": "percentile bootstrap over samples", "resamples": self.resamples,
+                              "fid_resamples": self.fid_resamples, "seed": self.seed}}
 
 
 def build_suite(
@@ -326,10 +377,14 @@ def build_suite(
     seed: int = 0,
     lpips_weights: str | None = None,
     metrics=None,
+    interval_resamples: int = RESAMPLES,
+    fid_interval_resamples: int = FID_RESAMPLES,
 ) -> VCEMetrics:
     """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
 
     Everything that can fail (missing weights, unknown names) fails here, before any work.
+    ``interval_resamples`` and ``fid_interval_resamples`` are the suite's ``resamples``
+    and ``fid_resamples`` (the bootstrap of the 95 % intervals).
     """
     from ..classifiers import load_classifier
     from .lpips import build_lpips, lpips_available
@@ -344,4 +399,4 @@ def build_suite(
     features = fid_features if ("fid" in sel or "sfid" in sel) else None
     return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second,
                       lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
-                      seed=seed, metrics=sorted(sel))
+                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples)

@@ -243,10 +243,11 @@ class SplitFID(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, feature: nn.Module, seed: int = 0, **kwargs):
+    def __init__(self, feature: nn.Module, seed: int = 0, split: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.feature = feature.eval().requires_grad_(False)
-        self.seed = seed
+        self.seed, self.split = seed, bool(split)
+        self.synced = None
         self.add_state("real", [], dist_reduce_fx="cat")
         self.add_state("fake", [], dist_reduce_fx="cat")
         self.add_state("keys", [], dist_reduce_fx="cat")
@@ -265,10 +266,13 @@ class SplitFID(Metric):
         self.success.append((torch.ones(len(keys), dtype=torch.bool) if success is None else success.bool()).to(keys.device))
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it)."""
+        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it); both NaN
+        when ``split=False`` (the features are then only kept). The synced features stay in
+        ``self.synced`` as ``(real, fake, success, halves)`` for :meth:`bootstrap`."""
         from torchmetrics.utilities import dim_zero_cat
 
         nan = torch.tensor(float("nan"), dtype=torch.float64)
+        self.synced = None
         if isinstance(self.keys, list) and not self.keys:  # nothing added (e.g. every sample failed)
             self.n_used = 0
             return nan, nan
@@ -276,24 +280,69 @@ class SplitFID(Metric):
         success = dim_zero_cat(self.success).bool()
         n = len(keys)
         self.n_used = n
-        if n < 4:
-            warnings.warn(f"sFID needs at least 4 samples (got {n}); returning nan")
-            return nan, nan
+        by_key = torch.argsort(keys.cpu(), stable=True).to(real.device)
         g = torch.Generator().manual_seed(self.seed)
         salt = torch.randint(1, 2**62, (1,), generator=g).item()
         order = torch.argsort((keys.cpu() ^ salt), stable=True).to(real.device)
-        a, b = order[: n // 2], order[n // 2 :]
-        all_vs_all = 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
-        a, b = order[: n // 2], order[n - n // 2 :]
-        sa, sb = a[success[a]], b[success[b]]
-        if len(sa) < 2 or len(sb) < 2:
-            return all_vs_all, nan
-        return all_vs_all, 0.5 * (_fid(real[a], fake[sb]) + _fid(real[b], fake[sa]))
+        halves = (order[: n // 2], order[n // 2 :], order[: n // 2], order[n - n // 2 :])
+        self.synced = (real, fake, success, halves, by_key)
+        if not self.split:
+            return nan, nan
+        if n < 4:
+            warnings.warn(f"sFID needs at least 4 samples (got {n}); returning nan")
+            return nan, nan
+        return _split_fids(real, fake, success, halves)
+
+    def bootstrap(self, resamples: int, seed: int, level: float) -> dict[str, list[float]]:
+        """95 % intervals over the sample set (after :meth:`compute`): ``fid`` and
+        ``fid_successful`` resample all samples; ``sfid`` and ``sfid_successful`` resample
+        each half on its own (the split is part of the definition). Bias-shifted to the
+        figure on the sample (:func:`~lit_vce.metrics.uncertainty.percentile_interval`)."""
+        from .uncertainty import fid_from_features, percentile_interval, resample_indices
+
+        if self.synced is None:
+            return {}
+        real, fake, success, halves, by_key = self.synced
+        n = len(real)
+        if n < 2:
+            return {}
+        real, fake, success = real[by_key], fake[by_key], success[by_key]  # process-independent order
+        rank = torch.empty_like(by_key)
+        rank[by_key] = torch.arange(n, device=by_key.device)
+        halves = tuple(rank[h] for h in halves)
+        idx = resample_indices(n, resamples, seed, real.device)
+        fid = torch.stack([fid_from_features(real[i], fake[i]) for i in idx])
+        fid_s = torch.stack([fid_from_features(real[i], fake[i][success[i]]) for i in idx])
+        c_fid = float(fid_from_features(real, fake))
+        c_fid_s = float(fid_from_features(real, fake[success]))
+        out = {"fid": percentile_interval(fid, level, c_fid), "fid_successful": percentile_interval(fid_s, level, c_fid_s)}
+        if self.split and n >= 4:
+            g = torch.Generator().manual_seed(int(seed) + 1)
+            split = []
+            for _ in range(resamples):
+                hs = tuple(h[torch.randint(0, len(h), (len(h),), generator=g).to(h.device)] for h in halves)
+                split.append(torch.stack(_split_fids(real, fake, success, hs)))
+            split = torch.stack(split)
+            centre = [float(v) for v in _split_fids(real, fake, success, halves)]
+            out["sfid"] = percentile_interval(split[:, 0], level, centre[0])
+            out["sfid_successful"] = percentile_interval(split[:, 1], level, centre[1])
+        return out
+
+
+def _split_fids(real, fake, success, halves) -> tuple[torch.Tensor, torch.Tensor]:
+    """sFID in both conventions for halves ``(a, b, a2, b2)`` (see :class:`SplitFID`)."""
+    a, b, a2, b2 = halves
+    all_vs_all = 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
+    sa, sb = a2[success[a2]], b2[success[b2]]
+    if len(sa) < 2 or len(sb) < 2:
+        return all_vs_all, torch.tensor(float("nan"), dtype=torch.float64)
+    return all_vs_all, 0.5 * (_fid(real[a2], fake[sb]) + _fid(real[b2], fake[sa]))
 
 
 def _fid(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    mu_r, mu_f = real.mean(0), fake.mean(0)
-    return frechet_distance(mu_r, torch.cov(real.T), mu_f, torch.cov(fake.T))
+    from .uncertainty import fid_from_features
+
+    return fid_from_features(real, fake)
 
 
 def cout_curves(classifier: nn.Module, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor,

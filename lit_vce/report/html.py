@@ -208,14 +208,27 @@ def _svg_axes(w, h, pad, xlab, ylab, xmax, ymax, xticks, yticks) -> list[str]:
 
 
 def plot_flip_rate_vs_l2(runs: list[Run], w: int = 420, h: int = 300, pad: int = 46) -> str:
-    """SVG scatter: one point per run (mean L2, flip rate)."""
-    pts = [(r.results.metrics.get("l2", math.nan), r.results.metrics.get("flip_rate", math.nan), r.label) for r in runs]
+    """SVG scatter: one point per run (mean L2, flip rate), with the 95 % intervals of both
+    (from ``results.json``) as error bars."""
+    pts = []
+    for r in runs:
+        m, ci = r.results.metrics, r.results.intervals or {}
+        pts.append((m.get("l2", math.nan), m.get("flip_rate", math.nan), r.label, ci.get("l2"), ci.get("flip_rate")))
     pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
-    xmax = max([p[0] for p in pts] + [1e-6]) * 1.15
+    xs = [p[0] for p in pts] + [c[1] for p in pts if (c := p[3]) and math.isfinite(c[1])]
+    xmax = max(xs + [1e-6]) * 1.15
     out = _svg_axes(w, h, pad, "mean L2 ↓", "flip rate ↑", xmax, 1.0, np.linspace(0, xmax, 5)[1:], [0, 0.25, 0.5, 0.75, 1.0])
-    for i, (x, y, label) in enumerate(pts):
-        cx, cy = pad + x / xmax * (w - pad - 10), h - pad - y * (h - pad - 10)
+    px = lambda x: pad + x / xmax * (w - pad - 10)  # noqa: E731
+    py = lambda y: h - pad - y * (h - pad - 10)  # noqa: E731
+    for i, (x, y, label, cx_ci, cy_ci) in enumerate(pts):
+        cx, cy = px(x), py(y)
         col = PALETTE[i % len(PALETTE)]
+        if cx_ci and all(math.isfinite(v) for v in cx_ci):
+            out.append(f"<line class='ci' x1='{px(cx_ci[0]):.1f}' y1='{cy:.1f}' x2='{px(cx_ci[1]):.1f}' y2='{cy:.1f}' "
+                       f"stroke='{col}' stroke-width='1.5'/>")
+        if cy_ci and all(math.isfinite(v) for v in cy_ci):
+            out.append(f"<line class='ci' x1='{cx:.1f}' y1='{py(cy_ci[0]):.1f}' x2='{cx:.1f}' y2='{py(cy_ci[1]):.1f}' "
+                       f"stroke='{col}' stroke-width='1.5'/>")
         out.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='6' fill='{col}'><title>{html.escape(label)}</title></circle>")
         # a legend rather than inline labels: runs often sit on top of each other
         out.append(f"<text x='{pad + 8}' y='{h - pad - 8 - 14 * (len(pts) - 1 - i)}' fill='{col}'>● {html.escape(label)}</text>")
@@ -248,7 +261,9 @@ def plot_validity_curves(runs: list[Run], w: int = 420, h: int = 300, pad: int =
 def _metrics_list(r: RunResults) -> str:
     items = [f"<b>N</b> {r.n} ({r.n_success} successful, {r.n_failed} failed)"]
     for k, v in r.metrics.items():
-        items.append(f"<b>{html.escape(k)}</b> {v:.4g}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
+        ci = (r.intervals or {}).get(k)
+        ci_s = f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and all(isinstance(c, float) and math.isfinite(c) for c in ci) else ""
+        items.append(f"<b>{html.escape(k)}</b> {v:.4g}{ci_s}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
     for k, v in (r.audit or {}).items():
         items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}" if isinstance(v, float) else f"<b>audit.{html.escape(k)}</b> {v}")
     items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(r.hardware.get('gpu') or r.hardware.get('processor')))}")

@@ -5,6 +5,9 @@ sorted by a column in its declared direction (higher or lower is better).
 When a run folder holds both the in-line ``results.json`` of ``predict`` and an
 ``evaluation/results.json`` written by ``lit-vce evaluate``, the evaluation (read
 back from the saved files) is the one shown.
+
+Each figure with an interval in ``results.json`` is shown as ``value [lo, hi]``,
+its 95 % bootstrap interval over samples (:mod:`lit_vce.metrics.uncertainty`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ COLUMNS: list[tuple[str, Getter, bool | None]] = [
     ("background only", lambda r: (r.audit or {}).get("background_only"), None),
 ]
 FORMATS = ("md", "html", "tex")
+# the results.json metric behind each column, whose interval the cell shows
+INTERVAL_KEYS = {"FR": "flip_rate", "conf": "target_confidence", "FR indep.": "flip_rate_independent", "L1": "l1",
+                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout"}
 
 
 def load_results(root: str | Path) -> list[RunResults]:
@@ -59,6 +65,15 @@ def _fmt(v) -> str:
     if _missing(v):
         return "-"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _interval(r: RunResults, header: str) -> list[float] | None:
+    ci = (r.intervals or {}).get(INTERVAL_KEYS.get(header, ""))
+    return ci if ci and len(ci) == 2 and not any(_missing(x) for x in ci) else None
+
+
+def _fmt_ci(v, ci: list[float] | None) -> str:
+    return _fmt(v) if ci is None or _missing(v) else f"{_fmt(v)} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _columns(results: list[RunResults]) -> list[tuple[str, Getter, bool | None]]:
@@ -87,7 +102,8 @@ def _rows(results: list[RunResults], cols) -> tuple[list[str], list[list[str]], 
     for r in results:
         vals = [r.method, r.classifier, r.protocol or "-", r.n] + [c[1](r) for c in cols] + [r.wall_time_s / max(r.n, 1)]
         raw.append(vals)
-        cells.append([str(v) if i < 4 else (_fmt(v) if i < len(vals) - 1 else f"{v:.2f}") for i, v in enumerate(vals)])
+        cis = [None] * 4 + [_interval(r, c[0]) for c in cols] + [None]
+        cells.append([str(v) if i < 4 else (_fmt_ci(v, cis[i]) if i < len(vals) - 1 else f"{v:.2f}") for i, v in enumerate(vals)])
     return head, cells, raw
 
 
@@ -198,7 +214,8 @@ def html_page(results: list[RunResults], sort_by: str = "FR", title: str = "Lead
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Rendered from the <code>results.json</code> files below this folder. Click a header to sort; "
-            f"↑/↓ mark the better direction, bold the best value.</p>{html_table(results, sort_by)}"
+            f"↑/↓ mark the better direction, bold the best value; brackets hold 95 % bootstrap intervals "
+            f"over samples.</p>{html_table(results, sort_by)}"
             f"<script>{SORT_SCRIPT}</script></body></html>\n")
 
 
@@ -211,7 +228,8 @@ def write_leaderboard(root: str | Path, sort_by: str = "FR", formats: tuple[str,
     sort_results(results, sort_by)  # validates sort_by before anything is written
     out: dict[str, Path] = {}
     render = {
-        "md": lambda: "# Leaderboard\n\nRendered from the `results.json` files below this folder.\n\n" + markdown_table(results, sort_by),
+        "md": lambda: "# Leaderboard\n\nRendered from the `results.json` files below this folder; brackets hold 95 % "
+                      "bootstrap intervals over samples.\n\n" + markdown_table(results, sort_by),
         "html": lambda: html_page(results, sort_by),
         "tex": lambda: latex_table(results, sort_by),
     }
