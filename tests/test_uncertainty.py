@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lit_vce.metrics.uncertainty import fid_from_features, mean_interval, paired_bootstrap
-from lit_vce.metrics.vce import frechet_distance
+from lit_vce.metrics.uncertainty import mean_interval, paired_bootstrap
+from lit_vce.metrics.vce import fid_from_features, frechet_distance
 
 
 @pytest.mark.parametrize("n1,n2,d", [(12, 20, 64), (30, 9, 64), (80, 100, 16)])

@@ -305,8 +305,8 @@ class VCEMetrics(nn.Module):
                                                                 weights=col["source_correct"])
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
-            fids = self.sfid.bootstrap(self.fid_resamples, self.seed, LEVEL)
-            out.update({k: v for k, v in fids.items() if k in m})
+            figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful") if k in m}
+            out.update(self.sfid.bootstrap(figures, self.fid_resamples, self.seed, LEVEL))
         return {k: [round(float(x), 6) if math.isfinite(x) else float("nan") for x in v] for k, v in out.items()}
 
     def compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:

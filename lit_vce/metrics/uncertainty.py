@@ -19,8 +19,6 @@ so the intervals do not depend on batch order or on the number of processes.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torchmetrics import Metric
 
@@ -54,16 +52,6 @@ def percentile_interval(values: torch.Tensor, level: float = LEVEL, center: floa
     return [lo, hi]
 
 
-def bootstrap_interval(statistic: Callable[[torch.Tensor], torch.Tensor | float], n: int, resamples: int = RESAMPLES,
-                       seed: int = 0, level: float = LEVEL) -> list[float]:
-    """The percentile interval of ``statistic(idx)`` over ``resamples`` resamples ``idx``
-    (n indices each, with replacement). ``[nan, nan]`` for fewer than 2 samples."""
-    if n < 2:
-        return [math.nan, math.nan]
-    idx = resample_indices(n, resamples, seed)
-    return percentile_interval(torch.tensor([float(statistic(i)) for i in idx], dtype=torch.float64), level)
-
-
 def mean_interval(values: torch.Tensor, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
                   weights: torch.Tensor | None = None) -> list[float]:
     """Interval of the mean of per-sample ``values`` (N,); with 0/1 ``weights``, of the mean
@@ -79,30 +67,6 @@ def mean_interval(values: torch.Tensor, resamples: int = RESAMPLES, seed: int = 
     w = weights.double().flatten()
     num, den = (v * w)[idx].sum(1), w[idx].sum(1)
     return percentile_interval(torch.where(den > 0, num / den.clamp_min(1), torch.nan), level)
-
-
-def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """The Frechet distance between two feature sets (n1, d) and (n2, d), in float64.
-
-    With fewer samples than dimensions (bootstrap resamples of a small run at 2048-d)
-    it is computed in sample space: with centred features A, B, ``tr C1 = |A|^2 / (n1 - 1)``
-    and the non-zero eigenvalues of ``C1 C2`` are those of the n x n PSD matrix
-    ``(A B^T)(A B^T)^T / ((n1 - 1)(n2 - 1))``: the same value without a d x d matrix.
-    """
-    from .vce import frechet_distance
-
-    real, fake = real.double(), fake.double()
-    n1, n2, d = len(real), len(fake), real.shape[1]
-    if n1 < 2 or n2 < 2:
-        return torch.tensor(math.nan, dtype=torch.float64)
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    if min(n1, n2) >= d:
-        return frechet_distance(mu1, torch.cov(real.T), mu2, torch.cov(fake.T))
-    a, b = real - mu1, fake - mu2
-    k = a @ b.T
-    m = k @ k.T if n1 <= n2 else k.T @ k
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum() / math.sqrt((n1 - 1) * (n2 - 1))
-    return ((mu1 - mu2) ** 2).sum() + (a**2).sum() / (n1 - 1) + (b**2).sum() / (n2 - 1) - 2 * tr_sqrt
 
 
 class SampleValues(Metric):

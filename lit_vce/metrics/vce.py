@@ -8,6 +8,7 @@ top-1 is the target; closeness = per-image L1/L2 over all 3*H*W values in
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -162,6 +163,28 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> torch.Tensor:
     return ((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt
 
 
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The Frechet distance between two feature sets (n1, d) and (n2, d), in float64.
+
+    With fewer samples than dimensions (bootstrap resamples of a small run at 2048-d)
+    it is computed in sample space: with centred features A, B, ``tr C1 = |A|^2 / (n1 - 1)``
+    and the non-zero eigenvalues of ``C1 C2`` are those of the n x n PSD matrix
+    ``(A B^T)(A B^T)^T / ((n1 - 1)(n2 - 1))``: the same value without a d x d matrix.
+    """
+    real, fake = real.double(), fake.double()
+    n1, n2, d = len(real), len(fake), real.shape[1]
+    if n1 < 2 or n2 < 2:
+        return torch.tensor(math.nan, dtype=torch.float64)
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    if min(n1, n2) >= d:
+        return frechet_distance(mu1, torch.cov(real.T), mu2, torch.cov(fake.T))
+    a, b = real - mu1, fake - mu2
+    k = a @ b.T
+    m = k @ k.T if n1 <= n2 else k.T @ k
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum() / math.sqrt((n1 - 1) * (n2 - 1))
+    return ((mu1 - mu2) ** 2).sum() + (a**2).sum() / (n1 - 1) + (b**2).sum() / (n2 - 1) - 2 * tr_sqrt
+
+
 class WorldFeatures(nn.Module):
     """The world's feature extractor: the oracle's 128-d penultimate features."""
 
@@ -267,8 +290,9 @@ class SplitFID(Metric):
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sFID all vs all, sFID over successful counterfactuals as ACE computes it); both NaN
-        when ``split=False`` (the features are then only kept). The synced features stay in
-        ``self.synced`` as ``(real, fake, success, halves)`` for :meth:`bootstrap`."""
+        when ``split=False`` (the features are then only kept). The synced features, ordered
+        by sample key, stay in ``self.synced`` as ``(real, fake, success, halves)`` for
+        :meth:`bootstrap`."""
         from torchmetrics.utilities import dim_zero_cat
 
         nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -280,12 +304,13 @@ class SplitFID(Metric):
         success = dim_zero_cat(self.success).bool()
         n = len(keys)
         self.n_used = n
-        by_key = torch.argsort(keys.cpu(), stable=True).to(real.device)
+        by_key = torch.argsort(keys.cpu(), stable=True).to(real.device)  # a process-independent order
+        real, fake, keys, success = real[by_key], fake[by_key], keys[by_key], success[by_key]
         g = torch.Generator().manual_seed(self.seed)
         salt = torch.randint(1, 2**62, (1,), generator=g).item()
         order = torch.argsort((keys.cpu() ^ salt), stable=True).to(real.device)
         halves = (order[: n // 2], order[n // 2 :], order[: n // 2], order[n - n // 2 :])
-        self.synced = (real, fake, success, halves, by_key)
+        self.synced = (real, fake, success, halves)
         if not self.split:
             return nan, nan
         if n < 4:
@@ -293,56 +318,46 @@ class SplitFID(Metric):
             return nan, nan
         return _split_fids(real, fake, success, halves)
 
-    def bootstrap(self, resamples: int, seed: int, level: float) -> dict[str, list[float]]:
-        """95 % intervals over the sample set (after :meth:`compute`): ``fid`` and
-        ``fid_successful`` resample all samples; ``sfid`` and ``sfid_successful`` resample
-        each half on its own (the split is part of the definition). Bias-shifted to the
-        figure on the sample (:func:`~lit_vce.metrics.uncertainty.percentile_interval`)."""
-        from .uncertainty import fid_from_features, percentile_interval, resample_indices
+    def bootstrap(self, figures: dict[str, float], resamples: int, seed: int, level: float) -> dict[str, list[float]]:
+        """95 % intervals over the sample set (after :meth:`compute`) of ``figures``, a map from
+        ``fid``, ``fid_successful``, ``sfid`` or ``sfid_successful`` to its value on the sample,
+        to which the interval is bias-shifted (:func:`~lit_vce.metrics.uncertainty.percentile_interval`).
+        FIDs resample all samples; sFIDs resample each half on its own (the split is part of
+        the definition). Only the figures asked for are resampled."""
+        from .uncertainty import percentile_interval, resample_indices
 
-        if self.synced is None:
+        if self.synced is None or len(self.synced[0]) < 2:
             return {}
-        real, fake, success, halves, by_key = self.synced
-        n = len(real)
-        if n < 2:
-            return {}
-        real, fake, success = real[by_key], fake[by_key], success[by_key]  # process-independent order
-        rank = torch.empty_like(by_key)
-        rank[by_key] = torch.arange(n, device=by_key.device)
-        halves = tuple(rank[h] for h in halves)
-        idx = resample_indices(n, resamples, seed, real.device)
-        fid = torch.stack([fid_from_features(real[i], fake[i]) for i in idx])
-        fid_s = torch.stack([fid_from_features(real[i], fake[i][success[i]]) for i in idx])
-        c_fid = float(fid_from_features(real, fake))
-        c_fid_s = float(fid_from_features(real, fake[success]))
-        out = {"fid": percentile_interval(fid, level, c_fid), "fid_successful": percentile_interval(fid_s, level, c_fid_s)}
-        if self.split and n >= 4:
+        real, fake, success, halves = self.synced
+        out: dict[str, list[float]] = {}
+        idx = resample_indices(len(real), resamples, seed, real.device)
+        if "fid" in figures:
+            fid = torch.stack([fid_from_features(real[i], fake[i]) for i in idx])
+            out["fid"] = percentile_interval(fid, level, figures["fid"])
+        if "fid_successful" in figures:
+            fid_s = torch.stack([fid_from_features(real[i], fake[i][success[i]]) for i in idx])
+            out["fid_successful"] = percentile_interval(fid_s, level, figures["fid_successful"])
+        if self.split and len(real) >= 4 and ({"sfid", "sfid_successful"} & set(figures)):
             g = torch.Generator().manual_seed(int(seed) + 1)
             split = []
             for _ in range(resamples):
                 hs = tuple(h[torch.randint(0, len(h), (len(h),), generator=g).to(h.device)] for h in halves)
                 split.append(torch.stack(_split_fids(real, fake, success, hs)))
             split = torch.stack(split)
-            centre = [float(v) for v in _split_fids(real, fake, success, halves)]
-            out["sfid"] = percentile_interval(split[:, 0], level, centre[0])
-            out["sfid_successful"] = percentile_interval(split[:, 1], level, centre[1])
+            for j, key in enumerate(("sfid", "sfid_successful")):
+                if key in figures:
+                    out[key] = percentile_interval(split[:, j], level, figures[key])
         return out
 
 
 def _split_fids(real, fake, success, halves) -> tuple[torch.Tensor, torch.Tensor]:
     """sFID in both conventions for halves ``(a, b, a2, b2)`` (see :class:`SplitFID`)."""
     a, b, a2, b2 = halves
-    all_vs_all = 0.5 * (_fid(real[a], fake[b]) + _fid(real[b], fake[a]))
+    all_vs_all = 0.5 * (fid_from_features(real[a], fake[b]) + fid_from_features(real[b], fake[a]))
     sa, sb = a2[success[a2]], b2[success[b2]]
     if len(sa) < 2 or len(sb) < 2:
         return all_vs_all, torch.tensor(float("nan"), dtype=torch.float64)
-    return all_vs_all, 0.5 * (_fid(real[a2], fake[sb]) + _fid(real[b2], fake[sa]))
-
-
-def _fid(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    from .uncertainty import fid_from_features
-
-    return fid_from_features(real, fake)
+    return all_vs_all, 0.5 * (fid_from_features(real[a2], fake[sb]) + fid_from_features(real[b2], fake[sa]))
 
 
 def cout_curves(classifier: nn.Module, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor,
