@@ -143,7 +143,7 @@ def explain(
 def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):
     """The counterfactuals (quantised) and one row per sample, batch by batch."""
     from .io import quantize
-    from .methods.base import VCEBatch, generate_in_chunks, generate_one_by_one
+    from .methods.base import VCEBatch, generate_one_by_one
     from .progress import progress
     from .rngs import sample_rngs
 
@@ -156,8 +156,7 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
             sl = slice(lo, lo + batch_size)
             batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device))
             with torch.enable_grad():
-                result = generate_one_by_one(vce, batch, clf, threads) if deterministic else \
-                    generate_in_chunks(vce, batch, clf, None)
+                result = generate_one_by_one(vce, batch, clf, threads) if deterministic else vce.generate(batch, clf)
             cf = quantize(result.images.detach())
             values = suite.update(quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl]) if suite is not None else \
                 _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl])

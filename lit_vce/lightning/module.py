@@ -26,7 +26,7 @@ import torch
 from ..classifiers import load_classifier
 from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
-from ..methods.base import VCEBatch, VCEMethod, generate_in_chunks, generate_one_by_one
+from ..methods.base import VCEBatch, VCEMethod, generate_one_by_one
 from ..metrics.suite import build_suite
 from ..io import quantize
 from .stage import StageModule
@@ -268,7 +268,7 @@ class VCEModule(StageModule):
             if self.deterministic:
                 result = generate_one_by_one(self.method, vb, self.classifier, self._threads)
             else:
-                result = generate_in_chunks(self.method, vb, self.classifier, None)
+                result = self.method.generate(vb, self.classifier)
         cf = quantize(result.images.detach())
         xq = quantize(x)
         values = self.metrics.update(xq, cf, src, tgt, sub_ids)

@@ -124,13 +124,6 @@ def concat_results(parts: list[CounterfactualResult]) -> CounterfactualResult:
     )
 
 
-def generate_in_chunks(method: VCEMethod, batch: VCEBatch, classifier: nn.Module, size: int | None) -> CounterfactualResult:
-    """``method.generate`` over sub-batches of ``size`` samples (``None``: all at once)."""
-    if not size or size >= len(batch):
-        return method.generate(batch, classifier)
-    return concat_results([method.generate(b, classifier) for b in split_batch(batch, size)])
-
-
 def generate_one_by_one(method: VCEMethod, batch: VCEBatch, classifier: nn.Module, workers: int = 1) -> CounterfactualResult:
     """``method.generate`` one sample at a time (deterministic runs): with one intra-op CPU
     thread (the caller pins it) a sample's bytes do not depend on the batch it came in.
@@ -139,7 +132,7 @@ def generate_one_by_one(method: VCEMethod, batch: VCEBatch, classifier: nn.Modul
     holds, the samples run concurrently on that many threads. Each sample is still the
     same sequence of single-threaded kernels, so the bytes are those of one worker, and
     a process with several cores uses them all (on 2 cores, classifier guidance and
-    DVCE on the world: 1.9x faster; ``benchmarks/guidance_cost.py``).
+    DVCE on the world: 1.9x and 1.7x faster; ``benchmarks/deterministic_speed.py``).
     """
     parts = split_batch(batch, 1)
     if workers <= 1 or len(parts) == 1 or not method.concurrent_samples or batch.images.device.type != "cpu":
