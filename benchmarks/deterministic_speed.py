@@ -32,21 +32,10 @@ import torch
 
 from lit_vce import load_method
 from lit_vce.classifiers import load_classifier
-from lit_vce.data.world import ShapesWorld
-from lit_vce.methods import VCEBatch
 from lit_vce.methods.base import generate_one_by_one
-from lit_vce.rngs import sample_rngs
+from lit_vce.testing import world_batch
 
 CONFIGS = {"classifier_guidance": "world/classifier_guidance", "dvce": "world/dvce"}
-
-
-def world_batch(n: int, seed: int = 0) -> VCEBatch:
-    """The first ``n`` balanced test images of the world, each explained into the next class."""
-    d = ShapesWorld("balanced", "test", n)
-    items = [d[i] for i in range(n)]
-    ids = [it["sample_id"] for it in items]
-    src = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(seed, ids))
 
 
 def run(method, clf, n: int, workers: int):

@@ -24,19 +24,11 @@ CONFIGS = [(10, 5, False), (20, 5, False), (20, 10, False), (20, 5, True), (20, 
 
 
 def one(steps: int, outer: int, checkpointing: bool, n: int) -> dict:
-    import torch
-
     from lit_vce.classifiers import load_classifier
-    from lit_vce.data.world import ShapesWorld
-    from lit_vce.rngs import sample_rngs
-    from lit_vce.methods import DiGIN, VCEBatch
+    from lit_vce.methods import DiGIN
+    from lit_vce.testing import world_batch
 
-    d = ShapesWorld("balanced", "test", n)
-    items = [d[i] for i in range(n)]
-    ids = [it["sample_id"] for it in items]
-    y = torch.tensor([it["label"] for it in items])
-    batch = VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_rngs(0, ids),
-                     torch.stack([it["mask"] for it in items]))
+    batch = world_batch(n, masks=True)
     clf = load_classifier("robust")
     m = DiGIN("world", num_steps=steps, outer_steps=outer, num_cutouts=8, null_text_steps=5, gradient_checkpointing=checkpointing)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

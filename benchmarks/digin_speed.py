@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 CONTENDERS = {
@@ -75,30 +73,6 @@ def one_vce(parts, clf, image, settings: dict):
     return time.perf_counter() - t0, result
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def sampled_peak_growth(fn) -> float:
-    """How far the resident memory rose above its level before ``fn()`` (MiB), sampled every 2 ms."""
-    start, peak, stop = _rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            stop.wait(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-    return max(peak[0], _rss_mib()) - start
-
-
 def peak_growth(name: str, size: int, threads: int) -> float:
     """Peak RSS growth (MiB) of one VCE of ``name`` in a fresh process (after one warm-up VCE)."""
     out = subprocess.run([sys.executable, __file__, "--peak", name, "--size", str(size), "--threads", str(threads)],
@@ -115,7 +89,7 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from lit_vce.testing import count_flops
+    from lit_vce.testing import count_flops, sampled_peak_growth
 
     torch.set_num_threads(a.threads)
     parts, clf, image = build(a.size)

@@ -14,20 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from lit_vce.classifiers import load_classifier
-from lit_vce.data.world import ShapesWorld
-from lit_vce.rngs import sample_rngs
-from lit_vce.methods import DVCE, ClassifierGuidance, VCEBatch
-
-
-def _batch(n: int) -> VCEBatch:
-    d = ShapesWorld("balanced", "test", n)
-    items = [d[i] for i in range(n)]
-    ids = [it["sample_id"] for it in items]
-    src = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(0, ids))
+from lit_vce.methods import DVCE, ClassifierGuidance
+from lit_vce.testing import world_batch
 
 
 def main() -> None:
@@ -45,7 +34,7 @@ def main() -> None:
         for label, kw in (("exact VJP (default)", {}), ("through_unet=False", {"through_unet": False}),
                           ("inner_batch_size=4", {"inner_batch_size": 4})):
             m = make(**kw)
-            b = _batch(a.n)
+            b = world_batch(a.n)
             t0 = time.perf_counter()
             m.generate(b, clf)
             s = (time.perf_counter() - t0) / a.n

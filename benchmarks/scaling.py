@@ -26,34 +26,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 METHODS = ("classifier_guidance", "dvce", "fastdime", "dime", "svce", "ace", "ldce", "digin")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_growth(fn) -> float:
-    start, peak, stop = _rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-    return max(peak[0], _rss_mib()) - start
 
 
 def one_setting(method_name: str, batch_size: int, step_factor: float) -> dict:
@@ -64,8 +40,7 @@ def one_setting(method_name: str, batch_size: int, step_factor: float) -> dict:
     from lit_vce.classifiers import load_classifier
     from lit_vce.methods.base import select_batch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from deterministic_speed import world_batch
+    from lit_vce.testing import sampled_peak_growth, world_batch
 
     probe = load_method(f"world/{method_name}")
     kwargs = {}
@@ -86,7 +61,7 @@ def one_setting(method_name: str, batch_size: int, step_factor: float) -> dict:
             method.generate(timed, clf)
             t[0] = time.perf_counter() - t0
 
-    peak = _peak_growth(go)  # above the loaded models, over the warm-up and the timed batch
+    peak = sampled_peak_growth(go)  # above the loaded models, over the warm-up and the timed batch
     return {"method": method_name, "batch_size": batch_size, "num_steps": kwargs.get("num_steps", steps),
             "s_per_image": t[0] / batch_size, "peak_growth_mib": peak}
 

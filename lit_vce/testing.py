@@ -1,9 +1,12 @@
 """Offline stand-ins for tests and benchmarks: weight files with random values,
 saved where the real loaders expect the real ones, so the real loading paths run
-without a download."""
+without a download; and the benchmarks' shared pieces (a world batch, sampled
+peak memory, FLOP counts)."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -190,3 +193,42 @@ def count_flops(fn) -> tuple[object, int]:
     with counter:
         out = fn()
     return out, int(counter.get_total_flops())
+
+
+def world_batch(n: int, seed: int = 0, masks: bool = False):
+    """The first ``n`` balanced test images of the world as a :class:`~lit_vce.methods.VCEBatch`,
+    each explained into the next class (with the foreground ``masks`` when asked)."""
+    from .data.world import ShapesWorld
+    from .methods import VCEBatch
+    from .rngs import sample_rngs
+
+    d = ShapesWorld("balanced", "test", n)
+    items = [d[i] for i in range(n)]
+    ids = [it["sample_id"] for it in items]
+    src = torch.tensor([it["label"] for it in items])
+    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(seed, ids),
+                    torch.stack([it["mask"] for it in items]) if masks else None)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def sampled_peak_growth(fn) -> float:
+    """How far the resident memory rose above its level before ``fn()`` (MiB), sampled every 2 ms (Linux)."""
+    start, peak, stop = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            stop.wait(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return max(peak[0], _rss_mib()) - start
