@@ -285,6 +285,20 @@ class EvaluateModule(StageModule):
               + f"; results in {self.output_dir / 'results.json'}")
 
 
+def _settings_of_run(prev: dict[str, Any], fid_features: str, module_kwargs: dict[str, Any]) -> str:
+    """Fill ``module_kwargs`` with a predict run's seed, run name and metric settings (those not
+    given); returns the FID features to use (the run's when ``fid_features`` is ``"auto"``)."""
+    module_kwargs.setdefault("seed", prev.get("seed", 0))
+    module_kwargs.setdefault("run_name", prev.get("run_name"))
+    settings = prev.get("config", {}).get("metric_settings", {})
+    for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder"):
+        if module_kwargs.get(key) is None and settings.get(key) is not None:
+            module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
+    if fid_features == "auto" and settings.get("fid_features"):
+        return settings["fid_features"]
+    return fid_features
+
+
 def run_evaluate(
     run_dir: str | None = None,
     originals: str | None = None,
@@ -324,16 +338,9 @@ def run_evaluate(
             meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
             classifier = classifier or prev.get("classifier")
             method = method or prev.get("method")
-            module_kwargs.setdefault("seed", prev.get("seed", 0))
-            module_kwargs.setdefault("run_name", prev.get("run_name"))
             protocol, dataset_name = prev.get("protocol"), prev.get("dataset")
             generation_time = prev.get("wall_time_total_s") or prev.get("wall_time_s")
-            settings = prev.get("config", {}).get("metric_settings", {})
-            for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder"):
-                if module_kwargs.get(key) is None and settings.get(key) is not None:
-                    module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
-            if fid_features == "auto" and settings.get("fid_features"):
-                fid_features = settings["fid_features"]
+            fid_features = _settings_of_run(prev, fid_features, module_kwargs)
         data = PairDataset.from_run(run, image_size)
         output_dir = output_dir or str(run / "evaluation")
         method = method or next((e.get("method") for e in data.entries if e.get("method")), None)
