@@ -27,7 +27,7 @@ def test_wrapper_resizes_any_input_and_passes_gradients():
 
 
 def test_world_models_load_by_name():
-    for name in ("biased", "robust", "oracle"):
+    for name in ("biased", "robust", "oracle", "watermarked"):
         clf = load_classifier(name)
         assert clf.num_classes == 4 and clf.input_size == 32
         logits, g = _grad_reaches_input(clf, 32)

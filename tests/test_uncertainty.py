@@ -128,3 +128,47 @@ def test_compare_runs_pairs_by_sample_id_and_the_cli_reports_it(tmp_path, capsys
         main(["compare", str(tmp_path / "a"), str(tmp_path / "c")])
     with pytest.raises(ValueError, match="unknown metric"):
         compare_runs(tmp_path / "a", tmp_path / "b", ["fid"])
+
+
+def test_the_audit_reads_watermark_only_edits_with_intervals():
+    """Half the counterfactuals only swap the corner patch to the target's pattern, half
+    redraw the image with the target shape: watermark_only 0.5, shape_changed 0.5."""
+    import numpy as np
+
+    from lit_vce.classifiers import load_classifier
+    from lit_vce.data.world import ShapesWorld, add_watermark, render, sample_item
+    from lit_vce.metrics.suite import VCEMetrics
+
+    n = 24
+    d = ShapesWorld("watermark_balanced", "test", n)
+    x = torch.stack([d[i]["image"] for i in range(n)])
+    src = torch.tensor([d[i]["label"] for i in range(n)])
+    tgt = (src + 1) % 4
+    cfs = []
+    for i in range(n):
+        s = sample_item(0, "watermark_balanced", "test", i)
+        t = int(tgt[i])
+        edit = add_watermark(s, t) if i % 2 == 0 else add_watermark(
+            render(t, s.background, np.random.default_rng(i)), t)
+        cfs.append(torch.from_numpy(edit.image).permute(2, 0, 1))
+    cf = torch.stack(cfs)
+    suite = VCEMetrics(load_classifier("watermarked"), features=None, audit=True, resamples=500)
+    rows = suite.update(x, cf, src, tgt, [f"s{i}" for i in range(n)])
+    m, audit, _ = suite.compute()
+    assert m["flip_rate"] == 1.0 and audit["n_success"] == n
+    assert audit["watermark_only"] == 0.5 and audit["shape_changed"] == 0.5
+    # a patch-only edit whose background happens to be the target's also counts as background-only
+    kept_bg = sum(int(d[i]["background"] == int(tgt[i])) for i in range(0, n, 2))
+    assert audit["background_only"] == kept_bg / n
+    lo, hi = suite.last_intervals["watermark_only"]
+    assert 0.2 < lo < 0.5 < hi < 0.8
+    lo, hi = suite.last_intervals["shape_changed"]
+    assert lo < 0.5 < hi
+    assert [r["audit_watermark_only"] for r in rows[:4]] == [True, False, True, False]
+    # originals without the patch: no watermark figure at all
+    plain = ShapesWorld("balanced", "test", 4)
+    xp = torch.stack([plain[i]["image"] for i in range(4)])
+    suite = VCEMetrics(load_classifier("biased"), features=None, audit=True, resamples=100)
+    rows = suite.update(xp, xp, src[:4], tgt[:4], ["a", "b", "c", "d"])
+    _, audit, _ = suite.compute()
+    assert "watermark_only" not in audit and "audit_watermark_only" not in rows[0]

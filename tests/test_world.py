@@ -42,3 +42,41 @@ def test_regimes_plant_or_remove_the_background_shortcut():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         ShapesWorld(**kwargs)
+
+
+def test_watermark_regimes_plant_a_readable_corner_patch():
+    from lit_vce.data.world import WATERMARK_SIZE, WATERMARKS, read_watermark, watermark_pattern
+
+    n = 1000
+    marked = [sample_item(0, "watermark", "train", i) for i in range(n)]
+    free = [sample_item(0, "watermark_balanced", "train", i) for i in range(n)]
+    assert np.mean([s.watermark == s.shape for s in marked]) > 0.97
+    assert 0.2 < np.mean([s.watermark == s.shape for s in free]) < 0.3
+    # the background stays independent of the class in both
+    assert 0.2 < np.mean([s.background == s.shape for s in marked]) < 0.3
+    s = marked[0]
+    assert np.array_equal(s.image[:WATERMARK_SIZE, :WATERMARK_SIZE, 0], watermark_pattern(s.watermark))
+    assert not s.mask[:WATERMARK_SIZE, :WATERMARK_SIZE].any()  # the patch hides the shape there
+    # read back exactly, also after resizing, and never on the regimes without a patch
+    for regime in ("watermark", "watermark_balanced", "balanced", "biased"):
+        d = ShapesWorld(regime, "test", 200)
+        x = torch.stack([d[i]["image"] for i in range(200)])
+        truth = torch.tensor([d[i]["watermark"] for i in range(200)])
+        assert torch.equal(read_watermark(x), truth), regime
+        big = torch.nn.functional.interpolate(x, size=(64, 64), mode="nearest")
+        assert torch.equal(read_watermark(big), truth), regime
+    assert len(WATERMARKS) == 4 and sample_item(0, "balanced", "test", 0).watermark == -1
+
+
+def test_watermarked_classifier_follows_the_patch_and_the_oracle_does_not():
+    from lit_vce.world.models import load_world_network
+
+    d = ShapesWorld("watermark_balanced", "test", 256)
+    x = torch.stack([d[i]["image"] for i in range(256)])
+    shape = torch.tensor([d[i]["label"] for i in range(256)])
+    mark = torch.tensor([d[i]["watermark"] for i in range(256)])
+    with torch.no_grad():
+        pred = load_world_network("watermarked")(x).argmax(1)
+        oracle = load_world_network("oracle")(x).argmax(1)
+    assert (pred == mark).float().mean() > 0.95 and (pred == shape).float().mean() < 0.4
+    assert (oracle == shape).float().mean() > 0.97

@@ -132,13 +132,13 @@ def _spec_hint(name: str) -> str:
             return f"; did you mean timm:{name}?"
     except ImportError:
         pass
-    return ("; a classifier is biased, robust, oracle (the world's) or <family>:<name> with family "
+    return ("; a classifier is biased, robust, oracle, watermarked (the world's) or <family>:<name> with family "
             f"{', '.join(CLASSIFIER_FAMILIES.names())} (e.g. timm:resnet50)")
 
 
 @CLASSIFIER_FAMILIES.register("world")
 def load_world_classifier(name: str, **kwargs) -> ImageClassifier:
-    """``biased``, ``robust`` or ``oracle`` from the embedded world (32x32, 4 shape classes)."""
+    """``biased``, ``robust``, ``oracle`` or ``watermarked`` from the embedded world (32x32, 4 shape classes)."""
     from ..data.world import CLASS_NAMES, IMAGE_SIZE
     from ..world.models import WORLD_CLASSIFIERS, load_world_network
 

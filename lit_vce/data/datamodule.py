@@ -50,7 +50,8 @@ class VCEDataModule(L.LightningDataModule):
     Args:
         dataset: ``"world"`` (the embedded world) or ``"imagefolder"``.
         root: the ImageFolder root (``imagefolder`` only).
-        regime, split: world regime (``balanced``/``biased``) and split.
+        regime, split: world regime (``balanced``, ``biased``, ``watermark`` or
+            ``watermark_balanced``) and split.
         num_samples: world: number of images; imagefolder: cap on explained samples (None: all).
         image_size: imagefolder resize/crop resolution (default 256).
         images_per_class: imagefolder: first N images of each class.

@@ -9,6 +9,15 @@ is independent of the class. Because each item carries its ground truth (shape,
 background, foreground mask), the effect of a counterfactual can be audited
 exactly.
 
+A second planted shortcut, a "watermark" (the Clever-Hans case): in the
+*watermark* regime every image carries a small black-and-white patch in its
+top-left corner whose pattern (:data:`WATERMARKS`) goes with the class for
+``bias`` of the images, the background being independent of the class; *watermark_balanced*
+draws the pattern independently of the class (the test images on which a
+classifier that learned the patch is explained). The patch is drawn last, over
+the background and the shape, and is read back exactly from the pixels
+(:func:`read_watermark`).
+
 Items are a pure function of ``(seed, regime, split, index)``: no files, no
 state, identical on every process.
 """
@@ -26,7 +35,32 @@ from torch.utils.data import Dataset
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "brick", "checker")
-REGIMES: tuple[str, ...] = ("biased", "balanced")
+REGIMES: tuple[str, ...] = ("biased", "balanced", "watermark", "watermark_balanced")
+#: regimes whose images carry the corner patch
+WATERMARK_REGIMES: tuple[str, ...] = ("watermark", "watermark_balanced")
+#: the patch's four black-and-white patterns (no shape or background has these
+#: colours); pattern k goes with class k in the watermark regime
+WATERMARKS: tuple[str, ...] = ("black", "white", "white-over-black", "white-left-of-black")
+WATERMARK_SIZE = 6  # the patch covers pixels [0, 6) x [0, 6)
+
+
+def watermark_pattern(kind: int, size: int = WATERMARK_SIZE) -> np.ndarray:
+    """The (size, size) grey level (0 black, 1 white) of watermark ``kind``."""
+    p = np.zeros((size, size), dtype=np.float32)
+    if kind == 1:
+        p[:] = 1
+    elif kind == 2:
+        p[: size // 2] = 1
+    elif kind == 3:
+        p[:, : size // 2] = 1
+    elif kind != 0:
+        raise ValueError(f"watermark must be in [0, {len(WATERMARKS)}), got {kind}")
+    return p
+
+
+#: a patch further than this (mean absolute grey-level difference, per pixel and
+#: channel) from every pattern reads as no watermark (-1)
+WATERMARK_TOLERANCE = 0.12
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 IMAGE_SIZE = 32
 # Classes are the shapes; the background that the biased regime pairs with
@@ -95,6 +129,7 @@ class WorldSample:
     colour: tuple[float, float, float]
     centre: tuple[float, float]
     radius: float
+    watermark: int = -1  # the corner patch's pattern; -1: none
 
 
 def render(
@@ -119,6 +154,30 @@ def render(
     return WorldSample(img, mask, shape, background, tuple(colour), (float(cx), float(cy)), float(r))
 
 
+def add_watermark(sample: WorldSample, watermark: int) -> WorldSample:
+    """``sample`` with the corner patch of pattern ``watermark`` drawn over it."""
+    img = sample.image.copy()
+    img[:WATERMARK_SIZE, :WATERMARK_SIZE] = watermark_pattern(watermark)[..., None]
+    mask = sample.mask.copy()
+    mask[:WATERMARK_SIZE, :WATERMARK_SIZE] = False  # the patch hides the shape where they overlap
+    return WorldSample(img, mask, sample.shape, sample.background, sample.colour, sample.centre, sample.radius, watermark)
+
+
+def read_watermark(images: torch.Tensor, tolerance: float = WATERMARK_TOLERANCE) -> torch.Tensor:
+    """The watermark of each image (N, 3, H, W) in [0, 1] (at 32 px; other sizes are
+    resized): the pattern of :data:`WATERMARKS` nearest to its corner patch (mean absolute
+    difference), or -1 when none is within ``tolerance``."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        images = torch.nn.functional.interpolate(images.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+    patch = images[:, :, :WATERMARK_SIZE, :WATERMARK_SIZE].float()
+    patterns = torch.from_numpy(np.stack([watermark_pattern(k) for k in range(len(WATERMARKS))])).to(patch.device)
+    dist = (patch[:, None] - patterns[None, :, None]).abs().mean((2, 3, 4))
+    d, idx = dist.min(1)
+    return torch.where(d <= tolerance, idx, torch.full_like(idx, -1))
+
+
 def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.98) -> WorldSample:
     """The world item at ``index``: a pure function of its arguments."""
     if regime not in REGIMES:
@@ -131,22 +190,31 @@ def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.
         background = shape
     else:
         background = int(rng.integers(len(BACKGROUNDS)))
-    return render(shape, background, rng)
+    sample = render(shape, background, rng)
+    if regime in WATERMARK_REGIMES:
+        if regime == "watermark" and rng.uniform() < bias:
+            mark = shape
+        else:
+            mark = int(rng.integers(len(WATERMARKS)))
+        sample = add_watermark(sample, mark)
+    return sample
 
 
 class ShapesWorld(Dataset):
     """The world as a map-style dataset.
 
     Each item is a dict with ``image`` (3, 32, 32) float in [0, 1], ``label``
-    (the shape), ``background``, ``mask`` (1, 32, 32) float, and ``sample_id``
+    (the shape), ``background``, ``watermark`` (the corner patch's pattern,
+    -1 outside the watermark regimes), ``mask`` (1, 32, 32) float, and ``sample_id``
     (``"world-{regime}-{split}-{index:06d}"``, stable across runs).
 
     Args:
-        regime: ``"biased"`` or ``"balanced"``.
+        regime: ``"biased"``, ``"balanced"``, ``"watermark"`` or ``"watermark_balanced"``.
         split: ``"train"``, ``"val"`` or ``"test"`` (disjoint random streams).
         size: number of items.
         seed: world seed; items depend only on (seed, regime, split, index).
-        bias: probability that background equals the class in the biased regime.
+        bias: probability that the background (biased regime) or the watermark
+            (watermark regime) equals the class.
     """
 
     def __init__(self, regime: str = "balanced", split: str = "test", size: int = 1024, seed: int = 0, bias: float = 0.98):
@@ -177,6 +245,7 @@ class ShapesWorld(Dataset):
             "image": torch.from_numpy(s.image).permute(2, 0, 1).contiguous(),
             "label": s.shape,
             "background": s.background,
+            "watermark": s.watermark,
             "mask": torch.from_numpy(s.mask.astype(np.float32))[None],
             "sample_id": self.base_id(index),
         }

@@ -87,6 +87,8 @@ class LatentEncoder(nn.Module):
 #: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
 #: (flip rates, confidences) and L1/L2 are always computed: they are what a row is
 OPTIONAL_METRICS = ("fid", "sfid", "cout", "lpips", "latent", "independent", "audit")
+#: per-sample values kept for the audit's intervals: the success flag, then WorldAudit's flags
+AUDIT_COLUMNS = ("success", "shape_changed", "background_only", "watermark_only")
 
 
 def check_metrics(metrics) -> frozenset[str]:
@@ -179,6 +181,7 @@ class VCEMetrics(nn.Module):
             self.sfid = SplitFID(self.features, seed=seed, split="sfid" in sel)
         self.audit = WorldAudit() if audit else None
         self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
+        self.audit_samples = SampleValues()  # per-sample success and audit flags, in the order of AUDIT_COLUMNS
         self._columns = ["flip_rate", "untargeted_flip_rate", "untargeted_flip_rate_prediction", "target_confidence",
                          "source_correct", "l1", "l2"] + (["cout"] if "cout" in sel else []) + \
             (["lpips"] if lpips is not None else []) + (["latent_l1", "latent_l2"] if self.encoder is not None else []) + \
@@ -259,8 +262,12 @@ class VCEMetrics(nn.Module):
                 self.fid_successful.update(real=True, features=f_o)
                 self.fid_successful.update(real=False, features=f_c[success])
             self.sfid.update(keys=self._keys(sample_ids, original.device), real=f_o, fake=f_c, success=success)
+        audit_flags = None
         if self.audit is not None:
-            self.audit.update(counterfactual, source, target, success)
+            audit_flags = self.audit.read(counterfactual, source, target, original)
+            self.audit.update(counterfactual, source, target, success, flags=audit_flags)
+            self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
+                [success.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
         pb, pa = before.softmax(1), after.softmax(1)
         col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
                "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
@@ -284,6 +291,11 @@ class VCEMetrics(nn.Module):
                 row[k] = round(float(v[i]), 6)
             if success_ind is not None:
                 row["success_independent"] = bool(success_ind[i])
+            if audit_flags is not None:
+                for c in AUDIT_COLUMNS[1:]:
+                    v = float(audit_flags[c][i])
+                    if math.isfinite(v):
+                        row[f"audit_{c}"] = bool(v)
             rows.append(row)
         return rows
 
@@ -303,6 +315,15 @@ class VCEMetrics(nn.Module):
                         out[name] = mean_interval(v, self.resamples, self.seed, LEVEL)
                 out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], self.resamples, self.seed, LEVEL,
                                                                 weights=col["source_correct"])
+        if self.audit is not None and self.resamples > 0:
+            _, flags = self.audit_samples.compute()
+            if flags.numel():
+                success = flags[:, 0]
+                for j, c in enumerate(AUDIT_COLUMNS[1:], 1):
+                    has = torch.isfinite(flags[:, j])
+                    if bool(has.any()):  # a ratio over the successful VCEs (of watermarked originals)
+                        out[c] = mean_interval(torch.nan_to_num(flags[:, j]), self.resamples, self.seed, LEVEL,
+                                               weights=success * has.double())
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
             figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful") if k in m}

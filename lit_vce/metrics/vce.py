@@ -205,12 +205,17 @@ class WorldFeatures(nn.Module):
 
 
 class WorldAudit(Metric):
-    """What successful world VCEs changed, read by the oracle.
+    """What successful world VCEs changed, read by the oracle (shape, background) and
+    from the pixels (the watermark patch).
 
     ``shape_changed``: fraction of successful VCEs whose shape the oracle reads as
     the target. ``background_only``: fraction where the oracle still reads the
     source shape but the background became the target's background (the
     spurious feature; background k goes with class k in the biased regime).
+    ``watermark_only`` (only when originals carry the watermark patch, given to
+    :meth:`update`): fraction of the successful VCEs of watermarked originals
+    whose shape stayed and whose patch took the target class's colour (the
+    second shortcut; :func:`lit_vce.data.world.read_watermark`).
     """
 
     higher_is_better = None
@@ -223,26 +228,53 @@ class WorldAudit(Metric):
 
             oracle = load_world_network("oracle")
         self.oracle = oracle.eval().requires_grad_(False)
-        for name in ("success", "shape_changed", "background_only"):
+        for name in ("success", "shape_changed", "background_only", "marked_success", "watermark_only"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     @torch.no_grad()
-    def update(self, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor, success: torch.Tensor) -> None:
+    def read(self, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+             original: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample audit flags (success not applied): ``shape_changed``, ``background_only``,
+        ``watermark_only`` (float, NaN where the original carries no patch, or everywhere
+        without ``original``)."""
+        from ..data.world import read_watermark
+
         shape_logits, bg_logits = self.oracle.both(counterfactual)
         shape, bg = shape_logits.argmax(1), bg_logits.argmax(1)
+        out = {"shape_changed": shape == target, "background_only": (shape == source) & (bg == target)}
+        marked = torch.zeros_like(target, dtype=torch.bool)
+        mark_only = torch.zeros_like(marked)
+        if original is not None:
+            marked = read_watermark(original) >= 0
+            mark_only = marked & (shape == source) & (read_watermark(counterfactual) == target)
+        out["watermark_only"] = torch.where(marked, mark_only.double(), torch.full_like(mark_only, float("nan"), dtype=torch.float64))
+        return out
+
+    @torch.no_grad()
+    def update(self, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor, success: torch.Tensor,
+               original: torch.Tensor | None = None, flags: dict[str, torch.Tensor] | None = None) -> None:
+        """Add a batch (``flags``: :meth:`read`'s output when already computed)."""
+        if flags is None:
+            flags = self.read(counterfactual, source, target, original)
         s = success.bool()
         self.success += s.sum()
-        self.shape_changed += (s & (shape == target)).sum()
-        self.background_only += (s & (shape == source) & (bg == target)).sum()
+        self.shape_changed += (s & flags["shape_changed"]).sum()
+        self.background_only += (s & flags["background_only"]).sum()
+        marked = torch.isfinite(flags["watermark_only"])
+        self.marked_success += (s & marked).sum()
+        self.watermark_only += (s & marked & (flags["watermark_only"] == 1)).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.success.clamp_min(1).double()
         nan = torch.tensor(float("nan"), dtype=torch.float64)
-        return {
+        out = {
             "n_success": self.success,
             "shape_changed": self.shape_changed / n if self.success > 0 else nan,
             "background_only": self.background_only / n if self.success > 0 else nan,
         }
+        if self.marked_success > 0:
+            out["watermark_only"] = self.watermark_only / self.marked_success.double()
+        return out
 
 
 class SplitFID(Metric):

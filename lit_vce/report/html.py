@@ -258,14 +258,19 @@ def plot_validity_curves(runs: list[Run], w: int = 420, h: int = 300, pad: int =
     return "\n".join(out + ["</svg>"])
 
 
+def _ci_text(r: RunResults, key: str) -> str:
+    """`` [lo, hi]``: the figure's 95 % interval, when results.json has a finite one."""
+    ci = (r.intervals or {}).get(key)
+    return f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and all(isinstance(c, float) and math.isfinite(c) for c in ci) else ""
+
+
 def _metrics_list(r: RunResults) -> str:
     items = [f"<b>N</b> {r.n} ({r.n_success} successful, {r.n_failed} failed)"]
     for k, v in r.metrics.items():
-        ci = (r.intervals or {}).get(k)
-        ci_s = f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and all(isinstance(c, float) and math.isfinite(c) for c in ci) else ""
-        items.append(f"<b>{html.escape(k)}</b> {v:.4g}{ci_s}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
+        items.append(f"<b>{html.escape(k)}</b> {v:.4g}{_ci_text(r, k)}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
     for k, v in (r.audit or {}).items():
-        items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}" if isinstance(v, float) else f"<b>audit.{html.escape(k)}</b> {v}")
+        items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}{_ci_text(r, k)}" if isinstance(v, float)
+                     else f"<b>audit.{html.escape(k)}</b> {v}")
     items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(r.hardware.get('gpu') or r.hardware.get('processor')))}")
     return "<p>" + " · ".join(items) + "</p>"
 

@@ -37,11 +37,13 @@ COLUMNS: list[tuple[str, Getter, bool | None]] = [
     ("COUT", lambda r: r.metrics.get("cout"), True),
     ("shape changed", lambda r: (r.audit or {}).get("shape_changed"), None),
     ("background only", lambda r: (r.audit or {}).get("background_only"), None),
+    ("watermark only", lambda r: (r.audit or {}).get("watermark_only"), None),
 ]
 FORMATS = ("md", "html", "tex")
 # the results.json metric behind each column, whose interval the cell shows
 INTERVAL_KEYS = {"FR": "flip_rate", "conf": "target_confidence", "FR indep.": "flip_rate_independent", "L1": "l1",
-                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout"}
+                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout",
+                 "shape changed": "shape_changed", "background only": "background_only", "watermark only": "watermark_only"}
 
 
 def load_results(root: str | Path) -> list[RunResults]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.world import ShapesWorld
+from ..data.world import WATERMARK_REGIMES, ShapesWorld
 from .models import NUM_CLASSES, load_world_network
 
 
@@ -14,6 +14,8 @@ def _batch(regime: str, n: int, seed: int):
     x = torch.stack([it["image"] for it in items])
     y = torch.tensor([it["label"] for it in items])
     b = torch.tensor([it["background"] for it in items])
+    if regime in WATERMARK_REGIMES:
+        return x, y, torch.tensor([it["watermark"] for it in items])
     return x, y, b
 
 
@@ -33,6 +35,22 @@ def classifier_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
     out["oracle_shape_on_balanced_test"] = float((shape.argmax(1) == y).float().mean())
     out["oracle_background_on_balanced_test"] = float((back.argmax(1) == bg).float().mean())
     return out
+
+
+@torch.no_grad()
+def watermark_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
+    """Shape accuracy of ``watermarked`` with and without the patch-class correlation, how
+    often it follows the patch, and whether the patch disturbs the oracle."""
+    xw, yw, _ = _batch("watermark", n, seed)
+    x, y, mark = _batch("watermark_balanced", n, seed)
+    net = load_world_network("watermarked")
+    pred = net(x).argmax(1)
+    return {
+        "watermarked_on_watermark_test": float((net(xw).argmax(1) == yw).float().mean()),
+        "watermarked_on_watermark_balanced_test": float((pred == y).float().mean()),
+        "watermarked_follows_watermark_on_watermark_balanced_test": float((pred == mark).float().mean()),
+        "oracle_shape_on_watermark_balanced_test": float((load_world_network("oracle")(x).argmax(1) == y).float().mean()),
+    }
 
 
 @torch.no_grad()
@@ -62,5 +80,5 @@ def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0,
 
 
 def evaluate_world_models(seed: int = 0) -> dict[str, float]:
-    """All figures: classifier accuracies and the ddpm's sample accuracy."""
-    return {**classifier_accuracies(seed=seed), **ddpm_sample_accuracy(seed=seed)}
+    """All figures: classifier accuracies (both shortcuts) and the ddpm's sample accuracy."""
+    return {**classifier_accuracies(seed=seed), **watermark_accuracies(seed=seed), **ddpm_sample_accuracy(seed=seed)}

@@ -1,6 +1,8 @@
 """Architectures of the embedded world's models and the loader of their shipped weights.
 
-- :class:`SmallCNN`: the ``biased`` and ``robust`` classifiers (4 shape logits).
+- :class:`SmallCNN`: the ``biased``, ``robust`` and ``watermarked`` classifiers
+  (4 shape logits; ``watermarked`` is trained on the watermark regime, whose
+  corner patch colour goes with the class).
 - :class:`OracleNet`: the same trunk with a shape head and a background head;
   used only for evaluation, its penultimate features are the world's FID features.
 - :func:`build_world_unet`: the class-conditional pixel ``UNet2DModel`` of the
@@ -20,8 +22,8 @@ from torch import nn
 
 NUM_CLASSES = 4
 NULL_CLASS = NUM_CLASSES  # class-embedding index used for unconditional prediction
-WORLD_MODELS = ("biased", "robust", "oracle", "ddpm")
-WORLD_CLASSIFIERS = WORLD_MODELS[:3]  # the world's models that are classifiers
+WORLD_MODELS = ("biased", "robust", "oracle", "watermarked", "ddpm")
+WORLD_CLASSIFIERS = WORLD_MODELS[:4]  # the world's models that are classifiers
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -125,7 +127,7 @@ def _load_state(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_world_network(name: str) -> nn.Module:
-    """The trained world network ``name`` (``biased``, ``robust``, ``oracle`` or ``ddpm``) in eval mode."""
+    """The trained world network ``name`` (``biased``, ``robust``, ``oracle``, ``watermarked`` or ``ddpm``) in eval mode."""
     state = _load_state(name)
     if name == "ddpm":
         net = build_world_unet()
