@@ -134,7 +134,7 @@ def explain(
     intervals: dict[str, list[float]] = {}
     if suite is not None:
         scores, audit, _ = suite.compute()
-        intervals = {k: v for k, v in suite.last_intervals.items() if k in scores}
+        intervals = {k: v for k, v in suite.last_intervals.items() if k in scores or k in (audit or {})}
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
                        intervals=intervals, method=vce.describe(), seconds=time.perf_counter() - t0)

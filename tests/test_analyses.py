@@ -67,6 +67,26 @@ def test_spurious_units_of_biased_track_the_background_and_of_robust_the_shape(w
     assert {"unit", "contribution", "share_of_logit", "corr_shape", "corr_background", "confidence_drop"} <= set(entry)
     # removing a unit that drives the class lowers the class confidence
     assert entry["confidence_drop"] > 0
+    # bootstrap intervals over images hold the figure, narrow with more images, are seeded
+    lo, hi = biased["intervals"]["mean_corr_background"]
+    assert lo < biased["mean_corr_background"] < hi and hi - lo < 0.2
+    again = spurious_units(load_classifier("biased"), x, y, {"shape": y, "background": bg}, top=3)
+    assert again["intervals"] == biased["intervals"]
+    half = spurious_units(load_classifier("biased"), x[::2], y[::2], {"shape": y[::2], "background": bg[::2]}, top=3)
+    wide = half["intervals"]["mean_corr_background"]
+    assert wide[1] - wide[0] > hi - lo
+
+
+def test_spurious_cli_adds_the_watermark_factor_for_the_watermarked_classifier(tmp_path, capsys):
+    from lit_vce.analyses.spurious import main as spurious_main
+
+    res = spurious_main(["--classifier", "watermarked", "--num-samples", "256", "--resamples", "200",
+                         "--out", str(tmp_path)])
+    assert res["regime"] == "watermark_balanced"
+    assert res["mean_corr_watermark"] > 0.8 > res["mean_corr_shape"]
+    lo, hi = res["intervals"]["mean_corr_watermark"]
+    assert lo < res["mean_corr_watermark"] < hi
+    assert "watermark == class" in capsys.readouterr().out
 
 
 SMALL = ["--model.method.init_args.num_steps", "4", "--model.method.init_args.outer_steps", "2",

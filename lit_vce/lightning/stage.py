@@ -148,12 +148,14 @@ class StageModule(L.LightningModule):
                 wall_time_s: float, n_success: int | None = None, **fields: Any) -> dict[str, Any]:
         """The validated ``results.json`` of ``rows`` (sorted by sample id); ``fields`` are
         further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...).
-        The metric suite's intervals (``self.metrics.last_intervals``) go in by default."""
+        The metric suite's intervals (``self.metrics.last_intervals``) of the metrics and the
+        audit figures go in by default."""
         from ..report.results import build_results
 
         suite = getattr(self, "metrics", None)
         if "intervals" not in fields and hasattr(suite, "last_intervals"):
-            fields["intervals"] = {k: v for k, v in suite.last_intervals.items() if k in metrics}
+            shown = set(metrics) | set(fields.get("audit") or {})
+            fields["intervals"] = {k: v for k, v in suite.last_intervals.items() if k in shown}
 
         return build_results(
             run_name=self.run_name, method=method, classifier=self.classifier_spec, n=n,

@@ -57,7 +57,7 @@ class RunResults:
     sample_ids_hash: str
     config: dict[str, Any]
     audit: dict[str, float] | None = None
-    # 95 % intervals [lo, hi] of the figures in ``metrics`` (bootstrap over samples; for
+    # 95 % intervals [lo, hi] of the figures in ``metrics`` and ``audit`` (bootstrap over samples; for
     # FID/sFID over the sample set; settings under config.metrics.intervals)
     intervals: dict[str, list[float]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
