@@ -132,3 +132,27 @@ def test_neurons_on_real_images_keep_the_object_and_change_the_rest(tmp_path):
         inside += float((diff * m).sum() / m.sum())
         outside += float((diff * (1 - m)).sum() / (1 - m).sum())
     assert inside < 0.5 * outside, (inside, outside)
+
+
+def test_disagreement_summary_has_per_class_rates_and_order_free_intervals():
+    from lit_vce.analyses.generate import summarise, summary_intervals
+
+    rows = []
+    for i in range(40):
+        y = i % 4
+        hit = (i // 4) % 2 == 0 if y == 0 else (i // 4) % 3 != 0  # class 0: 5 of 10 images, the others 6 of 10
+        rows.append({"sample_id": f"s{i:02d}", "class": y, "failure": "", "disagrees": hit, "class_conf": 0.9,
+                     "class_conf_second": 0.1, "oracle_shape": (y + 1) % 4 if hit else y, "oracle_background": y})
+    m = summarise("disagree", rows)
+    per = {y: sum(1 for r in rows if r["class"] == y and r["disagrees"]) / 10 for y in range(4)}
+    assert m["background_without_shape"] == pytest.approx(sum(per.values()) / 4)
+    for y in range(4):
+        assert m[f"background_without_shape_class{y}"] == per[y]
+    ci = summary_intervals("disagree", rows, seed=0)
+    assert ci == summary_intervals("disagree", rows[::-1], seed=0)  # order of the gathered rows is irrelevant
+    for key in ("background_without_shape", "background_without_shape_class1", "disagreement_rate"):
+        lo, hi = ci[key]
+        assert lo <= m[key] <= hi and hi > lo, key
+    # a per-class rate rests on 10 images: its interval is wider than the overall one on 40
+    assert ci["background_without_shape_class1"][1] - ci["background_without_shape_class1"][0] > \
+        ci["background_without_shape"][1] - ci["background_without_shape"][0]

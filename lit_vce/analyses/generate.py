@@ -252,6 +252,7 @@ class AnalysisModule(StageModule):
             self.final_results = None
             return
         metrics = summarise(self.analysis, rows)
+        intervals = summary_intervals(self.analysis, rows, self.seed)
         wall = time.perf_counter() - self._t0
         self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}
         if writer is not None and self.trainer.is_global_zero:
@@ -260,7 +261,7 @@ class AnalysisModule(StageModule):
                 n_success=sum(1 for r in rows if r.get("disagrees") or (self.analysis == "neurons" and not r["failure"])),
                 config={"analysis": self.analysis, "objective": self.method.objective.describe(), "method": self.method.describe(),
                         "second_classifier": getattr(self.second, "name", None), "variant": self.variant, "unit": self.unit,
-                        "data": dict(self.trainer.datamodule.hparams)})
+                        "data": dict(self.trainer.datamodule.hparams)}, intervals=intervals)
             self.finalize(writer.output_dir, rows, results)
             print(f"{self.run_name}: {len(rows)} images; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                                        if isinstance(v, float)))
@@ -290,4 +291,41 @@ def summarise(analysis: str, rows: list[dict[str, Any]]) -> dict[str, float]:
         m["shape_is_class"] = sum(shape_is) / n
         # the systematic error the planted bias causes: the class's background without its shape
         m["background_without_shape"] = sum(b and not s for b, s in zip(bg_is, shape_is)) / n
+        for y in sorted({int(r["class"]) for r in ok}):
+            of_y = [b and not s for b, s, r in zip(bg_is, shape_is, ok) if int(r["class"]) == y]
+            m[f"background_without_shape_class{y}"] = sum(of_y) / len(of_y)
     return m
+
+
+def _indicators(analysis: str, rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-sample 0/1 values behind :func:`summarise`'s rates (rows without a failure)."""
+    ok = [r for r in rows if not r.get("failure")]
+    out: dict[str, list[float]] = {}
+    if analysis == "disagree":
+        out["disagreement_rate"] = [float(str(r.get("disagrees")) == "True") for r in ok]
+    if ok and ok[0].get("oracle_shape") not in (None, ""):
+        bg = [int(r["oracle_background"]) == int(r["class"]) for r in ok]
+        sh = [int(r["oracle_shape"]) == int(r["class"]) for r in ok]
+        out["background_is_class"] = [float(b) for b in bg]
+        out["shape_is_class"] = [float(s) for s in sh]
+        out["background_without_shape"] = [float(b and not s) for b, s in zip(bg, sh)]
+        for y in sorted({int(r["class"]) for r in ok}):
+            out[f"background_without_shape_class{y}"] = [
+                float(b and not s) if int(r["class"]) == y else float("nan") for b, s, r in zip(bg, sh, ok)]
+    return out
+
+
+def summary_intervals(analysis: str, rows: list[dict[str, Any]], seed: int = 0) -> dict[str, list[float]]:
+    """95 % bootstrap intervals over images of :func:`summarise`'s rates (a per-class rate
+    resamples all images and divides by that class's count); rows are ordered by sample id
+    first, so any number of processes gives the same intervals."""
+    from ..metrics.uncertainty import RESAMPLES, mean_interval
+
+    rows = sorted(rows, key=lambda r: str(r["sample_id"]))
+    out = {}
+    for key, vals in _indicators(analysis, rows).items():
+        v = torch.tensor(vals, dtype=torch.float64)
+        has = torch.isfinite(v)
+        lo, hi = mean_interval(torch.nan_to_num(v), RESAMPLES, seed, weights=has.double())
+        out[key] = [round(lo, 6), round(hi, 6)]
+    return out
