@@ -10,6 +10,7 @@
     lit-vce disagree --config world/disagree   # systematic errors (DiG-IN)
     lit-vce neurons --config world/neurons     # neuron visualisation (DiG-IN)
     lit-vce spurious --classifier biased                    # spurious penultimate units
+    lit-vce findings                      # the world's shortcut findings, with intervals
     lit-vce fetch --config imagenet/base ...   # load (download) every model of a run, once
     lit-vce methods                       # the registered methods
     lit-vce configs                       # the shipped configs (--config world/dvce, imagenet/base, ...)
@@ -302,6 +303,10 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "findings":
+        from .findings import main as findings_main
+
+        return findings_main(argv[1:])
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
@@ -311,6 +316,7 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
+    sub.add_parser("findings", help="the world's shortcut findings with 95 %% intervals (see `lit-vce findings --help`)")
     sub.add_parser("compare", help="do two runs on the same samples differ? paired bootstrap per metric")
     lb = sub.add_parser("leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder")
     lb.add_argument("results_dir")

@@ -143,7 +143,9 @@ def test_the_audit_reads_watermark_only_edits_with_intervals():
     d = ShapesWorld("watermark_balanced", "test", n)
     x = torch.stack([d[i]["image"] for i in range(n)])
     src = torch.tensor([d[i]["label"] for i in range(n)])
-    tgt = (src + 1) % 4
+    mark = [d[i]["watermark"] for i in range(n)]
+    # a target that is neither the shape nor the pattern (watermarked reads the pattern)
+    tgt = torch.tensor([next(t for t in ((y + k) % 4 for k in (1, 2, 3)) if t != m) for y, m in zip(src.tolist(), mark)])
     cfs = []
     for i in range(n):
         s = sample_item(0, "watermark_balanced", "test", i)
@@ -165,6 +167,12 @@ def test_the_audit_reads_watermark_only_edits_with_intervals():
     lo, hi = suite.last_intervals["shape_changed"]
     assert lo < 0.5 < hi
     assert [r["audit_watermark_only"] for r in rows[:4]] == [True, False, True, False]
+    # an original the classifier already reads as the target succeeds unedited: not audited
+    same = next(i for i in range(n) if mark[i] != int(src[i]))
+    suite = VCEMetrics(load_classifier("watermarked"), features=None, audit=True, resamples=100)
+    suite.update(x[[same]], x[[same]], src[[same]], torch.tensor([mark[same]]), ["u"])
+    m, audit, _ = suite.compute()
+    assert m["flip_rate"] == 1.0 and audit["n_success"] == 0 and "watermark_only" not in audit
     # originals without the patch: no watermark figure at all
     plain = ShapesWorld("balanced", "test", 4)
     xp = torch.stack([plain[i]["image"] for i in range(4)])

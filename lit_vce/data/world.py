@@ -163,10 +163,11 @@ def add_watermark(sample: WorldSample, watermark: int) -> WorldSample:
     return WorldSample(img, mask, sample.shape, sample.background, sample.colour, sample.centre, sample.radius, watermark)
 
 
-def read_watermark(images: torch.Tensor, tolerance: float = WATERMARK_TOLERANCE) -> torch.Tensor:
+def read_watermark(images: torch.Tensor, tolerance: float | None = WATERMARK_TOLERANCE) -> torch.Tensor:
     """The watermark of each image (N, 3, H, W) in [0, 1] (at 32 px; other sizes are
     resized): the pattern of :data:`WATERMARKS` nearest to its corner patch (mean absolute
-    difference), or -1 when none is within ``tolerance``."""
+    difference), or -1 when none is within ``tolerance`` (``None``: always the nearest,
+    as the oracle's argmax reads a background; for an edited patch)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
     if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
@@ -175,7 +176,23 @@ def read_watermark(images: torch.Tensor, tolerance: float = WATERMARK_TOLERANCE)
     patterns = torch.from_numpy(np.stack([watermark_pattern(k) for k in range(len(WATERMARKS))])).to(patch.device)
     dist = (patch[:, None] - patterns[None, :, None]).abs().mean((2, 3, 4))
     d, idx = dist.min(1)
-    return torch.where(d <= tolerance, idx, torch.full_like(idx, -1))
+    return idx if tolerance is None else torch.where(d <= tolerance, idx, torch.full_like(idx, -1))
+
+
+#: the mean absolute change over the patch (grey levels in [0, 1]) from which an edit
+#: counts as moving the watermark
+WATERMARK_EDIT = 0.1
+
+
+def watermark_change(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """Mean absolute change over the corner patch (at 32 px) of each image pair (N,)."""
+    if original.shape != edited.shape:
+        raise ValueError(f"images differ in shape: {tuple(original.shape)} vs {tuple(edited.shape)}")
+    if original.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        original, edited = (torch.nn.functional.interpolate(t.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+                            for t in (original, edited))
+    k = WATERMARK_SIZE
+    return (edited[:, :, :k, :k].float() - original[:, :, :k, :k].float()).abs().mean((1, 2, 3))
 
 
 def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.98) -> WorldSample:

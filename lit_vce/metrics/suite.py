@@ -87,7 +87,8 @@ class LatentEncoder(nn.Module):
 #: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
 #: (flip rates, confidences) and L1/L2 are always computed: they are what a row is
 OPTIONAL_METRICS = ("fid", "sfid", "cout", "lpips", "latent", "independent", "audit")
-#: per-sample values kept for the audit's intervals: the success flag, then WorldAudit's flags
+#: per-sample values kept for the audit's intervals: success (of an original not already read as
+#: the target), then WorldAudit's flags
 AUDIT_COLUMNS = ("success", "shape_changed", "background_only", "watermark_only")
 
 
@@ -114,7 +115,8 @@ class VCEMetrics(nn.Module):
             :mod:`lit_vce.metrics.features`).
         second_classifier: an independent classifier of the same label space.
         lpips: an :class:`LPIPSDistance` (see ``build_lpips``) or None.
-        audit: the world's shape/background audit.
+        audit: the world's audit (shape, background, watermark) of the successful VCEs of
+            originals the classifier did not already assign to the target.
         resolution: L1/L2 are computed at this square resolution (None: native).
         autoencoder: a first-stage autoencoder (module or spec) for latent L1/L2.
         seed: the sFID split seed.
@@ -265,9 +267,10 @@ class VCEMetrics(nn.Module):
         audit_flags = None
         if self.audit is not None:
             audit_flags = self.audit.read(counterfactual, source, target, original)
-            self.audit.update(counterfactual, source, target, success, flags=audit_flags)
+            flipped = success & (before.argmax(1) != target)  # an original already read as the target needs no edit
+            self.audit.update(counterfactual, source, target, flipped, flags=audit_flags)
             self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
-                [success.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
+                [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
         pb, pa = before.softmax(1), after.softmax(1)
         col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
                "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),

@@ -208,14 +208,21 @@ class WorldAudit(Metric):
     """What successful world VCEs changed, read by the oracle (shape, background) and
     from the pixels (the watermark patch).
 
-    ``shape_changed``: fraction of successful VCEs whose shape the oracle reads as
-    the target. ``background_only``: fraction where the oracle still reads the
-    source shape but the background became the target's background (the
-    spurious feature; background k goes with class k in the biased regime).
-    ``watermark_only`` (only when originals carry the watermark patch, given to
-    :meth:`update`): fraction of the successful VCEs of watermarked originals
-    whose shape stayed and whose patch took the target class's colour (the
-    second shortcut; :func:`lit_vce.data.world.read_watermark`).
+    Over the successful VCEs of originals that the classifier did not already
+    assign to the target (``success`` as the suite passes it; an original already
+    read as the target is "explained" without any change, and on balanced data
+    a quarter of ``biased``'s originals show the target's background):
+    ``shape_changed``: fraction whose shape the oracle reads as the target.
+    ``background_only``: fraction where the oracle still reads the source shape but
+    the background became the target's background (the spurious feature;
+    background k goes with class k in the biased regime). ``watermark_only`` (only
+    when originals carry the watermark patch, given to :meth:`update`): fraction of
+    those of watermarked originals whose shape and background (oracle) stayed and
+    whose patch changed: a mean absolute change over the patch of at least
+    :data:`WATERMARK_EDIT` (:func:`lit_vce.data.world.watermark_change`). The edit
+    need not draw another of the four patterns: the classifier's notion of a
+    pattern is its own (SVCE flips ``watermarked`` from "white over black" to
+    "black" by darkening two rows of the patch).
     """
 
     higher_is_better = None
@@ -237,7 +244,7 @@ class WorldAudit(Metric):
         """Per-sample audit flags (success not applied): ``shape_changed``, ``background_only``,
         ``watermark_only`` (float, NaN where the original carries no patch, or everywhere
         without ``original``)."""
-        from ..data.world import read_watermark
+        from ..data.world import WATERMARK_EDIT, read_watermark, watermark_change
 
         shape_logits, bg_logits = self.oracle.both(counterfactual)
         shape, bg = shape_logits.argmax(1), bg_logits.argmax(1)
@@ -246,7 +253,10 @@ class WorldAudit(Metric):
         mark_only = torch.zeros_like(marked)
         if original is not None:
             marked = read_watermark(original) >= 0
-            mark_only = marked & (shape == source) & (read_watermark(counterfactual) == target)
+            if bool(marked.any()):
+                bg_before = self.oracle.both(original)[1].argmax(1)
+                moved = watermark_change(original, counterfactual) >= WATERMARK_EDIT
+                mark_only = marked & (shape == source) & (bg == bg_before) & moved
         out["watermark_only"] = torch.where(marked, mark_only.double(), torch.full_like(mark_only, float("nan"), dtype=torch.float64))
         return out
 
