@@ -80,3 +80,14 @@ def test_watermarked_classifier_follows_the_patch_and_the_oracle_does_not():
         oracle = load_world_network("oracle")(x).argmax(1)
     assert (pred == mark).float().mean() > 0.95 and (pred == shape).float().mean() < 0.4
     assert (oracle == shape).float().mean() > 0.97
+
+
+def test_uniform_chisquare_matches_scipy():
+    from scipy.stats import chisquare
+
+    from lit_vce.world.evaluation import uniform_chisquare
+
+    for counts in ([256, 256, 256, 256], [478, 198, 168, 180], [290, 240, 250, 244], [30, 10, 12]):
+        chi2, p = uniform_chisquare(torch.tensor(counts))
+        ref = chisquare(counts)
+        assert chi2 == pytest.approx(ref.statistic, rel=1e-9) and p == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-300)

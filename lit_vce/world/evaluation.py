@@ -72,13 +72,29 @@ def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0,
         s, b = oracle.both(imgs)
         correct += int((s.argmax(1) == lab).sum())
         backgrounds += torch.bincount(b.argmax(1), minlength=NUM_CLASSES).float()
+    chi2, pvalue = uniform_chisquare(backgrounds)
     return {
         "ddpm_sample_shape_accuracy": correct / n,
         "ddpm_samples": n, "ddpm_sampler": f"{sampler}-{steps}", "ddpm_cfg_scale": cfg_scale,
         "ddpm_background_histogram": (backgrounds / n).tolist(),
+        "ddpm_background_chi2": chi2, "ddpm_background_chi2_p": pvalue,
     }
 
 
-def evaluate_world_models(seed: int = 0) -> dict[str, float]:
-    """All figures: classifier accuracies (both shortcuts) and the ddpm's sample accuracy."""
-    return {**classifier_accuracies(seed=seed), **watermark_accuracies(seed=seed), **ddpm_sample_accuracy(seed=seed)}
+def uniform_chisquare(counts: torch.Tensor) -> tuple[float, float]:
+    """Pearson's chi-square statistic of ``counts`` against the uniform distribution and its
+    p-value (k - 1 degrees of freedom): the balanced training data draws the backgrounds
+    uniformly, so a faithful model's sample counts should not reject it."""
+    c = counts.double()
+    k, n = c.numel(), float(c.sum())
+    expected = n / k
+    chi2 = float(((c - expected) ** 2 / expected).sum())
+    p = float(torch.special.gammaincc(torch.tensor((k - 1) / 2, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64)))
+    return chi2, p
+
+
+def evaluate_world_models(seed: int = 0, ddpm_samples: int = 1024) -> dict[str, float]:
+    """All figures: classifier accuracies (both shortcuts) and the ddpm's samples (shape
+    accuracy, background histogram and its chi-square test against uniform)."""
+    return {**classifier_accuracies(seed=seed), **watermark_accuracies(seed=seed),
+            **ddpm_sample_accuracy(n=ddpm_samples, seed=seed)}
