@@ -178,3 +178,30 @@ def test_describe_records_every_constructor_argument_without_a_hand_kept_list(ti
     assert g.describe()["injection"] == "conditioning"  # "auto" resolved
     g.inversion = "none"  # changed after construction (as the analyses do): recorded as it runs
     assert g.describe()["inversion"] == "none" and g.describe()["diffusion"]["guidance_scale"] == 3.0
+
+
+def test_source_conditioning_holds_the_original_class_in_the_prior():
+    """Unguided (scale 0), the world ddpm conditioned on the source class keeps the source
+    shape more often than conditioned on the target; the model calls get the source embedding."""
+    from lit_vce.classifiers import load_classifier
+    from lit_vce.data.world import ShapesWorld
+    from lit_vce.methods import ClassifierGuidance
+
+    items = [ShapesWorld("balanced", "test", 16)[i] for i in range(16)]
+    x = torch.stack([it["image"] for it in items])
+    src = torch.tensor([it["label"] for it in items])
+    tgt = (src + 1) % 4
+    ids = [it["sample_id"] for it in items]
+    oracle = load_classifier("oracle")
+    kept = {}
+    for cond in ("source", "target"):
+        m = ClassifierGuidance(scale=0.0, sampler="ddpm", num_steps=50, skip=0.2, conditioning=cond)
+        batch = VCEBatch(x, src, tgt, ids, sample_rngs(0, ids))
+        c, u = m._conditions(batch)
+        assert torch.equal(c, m.diffusion.condition(src if cond == "source" else tgt)) and u is None
+        with torch.no_grad():
+            out = m.generate(batch, oracle).images
+            kept[cond] = (oracle(out).argmax(1) == src).float().mean().item()
+    assert kept["source"] > kept["target"] + 0.3, kept
+    with pytest.raises(ValueError, match="'source'"):
+        ClassifierGuidance(conditioning="nope")

@@ -82,9 +82,12 @@ class PerStepGuidance(VCEMethod):
             sampler, the sample for the others).
         skip: fraction of those steps skipped at the noisy end (late start):
             the input is noised to the first step after the skipped ones.
-        conditioning: ``"none"`` (unconditional / null class) or ``"target"``
-            (class-conditional on the target, with ``cfg_scale``).
-        cfg_scale: classifier-free guidance scale when conditioning on the target.
+        conditioning: ``"none"`` (unconditional / null class), ``"target"``
+            (class-conditional on the target, with ``cfg_scale``) or ``"source"``
+            (on the source class: the prior holds the original's class while
+            the classifier's gradient moves what the classifier reads; not a
+            published setting of any method, see the shortcut findings).
+        cfg_scale: classifier-free guidance scale when conditioning on a class.
         through_unet: differentiate the x0 gradient through the denoiser
             (exact); ``False`` uses the x0 gradient directly (cheaper).
         inner_batch_size: split each batch into chunks of this size (memory knob;
@@ -112,8 +115,8 @@ class PerStepGuidance(VCEMethod):
             raise ValueError("output must be 'auto', 'x0' or 'sample'")
         if not 0 <= skip < 1:
             raise ValueError("skip must be in [0, 1)")
-        if conditioning not in ("none", "target"):
-            raise ValueError("conditioning must be 'none' or 'target'")
+        if conditioning not in ("none", "target", "source"):
+            raise ValueError("conditioning must be 'none', 'target' or 'source'")
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if isinstance(diffusion, str):
@@ -160,11 +163,11 @@ class PerStepGuidance(VCEMethod):
         return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
 
     def _conditions(self, batch: VCEBatch):
-        """(cond, uncond) of the model calls: the null input, or the target with CFG."""
+        """(cond, uncond) of the model calls: the null input, or the target (source) with CFG."""
         d, n = self.diffusion, len(batch)
         if self.conditioning == "none":
             return (d.null_condition(n) if d.has_null_condition else None), None
-        cond = d.condition(batch.target)
+        cond = d.condition(batch.source if self.conditioning == "source" else batch.target)
         return cond, (d.null_condition(n) if self.cfg_scale != 1.0 else None)
 
     def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
