@@ -36,6 +36,9 @@ from typing import Any
 
 #: VCE configurations tested for the shortcuts: label -> (shipped world config, overrides)
 VCE_CONFIGS: dict[str, tuple[str, list[str]]] = {
+    # classifier guidance with the class-conditional prior held at the source class:
+    # the prior keeps the shape, so what moves is what the classifier reads
+    "classifier_guidance_source": ("classifier_guidance", ["--model.method.init_args.conditioning", "source"]),
     "fastdime": ("fastdime", []),
     "classifier_guidance": ("classifier_guidance", []),
     "svce": ("svce", []),
