@@ -29,10 +29,12 @@ def test_cone_projection_matches_the_official_direction_outside_the_cone():
     assert 0 < int(outside.sum()) < len(outside)  # the fixture has pairs on both sides
     unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
     # The official code computes tan(30 deg) in float32 (torch.tensor([deg]).deg2rad()),
-    # i.e. it projects at 30.0000024 deg; at that angle the directions agree to float64 rounding.
+    # i.e. it projects at 30.0000024 deg; at that angle the directions agree to float64 rounding
+    # where this CPU's float32 tan rounds as the fixture's did (an AMD EPYC: below 1e-9; an Intel
+    # Xeon's vectorised tan is one ulp off: 3.4e-9)
     official_deg = math.degrees(math.atan(float(torch.tan(torch.tensor([30.0]).deg2rad()))))
     ours = cone_projection(explained, robust, official_deg)
-    assert (unit(ours[outside]) - unit(official[outside])).abs().max() < 1e-9
+    assert (unit(ours[outside]) - unit(official[outside])).abs().max() < 5e-9
     # at exactly 30 deg the difference is that float32 rounding only (measured 2.8e-9)
     ours = cone_projection(explained, robust, 30.0)
     assert (unit(ours[outside]) - unit(official[outside])).abs().max() < 1e-8
