@@ -131,10 +131,12 @@ def collect(out: str | Path) -> dict[str, Any]:
                 continue
             r = json.loads(p.read_text())
             audit = r.get("audit") or {}
-            figures[f"vce_{key}_{clf}_{label}"] = _figure(
-                audit.get(key), r.get("intervals", {}).get(key), audit.get("n_success"),
-                TARGETS[f"vce_{key}_{clf}"], str(p), f"{what} ({label}; flip rate {r['metrics']['flip_rate']:.3f} "
-                f"of {r['n']})", detail=label)
+            fig = _figure(audit.get(key), r.get("intervals", {}).get(key), audit.get("n_success"),
+                          TARGETS[f"vce_{key}_{clf}"], str(p), f"{what} ({label}; flip rate {r['metrics']['flip_rate']:.3f} "
+                          f"of {r['n']})", detail=label)
+            fig.update(configuration=label, classifier=clf, flip_rate=r["metrics"]["flip_rate"],
+                       flip_rate_interval=r.get("intervals", {}).get("flip_rate"), images=r["n"])
+            figures[f"vce_{key}_{clf}_{label}"] = fig
     for clf, factor in (("biased", "background"), ("robust", "shape"), ("watermarked", "watermark")):
         p = out / "spurious" / clf / "spurious.json"
         if p.is_file():
@@ -158,6 +160,33 @@ def markdown(findings: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def vce_markdown(findings: dict[str, Any]) -> str:
+    """One row per VCE configuration: flip rate and the shortcut (or shape) figure, each with
+    its interval, for biased, robust and watermarked."""
+    cols = (("biased", "background only"), ("robust", "shape changed"), ("watermarked", "watermark only"))
+    rows: dict[str, dict[str, dict]] = {}
+    for f in findings["figures"].values():
+        if "configuration" in f:
+            rows.setdefault(f["configuration"], {})[f["classifier"]] = f
+
+    def cell(f, key, ci_key):
+        v, ci = f.get(key), f.get(ci_key) or [math.nan, math.nan]
+        if v is None or not math.isfinite(v):
+            return "-"
+        return f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if all(math.isfinite(c) for c in ci) else "")
+
+    head = ["configuration", "N"] + [f"{h} `{c}`" for c, what in cols for h in ("FR", what)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by in rows.items():
+        n = max(f["images"] for f in by.values())
+        cells = [label, str(n)]
+        for c, _ in cols:
+            f = by.get(c, {})
+            cells += [cell(f, "flip_rate", "flip_rate_interval"), cell(f, "value", "interval")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(out: str | Path) -> str:
     """Write ``findings.json`` and ``findings.md`` from the run folders under ``out``; returns the table."""
     from .io import atomic_write_bytes
@@ -168,6 +197,9 @@ def render(out: str | Path) -> str:
         raise FileNotFoundError(f"no finding's results under {out} (run `lit-vce findings --out {out}` first)")
     atomic_write_bytes(out / "findings.json", (json.dumps(findings, indent=2) + "\n").encode())
     table = markdown(findings)
+    if any("configuration" in f for f in findings["figures"].values()):
+        table += "\nVCE configurations (shortcut figures over the successful VCEs of originals the classifier did not " \
+                 "already read as the target):\n\n" + vce_markdown(findings)
     atomic_write_bytes(out / "findings.md", table.encode())
     return table
 

@@ -23,6 +23,8 @@ def test_findings_runs_the_vce_configurations_on_all_three_classifiers_and_rende
     assert units["met"] is True and units["interval"][0] < units["value"] < units["interval"][1]
     table = (out / "findings.md").read_text()
     assert "mean correlation of biased's top units with the background" in table and "[" in table
+    row = next(line for line in table.splitlines() if line.startswith("| svce | 4 |"))
+    assert row.count("|") == 9  # configuration, N, then FR and the figure for each of the three classifiers
     # re-rendering from the files gives the same table; an empty folder is an error
     main(["findings", "--out", str(out), "--render-only"])
     assert (out / "findings.md").read_text() == table
