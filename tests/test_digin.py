@@ -137,10 +137,15 @@ def test_batch_composition_does_not_change_a_sample(robust, speedups):
     # over them, so (blend 0.5, injection 0.5) scores what (blend 0, injection 0.5) does (sample
     # 1's best, 1.33725 both). Here every sample's best setting leads the next by >= 0.38
     kw = dict(outer_steps=2, speedups=speedups, **{**FAST, "blend_fractions": (0.0, 0.5), "injection_fractions": (0.0, 0.3)})
-    whole = DiGIN("world", **kw).generate(_world_batch(3), robust).images
-    chunked = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust).images
+    # (with the retrained world ddpm the null-text inversion's inner Adam steps amplify the
+    # batch shape's rounding to 2.2e-3 on one sample: same settings chosen, same best iterate)
+    whole_run = DiGIN("world", **kw).generate(_world_batch(3), robust)
+    chunked_run = DiGIN("world", inner_batch_size=1, **kw).generate(_world_batch(3), robust)
+    for key in ("injection_steps", "blend_steps", "start", "best_iterate"):
+        assert torch.equal(whole_run.diagnostics[key], chunked_run.diagnostics[key]), key
+    whole, chunked = whole_run.images, chunked_run.images
     diff = (whole - chunked).abs()
-    assert diff.max() < 1e-3, diff.max()
+    assert diff.max() < 5e-3, diff.max()
     again = DiGIN("world", **kw).generate(_world_batch(3), robust).images
     assert torch.equal(whole, again)
 
@@ -247,7 +252,8 @@ def test_speedups_off_reproduce_the_code_before_them(robust, checkpointing):
     """``speedups=False`` is the code path before the speed-ups: its outputs equal those
     that code wrote (tests/fixtures/digin_legacy_world.safetensors, on this stack; the tolerance
     only absorbs another CPU's float rounding: 4.7e-5 on the images and 4.8e-5 relative on the
-    loss between the CPU that wrote it and an AMD EPYC)."""
+    loss between the CPU that wrote it and an AMD EPYC). The fixture was rewritten by this
+    path, unchanged, when the world ddpm was retrained (its outputs depend on the weights)."""
     from safetensors.torch import load_file
 
     ref = load_file(str(Path(__file__).parent / "fixtures" / "digin_legacy_world.safetensors"))

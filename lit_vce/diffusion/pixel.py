@@ -88,7 +88,8 @@ class PixelDiffusion(Diffusion):
         clip_sample: clip the x0-prediction to [-1, 1] inside every step. The
             published DVCE/ADM sampling does not (``clip_denoised=False``); the
             world's ddpm needs it for plain sampling (oracle shape accuracy of
-            its samples is 0.94 with clipping and 0.38 without, DDPM 100 steps).
+            its samples was 0.94 with clipping and 0.38 without, DDPM 100 steps, for the
+            first-stage weights).
         null_class: the class index that means "no class" (classifier-free
             guidance); ``None``: the model's default (the last class of a
             ``UNet2DModel``, none for ADM).
