@@ -104,6 +104,8 @@ def _figure(value, interval, n, target: float | None, source: str, label: str, d
 
 def collect(out: str | Path) -> dict[str, Any]:
     """The findings from the run folders under ``out`` (whatever of them exists)."""
+    from .data.world import SHAPES
+
     out = Path(out)
     figures: dict[str, Any] = {}
     dis = out / "disagree" / "results.json"
@@ -116,8 +118,6 @@ def collect(out: str | Path) -> dict[str, Any]:
             "disagreement search (DiG-IN, biased vs robust): images with the class's background without its shape")
         for key in sorted(k for k in m if k.startswith("background_without_shape_class")):
             y = int(key.rsplit("class", 1)[1])
-            from .data.world import SHAPES
-
             figures[f"disagree_{key}"] = _figure(m[key], ci.get(key), None,
                                                  TARGETS["disagree_background_without_shape_per_class"], str(dis),
                                                  f"  of class {y} ({SHAPES[y]})")
