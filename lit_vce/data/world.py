@@ -163,6 +163,13 @@ def add_watermark(sample: WorldSample, watermark: int) -> WorldSample:
     return WorldSample(img, mask, sample.shape, sample.background, sample.colour, sample.centre, sample.radius, watermark)
 
 
+def _patch(images: torch.Tensor) -> torch.Tensor:
+    """The corner patch (N, 3, k, k) of images at the world's size (others are area-resized)."""
+    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        images = torch.nn.functional.interpolate(images.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+    return images[:, :, :WATERMARK_SIZE, :WATERMARK_SIZE].float()
+
+
 def read_watermark(images: torch.Tensor, tolerance: float | None = WATERMARK_TOLERANCE) -> torch.Tensor:
     """The watermark of each image (N, 3, H, W) in [0, 1] (at 32 px; other sizes are
     resized): the pattern of :data:`WATERMARKS` nearest to its corner patch (mean absolute
@@ -170,9 +177,7 @@ def read_watermark(images: torch.Tensor, tolerance: float | None = WATERMARK_TOL
     as the oracle's argmax reads a background; for an edited patch)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        images = torch.nn.functional.interpolate(images.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
-    patch = images[:, :, :WATERMARK_SIZE, :WATERMARK_SIZE].float()
+    patch = _patch(images)
     patterns = torch.from_numpy(np.stack([watermark_pattern(k) for k in range(len(WATERMARKS))])).to(patch.device)
     dist = (patch[:, None] - patterns[None, :, None]).abs().mean((2, 3, 4))
     d, idx = dist.min(1)
@@ -188,11 +193,7 @@ def watermark_change(original: torch.Tensor, edited: torch.Tensor) -> torch.Tens
     """Mean absolute change over the corner patch (at 32 px) of each image pair (N,)."""
     if original.shape != edited.shape:
         raise ValueError(f"images differ in shape: {tuple(original.shape)} vs {tuple(edited.shape)}")
-    if original.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        original, edited = (torch.nn.functional.interpolate(t.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
-                            for t in (original, edited))
-    k = WATERMARK_SIZE
-    return (edited[:, :, :k, :k].float() - original[:, :, :k, :k].float()).abs().mean((1, 2, 3))
+    return (_patch(edited) - _patch(original)).abs().mean((1, 2, 3))
 
 
 def sample_item(seed: int, regime: str, split: str, index: int, bias: float = 0.98) -> WorldSample:
