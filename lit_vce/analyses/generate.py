@@ -268,9 +268,9 @@ class AnalysisModule(StageModule):
 
 
 def summarise(analysis: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Aggregates of the per-sample rows (every rank computes the same from the gathered rows)."""
+    """Aggregates of the per-sample rows (every rank computes the same from the gathered rows);
+    the rates are the means of :func:`_indicators` (a per-class rate over that class's images)."""
     ok = [r for r in rows if not r.get("failure")]
-    n = max(len(ok), 1)
 
     def mean(key):
         vals = [float(r[key]) for r in ok if r.get(key) not in (None, "")]
@@ -279,21 +279,13 @@ def summarise(analysis: str, rows: list[dict[str, Any]]) -> dict[str, float]:
     m: dict[str, float] = {"class_confidence": mean("class_conf")}
     if analysis == "disagree":
         m["class_confidence_second"] = mean("class_conf_second")
-        m["disagreement_rate"] = sum(1 for r in ok if str(r.get("disagrees")) == "True") / n
     else:
         m["activation"] = mean("activation")
         if any(r.get("activation_before") not in (None, "") for r in ok):
             m["activation_before"] = mean("activation_before")
-    if ok and ok[0].get("oracle_shape") not in (None, ""):
-        bg_is = [int(r["oracle_background"]) == int(r["class"]) for r in ok]
-        shape_is = [int(r["oracle_shape"]) == int(r["class"]) for r in ok]
-        m["background_is_class"] = sum(bg_is) / n
-        m["shape_is_class"] = sum(shape_is) / n
-        # the systematic error the planted bias causes: the class's background without its shape
-        m["background_without_shape"] = sum(b and not s for b, s in zip(bg_is, shape_is)) / n
-        for y in sorted({int(r["class"]) for r in ok}):
-            of_y = [b and not s for b, s, r in zip(bg_is, shape_is, ok) if int(r["class"]) == y]
-            m[f"background_without_shape_class{y}"] = sum(of_y) / len(of_y)
+    for key, vals in _indicators(analysis, rows).items():
+        kept = [v for v in vals if v == v]  # a per-class indicator is NaN on the other classes
+        m[key] = sum(kept) / max(len(kept), 1)
     return m
 
 
@@ -308,6 +300,7 @@ def _indicators(analysis: str, rows: list[dict[str, Any]]) -> dict[str, list[flo
         sh = [int(r["oracle_shape"]) == int(r["class"]) for r in ok]
         out["background_is_class"] = [float(b) for b in bg]
         out["shape_is_class"] = [float(s) for s in sh]
+        # the systematic error the planted bias causes: the class's background without its shape
         out["background_without_shape"] = [float(b and not s) for b, s in zip(bg, sh)]
         for y in sorted({int(r["class"]) for r in ok}):
             out[f"background_without_shape_class{y}"] = [
