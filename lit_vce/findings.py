@@ -11,8 +11,9 @@ them:
   test images (each image to a random other class). Read by the oracle and the
   pixels: the share of successful VCEs of ``biased`` that keep the shape and only
   move the background to the target's, of ``watermarked`` that keep the shape and
-  only move the patch to the target's pattern, and of ``robust`` that draw the
-  target shape;
+  the background and change the patch, and of ``robust`` that draw the target
+  shape (over the VCEs of originals the classifier did not already read as the
+  target; :class:`lit_vce.metrics.vce.WorldAudit`);
 - **disagreement search** (DiG-IN, ``world/disagree``): the share of generated
   images that show a class's background without its shape, overall and per class;
 - **spurious units** (``lit-vce spurious``): the mean correlation of the top
@@ -49,7 +50,7 @@ VCE_CONFIGS: dict[str, tuple[str, list[str]]] = {
 SAMPLE_CAPS = {"ace": 32}
 #: the classifiers each configuration explains, with the world regime of their test images
 CLASSIFIER_REGIMES = {"biased": "balanced", "robust": "balanced", "watermarked": "watermark_balanced"}
-#: the issue's targets: figure -> (threshold, higher is better)
+#: the targets each figure is held to: figure -> the least value that meets it
 TARGETS = {
     "disagree_background_without_shape": 0.8,
     "disagree_background_without_shape_per_class": 0.6,
@@ -95,10 +96,10 @@ def _spurious_runs(out: Path) -> None:
         spurious_main(["--classifier", clf, "--out", str(out / "spurious" / clf)])
 
 
-def _figure(value, interval, n, target: float | None, source: str, label: str, detail: str = "") -> dict[str, Any]:
+def _figure(value, interval, n, target: float | None, source: str, label: str) -> dict[str, Any]:
     value = float(value) if value is not None else math.nan
     ci = [float(x) for x in interval] if interval else [math.nan, math.nan]
-    return {"label": label, "value": value, "interval": ci, "n": n, "target": target, "detail": detail,
+    return {"label": label, "value": value, "interval": ci, "n": n, "target": target,
             "met": None if target is None or not math.isfinite(value) else bool(value >= target), "source": source}
 
 
@@ -133,7 +134,7 @@ def collect(out: str | Path) -> dict[str, Any]:
             audit = r.get("audit") or {}
             fig = _figure(audit.get(key), r.get("intervals", {}).get(key), audit.get("n_success"),
                           TARGETS[f"vce_{key}_{clf}"], str(p), f"{what} ({label}; flip rate {r['metrics']['flip_rate']:.3f} "
-                          f"of {r['n']})", detail=label)
+                          f"of {r['n']})")
             fig.update(configuration=label, classifier=clf, flip_rate=r["metrics"]["flip_rate"],
                        flip_rate_interval=r.get("intervals", {}).get("flip_rate"), images=r["n"])
             figures[f"vce_{key}_{clf}_{label}"] = fig
