@@ -59,6 +59,9 @@ def test_classifier_free_guidance_is_one_batched_call_conditional_half_first():
     e_c, e_u = d.eps(z, t, cond), d.eps(z, t, uncond)
     torch.testing.assert_close(guided, e_u + 3.0 * (e_c - e_u), rtol=0, atol=1e-5)
     assert torch.equal(d.eps(z, t, cond, uncond, scale=1.0), e_c)  # scale 1: one unguided call
+    calls.clear()
+    assert torch.equal(d.eps(z, t, cond, uncond, scale=0.0), e_u)  # scale 0: the unconditional call alone
+    assert calls == [2]
     # integer labels and the class embedding vectors are the same conditioning
     assert torch.equal(d.unet(z, d.model_timestep(t, 2, "cpu"), class_labels=torch.tensor([0, 2])).sample, e_c)
 

@@ -6,7 +6,10 @@ objective other than a VCE's:
 - ``disagree``: images of class y on which the explained classifier is confident
   and ``second_classifier`` is not (:class:`lit_vce.objectives.Disagreement`;
   score variants ``confidence``, ``log_confidence``, ``logit_margin``), started
-  from random initial latents with the class as conditioning;
+  from random initial latents with the class as conditioning (scaled by the
+  method's ``guidance_scale``; the world's config uses 0, the unconditional
+  prediction, since a prior pulled towards the class's shape works against
+  finding images without it);
 - ``neurons``: maximise (or minimise) one unit of a layer
   (:class:`lit_vce.objectives.NeuronActivation`; default: a penultimate unit),
   optionally with a class term; from random latents, or on real images with the

@@ -214,11 +214,15 @@ class Diffusion(nn.Module, RecordsInitArgs):
         learned-variance models). With ``uncond`` and a scale other than 1 (default
         :attr:`guidance_scale`), classifier-free guidance mixes the eps channels in one
         batched call, the conditional half first (where an attention ``control`` acts);
-        the variance channels are the conditional ones. ``checkpoint`` overrides
-        :attr:`gradient_checkpointing` for this call."""
+        the variance channels are the conditional ones. Scale 0 is the unconditional
+        prediction alone, from one call (for models without variance channels and
+        without a ``control``). ``checkpoint`` overrides :attr:`gradient_checkpointing`
+        for this call."""
         s = self.guidance_scale if scale is None else float(scale)
         if uncond is None or s == 1.0:
             return self._call(z, t, cond, control, checkpoint)
+        if s == 0.0 and control is None and not self.learned_variance:
+            return self._call(z, t, uncond, None, checkpoint)
         both = self._call(torch.cat([z, z]), t, torch.cat([cond, uncond]), control, checkpoint)
         c_out, u_out = both.chunk(2)
         ch = z.shape[1]

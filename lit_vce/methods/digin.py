@@ -822,7 +822,7 @@ class DiGIN(VCEMethod):
         """Per-sample finiteness of the gradients; non-finite samples are recorded as failures
         and frozen (their gradients zeroed)."""
         for p in (z_T, delta_c, delta_u):
-            if p.grad is None:  # e.g. delta_u when guidance_scale is 1 (no unconditional branch)
+            if p.grad is None:  # delta_u at guidance_scale 1 (no unconditional branch), delta_c at 0
                 p.grad = torch.zeros_like(p)
         fine = torch.isfinite(z_T.grad).flatten(1).all(1) & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1) \
             & torch.isfinite(delta_u.grad.transpose(0, 1).flatten(1)).all(1)
