@@ -48,18 +48,52 @@ TRAINER_DEFAULTS = {
 
 class RunConfig(SaveConfigCallback):
     """Saves the parsed config as ``config.yaml`` in the run's output folder (the
-    writer's ``output_dir``), not in the working directory; rank 0 only."""
+    writer's ``output_dir``), not in the working directory; rank 0 only. The writer
+    claims the folder first (lock, configuration check, ``run.json``): a refused run
+    writes nothing. The file is written atomically."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
             return
         writers = [c for c in trainer.callbacks if isinstance(c, VCEPredictionWriter)]
+        for w in writers:
+            w.claim(trainer, pl_module)
         if trainer.is_global_zero and writers:
+            from .io import atomic_write_bytes
+
             out = writers[0].output_dir
             out.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(out / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=self.multifile)
+            text = self.parser.dump(self.config, skip_unset=False)
+            atomic_write_bytes(out / self.config_filename, text.encode())
         self.already_saved = trainer.strategy.broadcast(True)
+
+
+def run_logger(save_dir: str):
+    """The default logger: ``<run>/logs/metrics.csv``, kept across attempts (Lightning's
+    CSVLogger deletes an existing file when it starts; a resumed or refused run must not)."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # keep the earlier attempts' rows; new ones are appended
+            import csv
+
+            if self._fs.isfile(self.metrics_file_path):
+                try:
+                    with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                        self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+                except (OSError, UnicodeDecodeError):
+                    self.metrics_keys = []
+
+    class RunCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunCSVLogger(save_dir=save_dir, name="logs", version="")
 
 
 class VCECLI(LightningCLI):
@@ -104,9 +138,7 @@ class VCECLI(LightningCLI):
         if cfg["trainer"].get("default_root_dir") is None:  # hpc (requeue) checkpoints go to the run folder, not the cwd
             self.trainer._default_root_dir = str(out)
         if cfg["trainer"].get("logger") is None:  # the default: metrics.csv in the run folder
-            from lightning.pytorch.loggers import CSVLogger
-
-            self.trainer.loggers = [CSVLogger(save_dir=str(out), name="logs", version="")]
+            self.trainer.loggers = [run_logger(str(out))]
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

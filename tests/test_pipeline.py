@@ -1,7 +1,9 @@
 """End to end through Lightning: predict, writer, resume, bad input, DDP == one process."""
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +107,10 @@ def test_corrupt_image_is_a_recorded_failure_and_the_run_continues(tmp_path):
     assert sum(1 for r in rows.values() if not r["failure"]) == 4
     assert len(list((out / "counterfactuals").glob("*.png"))) == 4
     res = json.loads((out / "results.json").read_text())
-    assert res["n"] == 4 and res["n_failed"] == 1
+    # the accounting rule: the unreadable image was attempted, failed, and counts as not flipped
+    assert res["n"] == 5 and res["n_failed"] == 1 and res["n_success"] <= 4
+    assert res["metrics"]["flip_rate"] == pytest.approx(res["n_success"] / 5)
+    assert res["warnings"] == ["1 of 5 failed"]
 
 
 def test_bad_classes_stop_before_any_work(tmp_path):
@@ -209,21 +214,35 @@ def test_resume_removes_stray_temporary_files(tmp_path):
     assert not any(p.exists() for p in stray)
 
 
-def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path):
+def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
     first = json.loads((out / "results.json").read_text())
-    assert first["attempts"] == 1 and first["wall_time_total_s"] == pytest.approx(first["wall_time_s"], abs=0.01)
-    with pytest.raises(ValueError, match=r"another configuration: .*method\.scale \(2\.0 -> 5\.0\).*seed \(0 -> 3\)"):
+    table = list(csv.DictReader((out / "samples.csv").open()))
+    # generation time is the sum of the per-sample seconds as written
+    assert first["attempts"] == 1 and first["wall_time_total_s"] == pytest.approx(sum(float(r["seconds"]) for r in table), abs=1e-3)
+    assert first["s_per_img"] == pytest.approx(first["wall_time_total_s"] / 6, abs=1e-3)
+    before = {p: p.read_bytes() for p in (out / "config.yaml", out / "logs" / "metrics.csv", out / "run.json", out / "results.json")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3",
               "--model.method.init_args.scale", "5.0"])
+    # one line, exit 2, nothing touched
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"another configuration: .*method\.scale \(2\.0 -> 5\.0\).*seed \(0 -> 3\)", err), err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (out / ".lock").exists()
     # more samples and another batch size are the same run: resumed, times add up
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--data.num_samples", "8", "--data.batch_size", "3"])
     grown = json.loads((out / "results.json").read_text())
     assert grown["n"] == 8 and grown["resumed"] == 6 and grown["attempts"] == 2
-    assert grown["wall_time_total_s"] == pytest.approx(first["wall_time_s"] + grown["wall_time_s"], abs=0.02)
+    table = list(csv.DictReader((out / "samples.csv").open()))
+    assert grown["wall_time_total_s"] == pytest.approx(sum(float(r["seconds"]) for r in table), abs=1e-3)
+    assert grown["wall_time_total_s"] > first["wall_time_total_s"]
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3", "--writer.resume", "force"])
-    assert json.loads((out / "results.json").read_text())["attempts"] == 3
+    forced = json.loads((out / "results.json").read_text())
+    assert forced["attempts"] == 3 and any("--writer.resume force" in w for w in forced["warnings"])
 
 
 def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_path):

@@ -177,6 +177,15 @@ class AnalysisModule(StageModule):
 
     stage = "analysis"
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides a sample's output (see :meth:`VCEModule.fingerprint`)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        data = dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else {}
+        for k in ("batch_size", "num_workers", "num_samples"):
+            data.pop(k, None)
+        return {"seed": self.seed, "analysis": self.analysis, "classifiers": [str(s) for s in self._specs],
+                "method": self.method.describe(), "objective": self.method.objective.describe(), "data": data}
+
     def on_predict_start(self) -> None:
         self.require_autograd("the analyses")
         self._rows, self._t0 = [], time.perf_counter()

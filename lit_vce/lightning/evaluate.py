@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..classifiers import load_classifier
 from ..metrics.suite import build_suite, resize_to
-from ..io import load_png, sample_key
+from ..io import load_png, sample_key, verify_file
 from ..progress import progress_enabled
 from .stage import StageModule, deferred_build
 from .writer import ROW_FIELDS, gather_rows
@@ -98,7 +98,8 @@ class PairDataset(Dataset):
             key = sample_key(sid)
             entries.append({"sample_id": sid, "source": int(row["source"]), "target": int(row["target"]),
                             "original": run / "originals" / f"{key}.png", "counterfactual": run / "counterfactuals" / f"{key}.png",
-                            "failure": row.get("failure") or "", "method": row.get("method")})
+                            "failure": row.get("failure") or "", "method": row.get("method"),
+                            "sha256": row.get("files") or {}, "seconds": row.get("seconds")})
         known = {sample_key(e["sample_id"]) for e in entries}
         for png in sorted((run / "counterfactuals").glob("*.png")):
             if png.stem not in known:  # an image without its record: listed as a failure, not dropped
@@ -150,11 +151,16 @@ class PairDataset(Dataset):
 
     # --- checks and items ------------------------------------------------------
     def check_classes(self, num_classes: int) -> None:
-        """Raise before any work when a source/target id is outside the classifier's classes."""
+        """Raise before any work when a source/target id is outside the classifier's classes,
+        or a target equals its source (the rule of predict and explain() as well)."""
+        from ..metrics.accounting import check_distinct_targets
+
         bad = sorted({v for e in self.entries if not e.get("failure") for v in (e["source"], e["target"])
                       if not 0 <= v < num_classes})
         if bad:
             raise ValueError(f"class ids {bad[:10]} are unknown to the classifier (classes 0..{num_classes - 1})")
+        live = [e for e in self.entries if not e.get("failure")]
+        check_distinct_targets([e["source"] for e in live], [e["target"] for e in live], [e["sample_id"] for e in live])
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -165,28 +171,35 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         e = self.entries[i]
         h, w = self.shape
-        item = {"sample_id": e["sample_id"], "source": e["source"], "target": e["target"], "error": e.get("failure") or ""}
-        images = {}
-        if not item["error"]:
-            for side in ("original", "counterfactual"):
-                path = Path(e[side])
-                if not path.is_file():
-                    item["error"] = f"missing {side} file {path}"
-                    break
-                try:
-                    images[side] = self._load(path)
-                except Exception as err:  # PIL raises many types for corrupt files
-                    item["error"] = f"unreadable {side} {path}: {type(err).__name__}: {err}"
-                    break
-            else:
-                so, sc = tuple(images["original"].shape[-2:]), tuple(images["counterfactual"].shape[-2:])
-                if so != sc:
-                    item["error"] = f"size mismatch: original {so[0]}x{so[1]}, counterfactual {sc[0]}x{sc[1]}"
-                elif sc != (h, w):
-                    item["error"] = f"size {sc[0]}x{sc[1]} differs from the other images' {h}x{w} (set image_size to resize)"
-        if item["error"]:
-            images = {"original": torch.zeros(3, h, w), "counterfactual": torch.zeros(3, h, w)}
-        item.update(images)
+        item = {"sample_id": e["sample_id"], "source": e["source"], "target": e["target"], "error": e.get("failure") or "",
+                "seconds": float(e["seconds"]) if isinstance(e.get("seconds"), (int, float)) else float("nan")}
+        images: dict[str, torch.Tensor] = {}
+        problems: dict[str, str] = {}
+        for side in ("original", "counterfactual"):
+            path = Path(e[side])
+            if not path.is_file():
+                problems[side] = f"missing {side} file {path}"
+                continue
+            sha = (e.get("sha256") or {}).get(side)
+            problem = verify_file(path, sha) if sha else ""
+            if problem:
+                problems[side] = f"{side}: {problem}"
+                continue
+            try:
+                images[side] = self._load(path)
+            except Exception as err:  # PIL raises many types for corrupt files
+                problems[side] = f"unreadable {side} {path}: {type(err).__name__}: {err}"
+                continue
+            if tuple(images[side].shape[-2:]) != (h, w):
+                sz = tuple(images[side].shape[-2:])
+                problems[side] = f"{side} size {sz[0]}x{sz[1]} differs from the other images' {h}x{w} (set image_size to resize)"
+                del images[side]
+        if not item["error"] and problems:
+            item["error"] = problems.get("counterfactual") or problems["original"]
+        # the original alone still tells whether the classifier got it right (flip_rate_source_correct)
+        item["original_ok"] = "original" in images and e["source"] >= 0
+        item["original"] = images.get("original", torch.zeros(3, h, w))
+        item["counterfactual"] = images["counterfactual"] if not item["error"] else torch.zeros(3, h, w)
         return item
 
 
@@ -246,20 +259,17 @@ class EvaluateModule(StageModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> int:
+        from ..metrics.accounting import score_batch
+
         ids, errors = list(batch["sample_id"]), list(batch["error"])
-        ok = [i for i, e in enumerate(errors) if not e]
-        for i, e in enumerate(errors):
-            if e:
-                self._rows.append({"sample_id": ids[i], "source": int(batch["source"][i]), "target": int(batch["target"][i]),
-                                   "success": False, "failure": e, "method": self.method_name})
-        if ok:
-            idx = torch.tensor(ok, device=batch["original"].device)
-            rows = self.metrics.update(batch["original"][idx], batch["counterfactual"][idx], batch["source"][idx],
-                                       batch["target"][idx], [ids[i] for i in ok])
-            for r in rows:
-                r.setdefault("failure", "")
-                r.update(method=self.method_name, seed=self.seed)
-            self._rows.extend(rows)
+        # every sample was attempted: a missing, unreadable or changed file is a failure (not flipped)
+        rows = score_batch(self.metrics, batch["original"], batch["counterfactual"], batch["source"], batch["target"], ids,
+                           [e or None for e in errors], original_ok=[bool(v) for v in batch["original_ok"]])
+        for r, sec in zip(rows, batch.get("seconds", [None] * len(rows))):
+            r.update(method=self.method_name, seed=self.seed)
+            if sec is not None and float(sec) == float(sec):
+                r["seconds"] = float(sec)
+        self._rows.extend(rows)
         return len(ids)
 
     def on_predict_epoch_end(self) -> None:

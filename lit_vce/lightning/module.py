@@ -16,7 +16,6 @@ Guidance needs autograd: the Trainer must be built with ``inference_mode=False``
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,15 +26,10 @@ from ..classifiers import load_classifier
 from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
 from ..methods.base import VCEBatch, VCEMethod, generate_one_by_one
+from ..metrics.accounting import NONFINITE_IMAGE, score_batch
 from ..metrics.suite import build_suite
 from ..io import quantize
 from .stage import StageModule
-
-
-def _scalar(value) -> float | None:
-    """A diagnostic as a JSON-safe float (non-finite -> None)."""
-    v = float(value)
-    return v if math.isfinite(v) else None
 
 
 class VCEModule(StageModule):
@@ -132,8 +126,8 @@ class VCEModule(StageModule):
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         self._batches = 0
+        self._seen: set[str] = set()  # the ids this run covers (attempted or finished earlier)
         self._selects = False
-        self._run_record: dict[str, Any] | None = None
         self.final_results: dict[str, Any] | None = None
         self._build_unless_deferred()
 
@@ -156,6 +150,7 @@ class VCEModule(StageModule):
         self.require_autograd("VCE guidance")
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
+        self._seen = set()
         self._batches = 0
         dm = getattr(self.trainer, "datamodule", None)
         self._selects = bool(getattr(dm, "selects_by_classifier", False))  # the data's protocol needs the classifier
@@ -172,11 +167,6 @@ class VCEModule(StageModule):
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.method.setup(self.device)
         writer = self.writer()
-        self._run_record = None
-        if writer is not None:
-            from .writer import check_resume
-
-            self._run_record = check_resume(writer, self.fingerprint())
         if writer is not None and writer.done_ids():
             self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
 
@@ -229,18 +219,31 @@ class VCEModule(StageModule):
         errors: list[str] = list(batch.get("error", [""] * len(ids)))
         writer = self.writer()
         done = writer.done_ids() if writer is not None else set()
-        # 1. finished earlier: reload from disk so the metrics cover the whole run
-        old = [i for i, s in enumerate(ids) if s in done]
-        for i in old:
-            row, cf = writer.load_done(ids[i])
-            if cf is not None and not row.get("failure"):
-                src_i = torch.tensor([int(row["source"])], device=source.device)
-                tgt_i = torch.tensor([int(row["target"])], device=target.device)
-                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [ids[i]])
+        # 1. finished earlier: their saved files re-enter the metrics (verified against their
+        # sha256; a sample whose files are missing or changed is generated again)
+        old = []
+        for i, s in enumerate(ids):
+            if s not in done:
+                continue
+            row, cf, problem = writer.load_done(s)
+            if problem:
+                self.print(f"regenerating sample {s}: {problem}")
+                writer.forget(s)
+                continue
+            old.append(i)
+            src_i = torch.tensor([int(row["source"])], device=source.device)
+            tgt_i = torch.tensor([int(row["target"])], device=target.device)
+            if row.get("failure"):
+                self.metrics.update_failed(src_i, tgt_i, [s], [row["failure"]],
+                                           originals=quantize(images[i : i + 1]) if not errors[i] else None)
+            else:
+                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [s])
         self._counts["skipped"] += len(old)
+        self._seen.update(ids[i] for i in old)
 
         # 2. new samples, with unreadable images recorded as failures
-        new = [i for i, s in enumerate(ids) if s not in done]
+        olds = set(old)
+        new = [i for i in range(len(ids)) if i not in olds]
         rows: list[dict[str, Any]] = []
         todo = [i for i in new if not errors[i]]
         if self._selects and todo:  # the data's protocol picks images and sources by the classifier
@@ -250,11 +253,13 @@ class VCEModule(StageModule):
             source[idx] = new_source
             self._counts["not_selected"] += len(todo) - int(keep.sum())
             todo = [i for j, i in enumerate(todo) if keep[j]]
-        for i in new:
-            if errors[i]:
-                rows.append(self._row({"sample_id": ids[i], "source": int(source[i]), "target": int(target[i]), "success": False},
-                                      errors[i], 0.0))
-                rows[-1]["has_image"] = False
+        unreadable = [i for i in new if errors[i]]
+        if unreadable:
+            idx = torch.tensor(unreadable, device=source.device)
+            for row in self.metrics.update_failed(source[idx], target[idx], [ids[i] for i in unreadable],
+                                                  [errors[i] for i in unreadable]):
+                rows.append(dict(self._row(row, 0.0), has_image=False))
+        self._seen.update(ids[i] for i in unreadable)
         if not todo:
             self._counts["failed"] += len(rows)
             return {"new_rows": rows, "counterfactuals": None, "originals": None}
@@ -271,28 +276,29 @@ class VCEModule(StageModule):
                 result = self.method.generate(vb, self.classifier)
         cf = quantize(result.images.detach())
         xq = quantize(x)
-        values = self.metrics.update(xq, cf, src, tgt, sub_ids)
+        scored = score_batch(self.metrics, xq, cf, src, tgt, sub_ids, result.failure, result.diagnostics)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
-        for j in range(len(todo)):
-            rows.append(self._row(values[j], result.failure[j], seconds))
-            rows[-1]["diagnostics"] = {k: _scalar(v[j]) for k, v in result.diagnostics.items()}
+        for row in scored:
+            rows.append(self._row(row, seconds))
+            # a counterfactual that is not finite is not written (the original still is)
+            rows[-1]["has_counterfactual"] = row["failure"] != NONFINITE_IMAGE
+        self._seen.update(sub_ids)
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
         self._batches += 1
         done = rows[len(rows) - len(todo):]
         self.log_values({"batch/flip_rate": sum(bool(r.get("success")) for r in done) / len(done),
-                         "batch/target_confidence": sum(float(r.get("target_conf_after") or 0) for r in done) / len(done),
                          "batch/s_per_img": seconds, "samples/new": self._counts["new"]}, step=self._batches)
         # rows of unreadable images come first; keep images aligned with their rows
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
         return {"new_rows": rows, "counterfactuals": torch.cat([pad, cf]), "originals": torch.cat([pad, xq])}
 
-    def _row(self, values: dict[str, Any], failure: str, seconds: float) -> dict[str, Any]:
+    def _row(self, values: dict[str, Any], seconds: float) -> dict[str, Any]:
         row = dict(values)
         row.update(method=self.method.name, seed=self.seed, seconds=round(float(seconds), 4),
-                   failure=failure or values.get("failure") or "")
-        row["success"] = bool(row.get("success")) and not failure
+                   failure=values.get("failure") or "")
+        row["success"] = bool(row.get("success")) and not row["failure"]
         return row
 
     # --- the end ---------------------------------------------------------------
@@ -308,7 +314,8 @@ class VCEModule(StageModule):
         if writer is not None:
             from .writer import gather_run_rows
 
-            rows = gather_run_rows(writer, self.trainer)  # a collective: every rank
+            # the rows of the samples this run covers (a folder may hold more: a larger earlier run)
+            rows = gather_run_rows(writer, self.trainer, self._seen)  # a collective: every rank
             if self.trainer.is_global_zero:
                 self._finalize(writer, rows, metrics, audit, n, counts, wall)
         self.log_values({f"final/{k}": v for k, v in {**metrics, **(audit or {}), "s_per_img": wall / max(counts[2], 1),
@@ -328,11 +335,13 @@ class VCEModule(StageModule):
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
         )
-        if self._run_record is not None:
-            record = dict(self._run_record, generation_seconds=[*self._run_record["generation_seconds"], round(wall, 2)])
-            writer.write_json("run.json", record)
-            results["wall_time_total_s"] = round(sum(record["generation_seconds"]), 2)
-            results["attempts"] = len(record["generation_seconds"])
+        record = writer.run_record or {}
+        results["attempts"] = int(record.get("attempts", 1))
+        if record.get("forced"):
+            results["warnings"].append("samples of more than one configuration (--writer.resume force)")
+        outside = len(writer.done_ids()) - len(rows)
+        if outside > 0:
+            self.print(f"{outside} other finished samples in {writer.output_dir} are not part of this run (not counted)")
         self.finalize(writer.output_dir, rows, results)
         skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
         if self._selects:

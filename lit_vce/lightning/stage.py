@@ -149,32 +149,53 @@ class StageModule(L.LightningModule):
         """The validated ``results.json`` of ``rows`` (sorted by sample id); ``fields`` are
         further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...).
         The metric suite's intervals (``self.metrics.last_intervals``) of the metrics and the
-        audit figures go in by default."""
+        audit figures go in by default.
+
+        Counts follow :mod:`lit_vce.metrics.accounting`: ``n`` (the metrics' N) must be the
+        number of rows, and a run with failures carries a warning that says how many."""
+        from ..metrics.accounting import count_rows, failure_note
         from ..report.results import build_results
 
         suite = getattr(self, "metrics", None)
         if "intervals" not in fields and hasattr(suite, "last_intervals"):
             shown = set(metrics) | set(fields.get("audit") or {})
             fields["intervals"] = {k: v for k, v in suite.last_intervals.items() if k in shown}
-
+        counts = count_rows(rows)
+        if self.stage != "analysis" and n != counts["n"]:
+            raise RuntimeError(f"{self.run_name}: the metrics cover {n} samples but the run has {counts['n']} rows; "
+                               "refusing to write results that mix two sample sets")
+        warnings = list(fields.pop("warnings", []))
+        note = failure_note(counts["n"], counts["n_failed"])
+        if note:
+            warnings.insert(0, note)
+        seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float, str)) and str(r["seconds"]) != ""]
+        if seconds and "wall_time_total_s" not in fields:
+            # generation time summed per sample as written (a killed attempt's samples included)
+            fields["wall_time_total_s"] = round(sum(seconds), 3)
+            fields["s_per_img"] = round(sum(seconds) / max(len(rows), 1), 4)
         return build_results(
             run_name=self.run_name, method=method, classifier=self.classifier_spec, n=n,
-            n_success=sum(1 for r in rows if r.get("success")) if n_success is None else n_success,
-            n_failed=sum(1 for r in rows if r.get("failure")), metrics=metrics, seed=self.seed, wall_time_s=wall_time_s,
-            sample_ids_hash=ids_hash(rows), config=config, world_size=self.trainer.world_size, stage=self.stage, **fields)
+            n_success=counts["n_success"] if n_success is None else n_success, n_failed=counts["n_failed"],
+            metrics=metrics, seed=self.seed, wall_time_s=wall_time_s, sample_ids_hash=ids_hash(rows), config=config,
+            world_size=self.trainer.world_size, stage=self.stage, warnings=warnings, **fields)
 
     def finalize(self, out_dir: str | Path, rows: list[dict[str, Any]], results: dict[str, Any],
                  fields: list[str] | None = None, grid: bool = True) -> Path:
         """Write ``samples.csv`` (through the writer, with its diagnostics columns, when the
         rows are the writer's; else with ``fields``), ``results.json`` and, with ``grid``,
         ``grid.png``; atomically, each file whole or not at all. Returns the results' path."""
+        from ..io import file_sha256
+
         out = Path(out_dir)
         writer = self.writer()
         if writer is not None and writer.output_dir == out:
-            writer.write_table(rows)
+            table = writer.write_table(rows)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            write_rows_csv(out / "samples.csv", rows, fields)
+            table = write_rows_csv(out / "samples.csv", rows, fields)
+        # results.json is renamed last and names the table it belongs to: a reader that finds
+        # a table of another evaluation beside it (a kill between the two renames) knows
+        results = dict(results, files={"samples.csv": file_sha256(table)})
         path = write_json(out / "results.json", results)
         if grid:
             from ..report.grids import save_grid

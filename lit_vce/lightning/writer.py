@@ -7,7 +7,12 @@ Layout of ``output_dir``::
     counterfactuals/<key>.png   originals/<key>.png   samples/<key>.json
     samples.csv                 results.json          grid.png
 
-A sample is finished when its ``samples/<key>.json`` exists (it is written last).
+A sample is finished when its ``samples/<key>.json`` exists (it is written last);
+the record holds the sha256 of each image written for it and the hash of the run's
+configuration (its fingerprint), so a resume regenerates a sample whose files are
+missing or changed and never mixes samples of two configurations. The run's
+fingerprint is in ``run.json`` before the first sample is written, and the folder
+is locked for the length of the run (:mod:`lit_vce.lightning.lock`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..errors import ConfigError, LitVCEError
 from ..io import (atomic_write_bytes, load_png, quantize, remove_stray_temporaries, sample_key, save_png, to_uint8,  # noqa: F401
-                  write_json, write_rows_csv)
+                  verify_file, write_json, write_rows_csv)
 
 ROW_FIELDS = [
     "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
@@ -39,25 +45,29 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in parts for r in part]
 
 
-def gather_run_rows(writer: "VCEPredictionWriter", trainer) -> list[dict[str, Any]] | None:
+def gather_run_rows(writer: "VCEPredictionWriter", trainer, keep: set[str] | None = None) -> list[dict[str, Any]] | None:
     """The whole run's rows on global rank 0 (``None`` on the other ranks), sorted by
     sample id: a collective, so no shared filesystem is needed for them.
 
     The first process of each node reads its node's run folder (every rank's rows, the
     resumed ones included) and sends it to rank 0, which merges them by sample id; on
     a shared filesystem the nodes send the same rows and the merge drops the copies.
-    Images stay where they were written (on each node's disk without a shared one).
-    Call after a barrier, on every rank."""
+    With ``keep`` (each rank's ids of the samples this run covers), only the rows of
+    the union of every rank's ``keep`` remain. Images stay where they were written (on
+    each node's disk without a shared one). Call after a barrier, on every rank."""
     rows = writer.collect_rows() if trainer.local_rank == 0 else []
+    ids = sorted(keep) if keep is not None else None
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(rows, parts, dst=0)
+        dist.gather_object((rows, ids), parts, dst=0)
         if dist.get_rank() != 0:
             return None
-        rows = [r for part in parts for r in part]
+        rows = [r for part in parts for r in part[0]]
+        ids = None if keep is None else [s for part in parts for s in part[1]]
     merged = {r["sample_id"]: r for r in rows}
-    return [merged[k] for k in sorted(merged)]
+    wanted = sorted(merged) if ids is None else sorted(set(ids) & set(merged))
+    return [merged[k] for k in wanted]
 
 
 class VCEPredictionWriter(BasePredictionWriter):
@@ -68,46 +78,136 @@ class VCEPredictionWriter(BasePredictionWriter):
         save_originals: also save the (preprocessed) original as PNG.
         fields: the per-sample columns (default: the VCE ones, :data:`ROW_FIELDS`).
         resume: finished samples in ``output_dir`` are skipped; ``"auto"`` refuses a
-            folder whose recorded configuration (``run.json``: seed, method, classifier,
-            data) differs and names the differing keys, ``"force"`` resumes anyway.
+            folder whose samples were made under another configuration (``run.json``
+            and each sample's record: seed, method, classifier, data) and names the
+            differing keys, ``"force"`` resumes anyway (the results then say so).
+        lock_wait: seconds to wait for another process that holds the folder's lock
+            (0: refuse at once).
     """
 
     def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True, fields: list[str] | None = None,
-                 resume: str = "auto"):
+                 resume: str = "auto", lock_wait: float = 0.0):
         super().__init__(write_interval="batch")
         if resume not in ("auto", "force"):
             raise ValueError("resume must be 'auto' (only into a run of the same configuration) or 'force'")
+        if lock_wait < 0:
+            raise ValueError(f"lock_wait must be >= 0 seconds, got {lock_wait}")
         self.resume = resume
+        self.lock_wait = float(lock_wait)
         self.output_dir = Path(output_dir)
         self.save_originals = save_originals
         self.fields = list(fields) if fields else ROW_FIELDS
         self._done: set[str] | None = None
+        self._lock = None
+        self._claimed = False
+        #: the hash of the run's fingerprint, stored in every sample record
+        self.fingerprint_hash: str | None = None
+        #: run.json as this attempt wrote it (fingerprint, attempts)
+        self.run_record: dict[str, Any] | None = None
 
     # --- resume ----------------------------------------------------------------
     def done_ids(self) -> set[str]:
         """Sample ids finished by earlier runs in this folder."""
         if self._done is None:
             self._done = set()
-            for p in (self.output_dir / "samples").glob("*.json"):
-                try:
-                    self._done.add(json.loads(p.read_text())["sample_id"])
-                except (json.JSONDecodeError, KeyError, OSError):
-                    continue  # an unreadable row is redone
+            for row in self._records():
+                self._done.add(row["sample_id"])
         return self._done
 
-    def load_done(self, sample_id: str) -> tuple[dict[str, Any], torch.Tensor | None]:
+    def _records(self):
+        for p in (self.output_dir / "samples").glob("*.json"):
+            try:
+                row = json.loads(p.read_text())
+                row["sample_id"]
+            except (json.JSONDecodeError, KeyError, TypeError, OSError, UnicodeDecodeError):
+                continue  # an unreadable row is redone
+            yield row
+
+    def forget(self, sample_id: str) -> None:
+        """Treat a finished sample as not done (it is generated again)."""
+        self.done_ids().discard(sample_id)
+
+    def load_done(self, sample_id: str) -> tuple[dict[str, Any], torch.Tensor | None, str]:
+        """A finished sample: ``(record, counterfactual or None, problem)``. ``problem`` names a
+        missing, unreadable or changed file (checked against the record's sha256): the
+        sample is then to be generated again."""
         key = sample_key(sample_id)
-        row = json.loads((self.output_dir / "samples" / f"{key}.json").read_text())
+        path = self.output_dir / "samples" / f"{key}.json"
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return {}, None, f"unreadable record {path}: {e}"
+        files = row.get("files") or {}
+        for side in ("original", "counterfactual"):
+            f = self.output_dir / f"{side}s" / f"{key}.png"
+            if side in files:
+                problem = verify_file(f, files[side])
+                if problem:
+                    return row, None, problem
+        if row.get("failure"):
+            return row, None, ""
         png = self.output_dir / "counterfactuals" / f"{key}.png"
-        return row, (load_png(png) if png.is_file() else None)
+        if not png.is_file():
+            return row, None, f"counterfactual {png} is missing"
+        try:
+            return row, load_png(png), ""
+        except Exception as e:  # PIL raises many types for truncated or corrupt files
+            return row, None, f"counterfactual {png} is unreadable ({type(e).__name__}: {e})"
+
+    # --- the run's claim on its folder: lock, configuration, run.json -----------
+    def claim(self, trainer, pl_module) -> None:
+        """Before anything is written: lock the folder (global rank 0, for the whole run),
+        refuse a folder of another configuration, and record this attempt's fingerprint
+        in ``run.json``. A refusal touches nothing and is raised on every rank as a
+        one-line :class:`~lit_vce.errors.ConfigError`. Idempotent."""
+        if self._claimed:
+            return
+        zero = trainer is None or trainer.is_global_zero
+        message, fp_hash = "", None
+        if zero:
+            from .lock import RunLock
+
+            try:
+                self._lock = RunLock(self.output_dir, self.lock_wait)
+                self._lock.acquire()
+                fingerprint = pl_module.fingerprint() if hasattr(pl_module, "fingerprint") else None
+                record = check_resume(self, fingerprint)
+                record["attempts"] = int(record.get("attempts", 0)) + 1
+                write_json(self.output_dir / "run.json", record)
+                self.run_record = record
+                fp_hash = record.get("fingerprint_hash")
+            except LitVCEError as e:
+                message = str(e)
+                self.release()
+        if trainer is not None and trainer.world_size > 1:
+            message, fp_hash = trainer.strategy.broadcast((message, fp_hash))
+        if message:
+            raise ConfigError(message)
+        self.fingerprint_hash = fp_hash
+        self._claimed = True
+
+    def release(self) -> None:
+        """Give the folder's lock back (end of the run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.claim(trainer, pl_module)
         for sub in ("counterfactuals", "originals", "samples"):
             (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
         if trainer is None or trainer.is_global_zero:
             remove_stray_temporaries(self.output_dir)
         self._done = None
         self.done_ids()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release()
+        self._claimed = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()
+        self._claimed = False
 
     # --- writing ---------------------------------------------------------------
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
@@ -116,26 +216,30 @@ class VCEPredictionWriter(BasePredictionWriter):
         self.write_samples(prediction["new_rows"], prediction["counterfactuals"], prediction["originals"])
 
     def write_samples(self, rows: list[dict[str, Any]], counterfactuals: torch.Tensor | None, originals: torch.Tensor | None) -> None:
+        """Per row: the counterfactual and original PNGs (when the row has them), then the
+        record with their sha256 and the run's fingerprint hash (written last)."""
         cf = to_uint8(counterfactuals) if counterfactuals is not None and len(rows) else None
         orig = to_uint8(originals) if originals is not None and self.save_originals and len(rows) else None
         for i, row in enumerate(rows):
             key = sample_key(row["sample_id"])
-            if cf is not None and row.get("has_image", True):
-                save_png(self.output_dir / "counterfactuals" / f"{key}.png", cf[i])
+            files = {}
+            if row.get("has_image", True):
+                if cf is not None and row.get("has_counterfactual", True):
+                    files["counterfactual"] = save_png(self.output_dir / "counterfactuals" / f"{key}.png", cf[i])
                 if orig is not None:
-                    save_png(self.output_dir / "originals" / f"{key}.png", orig[i])
+                    files["original"] = save_png(self.output_dir / "originals" / f"{key}.png", orig[i])
             clean = {k: row.get(k) for k in self.fields}
             if row.get("diagnostics"):
                 clean["diagnostics"] = row["diagnostics"]
+            clean["files"] = files
+            if self.fingerprint_hash:
+                clean["run_fingerprint"] = self.fingerprint_hash
             atomic_write_bytes(self.output_dir / "samples" / f"{key}.json", json.dumps(clean).encode())
             self.done_ids().add(row["sample_id"])
 
     def collect_rows(self) -> list[dict[str, Any]]:
         """All finished rows in this folder (every rank's), sorted by sample id."""
-        rows = []
-        for p in (self.output_dir / "samples").glob("*.json"):
-            rows.append(json.loads(p.read_text()))
-        return sorted(rows, key=lambda r: r["sample_id"])
+        return sorted(self._records(), key=lambda r: r["sample_id"])
 
     def write_table(self, rows: list[dict[str, Any]]) -> Path:
         """``samples.csv``: the fields, then one ``diag_<name>`` column per method diagnostic."""
@@ -158,23 +262,59 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Compare ``fingerprint`` (what decides a sample's output) with the folder's ``run.json``.
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """A short, stable hash of a run's fingerprint (stored in every sample record)."""
+    import hashlib
 
-    Returns the record to keep (the fingerprint and the generation time of earlier
-    attempts). Raises ``ValueError`` naming the differing keys when finished samples
-    exist under another configuration and ``writer.resume`` is not ``"force"``.
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """Compare ``fingerprint`` (what decides a sample's output) with the folder's ``run.json``
+    and with the fingerprint hash of every finished sample.
+
+    Returns the record to write (the fingerprint, its hash, and the earlier attempts).
+    Raises :class:`~lit_vce.errors.ConfigError` naming the differing keys when finished
+    samples exist under another configuration (or under none that can be told) and
+    ``writer.resume`` is not ``"force"``.
     """
-    fp = json.loads(json.dumps(fingerprint, default=str))  # tuples -> lists, as stored
     path = writer.output_dir / "run.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    if old and writer.done_ids():
-        a, b = _flatten(old.get("fingerprint", {})), _flatten(fp)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff and writer.resume != "force":
-            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6])
-            raise ValueError(f"{writer.output_dir} holds {len(writer.done_ids())} samples of a run with another configuration: "
-                             f"{shown}{' ...' if len(diff) > 6 else ''}. Use another --writer.output_dir, or "
-                             f"--writer.resume force to mix them anyway")
-    attempts = list(old.get("generation_seconds", [])) if writer.done_ids() else []
-    return {"fingerprint": fp, "generation_seconds": attempts}
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        old = {}
+        if writer.done_ids() and writer.resume != "force":
+            raise ConfigError(f"{path} is unreadable ({e}): the configuration of the {len(writer.done_ids())} samples in "
+                              f"{writer.output_dir} cannot be checked. Use another --writer.output_dir, or --writer.resume "
+                              "force to mix them anyway") from None
+    if fingerprint is None:
+        return {**old, "fingerprint": None, "fingerprint_hash": None}
+    fp = json.loads(json.dumps(fingerprint, default=str))  # tuples -> lists, as stored
+    h = fingerprint_hash(fp)
+    done = writer.done_ids()
+    forced = bool(old.get("forced"))
+    if done:
+        recorded = old.get("fingerprint") or None
+        rec_hash = fingerprint_hash(recorded) if recorded else None
+        counts: dict[str | None, int] = {}
+        for r in writer._records():
+            # a record without a hash (an older version) is judged by run.json's fingerprint
+            k = r.get("run_fingerprint") or rec_hash
+            counts[k] = counts.get(k, 0) + 1
+        foreign = {k: c for k, c in counts.items() if k != h}
+        if foreign and writer.resume != "force":
+            if recorded and rec_hash != h:
+                a, b = _flatten(recorded), _flatten(fp)
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6]) + (" ..." if len(diff) > 6 else "")
+            elif None in foreign:
+                shown = f"{foreign[None]} of them without a record of their configuration (no run.json)"
+            else:
+                shown = f"{sum(foreign.values())} of them made under another configuration than run.json records"
+            raise ConfigError(f"{writer.output_dir} holds {len(done)} samples of a run with another configuration: "
+                              f"{shown}. Use another --writer.output_dir, or --writer.resume force to mix them anyway")
+        forced = forced or bool(foreign)
+    return {"fingerprint": fp, "fingerprint_hash": h, "attempts": int(old.get("attempts", 0)) if done else 0,
+            "forced": forced}

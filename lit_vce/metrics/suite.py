@@ -203,8 +203,9 @@ class VCEMetrics(nn.Module):
         """Add a batch (images in [0, 1], same shape); returns one dict of per-sample values per image.
 
         A sample on which the classifier gives NaN or infinite logits (on the
-        original or the counterfactual) is never a success: its row carries the
-        reason under ``failure`` and it is left out of every metric.
+        original or the counterfactual) has failed (:meth:`update_failed`): its row
+        carries the reason under ``failure``, it counts as not flipped and is left out
+        of every measured figure (:mod:`lit_vce.metrics.accounting`).
         """
         if original.shape != counterfactual.shape:
             raise ValueError(f"originals {tuple(original.shape)} and counterfactuals {tuple(counterfactual.shape)} differ in shape")
@@ -214,16 +215,51 @@ class VCEMetrics(nn.Module):
         if bool((ok_b & ok_a).all()):
             return self._update(original, counterfactual, source, target, sample_ids, before, after)
         keep = torch.nonzero(ok_b & ok_a).flatten()
+        drop = torch.nonzero(~(ok_b & ok_a)).flatten()
         kept = iter(self._update(original[keep], counterfactual[keep], source[keep], target[keep],
                                  [sample_ids[i] for i in keep.tolist()], before[keep], after[keep]) if len(keep) else [])
-        rows = []
-        for i, sid in enumerate(sample_ids):
-            if ok_b[i] and ok_a[i]:
-                rows.append(next(kept))
-                continue
-            where = "the original" if not ok_b[i] else "the counterfactual"
-            rows.append({"sample_id": sid, "source": int(source[i]), "target": int(target[i]), "success": False,
-                         "failure": f"non-finite logits from the classifier on {where}"})
+        reasons = [f"non-finite logits from the classifier on {'the original' if not ok_b[i] else 'the counterfactual'}"
+                   for i in drop.tolist()]
+        failed = iter(self.update_failed(source[drop], target[drop], [sample_ids[i] for i in drop.tolist()], reasons,
+                                         logits_before=before[drop]))
+        return [next(kept) if ok_b[i] and ok_a[i] else next(failed) for i in range(len(sample_ids))]
+
+    @torch.no_grad()
+    def update_failed(self, source: torch.Tensor, target: torch.Tensor, sample_ids: list[str], reasons: list[str],
+                      originals: torch.Tensor | None = None, logits_before: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Add attempted samples that failed (:mod:`lit_vce.metrics.accounting`): each counts
+        as not flipped in every flip rate and enters no measured figure. With the originals
+        (or their logits), a correctly classified original also counts, as not flipped, in
+        ``flip_rate_source_correct``. Returns one failure row per sample."""
+        from .accounting import failure_row
+
+        k = len(sample_ids)
+        if len(reasons) != k or any(not r for r in reasons):
+            raise ValueError("update_failed needs one non-empty reason per sample")
+        rows = [failure_row(s, int(a), int(b), r) for s, a, b, r in zip(sample_ids, source.tolist(), target.tolist(), reasons)]
+        if k == 0:
+            return rows
+        dev = source.device
+        zeros = torch.zeros(k, dtype=torch.float64, device=dev)
+        for metric in (self.flip_rate, self.untargeted_flip_rate, self.untargeted_flip_rate_prediction):
+            metric._add(zeros)
+        if self.second is not None:
+            self.flip_rate_independent._add(zeros)
+        correct = torch.full((k,), float("nan"), dtype=torch.float64, device=dev)
+        if logits_before is None and originals is not None:
+            logits_before = self.classifier(originals)
+        if logits_before is not None:
+            finite = torch.isfinite(logits_before).all(1)
+            is_correct = (logits_before.argmax(1) == source) & finite
+            correct = torch.where(finite, is_correct.double(), correct)
+            self.flip_rate_source_correct._add(zeros[is_correct])
+        nan = torch.full((k,), float("nan"), dtype=torch.float64, device=dev)
+        col = {"flip_rate": zeros, "untargeted_flip_rate": zeros, "untargeted_flip_rate_prediction": zeros,
+               "source_correct": correct, "flip_rate_independent": zeros}
+        self.samples.update(self._keys(sample_ids, dev), torch.stack([col.get(c, nan) for c in self._columns], 1))
+        if self.audit is not None:  # not a flipped VCE: in no audit ratio, but kept so the rows stay aligned
+            self.audit_samples.update(self._keys(sample_ids, dev), torch.stack(
+                [zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1))
         return rows
 
     def _update(self, original, counterfactual, source, target, sample_ids, before, after) -> list[dict[str, Any]]:
@@ -315,9 +351,11 @@ class VCEMetrics(nn.Module):
                 col = {c: values[:, j] for j, c in enumerate(self._columns)}
                 for name, v in col.items():
                     if name in m and name != "source_correct":
-                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL)
+                        has = torch.isfinite(v)  # measured figures leave failed samples out (NaN)
+                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL) if bool(has.all()) else \
+                            mean_interval(torch.nan_to_num(v), self.resamples, self.seed, LEVEL, weights=has.double())
                 out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], self.resamples, self.seed, LEVEL,
-                                                                weights=col["source_correct"])
+                                                                weights=torch.nan_to_num(col["source_correct"]))
         if self.audit is not None and self.resamples > 0:
             _, flags = self.audit_samples.compute()
             if flags.numel():

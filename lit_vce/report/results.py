@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-TRACKED_PACKAGES = ("lit_vce", "torch", "lightning", "torchmetrics", "diffusers", "timm")
+from ..errors import LitVCEError
+
+#: every library whose version can change a figure: the stack and every model library a run may load through
+TRACKED_PACKAGES = ("lit_vce", "torch", "torchvision", "lightning", "torchmetrics", "torch-fidelity", "diffusers",
+                    "transformers", "timm", "open_clip_torch", "robustbench", "numpy", "pillow")
 
 
 def package_versions() -> dict[str, str]:
@@ -33,12 +37,43 @@ def git_sha() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> dict[str, Any]:
+    """Where the figures were computed: float results of long guided trajectories differ
+    between CPU and GPU models (README, Determinism), so both are recorded."""
     info: dict[str, Any] = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                            "cpu_threads": torch.get_num_threads()}
+                            "cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
+                            "os": platform.platform(), "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["cudnn"] = torch.backends.cudnn.version()
+        except Exception:  # no cuDNN in this build
+            pass
     return info
+
+
+class InvalidResultsError(LitVCEError, ValueError):
+    """A ``results.json`` that cannot be read, does not follow the schema, or does not
+    belong to the table beside it; the message names the file."""
 
 
 @dataclass
@@ -67,14 +102,29 @@ class RunResults:
     resumed: int = 0
     wall_time_total_s: float | None = None  # generation time over every attempt into this folder (resumes)
     evaluation_time_s: float | None = None  # `lit-vce evaluate`: its own time (wall_time_s stays the generation's)
-    attempts: int = 1
+    attempts: int = 1  # attempts into this folder (a killed one included)
+    s_per_img: float | None = None  # wall_time_total_s / n: generation seconds per attempted sample
+    # notes a reader must see beside the figures (failures, forced resumes); the leaderboard marks such runs
+    warnings: list[str] = field(default_factory=list)
+    # sha256 of the files this result belongs to (samples.csv), checked by every reader
+    files: dict[str, str] = field(default_factory=dict)
     stage: str = "predict"  # "predict" (in-line), "evaluate" (re-read from disk) or "analysis" (disagree/neurons)
     protocol: str | None = None
     dataset: str | None = None
     schema_version: int = 1
 
     def __post_init__(self):
-        if self.n < 0 or self.n_success < 0 or self.n_failed < 0:
+        from ..metrics.accounting import check_counts
+
+        for name in ("n", "n_success", "n_failed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not isinstance(self.metrics, dict):
+            raise ValueError(f"metrics must be a mapping, got {type(self.metrics).__name__}")
+        if self.stage != "analysis":
+            fr = self.metrics.get("flip_rate")
+            check_counts(self.n, self.n_success, self.n_failed, fr if isinstance(fr, (int, float)) else None)
+        elif self.n < 0 or self.n_success < 0 or self.n_failed < 0:
             raise ValueError("counts must be non-negative")
         if self.stage not in ("predict", "evaluate", "analysis"):
             raise ValueError(f"stage must be 'predict', 'evaluate' or 'analysis', got {self.stage!r}")
@@ -82,14 +132,39 @@ class RunResults:
             if key not in self.metrics:
                 raise ValueError(f"metrics.{key} is missing")
 
+    @property
+    def marked(self) -> bool:
+        """Whether a reader must look twice: failed samples or a warning."""
+        return bool(self.n_failed or self.warnings)
+
     @classmethod
-    def load(cls, path: str | Path) -> RunResults:
-        data = json.loads(Path(path).read_text())
+    def load(cls, path: str | Path, check_files: bool = True) -> RunResults:
+        """Read and validate a ``results.json``; with ``check_files``, the table beside it must
+        be the one it was written with. Raises :class:`InvalidResultsError` naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidResultsError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict):
+            raise InvalidResultsError(f"{path}: not a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"{path}: unknown result fields {sorted(unknown)}")
-        return cls(**data)
+            raise InvalidResultsError(f"{path}: unknown result fields {sorted(unknown)}")
+        try:
+            res = cls(**data)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise InvalidResultsError(f"{path}: {e}") from None
+        if check_files:
+            from ..io import verify_file
+
+            for name, sha in (res.files or {}).items():
+                problem = verify_file(path.parent / name, sha)
+                if problem:
+                    raise InvalidResultsError(f"{path}: {problem}; the results and the table beside them are not from "
+                                              "the same run (an interrupted write): run it again")
+        return res
 
 
 def build_results(**kwargs) -> dict[str, Any]:
