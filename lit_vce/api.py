@@ -36,7 +36,8 @@ class Explanation:
     target: torch.Tensor  # (N,) the classes asked for
     success: torch.Tensor  # (N,) bool: the classifier predicts the target and the sample did not fail
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-sample values, as in samples.csv
-    metrics: dict[str, Any] = field(default_factory=dict)  # the suite's metrics over all samples
+    # the suite's metrics (lit_vce.metrics.accounting: a failed sample counts as not flipped and is in no other figure)
+    metrics: dict[str, Any] = field(default_factory=dict)
     audit: dict[str, Any] | None = None  # the world's shape/background audit (world classifiers)
     intervals: dict[str, list[float]] = field(default_factory=dict)  # 95 % bootstrap intervals of ``metrics``
     method: dict[str, Any] = field(default_factory=dict)  # the method's name and settings
@@ -44,6 +45,27 @@ class Explanation:
 
     def __len__(self) -> int:
         return len(self.counterfactuals)
+
+    @property
+    def n(self) -> int:
+        """Attempted samples."""
+        return len(self.rows)
+
+    @property
+    def n_success(self) -> int:
+        """Samples the classifier reads as their target (never a failed one)."""
+        return sum(1 for r in self.rows if r.get("success") and not r.get("failure"))
+
+    @property
+    def n_failed(self) -> int:
+        """Samples without a usable counterfactual (their ``failure`` says why; their image is
+        the method's fallback, usually the original, or zeros when it was not finite)."""
+        return sum(1 for r in self.rows if r.get("failure"))
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """(N,) bool: which samples failed."""
+        return torch.tensor([bool(r.get("failure")) for r in self.rows], dtype=torch.bool)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``counterfactuals/<id>.png``, ``samples.csv`` and ``results.json`` under ``folder``."""
@@ -81,9 +103,10 @@ def explain(
     """Counterfactuals of ``images`` towards ``targets`` for ``classifier`` with ``method``.
 
     Args:
-        images: a tensor (N, 3, H, W) or (3, H, W) in [0, 1], or a list of image files
-            or PIL images (shorter side resized to ``image_size``, default the
-            classifier's input size, and centre-cropped).
+        images: a tensor (N, 3, H, W) or (3, H, W) in [0, 1] (used as it is), or a list of
+            image files, PIL images or (3, H, W) tensors of any sizes (each with its shorter
+            side resized to ``image_size``, default the classifier's input size, and
+            centre-cropped, as ``lit-vce predict`` reads files).
         targets: one class per image (ids or class names), or one for all.
         classifier: a spec (``"robust"``, ``"timm:resnet50"``, ...; see
             :func:`lit_vce.classifiers.load_classifier`) or an :class:`ImageClassifier`.
@@ -114,7 +137,12 @@ def explain(
     vce = _method(method, method_kwargs)
     if not isinstance(vce, VCEMethod):
         raise TypeError(f"method must be a registered name or a VCEMethod, got {type(vce).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     x = _images(images, image_size or clf.input_size).to(device)
+    from .methods.base import check_domain
+
+    check_domain(vce, clf, tuple(x.shape[-2:]))  # a default model of another domain is refused, not run
     n = len(x)
     ids = [str(i) for i in range(n)] if sample_ids is None else [str(s) for s in sample_ids]
     if len(ids) != n or len(set(ids)) != n:
@@ -122,9 +150,9 @@ def explain(
     tgt = _classes(targets, n, clf, "targets").to(device)
     with torch.no_grad():
         src = clf(quantize(x)).argmax(1) if sources is None else _classes(sources, n, clf, "sources").to(device)
-    same = (src == tgt).nonzero().flatten().tolist()
-    if same:
-        raise ValueError(f"targets equal the sources for images {same[:10]}: a counterfactual needs a different target")
+    from .metrics.accounting import check_distinct_targets
+
+    check_distinct_targets(src.tolist(), tgt.tolist(), [f"images[{i}]" for i in range(n)], what="images")
     suite = _suite(clf, metrics, fid_features, seed, device)
     vce.to(device)
     vce.setup(device)
@@ -133,8 +161,14 @@ def explain(
     scores: dict[str, Any] = {}
     intervals: dict[str, list[float]] = {}
     if suite is not None:
-        scores, audit, _ = suite.compute()
+        from .metrics.accounting import check_counts, count_rows
+
+        scores, audit, n_metrics = suite.compute()
         intervals = {k: v for k, v in suite.last_intervals.items() if k in scores or k in (audit or {})}
+        c = count_rows(rows)
+        if n_metrics != c["n"]:
+            raise RuntimeError(f"the metrics cover {n_metrics} samples, the rows {c['n']}")
+        check_counts(c["n"], c["n_success"], c["n_failed"], scores.get("flip_rate"), where="explain()")
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
                        intervals=intervals, method=vce.describe(), seconds=time.perf_counter() - t0)
@@ -144,6 +178,7 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
     """The counterfactuals (quantised) and one row per sample, batch by batch."""
     from .io import quantize
     from .methods.base import VCEBatch, generate_one_by_one
+    from .metrics.accounting import score_batch
     from .progress import progress
     from .rngs import sample_rngs
 
@@ -158,13 +193,11 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
             with torch.enable_grad():
                 result = generate_one_by_one(vce, batch, clf, threads) if deterministic else vce.generate(batch, clf)
             cf = quantize(result.images.detach())
-            values = suite.update(quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl]) if suite is not None else \
-                _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl])
-            for j, v in enumerate(values):
-                failure = result.failure[j] or v.get("failure") or ""
-                rows.append(dict(v, failure=failure, success=bool(v.get("success")) and not failure,
-                                 diagnostics={k: float(d[j]) for k, d in result.diagnostics.items()}))
-            cfs.append(cf)
+            if suite is not None:  # the accounting rule, as in predict (lit_vce.metrics.accounting.score_batch)
+                rows += score_batch(suite, quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
+            else:
+                rows += _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
+            cfs.append(torch.nan_to_num(cf, nan=0.0, posinf=1.0, neginf=0.0))  # a failed, non-finite image: zeros
     finally:
         torch.set_num_threads(threads)
     return torch.cat(cfs), rows
@@ -223,22 +256,35 @@ def _images(images, size: int) -> torch.Tensor:
         x = images[None] if images.dim() == 3 else images
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"images: nothing to explain (shape {tuple(images.shape)})")
         if x.dtype == torch.uint8:
             x = x.float() / 255
         if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
             raise ValueError("images: values must be finite and in [0, 1]")
         return x.float()
+    if isinstance(images, (str, Path)):
+        images = [images]
     out = []
     for i, im in enumerate(images):
-        if isinstance(im, (str, Path)):
+        if isinstance(im, torch.Tensor):  # a list of tensors: each resized as a file would be (shorter side, centre crop)
+            t = im.float() / 255 if im.dtype == torch.uint8 else im.float()
+            if t.dim() != 3 or t.shape[0] != 3 or t.shape[1] == 0 or t.shape[2] == 0:
+                raise ValueError(f"images[{i}]: expected (3, H, W) in [0, 1], got shape {tuple(im.shape)}")
+            if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+                raise ValueError(f"images[{i}]: values must be finite and in [0, 1]")
+            out.append(resize_crop(t, size))
+        elif isinstance(im, (str, Path)):
             try:
                 out.append(_load_image(Path(im), size))
             except (OSError, ValueError) as e:
                 raise ValueError(f"images[{i}]: cannot read {im} ({e})") from e
-        else:  # a PIL image: as a file of it would be read
+        elif hasattr(im, "convert"):  # a PIL image: as a file of it would be read
             from torchvision.transforms.functional import pil_to_tensor
 
             out.append(resize_crop(pil_to_tensor(im.convert("RGB")).float() / 255.0, size))
+        else:
+            raise TypeError(f"images[{i}]: expected a file path, a PIL image or a (3, H, W) tensor, got {type(im).__name__}")
     if not out:
         raise ValueError("images: nothing to explain")
     return torch.stack(out)
@@ -277,9 +323,22 @@ def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
     return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device)
 
 
-def _plain_rows(clf, cf, src, tgt, ids) -> list[dict[str, Any]]:
-    """Per-sample success and target confidence when the metric suite is off."""
+def _plain_rows(clf, cf, src, tgt, ids, failures, diagnostics) -> list[dict[str, Any]]:
+    """Per-sample success and target confidence when the metric suite is off (the same
+    accounting rule: a failed or non-finite sample is not a success)."""
+    from .metrics.accounting import merge_failures, nonfinite_failures
+
+    failures = merge_failures(list(failures), nonfinite_failures(cf))
     with torch.no_grad():
-        p = clf(cf).softmax(1)
-    return [{"sample_id": s, "source": int(a), "target": int(b), "success": bool(p[i].argmax() == b),
-             "target_conf_after": float(p[i, b])} for i, (s, a, b) in enumerate(zip(ids, src, tgt))]
+        logits = clf(torch.nan_to_num(cf))
+    rows = []
+    for i, (s, a, b) in enumerate(zip(ids, src, tgt)):
+        fail = failures[i] or ("" if bool(torch.isfinite(logits[i]).all()) else "non-finite logits from the classifier on the counterfactual")
+        p = logits[i].softmax(0)
+        row = {"sample_id": s, "source": int(a), "target": int(b), "failure": fail,
+               "success": not fail and bool(p.argmax() == b)}
+        if not fail:
+            row["target_conf_after"] = float(p[b])
+        row["diagnostics"] = {k: float(d[i]) for k, d in diagnostics.items()}
+        rows.append(row)
+    return rows

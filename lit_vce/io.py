@@ -45,15 +45,18 @@ def _free_space(folder: Path) -> str:
     return f"{free / 2**20:.1f} MB"
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (the file is whole or
     absent; the old content stays until the rename). A full disk raises :class:`DiskFullError`
     naming the folder and the space left, with nothing half-written left behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        _write_file(tmp, data)
         os.replace(tmp, path)
     except OSError as e:
         try:

@@ -138,7 +138,9 @@ def test_plain_folders_with_bad_samples_become_failure_rows(world_run, tmp_path)
     main(["evaluate", "--originals", str(o), "--counterfactuals", str(c), "--targets", str(targets), "--classifier", "biased",
           "--method", "elsewhere", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
-    assert res["method"] == "elsewhere" and res["n"] == 4 and res["n_failed"] == 3
+    # the accounting rule: the 3 bad samples were attempted, failed and count as not flipped
+    assert res["method"] == "elsewhere" and res["n"] == 7 and res["n_failed"] == 3
+    assert res["metrics"]["flip_rate"] == pytest.approx(res["n_success"] / 7) and res["n_success"] <= 4
     rows = {r["sample_id"]: r for r in csv.DictReader((out / "samples.csv").open())}
     assert rows["img0.png"]["target"] == "1"
     assert "missing counterfactual" in rows["missing.png"]["failure"]

@@ -108,9 +108,10 @@ def test_fake_imagenet_predict_evaluate_leaderboard_end_to_end(fake_imagenet, tm
     out = runs / "cg-pairs"
     main(_predict_args(fake_imagenet, "pairs", out))
     res = json.loads((out / "results.json").read_text())
-    # zebra (3 + 1 corrupt) -> sorrel, sorrel (3) -> zebra, cheetah (3) -> cougar
+    # zebra (3 + 1 corrupt) -> sorrel, sorrel (3) -> zebra, cheetah (3) -> cougar; the corrupt one was
+    # attempted and failed (in N, not flipped, in no measured figure)
     assert res["protocol"] == "pairs" and res["dataset"] == "imagefolder"
-    assert res["n"] == 9 and res["n_failed"] == 1 and res["metrics"]["fid_n"] == 9
+    assert res["n"] == 10 and res["n_failed"] == 1 and res["metrics"]["fid_n"] == 9
     assert res["config"]["metrics"]["features"] == "inception-v3-2048" and res["config"]["metrics"]["resolution"] == 32
     rows = {r["sample_id"]: r for r in csv.DictReader((out / "samples.csv").open())}
     broken = next(r for s, r in rows.items() if "broken" in s)
@@ -121,13 +122,14 @@ def test_fake_imagenet_predict_evaluate_leaderboard_end_to_end(fake_imagenet, tm
 
     main(["evaluate", str(out), "--resolution", "32", "--second-classifier", "timm:test_efficientnet"])
     ev = json.loads((out / "evaluation" / "results.json").read_text())
-    assert ev["n"] == 9 and ev["n_failed"] == 1 and ev["protocol"] == "pairs"
+    assert ev["n"] == 10 and ev["n_failed"] == 1 and ev["protocol"] == "pairs"
     for key in ("flip_rate", "l1", "l2", "fid", "sfid", "cout", "flip_rate_independent"):
         assert ev["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-5), key
 
     main(["leaderboard", str(runs), "--sort-by", "FID"])
     md = (runs / "leaderboard.md").read_text()
-    assert "| classifier_guidance | timm:test_vit | pairs | 9 |" in md
+    assert f"| classifier_guidance | timm:test_vit | pairs | 10 ({res['n_success']} ok, 1 failed) ! |" in md
+    assert "1 of 10 failed" in md
     assert (runs / "leaderboard.html").is_file() and (runs / "leaderboard.tex").is_file()
     main(["report", str(runs)])
     assert (runs / "report.html").read_text().count("<img ") >= 9
@@ -138,8 +140,10 @@ def test_misclassified_protocol_explains_errors_towards_the_true_label(fake_imag
     out = tmp_path / "err"
     main(_predict_args(fake_imagenet, "misclassified", out) + ["--model.fid_features", "none"])
     res = json.loads((out / "results.json").read_text())
-    rows = [r for r in csv.DictReader((out / "samples.csv").open()) if not r["failure"]]
-    assert rows and res["n"] == len(rows) and len(rows) + res["config"]["not_selected"] == 9
+    every = list(csv.DictReader((out / "samples.csv").open()))
+    rows = [r for r in every if not r["failure"]]
+    # the corrupt image was attempted (and failed); the protocol dropped the correctly classified ones
+    assert rows and res["n"] == len(every) == len(rows) + 1 and len(rows) + res["config"]["not_selected"] == 9
     for r in rows:
         true_label = {"n02391049": ZEBRA, "n02389026": SORREL, "n02130308": CHEETAH}[r["sample_id"].split("/")[0]]
         assert int(r["target"]) == true_label  # the true label is the target

@@ -209,19 +209,22 @@ def test_non_finite_logits_are_failures_excluded_from_every_metric():
     assert not rows[1]["success"] and not rows[4]["success"]
     assert all("failure" not in rows[i] for i in (0, 2, 3, 5, 6, 7))
     metrics, _, n = m.compute()
-    assert n == 6 and metrics["fid_n"] == 6
+    assert n == 8 and metrics["fid_n"] == 6  # attempted: 8; measured: 6
     ref = VCEMetrics(_NaNOn(), features=_Feat6())
     keep = [0, 2, 3, 5, 6, 7]
     ref.update(orig[keep], cf[keep], src[keep], tgt[keep], [f"s{i}" for i in keep])
     expected, _, _ = ref.compute()
-    for k in ("flip_rate", "target_confidence", "l1", "l2", "fid", "cout"):
+    for k in ("target_confidence", "l1", "l2", "fid", "cout"):  # measured figures: the 6 that did not fail
         assert metrics[k] == pytest.approx(expected[k], rel=1e-12, nan_ok=True), k
+    for k in ("flip_rate", "untargeted_flip_rate"):  # flip rates: the 2 failures count as not flipped
+        assert metrics[k] == pytest.approx(expected[k] * 6 / 8, rel=1e-12), k
+    assert m.last_intervals["l2"] == pytest.approx(ref.last_intervals["l2"], abs=0.05)
     # an all-NaN classifier: nothing succeeds and no metric is computed from garbage
     m = VCEMetrics(_NaNOn(), features=_Feat6())
     rows = m.update(_colour(0, 4), _colour(0, 4), src[:4], tgt[:4], ["a", "b", "c", "d"])
     metrics, _, n = m.compute()
-    assert n == 0 and not any(r["success"] for r in rows)
-    assert np.isnan(metrics["flip_rate"]) and np.isnan(metrics["fid"])
+    assert n == 4 and not any(r["success"] for r in rows)
+    assert metrics["flip_rate"] == 0 and np.isnan(metrics["fid"]) and np.isnan(metrics["l2"])
 
 
 def test_lpips_uses_local_backbone_weights_and_names_the_missing_file(tmp_path, monkeypatch):

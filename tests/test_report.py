@@ -4,7 +4,7 @@ import pytest
 
 from lit_vce.cli import main
 from lit_vce.report.leaderboard import load_results, markdown_table
-from lit_vce.report.results import build_results
+from lit_vce.report.results import RunResults, build_results
 
 
 def _write(root, name, fr, l1):
@@ -38,6 +38,8 @@ def test_results_schema_rejects_missing_metrics_and_unknown_fields(tmp_path):
     data["surprise"] = 1
     (tmp_path / "ok" / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown result fields"):
+        RunResults.load(tmp_path / "ok" / "results.json")
+    with pytest.raises(FileNotFoundError, match="no VCE results.json"):  # the only one is skipped
         load_results(tmp_path)
 
 

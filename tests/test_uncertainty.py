@@ -122,7 +122,9 @@ def test_compare_runs_pairs_by_sample_id_and_the_cli_reports_it(tmp_path, capsys
     assert r["metrics"]["flip_rate"]["difference"] == pytest.approx(0.8 - 24 / 50)
     main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--resamples", "500"])
     out = capsys.readouterr().out
-    assert "50 paired samples" in out and "l2" in out and "yes" in out
+    assert "50 samples in both" in out and "1 of them failed" in out and "l2" in out and "yes" in out
+    l2_line = next(line for line in out.splitlines() if line.startswith("l2 "))
+    assert l2_line.split()[1] == "49"  # the N of pairs L2 used
     _table(tmp_path / "c", [{"sample_id": "other", "success": "True", "l2": "1.0", "failure": ""}])
     with pytest.raises(SystemExit):
         main(["compare", str(tmp_path / "a"), str(tmp_path / "c")])

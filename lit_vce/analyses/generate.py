@@ -270,7 +270,7 @@ class AnalysisModule(StageModule):
         if writer is not None and self.trainer.is_global_zero:
             results = self.results(
                 rows, metrics, len(rows), f"digin-{self.analysis}", wall_time_s=wall,
-                n_success=sum(1 for r in rows if r.get("disagrees") or (self.analysis == "neurons" and not r["failure"])),
+                n_success=sum(1 for r in rows if not r["failure"] and (r.get("disagrees") or self.analysis == "neurons")),
                 config={"analysis": self.analysis, "objective": self.method.objective.describe(), "method": self.method.describe(),
                         "second_classifier": getattr(self.second, "name", None), "variant": self.variant, "unit": self.unit,
                         "data": dict(self.trainer.datamodule.hparams)}, intervals=intervals)

@@ -298,9 +298,15 @@ def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dic
         raise ValueError(f"openclip:{name}: the spec is openclip:<arch>/<pretrained> or openclip:hf-hub:<org>/<name>")
     if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
         raise UnknownNameError(f"open_clip has no architecture {arch!r}{suggest(arch, open_clip.list_models())}")
-    pretrained = _openclip_weights(name, arch, pretrained or None)
+    tag = pretrained or None
+    pretrained = _openclip_weights(name, arch, tag)
+    model_kwargs = dict(model_kwargs or {})
+    if tag is not None and "force_quick_gelu" not in model_kwargs and _needs_quick_gelu(open_clip, arch, tag):
+        # OpenAI's CLIP was trained with QuickGELU; open_clip's plain configs use GELU and only warn
+        # (from its hub cache) or say nothing (from a local file) when OpenAI weights go into them
+        model_kwargs["force_quick_gelu"] = True
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, **(model_kwargs or {}))
+        model = open_clip.create_model(arch, pretrained=pretrained, **model_kwargs)
     except Exception as e:  # RuntimeError for unknown tags; OSError/hub errors when a download fails
         mode = "offline and not cached" if _is_offline() else "could not load the weights"
         raise MissingWeightsError(
@@ -320,6 +326,19 @@ def load_openclip(name: str, class_names=None, templates=None, model_kwargs: dic
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
         interpolation="bicubic", name=f"openclip:{name}", **kwargs,
     )
+
+
+def _needs_quick_gelu(open_clip, arch: str, tag: str) -> bool:
+    """Whether weights ``tag`` of ``arch`` were trained with QuickGELU (OpenAI's CLIP, and any tag
+    open_clip's registry marks so), while the architecture's config uses GELU."""
+    if arch.endswith("-quickgelu") or arch.startswith("hf-hub:"):
+        return False
+    cfg = {}
+    try:
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    except Exception:  # unknown arch/tag (a local file): judged by the tag's name
+        cfg = {}
+    return bool(cfg.get("quick_gelu", False)) or Path(tag).stem == "openai"
 
 
 def _openclip_weights(name: str, arch: str, pretrained: str | None) -> str | None:

@@ -223,7 +223,20 @@ class ImageFolderDataset(Dataset):
         synsets = {wn: i for i, wn in enumerate(imagenet_synsets())}
         self.imagenet_labels = class_index == "auto" and all(f in synsets for f in self.class_folders)
         self.named_labels = False
-        if self.imagenet_labels:
+        if self.imagenet_labels and class_names and list(class_names) != imagenet_class_names():
+            # synset folders for a classifier of other classes: its classes by ImageNet name, or an error
+            # (ImageNet ids read as another classifier's classes would explain a tench as a circle)
+            names = imagenet_class_names()
+            try:
+                label_of = folder_labels_by_name([names[synsets[f]] for f in self.class_folders], list(class_names), self.root)
+            except ValueError:
+                shown = ", ".join(f"{f} ({names[synsets[f]]})" for f in self.class_folders[:4])
+                raise ValueError(f"the class folders under {self.root} are ImageNet synsets ({shown}"
+                                 f"{', ...' if len(self.class_folders) > 4 else ''}), but the classifier has other classes "
+                                 f"({', '.join(map(repr, list(class_names)[:6]))}{', ...' if len(class_names) > 6 else ''}): "
+                                 "explain them with an ImageNet classifier") from None
+            self.imagenet_labels, self.named_labels = False, True
+        elif self.imagenet_labels:
             label_of = [synsets[f] for f in self.class_folders]
         elif class_index == "auto" and class_names:
             label_of = folder_labels_by_name(self.class_folders, class_names, self.root)

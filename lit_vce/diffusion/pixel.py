@@ -106,6 +106,8 @@ class PixelDiffusion(Diffusion):
         from .adm import ADMUNet
 
         default_null = None
+        #: the data the model was trained for: "world" (the embedded 32 px ddpm), else None (unknown)
+        self_domain = "world" if unet is None and model in ("world", "world:ddpm") else None
         if unet is None:
             unet, scheduler_config, default_null = load_pixel_model(model, adm_overrides)
         elif scheduler_config is None:
@@ -126,6 +128,7 @@ class PixelDiffusion(Diffusion):
         if classes and not self.is_adm and not isinstance(unet.class_embedding, _ClassEmbeddingInput):
             unet.class_embedding = _ClassEmbeddingInput(unet.class_embedding)
         self.unet = unet.eval().requires_grad_(False)
+        self.domain = self_domain
 
     @property
     def class_conditional_only(self) -> bool:

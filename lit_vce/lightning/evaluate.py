@@ -190,9 +190,15 @@ class PairDataset(Dataset):
             except Exception as err:  # PIL raises many types for corrupt files
                 problems[side] = f"unreadable {side} {path}: {type(err).__name__}: {err}"
                 continue
-            if tuple(images[side].shape[-2:]) != (h, w):
-                sz = tuple(images[side].shape[-2:])
-                problems[side] = f"{side} size {sz[0]}x{sz[1]} differs from the other images' {h}x{w} (set image_size to resize)"
+        if "original" in images and "counterfactual" in images:
+            so, sc = tuple(images["original"].shape[-2:]), tuple(images["counterfactual"].shape[-2:])
+            if so != sc:
+                problems["counterfactual"] = f"size mismatch: original {so[0]}x{so[1]}, counterfactual {sc[0]}x{sc[1]}"
+                del images["counterfactual"]
+        for side in list(images):
+            sz = tuple(images[side].shape[-2:])
+            if sz != (h, w):
+                problems.setdefault(side, f"size {sz[0]}x{sz[1]} differs from the other images' {h}x{w} (set image_size to resize)")
                 del images[side]
         if not item["error"] and problems:
             item["error"] = problems.get("counterfactual") or problems["original"]

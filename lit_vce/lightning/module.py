@@ -25,7 +25,7 @@ import torch
 from ..classifiers import load_classifier
 from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
-from ..methods.base import VCEBatch, VCEMethod, generate_one_by_one
+from ..methods.base import VCEBatch, VCEMethod, check_domain, generate_one_by_one
 from ..metrics.accounting import NONFINITE_IMAGE, score_batch
 from ..metrics.suite import build_suite
 from ..io import quantize
@@ -151,6 +151,7 @@ class VCEModule(StageModule):
         self._t0 = time.perf_counter()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         self._seen = set()
+        self._domain_checked = False
         self._batches = 0
         dm = getattr(self.trainer, "datamodule", None)
         self._selects = bool(getattr(dm, "selects_by_classifier", False))  # the data's protocol needs the classifier
@@ -217,6 +218,9 @@ class VCEModule(StageModule):
         images, source, target = batch["image"], batch["source"], batch["target"]
         ids: list[str] = list(batch["sample_id"])
         errors: list[str] = list(batch.get("error", [""] * len(ids)))
+        if not self._domain_checked:  # a default model of another domain is refused, not run
+            check_domain(self.method, self.classifier, tuple(images.shape[-2:]))
+            self._domain_checked = True
         writer = self.writer()
         done = writer.done_ids() if writer is not None else set()
         # 1. finished earlier: their saved files re-enter the metrics (verified against their

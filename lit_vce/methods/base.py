@@ -145,3 +145,39 @@ def generate_one_by_one(method: VCEMethod, batch: VCEBatch, classifier: nn.Modul
 
     with ThreadPoolExecutor(min(int(workers), len(parts)), thread_name_prefix="lit-vce-sample") as pool:
         return concat_results(list(pool.map(one, parts)))
+
+
+def check_domain(method: VCEMethod, classifier: nn.Module, image_size: tuple[int, int]) -> None:
+    """Refuse a method whose models do not fit the data: the embedded world's 32 px ddpm
+    (every method's default diffusion model) on images of another resolution, a robust
+    partner (DVCE) of another class space than the classifier's, and a world classifier
+    as the partner of a classifier of other classes. Raises a one-line
+    :class:`~lit_vce.errors.ConfigError` naming the config to use. (The world ddpm on
+    other 32 px images, unconditionally, is allowed: small tests use it so.)"""
+    from ..data.world import CLASS_NAMES
+    from ..errors import ConfigError
+    from ..world.models import WORLD_CLASSIFIERS
+
+    h, w = (int(image_size[0]), int(image_size[1]))
+    names = list(getattr(classifier, "class_names", []) or [])
+    k = getattr(classifier, "num_classes", len(names))
+    problems = []
+    diffusion = getattr(method, "diffusion", None)
+    if getattr(diffusion, "domain", None) == "world" and (h, w) != (32, 32):
+        problems.append("its diffusion model is the embedded world's 32 px ddpm (4 shapes)")
+    robust = getattr(method, "robust", None)
+    if robust is not None:
+        k2 = getattr(robust, "num_classes", None)
+        if k2 is not None and k is not None and k2 != k:
+            problems.append(f"its robust partner {getattr(robust, 'name', '?')} has {k2} classes")
+        elif getattr(robust, "name", None) in WORLD_CLASSIFIERS and names != list(CLASS_NAMES):
+            problems.append(f"its robust partner is the world's {robust.name!r} classifier")
+    if problems:
+        from ..config_files import config_root
+
+        name = getattr(method, "name", "method")
+        shipped = (config_root() / "imagenet" / "methods" / f"{name}.yaml").is_file()
+        fix = (f"--config imagenet/methods/{name} for ImageNet" if shipped else "a model of this domain") + \
+            " (or set --model.method.init_args.diffusion / robust_classifier)"
+        raise ConfigError(f"{name}: {' and '.join(problems)}, but the data are {h}x{w} images for "
+                          f"{getattr(classifier, 'name', 'the classifier')} ({k} classes): use {fix}")

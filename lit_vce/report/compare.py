@@ -3,8 +3,12 @@
     lit-vce compare runs/world/dvce runs/world/classifier_guidance [--metrics flip_rate l2] [--json out.json]
 
 Both runs' ``samples.csv`` (``evaluation/samples.csv`` when ``lit-vce evaluate``
-wrote one) are joined on ``sample_id``; only samples present in both count. For
-each metric the per-sample differences are resampled together
+wrote one; checked against the ``results.json`` beside it) are joined on
+``sample_id``; only samples present in both count. The accounting rule
+(:mod:`lit_vce.metrics.accounting`) holds here as everywhere: a failed sample
+counts as not flipped in the flip rates, and is left out of every measured
+figure, so each metric states the N it was paired over (a sample measured in
+only one run is not a pair). For each metric the per-sample differences are resampled together
 (:func:`lit_vce.metrics.uncertainty.paired_bootstrap`): pairing removes the
 variation between images that both runs share, so it detects differences that
 two separate intervals would hide. Set-level figures (FID, sFID) have no
@@ -42,6 +46,11 @@ def _table(run: str | Path) -> Path:
     run = Path(run)
     for cand in (run / "evaluation" / "samples.csv", run / "samples.csv", run):
         if cand.is_file():
+            results = cand.parent / "results.json"
+            if results.is_file():
+                from .results import RunResults
+
+                RunResults.load(results)  # the table must be the one these results were written with
             return cand
     raise FileNotFoundError(f"{run}: no samples.csv (give a run folder or its samples.csv)")
 
@@ -71,6 +80,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metrics: list[str] | None
     metric in ``metrics`` (default: every one both tables have). A failed sample counts as
     not flipped; a sample without a value for a metric is left out of that metric.
     """
+    from ..metrics.accounting import count_rows
+
     a, b = read_samples(run_a), read_samples(run_b)
     ids = sorted(set(a) & set(b))
     if not ids:
@@ -85,26 +96,42 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metrics: list[str] | None
     missing = [m for m in metrics if m not in available]
     if missing:
         raise ValueError(f"metric(s) {missing} are not in both runs' samples.csv")
+    ca, cb = count_rows([_row(a[i]) for i in ids]), count_rows([_row(b[i]) for i in ids])
     out: dict[str, Any] = {"run_a": str(run_a), "run_b": str(run_b), "n_a": len(a), "n_b": len(b), "n_paired": len(ids),
+                           "n_failed_a": ca["n_failed"], "n_failed_b": cb["n_failed"],
+                           "n_success_a": ca["n_success"], "n_success_b": cb["n_success"],
                            "level": level, "resamples": resamples, "seed": seed, "metrics": {}}
     for m in metrics:
         col = PER_SAMPLE_COLUMNS[m]
         va = torch.tensor([_value(a[i].get(col)) for i in ids], dtype=torch.float64)
         vb = torch.tensor([_value(b[i].get(col)) for i in ids], dtype=torch.float64)
-        if col.startswith("success"):  # a failed sample (empty cell) did not flip
+        if col.startswith("success"):  # the accounting rule: a failed sample (or an empty cell) did not flip
+            fa = torch.tensor([bool(a[i].get("failure")) for i in ids])
+            fb = torch.tensor([bool(b[i].get("failure")) for i in ids])
             va, vb = torch.nan_to_num(va, nan=0.0), torch.nan_to_num(vb, nan=0.0)
-        out["metrics"][m] = paired_bootstrap(va, vb, resamples, seed, level)
+            va[fa], vb[fb] = 0.0, 0.0
+        out["metrics"][m] = paired_bootstrap(va, vb, resamples, seed, level)  # its "n": the pairs used
     return out
 
 
+def _row(r: dict[str, str]) -> dict[str, Any]:
+    return {"failure": r.get("failure") or "", "success": r.get("success") == "True"}
+
+
 def format_comparison(result: dict[str, Any]) -> str:
+    def failed(side: str) -> str:
+        k = result.get(f"n_failed_{side}", 0)
+        return f", {k} of them failed (!)" if k else ""
+
     lines = [f"A = {result['run_a']} ({result['n_a']} samples), B = {result['run_b']} ({result['n_b']}); "
-             f"{result['n_paired']} paired samples, paired bootstrap ({result['resamples']} resamples, "
-             f"{100 * result['level']:.0f} % intervals)",
-             f"{'metric':24s} {'A':>10s} {'B':>10s} {'A - B':>10s} {'interval':>24s} {'p':>8s}  differ?"]
+             f"{result['n_paired']} samples in both (A: {result.get('n_success_a', '?')} flipped{failed('a')}; "
+             f"B: {result.get('n_success_b', '?')} flipped{failed('b')}); paired bootstrap ({result['resamples']} resamples, "
+             f"{100 * result['level']:.0f} % intervals). A failed sample counts as not flipped and is left out of the "
+             "measured metrics; N: the pairs each metric used",
+             f"{'metric':24s} {'N':>6s} {'A':>10s} {'B':>10s} {'A - B':>10s} {'interval':>24s} {'p':>8s}  differ?"]
     for m, r in result["metrics"].items():
         lo, hi = r["interval"]
-        lines.append(f"{m:24s} {r['mean_a']:10.4f} {r['mean_b']:10.4f} {r['difference']:10.4f} "
+        lines.append(f"{m:24s} {r['n']:6d} {r['mean_a']:10.4f} {r['mean_b']:10.4f} {r['difference']:10.4f} "
                      f"{f'[{lo:.4f}, {hi:.4f}]':>24s} {r['p_value']:8.4f}  {'yes' if r['significant'] else 'no'}")
     return "\n".join(lines)
 
@@ -120,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         result = compare_runs(a.run_a, a.run_b, a.metrics, a.resamples, a.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         p.exit(2, f"lit-vce compare: {e}\n")
     print(format_comparison(result))
     if a.json:

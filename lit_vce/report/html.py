@@ -65,7 +65,7 @@ class Run:
         table = ev / "samples.csv" if (ev / "samples.csv").is_file() else folder / "samples.csv"
         if not res.is_file():
             raise FileNotFoundError(f"{folder}: no results.json (run predict or evaluate first)")
-        self.results = RunResults.load(res)
+        self.results = RunResults.load(res)  # checks that the table beside it is its own
         self.rows: list[dict[str, Any]] = list(csv.DictReader(table.open())) if table.is_file() else []
         self.label = f"{self.results.method} · {self.results.classifier}"
         self.slug = folder.name
@@ -74,9 +74,50 @@ class Run:
         key = sample_key(sample_id)
         return self.folder / "originals" / f"{key}.png", self.folder / "counterfactuals" / f"{key}.png"
 
+    def load(self, sample_id: str, side: str) -> tuple[torch.Tensor | None, str]:
+        """The sample's ``side`` image (``original`` or ``counterfactual``), checked against the
+        sha256 in its record: ``(image, '')``, or ``(None, problem)`` naming the file."""
+        import json
+
+        from ..io import verify_file
+
+        o, c = self.images(sample_id)
+        path = o if side == "original" else c
+        try:
+            record = json.loads((self.folder / "samples" / f"{sample_key(sample_id)}.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        problem = verify_file(path, ((record.get("files") if isinstance(record, dict) else None) or {}).get(side))
+        if problem:
+            return None, problem
+        try:
+            return load_png(path), ""
+        except Exception as e:  # PIL raises many types for truncated files
+            return None, f"{path} is unreadable ({type(e).__name__})"
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def _stage(path: Path) -> str | None:
+    """The stage of a results.json, or None (with a one-line warning) when it is invalid."""
+    from .results import InvalidResultsError
+
+    try:
+        return RunResults.load(path).stage
+    except InvalidResultsError as e:
+        _warn(f"warning: skipped {e}")
+        return None
+
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Run folders among ``paths`` (a path may be a run or hold runs below it)."""
+    """Run folders among ``paths`` (a path may be a run or hold runs below it). A run whose
+    results cannot be read (or do not match their table) is skipped with a one-line warning."""
+    from .results import InvalidResultsError
+
     folders: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -85,15 +126,20 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             folders.append(p)
         else:
             found = sorted({q.parent for q in p.rglob("results.json") if q.parent.name != "evaluation"})
-            found = [f for f in found if (f / "counterfactuals").is_dir() and RunResults.load(f / "results.json").stage != "analysis"]
+            found = [f for f in found if (f / "counterfactuals").is_dir() and _stage(f / "results.json") not in (None, "analysis")]
             if not found:
-                raise FileNotFoundError(f"no run folders (with results.json and counterfactuals/) under {p}")
+                raise FileNotFoundError(f"no run folders (with a valid results.json and counterfactuals/) under {p}")
             folders += found
     seen, runs = set(), []
     for f in folders:
         if f.resolve() not in seen:
             seen.add(f.resolve())
-            runs.append(Run(f))
+            try:
+                runs.append(Run(f))
+            except InvalidResultsError as e:
+                _warn(f"warning: skipped {e}")
+    if not runs:
+        raise FileNotFoundError(f"no readable run among {', '.join(map(str, paths))}")
     return runs
 
 
@@ -102,7 +148,7 @@ def find_analyses(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         for q in sorted(p.rglob("results.json")):
-            if q.parent.name != "evaluation" and (q.parent / "counterfactuals").is_dir() and RunResults.load(q).stage == "analysis":
+            if q.parent.name != "evaluation" and (q.parent / "counterfactuals").is_dir() and _stage(q) == "analysis":
                 out.append(q.parent)
     return out
 
@@ -178,10 +224,10 @@ class _Assets:
 
 
 def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
-    o, c = run.images(row["sample_id"])
-    if not (o.is_file() and c.is_file()):
-        return f"<figure class='fail'>{html.escape(row['sample_id'])}<br>images missing</figure>"
-    x, y = load_png(o), load_png(c)
+    x, problem = run.load(row["sample_id"], "original")
+    y, problem_c = run.load(row["sample_id"], "counterfactual") if x is not None else (None, "")
+    if x is None or y is None:
+        return f"<figure class='fail'>{html.escape(row['sample_id'])}<br>{html.escape(problem or problem_c)}</figure>"
     stem = f"{run.slug}-{sample_key(row['sample_id'])}"
     srcs = [assets.save(f"{stem}-o", x), assets.save(f"{stem}-c", y), assets.save(f"{stem}-d", difference_map(x, y))]
     ok = "✓" if str(row.get("success")) == "True" else "✗"
@@ -266,12 +312,15 @@ def _ci_text(r: RunResults, key: str) -> str:
 
 def _metrics_list(r: RunResults) -> str:
     items = [f"<b>N</b> {r.n} ({r.n_success} successful, {r.n_failed} failed)"]
+    if r.marked:
+        items[0] = "<span class='fail'>! " + items[0] + ": " + html.escape("; ".join(r.warnings)) + "</span>"
     for k, v in r.metrics.items():
         items.append(f"<b>{html.escape(k)}</b> {v:.4g}{_ci_text(r, k)}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
     for k, v in (r.audit or {}).items():
         items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}{_ci_text(r, k)}" if isinstance(v, float)
                      else f"<b>audit.{html.escape(k)}</b> {v}")
-    items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(r.hardware.get('gpu') or r.hardware.get('processor')))}")
+    where = r.hardware.get("gpu") or r.hardware.get("cpu_model") or r.hardware.get("processor")
+    items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(where))}")
     return "<p>" + " · ".join(items) + "</p>"
 
 
@@ -305,15 +354,15 @@ def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int
             head = "<tr><th>original</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr>"
             lines = []
             for sid in ids:
-                o, _ = runs[0].images(sid)
-                cells = [f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', load_png(o))}' alt='original'>"
-                         f"<br>{html.escape(sid)}</td>"] if o.is_file() else ["<td>-</td>"]
+                o, _ = runs[0].load(sid, "original")
+                cells = [f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', o)}' alt='original'>"
+                         f"<br>{html.escape(sid)}</td>"] if o is not None else ["<td>-</td>"]
                 for run in runs:
-                    _, c = run.images(sid)
+                    c, _ = run.load(sid, "counterfactual")
                     row = next(r for r in run.rows if r["sample_id"] == sid)
                     mark = "✓" if str(row.get("success")) == "True" else "✗"
-                    cells.append(f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', load_png(c))}' "
-                                 f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>" if c.is_file() else "<td>-</td>")
+                    cells.append(f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', c)}' "
+                                 f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>" if c is not None else "<td>-</td>")
                 lines.append("<tr>" + "".join(cells) + "</tr>")
             body.append("<h2>Side by side</h2><p>The same images under every run.</p>"
                         f"<table class='side'>{head}{''.join(lines)}</table>")

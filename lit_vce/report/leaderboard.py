@@ -8,6 +8,12 @@ back from the saved files) is the one shown.
 
 Each figure with an interval in ``results.json`` is shown as ``value [lo, hi]``,
 its 95 % bootstrap interval over samples (:mod:`lit_vce.metrics.uncertainty`).
+
+Every row states N (attempted samples), the successes and the failures
+(:mod:`lit_vce.metrics.accounting`); a run with failures or a warning is marked
+``!`` and its warnings are listed under the table. A ``results.json`` that cannot
+be read, breaks the schema or does not match the table beside it is skipped with a
+one-line warning naming it.
 """
 
 from __future__ import annotations
@@ -46,14 +52,32 @@ INTERVAL_KEYS = {"FR": "flip_rate", "conf": "target_confidence", "FR indep.": "f
                  "shape changed": "shape_changed", "background only": "background_only", "watermark only": "watermark_only"}
 
 
+def load_valid(paths, warn=None) -> list[tuple[Path, RunResults]]:
+    """The results among ``paths`` that load and validate; each other one is skipped with a
+    one-line warning naming it (``warn``: default, printed to stderr)."""
+    import sys
+
+    from .results import InvalidResultsError
+
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    out = []
+    for p in paths:
+        try:
+            out.append((Path(p), RunResults.load(p)))
+        except InvalidResultsError as e:
+            warn(f"warning: skipped {e}")
+    return out
+
+
 def load_results(root: str | Path) -> list[RunResults]:
     """Every run's results under ``root`` (recursively), preferring ``evaluation/results.json``
-    over the in-line ``results.json`` of the same run folder."""
+    over the in-line ``results.json`` of the same run folder; invalid files are skipped
+    with a one-line warning (:func:`load_valid`)."""
     paths = sorted(Path(root).rglob("results.json"))
     if not paths:
         raise FileNotFoundError(f"no results.json under {root}")
     chosen = [p for p in paths if not (p.parent / "evaluation" / "results.json").is_file()]
-    runs = [r for r in map(RunResults.load, chosen) if r.stage != "analysis"]  # analyses are not VCE runs
+    runs = [r for _, r in load_valid(chosen) if r.stage != "analysis"]  # analyses are not VCE runs
     if not runs:
         raise FileNotFoundError(f"no VCE results.json under {root}")
     return runs
@@ -98,15 +122,36 @@ def sort_results(results: list[RunResults], sort_by: str = "FR") -> list[RunResu
     return sorted(results, key=key)
 
 
+def seconds_per_image(r: RunResults) -> float:
+    """Generation seconds per attempted sample: summed per sample over every attempt
+    (``s_per_img``), for older results the last attempt's wall time over N."""
+    if r.s_per_img is not None:
+        return float(r.s_per_img)
+    return float(r.wall_time_s) / max(r.n, 1)
+
+
+def count_cell(r: RunResults) -> str:
+    """``N`` as ``n (k ok, f failed)``; ``!`` marks a run with failures or warnings."""
+    text = f"{r.n} ({r.n_success} ok" + (f", {r.n_failed} failed" if r.n_failed else "") + ")"
+    return text + (" !" if r.marked else "")
+
+
 def _rows(results: list[RunResults], cols) -> tuple[list[str], list[list[str]], list[list[Any]]]:
     head = ["method", "classifier", "protocol", "N"] + [c[0] for c in cols] + ["s/img"]
     cells, raw = [], []
     for r in results:
-        vals = [r.method, r.classifier, r.protocol or "-", r.n] + [c[1](r) for c in cols] + [r.wall_time_s / max(r.n, 1)]
+        vals = [r.method, r.classifier, r.protocol or "-", r.n] + [c[1](r) for c in cols] + [seconds_per_image(r)]
         raw.append(vals)
         cis = [None] * 4 + [_interval(r, c[0]) for c in cols] + [None]
-        cells.append([str(v) if i < 4 else (_fmt_ci(v, cis[i]) if i < len(vals) - 1 else f"{v:.2f}") for i, v in enumerate(vals)])
+        cells.append([(count_cell(r) if i == 3 else str(v)) if i < 4 else (_fmt_ci(v, cis[i]) if i < len(vals) - 1 else f"{v:.2f}")
+                      for i, v in enumerate(vals)])
     return head, cells, raw
+
+
+def warnings_block(results: list[RunResults]) -> list[str]:
+    """``method · classifier: warning`` lines of the marked runs."""
+    return [f"{r.method} · {r.classifier}{f' ({r.protocol})' if r.protocol else ''}: {'; '.join(r.warnings or [f'{r.n_failed} of {r.n} failed'])}"
+            for r in results if r.marked]
 
 
 ARROWS = {True: " ↑", False: " ↓", None: ""}
@@ -130,6 +175,10 @@ def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
     head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
+    notes = warnings_block(results)
+    if notes:
+        lines += ["", "N: attempted samples (successes, failures); a failed sample counts as not flipped and is in no "
+                      "other figure. Runs marked !:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +204,7 @@ def latex_table(results: list[RunResults], sort_by: str = "FR") -> str:
                 tex[j] = r"\textbf{" + tex[j] + "}"
         out.append(" & ".join(tex) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
+    out += [f"% ! {esc(n)}" for n in warnings_block(results)]
     return "\n".join(out) + "\n"
 
 
@@ -194,7 +244,7 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
     results = sort_results(results, sort_by)
     cols = _columns(results)
     head, cells, raw = _rows(results, cols)
-    titles = ["", "", "", "number of explained samples"] + [
+    titles = ["", "", "", "attempted samples (successes, failures); ! marks a run with failures or warnings"] + [
         {True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols] + ["seconds per image"]
     head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
     best = _best(cols, raw)
@@ -209,6 +259,9 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
             out.append(f"<td{num}{cls}>{html.escape(c)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
+    notes = warnings_block(results)
+    if notes:
+        out.append('<ul class="warnings">' + "".join(f"<li>! {html.escape(n)}</li>" for n in notes) + "</ul>")
     return "".join(out)
 
 
