@@ -272,9 +272,10 @@ def test_speedups_change_the_cost_not_the_method(robust):
     for key in ("blend_steps", "injection_steps", "best_iterate"):
         assert torch.equal(slow.diagnostics[key], fast.diagnostics[key]), key
     assert torch.allclose(slow.diagnostics["reconstruction_mse"], fast.diagnostics["reconstruction_mse"], rtol=1e-3)
-    # rtol: the two paths round differently; 2.4e-4 measured on one AMD EPYC model (below 1e-4 elsewhere)
+    # the two paths round differently and two outer steps amplify it: on one AMD EPYC model 2.4e-4
+    # relative on the loss and 2.7e-3 on the images (below 1e-4 and 1e-3 on the CPUs before it)
     assert torch.allclose(slow.diagnostics["loss"], fast.diagnostics["loss"], rtol=5e-4)
-    assert (slow.images - fast.images).abs().max() < 1e-3
+    assert (slow.images - fast.images).abs().max() < 5e-3
 
 
 def test_auto_checkpointing_checkpoints_only_what_the_budget_needs(robust):
