@@ -194,10 +194,11 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
                 result = generate_one_by_one(vce, batch, clf, threads) if deterministic else vce.generate(batch, clf)
             cf = quantize(result.images.detach())
             if suite is not None:  # the accounting rule, as in predict (lit_vce.metrics.accounting.score_batch)
-                rows += score_batch(suite, quantize(x[sl]), cf, src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
+                rows += score_batch(suite, quantize(x[sl]), result.images, src[sl], tgt[sl], ids[sl], result.failure,
+                                    result.diagnostics)
             else:
-                rows += _plain_rows(clf, cf, src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
-            cfs.append(torch.nan_to_num(cf, nan=0.0, posinf=1.0, neginf=0.0))  # a failed, non-finite image: zeros
+                rows += _plain_rows(clf, result.images.detach(), src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
+            cfs.append(torch.nan_to_num(cf, nan=0.0))  # a failed, non-finite image holds no NaN when returned
     finally:
         torch.set_num_threads(threads)
     return torch.cat(cfs), rows
@@ -326,11 +327,12 @@ def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
 def _plain_rows(clf, cf, src, tgt, ids, failures, diagnostics) -> list[dict[str, Any]]:
     """Per-sample success and target confidence when the metric suite is off (the same
     accounting rule: a failed or non-finite sample is not a success)."""
+    from .io import quantize
     from .metrics.accounting import merge_failures, nonfinite_failures
 
     failures = merge_failures(list(failures), nonfinite_failures(cf))
     with torch.no_grad():
-        logits = clf(torch.nan_to_num(cf))
+        logits = clf(quantize(torch.nan_to_num(cf)))
     rows = []
     for i, (s, a, b) in enumerate(zip(ids, src, tgt)):
         fail = failures[i] or ("" if bool(torch.isfinite(logits[i]).all()) else "non-finite logits from the classifier on the counterfactual")

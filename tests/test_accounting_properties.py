@@ -35,8 +35,9 @@ FILE_DAMAGE = ("none", "truncate", "bitflip", "delete")
 
 
 def _templates() -> torch.Tensor:
-    """One world image per class: blending towards it moves a classifier towards the class."""
-    d = ShapesWorld("balanced", "test", 64)
+    """One world image per class, on its class's background (the biased regime): blending
+    towards it moves the ``biased`` classifier towards the class."""
+    d = ShapesWorld("biased", "test", 64)
     out = {}
     for i in range(64):
         it = d[i]
@@ -53,7 +54,7 @@ class Injected(VCEMethod):
 
     name = "injected"
 
-    def __init__(self, plan: dict | None = None, weight: float = 0.6):
+    def __init__(self, plan: dict | None = None, weight: float = 0.95):
         super().__init__()
         self.plan = dict(plan or {})
         self.weight = float(weight)
@@ -102,7 +103,7 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(modes=st.lists(st.sampled_from(MODES), min_size=N, max_size=N),
        damage=st.lists(st.sampled_from(FILE_DAMAGE), min_size=N, max_size=N))
 def test_failures_never_move_a_figure_in_any_stage(modes, damage):

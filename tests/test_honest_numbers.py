@@ -224,8 +224,14 @@ def test_corrupt_files_are_regenerated_on_resume_and_failed_by_evaluate_and_the_
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
-    page = write_report([run], tmp_path / "report.html", examples=8)  # no crash; the file is named
-    assert "does not match its recorded sha256" in page.read_text() or "unreadable" in page.read_text()
+    from lit_vce.report.html import Run
+
+    write_report([run], tmp_path / "report.html", examples=8)  # no crash (it was OSError: image file is truncated)
+    r = Run(run)
+    sids = [json.loads(p.read_text())["sample_id"] for p in records[:3]]
+    for sid, side in zip(sids, ("counterfactual", "original", "counterfactual")):
+        image, problem = r.load(sid, side)
+        assert image is None and "does not match its recorded sha256" in problem and str(run) in problem
     main(["evaluate", str(run), "--out", str(tmp_path / "ev"), "--fid-interval-resamples", "0"])
     ev = {r["sample_id"]: r for r in _rows(tmp_path / "ev" / "samples.csv")}
     bad = [sid for sid, r in ev.items() if r["failure"]]
@@ -263,7 +269,7 @@ def test_results_and_table_of_two_evaluations_are_never_read_as_one(tmp_path, ru
 def test_a_bad_results_file_is_skipped_with_one_line_naming_it(tmp_path, run8, capsys, content):
     _copy(run8[0], tmp_path / "runs" / "good")
     bad = tmp_path / "runs" / "bad" / "results.json"
-    bad.parent.mkdir(parents=True)
+    (bad.parent / "counterfactuals").mkdir(parents=True)  # a run folder whose results are bad
     bad.write_text(content)
     capsys.readouterr()
     main(["leaderboard", str(tmp_path / "runs")])

@@ -59,9 +59,11 @@ class PairDataset(Dataset):
             recorded upstream; the sample is then not evaluated).
         image_size: resize every image to this square size (None: keep; all
             images must then share the size of the first readable one).
+        all_may_fail: a run folder whose every sample failed is evaluated (each a
+            failure row); plain folders without one readable image are an error.
     """
 
-    def __init__(self, entries: list[dict[str, Any]], image_size: int | None = None):
+    def __init__(self, entries: list[dict[str, Any]], image_size: int | None = None, all_may_fail: bool = False):
         if not entries:
             raise ValueError("nothing to evaluate: no samples found")
         ids = [e["sample_id"] for e in entries]
@@ -77,6 +79,14 @@ class PairDataset(Dataset):
                     self.shape = _image_size(Path(e["counterfactual"]))
                     if self.shape is not None:
                         break
+        if self.shape is None:
+            for e in entries:  # a run whose every counterfactual failed: the originals tell the size
+                if Path(e["original"]).is_file():
+                    self.shape = _image_size(Path(e["original"]))
+                    if self.shape is not None:
+                        break
+        if self.shape is None and all_may_fail:
+            self.shape = (1, 1)  # nothing readable: every sample is a recorded failure
         if self.shape is None:
             raise ValueError("no readable counterfactual image among the samples")
 
@@ -106,7 +116,7 @@ class PairDataset(Dataset):
                 entries.append({"sample_id": f"(no metadata) {png.stem}", "source": -1, "target": -1, "original": png,
                                 "counterfactual": png, "failure": f"sample metadata samples/{png.stem}.json is missing"})
         entries.sort(key=lambda e: e["sample_id"])
-        return cls(entries, image_size)
+        return cls(entries, image_size, all_may_fail=True)
 
     @classmethod
     def from_folders(cls, originals: str | Path, counterfactuals: str | Path, targets_csv: str | Path,

@@ -280,7 +280,7 @@ class VCEModule(StageModule):
                 result = self.method.generate(vb, self.classifier)
         cf = quantize(result.images.detach())
         xq = quantize(x)
-        scored = score_batch(self.metrics, xq, cf, src, tgt, sub_ids, result.failure, result.diagnostics)
+        scored = score_batch(self.metrics, xq, result.images, src, tgt, sub_ids, result.failure, result.diagnostics)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
         for row in scored:
             rows.append(self._row(row, seconds))

@@ -55,16 +55,21 @@ def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, s
                 original_ok: list[bool] | None = None) -> list[dict[str, Any]]:
     """The one place where a batch of attempted samples enters the metrics.
 
-    ``originals`` and ``counterfactuals`` are quantised images; ``failures`` holds the
-    method's per-sample reasons (None: none). Samples with a reason or a non-finite
+    ``originals`` are quantised images, ``counterfactuals`` the method's output as it
+    came (checked for NaN and inf, then quantised as a PNG stores them); ``failures``
+    holds the method's per-sample reasons (None: none). Samples with a reason or a non-finite
     counterfactual are failures (:meth:`VCEMetrics.update_failed`); the others are
     measured (:meth:`VCEMetrics.update`, which itself fails a sample whose logits are
     not finite). ``original_ok`` (default: every finite original) says which originals
     are real images, so a failed sample's original may still be classified (for
     ``flip_rate_source_correct``). Returns one row per sample, in order, each with
     ``success`` (False for every failure) and ``failure`` (the reason, or '')."""
+    from ..io import quantize
+
     n = len(sample_ids)
+    # before quantising: clamping would turn inf into a valid pixel value
     failures = merge_failures(list(failures) if failures is not None else [None] * n, nonfinite_failures(counterfactuals))
+    counterfactuals = quantize(counterfactuals.detach())
     bad = [i for i, f in enumerate(failures) if f]
     good = [i for i, f in enumerate(failures) if not f]
     rows: list[dict[str, Any] | None] = [None] * n
