@@ -426,3 +426,20 @@ def test_results_record_the_cpu_model_and_every_model_librarys_version(run8):
     assert res["hardware"]["cpu_model"] and res["hardware"]["cpu_model"] != res["hardware"]["machine"]
     for lib in ("transformers", "open_clip_torch", "robustbench", "diffusers", "timm", "torch", "lightning"):
         assert lib in res["versions"] and res["versions"][lib] != "not installed", lib
+
+
+def test_evaluating_an_unfinished_predict_run_says_it_is_partial(tmp_path, run8, capsys):
+    from lit_vce.report.leaderboard import load_results, markdown_table
+
+    run = _copy(run8[0], tmp_path / "runs" / "killed")
+    for name in ("results.json", "samples.csv"):  # a predict run killed before its end
+        (run / name).unlink()
+    for p in sorted((run / "samples").glob("*.json"))[:3]:  # three samples it never reached
+        p.unlink()
+        for side in ("counterfactuals", "originals"):
+            (run / side / f"{p.stem}.png").unlink()
+    main(["evaluate", str(run), "--classifier", "biased", "--fid-interval-resamples", "0"])
+    assert "did not finish" in capsys.readouterr().out
+    ev = json.loads((run / "evaluation" / "results.json").read_text())
+    assert ev["n"] == 5 and any(w.startswith("partial") for w in ev["warnings"])
+    assert "partial: the predict run" in markdown_table(load_results(tmp_path / "runs"))

@@ -236,8 +236,9 @@ class EvaluateModule(StageModule):
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
                  lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None,
-                 interval_resamples: int = 1000, fid_interval_resamples: int = 200):
+                 interval_resamples: int = 1000, fid_interval_resamples: int = 200, warnings: list[str] | None = None):
         super().__init__(fetch_per_node)
+        self.warnings = list(warnings or [])
         from ..classifiers.loaders import check_classifier_spec
 
         check_classifier_spec(classifier)
@@ -303,9 +304,11 @@ class EvaluateModule(StageModule):
         results = self.results(
             rows, metrics, n, self.method_name, wall_time_s=self.generation_time_s, evaluation_time_s=round(wall, 2),
             audit=audit, config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
-            protocol=self.protocol, dataset=self.dataset_name)
+            protocol=self.protocol, dataset=self.dataset_name, warnings=self.warnings)
         self.finalize(self.output_dir, rows, results, ROW_FIELDS, grid=False)
         failed = sum(1 for r in rows if r.get("failure"))
+        for w in self.warnings:
+            print(f"warning: {w}")
         print(f"evaluated {n} samples ({failed} failed): flip rate {metrics['flip_rate']:.3f}, L2 {metrics['l2']:.3f}"
               + (f", FID {metrics['fid']:.3f} (N={metrics['fid_n']})" if "fid" in metrics else "")
               + f"; results in {self.output_dir / 'results.json'}")
@@ -359,7 +362,14 @@ def run_evaluate(
             raise ValueError("give either a run folder or --originals/--counterfactuals/--targets, not both")
         run = Path(run_dir)
         prior = run / "results.json"
+        if not prior.is_file() and (run / "run.json").is_file():
+            # a predict run that never finished: its finished samples only, and the results say so
+            module_kwargs.setdefault("warnings", []).append(
+                f"partial: the predict run in {run} did not finish (no results.json); only its finished samples are evaluated")
         if prior.is_file():
+            from ..report.results import RunResults
+
+            RunResults.load(prior)  # readable, valid and the results of the table beside it
             prev = json.loads(prior.read_text())
             meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
             classifier = classifier or prev.get("classifier")
@@ -450,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs["metrics"] = a.metrics
     kwargs.update(interval_resamples=a.interval_resamples, fid_interval_resamples=a.fid_interval_resamples)
     from ..classifiers import MissingWeightsError
+    from ..errors import LitVCEError
 
     try:
         run_evaluate(a.run_dir, a.originals, a.counterfactuals, a.targets, a.out, a.classifier, a.method, a.fid_features,
@@ -457,6 +468,6 @@ def main(argv: list[str] | None = None) -> None:
                      second_classifier=a.second_classifier, inception_weights=a.inception_weights, lpips=a.lpips,
                      lpips_weights=a.lpips_weights,
                      world_audit=a.world_audit, resolution=a.resolution, autoencoder=a.autoencoder, **kwargs)
-    except (ValueError, FileNotFoundError, MissingWeightsError) as e:
+    except (ValueError, FileNotFoundError, MissingWeightsError, LitVCEError) as e:
         p.exit(2, f"lit-vce evaluate: {e}\n")
 
