@@ -374,6 +374,14 @@ class VCEMetrics(nn.Module):
     def compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
         """(metrics, audit, N): a collective under DDP (call it on every rank, in the same order).
         Also sets ``last_intervals`` (see the module docstring)."""
+        import warnings
+
+        with warnings.catch_warnings():
+            # a run whose every sample failed never updates the measured figures: they are NaN, as stated
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            return self._compute()
+
+    def _compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
         m: dict[str, float | int] = {
             "flip_rate": float(self.flip_rate.compute()),
             "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
