@@ -236,7 +236,8 @@ class EvaluateModule(StageModule):
                  resolution: int | None = None, autoencoder: str | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
                  lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None,
-                 interval_resamples: int = 1000, fid_interval_resamples: int = 200, warnings: list[str] | None = None):
+                 interval_resamples: int = 1000, fid_interval_resamples: int = 200, warnings: list[str] | None = None,
+                 s3: str = "auto", face_verification: str = "off"):
         super().__init__(fetch_per_node)
         self.warnings = list(warnings or [])
         from ..classifiers.loaders import check_classifier_spec
@@ -249,7 +250,8 @@ class EvaluateModule(StageModule):
                                 second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
                                 resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights,
                                 metrics=metrics, interval_resamples=interval_resamples,
-                                fid_interval_resamples=fid_interval_resamples)
+                                fid_interval_resamples=fid_interval_resamples, s3=s3 or "auto",
+                                face_verification=face_verification or "off")
         from ..metrics.suite import check_metrics
 
         check_metrics(metrics)  # an unknown name fails before anything is built
@@ -320,7 +322,7 @@ def _settings_of_run(prev: dict[str, Any], fid_features: str, module_kwargs: dic
     module_kwargs.setdefault("seed", prev.get("seed", 0))
     module_kwargs.setdefault("run_name", prev.get("run_name"))
     settings = prev.get("config", {}).get("metric_settings", {})
-    for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder"):
+    for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder", "s3", "face_verification"):
         if module_kwargs.get(key) is None and settings.get(key) is not None:
             module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
     if fid_features == "auto" and settings.get("fid_features"):
@@ -435,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inception-weights", help="local Inception FID weights (else $LIT_VCE_INCEPTION_WEIGHTS, ...)")
     p.add_argument("--lpips", default=None, choices=["auto", "on", "off"], help="default: as the run had it, else auto")
     p.add_argument("--lpips-weights", help="local AlexNet weights for LPIPS (else $LIT_VCE_LPIPS_WEIGHTS, ...)")
+    p.add_argument("--s3", default=None, choices=["auto", "on", "off"],
+                   help="ACE's SimSiam similarity (weights: $LIT_VCE_WEIGHTS_DIR/simsiam/checkpoint_0099.pth.tar; default: as the run had it, else auto)")
+    p.add_argument("--face-verification", default=None, choices=["on", "off"],
+                   help="FVA/FS with the VGGFace2 ResNet-50 ($LIT_VCE_WEIGHTS_DIR/vggface2/resnet50_ft_weight.pkl; default: as the run, else off)")
     p.add_argument("--world-audit", action=argparse.BooleanOptionalAction, default=None,
                    help="the world's shape/background audit (default: as the run had it)")
     p.add_argument("--resolution", type=int, help="L1/L2 resolution (default: as the run had it, else native)")
@@ -467,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
                      a.image_size, a.batch_size, a.num_workers, a.accelerator, a.devices, a.num_nodes,
                      second_classifier=a.second_classifier, inception_weights=a.inception_weights, lpips=a.lpips,
                      lpips_weights=a.lpips_weights,
-                     world_audit=a.world_audit, resolution=a.resolution, autoencoder=a.autoencoder, **kwargs)
+                     world_audit=a.world_audit, resolution=a.resolution, autoencoder=a.autoencoder, s3=a.s3,
+                     face_verification=a.face_verification, **kwargs)
     except (ValueError, FileNotFoundError, MissingWeightsError, LitVCEError) as e:
         p.exit(2, f"lit-vce evaluate: {e}\n")
 

@@ -72,6 +72,10 @@ class VCEModule(StageModule):
             ``results.json`` (0: none; :mod:`lit_vce.metrics.uncertainty`).
         fid_interval_resamples: bootstrap resamples of the FID/sFID intervals (0: none;
             each is one Frechet distance, two 2048-d eigendecompositions once N >= 2048).
+        s3: ACE's SimSiam similarity (``"auto"``: when ``$LIT_VCE_WEIGHTS_DIR/simsiam/checkpoint_0099.pth.tar``
+            is present; ``"on"``: required; ``"off"``).
+        face_verification: FVA and FS with the VGGFace2 ResNet-50 (``"on"``: needs
+            ``$LIT_VCE_WEIGHTS_DIR/vggface2/resnet50_ft_weight.pkl``; for faces, so ``"off"`` by default).
 
     The models (classifier, metrics, and the method when the CLI defers it) are built
     by :meth:`build`: in the constructor when used from Python, in ``prepare_data`` /
@@ -96,6 +100,8 @@ class VCEModule(StageModule):
         fetch_per_node: bool = True,
         interval_resamples: int = 1000,
         fid_interval_resamples: int = 200,
+        s3: str = "auto",
+        face_verification: str = "off",
     ):
         super().__init__(fetch_per_node)
         if fid_features not in ("world", "inception", "none"):
@@ -117,11 +123,13 @@ class VCEModule(StageModule):
         # what `lit-vce evaluate RUN` reuses unless told otherwise
         self.metric_settings = {"fid_features": fid_features, "second_classifier": second_classifier if isinstance(
             second_classifier, str) else None, "world_audit": bool(world_audit), "resolution": resolution, "lpips": lpips,
-            "autoencoder": autoencoder if isinstance(autoencoder, str) else None}
+            "autoencoder": autoencoder if isinstance(autoencoder, str) else None, "s3": s3,
+            "face_verification": face_verification}
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
                                 resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights,
-                                interval_resamples=interval_resamples, fid_interval_resamples=fid_interval_resamples)
+                                interval_resamples=interval_resamples, fid_interval_resamples=fid_interval_resamples,
+                                s3=s3, face_verification=face_verification)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}

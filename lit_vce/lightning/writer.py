@@ -30,7 +30,8 @@ from ..io import (atomic_write_bytes, load_png, quantize, remove_stray_temporari
 
 ROW_FIELDS = [
     "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
-    "target_conf_after", "success", "success_independent", "l1", "l2", "lpips", "latent_l1", "latent_l2", "cout",
+    "target_conf_after", "success", "success_independent", "l1", "l2", "l1_per_value", "lpips", "latent_l1", "latent_l2",
+    "cout", "attributes_changed", "s3", "face_similarity",
     "failure", "method", "seed", "seconds",
 ]
 

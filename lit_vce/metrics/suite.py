@@ -13,8 +13,11 @@ Metrics (definitions in ``metrics.md``):
   (``*_independent``); ``flip_rate_source_correct`` over the originals that the
   classifier gets right (``n_source_correct`` of them);
 - closeness: ``l1``/``l2`` over all 3*H*W values in [0, 1] at ``resolution``
-  (native when None), ``lpips``, ``latent_l1``/``latent_l2`` (first-stage
-  autoencoder), ``cout``;
+  (native when None; ``l1_per_value``: ACE's and DiME's mean over the values),
+  ``lpips``, ``latent_l1``/``latent_l2`` (first-stage autoencoder), ``cout``
+  (``cout_source_correct``: over the correctly classified originals, as ACE);
+- attributes (world classifiers, with the audit): ``mnac`` and ``cd`` on the
+  world's shape, background and watermark (:mod:`lit_vce.metrics.literature`);
 - realism: ``fid`` (all counterfactuals) and ``fid_successful`` (successful ones
   and their originals), each with its N, and ``sfid``, on a pluggable extractor.
 
@@ -145,6 +148,9 @@ class VCEMetrics(nn.Module):
         metrics=None,
         resamples: int = RESAMPLES,
         fid_resamples: int = FID_RESAMPLES,
+        cd_regime: str = "balanced",
+        s3_encoder: nn.Module | None = None,
+        face_encoder: nn.Module | None = None,
     ):
         super().__init__()
         self.seed, self.resamples, self.fid_resamples = int(seed), int(resamples), int(fid_resamples)
@@ -163,7 +169,9 @@ class VCEMetrics(nn.Module):
         self.target_confidence = TargetConfidence()
         self.flip_rate_source_correct = FlipRate()
         self.l1, self.l2 = PerSampleMean(), PerSampleMean()
+        self.l1_per_value = PerSampleMean()  # ACE's and DiME's L1: the mean over the 3*H*W values
         self.cout = COUT(classifier, steps=cout_steps)
+        self.cout_source_correct = PerSampleMean()  # ACE's compute_COUT.py: correctly classified originals only
         self.lpips = lpips
         self.second = second_classifier
         if second_classifier is not None:
@@ -182,12 +190,26 @@ class VCEMetrics(nn.Module):
             # per-sample features: sFID's split, and the FID intervals
             self.sfid = SplitFID(self.features, seed=seed, split="sfid" in sel)
         self.audit = WorldAudit() if audit else None
+        self.cd_regime = cd_regime
+        from .embeddings import S3, FaceVerification
+
+        self.s3_encoder = s3_encoder.eval().requires_grad_(False) if s3_encoder is not None else None
+        self.s3 = S3() if s3_encoder is not None else None  # ACE: SimSiam similarity, correctly classified originals
+        self.face_encoder = face_encoder.eval().requires_grad_(False) if face_encoder is not None else None
+        self.face = FaceVerification() if face_encoder is not None else None  # FVA / FS over successful VCEs
+        if self.audit is not None:  # MNAC and CD on the world's attributes (lit_vce.metrics.literature)
+            from .literature import MNAC, CorrelationDifference, world_dataset_correlations
+
+            self.mnac = MNAC()
+            self.cd = CorrelationDifference(torch.tensor(world_dataset_correlations(cd_regime)))
+            self.literature_samples = SampleValues()  # success, attributes changed, the three target deltas
         self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
         self.audit_samples = SampleValues()  # per-sample success and audit flags, in the order of AUDIT_COLUMNS
         self._columns = ["flip_rate", "untargeted_flip_rate", "untargeted_flip_rate_prediction", "target_confidence",
-                         "source_correct", "l1", "l2"] + (["cout"] if "cout" in sel else []) + \
+                         "source_correct", "l1", "l2", "l1_per_value"] + (["cout"] if "cout" in sel else []) + \
             (["lpips"] if lpips is not None else []) + (["latent_l1", "latent_l2"] if self.encoder is not None else []) + \
-            (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else [])
+            (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else []) + \
+            (["s3"] if s3_encoder is not None else []) + (["face_similarity"] if face_encoder is not None else [])
 
     @property
     def feature_name(self) -> str | None:
@@ -260,6 +282,7 @@ class VCEMetrics(nn.Module):
         if self.audit is not None:  # not a flipped VCE: in no audit ratio, but kept so the rows stay aligned
             self.audit_samples.update(self._keys(sample_ids, dev), torch.stack(
                 [zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1))
+            self.literature_samples.update(self._keys(sample_ids, dev), torch.stack([zeros] + [nan] * 4, 1))
         return rows
 
     def _update(self, original, counterfactual, source, target, sample_ids, before, after) -> list[dict[str, Any]]:
@@ -272,18 +295,32 @@ class VCEMetrics(nn.Module):
         self.flip_rate_source_correct.update(after[correct], target[correct])
         o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
         per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
+        per["l1_per_value"] = per["l1"] / o_r[0].numel()
         if "cout" in self.selected:
             per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
+            self.cout_source_correct.update(values=per["cout"][correct])
+        if self.s3 is not None:
+            from .embeddings import cosine_similarity
+
+            per["s3"] = cosine_similarity(self.s3_encoder, original, counterfactual)
+            self.s3.update(per["s3"], correct)
+        if self.face is not None:
+            from .embeddings import cosine_similarity
+
+            per["face_similarity"] = cosine_similarity(self.face_encoder, original, counterfactual)
+            self.face.update(per["face_similarity"], success)
         if self.lpips is not None:
             per["lpips"] = self.lpips.per_sample(counterfactual, original)
         if self.encoder is not None:
             z_o, z_c = self.encoder(original), self.encoder(counterfactual)
             per["latent_l1"], per["latent_l2"] = lp_per_sample(z_o, z_c, 1), lp_per_sample(z_o, z_c, 2)
-        metric_of = {"l1": self.l1, "l2": self.l2, "cout": self.cout, "lpips": self.lpips}
+        metric_of = {"l1": self.l1, "l2": self.l2, "l1_per_value": self.l1_per_value, "cout": self.cout, "lpips": self.lpips,
+                     "s3": None, "face_similarity": None}  # (S3 and FVA/FS are updated above, on their subsets)
         if self.encoder is not None:
             metric_of.update(latent_l1=self.latent_l1, latent_l2=self.latent_l2)
         for k, v in per.items():
-            metric_of[k].update(values=v)
+            if metric_of[k] is not None:
+                metric_of[k].update(values=v)
         success_ind = None
         if self.second is not None:
             second = self.second(counterfactual)
@@ -307,6 +344,7 @@ class VCEMetrics(nn.Module):
             self.audit.update(counterfactual, source, target, flipped, flags=audit_flags)
             self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
                 [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
+            changes = self._update_literature(original, counterfactual, target, success, sample_ids)
         pb, pa = before.softmax(1), after.softmax(1)
         col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
                "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
@@ -331,12 +369,27 @@ class VCEMetrics(nn.Module):
             if success_ind is not None:
                 row["success_independent"] = bool(success_ind[i])
             if audit_flags is not None:
+                row["attributes_changed"] = int(changes[i])
                 for c in AUDIT_COLUMNS[1:]:
                     v = float(audit_flags[c][i])
                     if math.isfinite(v):
                         row[f"audit_{c}"] = bool(v)
             rows.append(row)
         return rows
+
+    def _update_literature(self, original, counterfactual, target, success, sample_ids) -> torch.Tensor:
+        """MNAC and CD on the world's attributes (shape, background, watermark); returns the
+        per-sample number of attributes changed."""
+        from .literature import world_changes, world_readings, world_target_deltas
+
+        before, after = world_readings(self.audit.oracle, original), world_readings(self.audit.oracle, counterfactual)
+        changes = world_changes(before, after)
+        deltas = world_target_deltas(before, after, target)
+        self.mnac.update(changes, success)
+        self.cd.update(deltas, deltas[:, 0], success)
+        self.literature_samples.update(self._keys(sample_ids, original.device), torch.cat(
+            [success.double()[:, None], changes[:, None], deltas], 1).to(original.device))
+        return changes
 
     @staticmethod
     def _keys(sample_ids: list[str], device) -> torch.Tensor:
@@ -350,12 +403,22 @@ class VCEMetrics(nn.Module):
             if values.numel():
                 col = {c: values[:, j] for j, c in enumerate(self._columns)}
                 for name, v in col.items():
-                    if name in m and name != "source_correct":
+                    if name in m and name not in ("source_correct", "s3"):
                         has = torch.isfinite(v)  # measured figures leave failed samples out (NaN)
                         out[name] = mean_interval(v, self.resamples, self.seed, LEVEL) if bool(has.all()) else \
                             mean_interval(torch.nan_to_num(v), self.resamples, self.seed, LEVEL, weights=has.double())
                 out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], self.resamples, self.seed, LEVEL,
                                                                 weights=torch.nan_to_num(col["source_correct"]))
+                for name, weight in (("s3", col["source_correct"]), ("fva", col["flip_rate"]), ("fs", col["flip_rate"])):
+                    source = col.get("s3" if name == "s3" else "face_similarity")
+                    if name in m and source is not None:
+                        w = torch.isfinite(source).double() * torch.nan_to_num(weight)
+                        v = (torch.nan_to_num(source) > 0.5).double() if name == "fva" else torch.nan_to_num(source)
+                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL, weights=w)
+                if "cout" in col and "cout_source_correct" in m:
+                    has = torch.isfinite(col["cout"]).double() * torch.nan_to_num(col["source_correct"])
+                    out["cout_source_correct"] = mean_interval(torch.nan_to_num(col["cout"]), self.resamples, self.seed,
+                                                               LEVEL, weights=has)
         if self.audit is not None and self.resamples > 0:
             _, flags = self.audit_samples.compute()
             if flags.numel():
@@ -365,6 +428,14 @@ class VCEMetrics(nn.Module):
                     if bool(has.any()):  # a ratio over the successful VCEs (of watermarked originals)
                         out[c] = mean_interval(torch.nan_to_num(flags[:, j]), self.resamples, self.seed, LEVEL,
                                                weights=success * has.double())
+        if self.audit is not None and self.resamples > 0 and "mnac" in m:
+            _, lit = self.literature_samples.compute()
+            if lit.numel():
+                from .literature import cd_interval
+
+                ok = torch.nan_to_num(lit[:, 0])
+                out["mnac"] = mean_interval(torch.nan_to_num(lit[:, 1]), self.resamples, self.seed, LEVEL, weights=ok)
+                out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, self.resamples, self.seed, LEVEL)
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
             figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful") if k in m}
@@ -391,9 +462,15 @@ class VCEMetrics(nn.Module):
             "n_source_correct": self.flip_rate_source_correct.n_used,
             "l1": float(self.l1.compute()),
             "l2": float(self.l2.compute()),
+            "l1_per_value": float(self.l1_per_value.compute()),
         }
         if "cout" in self.selected:
             m["cout"] = float(self.cout.compute())
+            m["cout_source_correct"] = float(self.cout_source_correct.compute())
+        if self.s3 is not None:
+            m["s3"] = float(self.s3.compute())
+        if self.face is not None:
+            m.update(self.face.compute())
         n = self.flip_rate.n_used  # the global N, recorded while states were synced
         if self.lpips is not None:
             m["lpips"] = float(self.lpips.compute())
@@ -415,6 +492,7 @@ class VCEMetrics(nn.Module):
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
+            m["mnac"], m["cd"] = float(self.mnac.compute()), float(self.cd.compute())
         m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
         self.last_intervals = self._intervals(m)
         return m, audit, n
@@ -431,6 +509,9 @@ class VCEMetrics(nn.Module):
         return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
                 "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
                 "cout_steps": self.cout.steps, "metrics": sorted(self.selected),
+                "cd_dataset": f"world {self.cd_regime} train (4096 images)" if self.audit is not None else None,
+                "s3": "SimSiam ResNet-50 (ACE)" if self.s3 is not None else None,
+                "face_verification": "VGGFace2 ResNet-50, threshold 0.5 (ACE, DiME)" if self.face is not None else None,
                 "intervals": {"level": LEVEL, "method": "percentile bootstrap over samples", "resamples": self.resamples,
                               "fid_resamples": self.fid_resamples, "seed": self.seed}}
 
@@ -449,24 +530,44 @@ def build_suite(
     metrics=None,
     interval_resamples: int = RESAMPLES,
     fid_interval_resamples: int = FID_RESAMPLES,
+    s3: str = "auto",
+    face_verification: str = "off",
 ) -> VCEMetrics:
     """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
 
     Everything that can fail (missing weights, unknown names) fails here, before any work.
     ``interval_resamples`` and ``fid_interval_resamples`` are the suite's ``resamples``
-    and ``fid_resamples`` (the bootstrap of the 95 % intervals).
+    and ``fid_resamples`` (the bootstrap of the 95 % intervals). ``s3``: SimSiam
+    similarity (``auto``: when its weights are present; ``on``: required), ``face_verification``:
+    FVA/FS with the VGGFace2 ResNet-50 (``on``: required; faces only, so off by default).
     """
     from ..classifiers import load_classifier
     from .lpips import build_lpips, lpips_available
 
     if lpips not in ("auto", "on", "off"):
         raise ValueError("lpips must be 'auto', 'on' or 'off'")
+    if s3 not in ("auto", "on", "off") or face_verification not in ("on", "off"):
+        raise ValueError("s3 must be 'auto', 'on' or 'off' and face_verification 'on' or 'off'")
+    from ..errors import MissingWeightsError
+    from .embeddings import load_simsiam, load_vggface2
+
+    s3_encoder = None
+    if s3 != "off":
+        try:
+            s3_encoder = load_simsiam()
+        except MissingWeightsError:
+            if s3 == "on":
+                raise
+    face_encoder = load_vggface2() if face_verification == "on" else None
     sel = check_metrics(metrics)  # what is not selected is not loaded either
     lpips = lpips if "lpips" in sel else "off"
     lp = build_lpips(lpips_weights) if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights)) else None
     second = second_classifier if "independent" in sel else None
     second = load_classifier(second) if isinstance(second, str) else second
     features = fid_features if ("fid" in sel or "sfid" in sel) else None
-    return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second,
+    # CD compares with the attribute correlations of the data the classifier learned from (ACE: CelebA's training partition)
+    cd_regime = {"biased": "biased", "watermarked": "watermark"}.get(getattr(classifier, "name", ""), "balanced")
+    return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second, cd_regime=cd_regime,
                       lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
-                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples)
+                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples,
+                      s3_encoder=s3_encoder, face_encoder=face_encoder)

@@ -35,6 +35,7 @@ PER_SAMPLE_COLUMNS = {
     "flip_rate_independent": "success_independent",
     "l1": "l1",
     "l2": "l2",
+    "l1_per_value": "l1_per_value",
     "lpips": "lpips",
     "latent_l1": "latent_l1",
     "latent_l2": "latent_l2",

@@ -41,6 +41,11 @@ COLUMNS: list[tuple[str, Getter, bool | None]] = [
     ("FID N", lambda r: r.metrics.get("fid_n"), None),
     ("sFID", lambda r: r.metrics.get("sfid"), False),
     ("COUT", lambda r: r.metrics.get("cout"), True),
+    ("S3", lambda r: r.metrics.get("s3"), True),
+    ("FVA", lambda r: r.metrics.get("fva"), True),
+    ("FS", lambda r: r.metrics.get("fs"), True),
+    ("MNAC", lambda r: r.metrics.get("mnac"), False),
+    ("CD", lambda r: r.metrics.get("cd"), False),
     ("shape changed", lambda r: (r.audit or {}).get("shape_changed"), None),
     ("background only", lambda r: (r.audit or {}).get("background_only"), None),
     ("watermark only", lambda r: (r.audit or {}).get("watermark_only"), None),
@@ -48,7 +53,7 @@ COLUMNS: list[tuple[str, Getter, bool | None]] = [
 FORMATS = ("md", "html", "tex")
 # the results.json metric behind each column, whose interval the cell shows
 INTERVAL_KEYS = {"FR": "flip_rate", "conf": "target_confidence", "FR indep.": "flip_rate_independent", "L1": "l1",
-                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout",
+                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout", "MNAC": "mnac", "CD": "cd", "S3": "s3", "FVA": "fva", "FS": "fs",
                  "shape changed": "shape_changed", "background only": "background_only", "watermark only": "watermark_only"}
 
 
