@@ -6,6 +6,7 @@
     lit-vce evaluate RUN_DIR [--devices 2]   # re-read saved PNGs, the full metric suite
     lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
     lit-vce leaderboard RUNS_DIR [--sort-by FR]   # leaderboard.md/.html/.tex
+    lit-vce diversity RUN RUN [RUN ...]   # sigma_L across seeds (LPIPS-VGG, as DiME and ACE)
     lit-vce report RUN_DIR [RUN_DIR ...] [--rank-by l2]   # report.html
     lit-vce disagree --config world/disagree   # systematic errors (DiG-IN)
     lit-vce neurons --config world/neurons     # neuron visualisation (DiG-IN)
@@ -331,6 +332,10 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         from .report.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "diversity":
+        from .report.diversity import main as diversity_main
+
+        return diversity_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 
@@ -347,6 +352,7 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     sub.add_parser("neurons", help="DiG-IN: visualise a unit of a classifier (LightningCLI)")
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
+    sub.add_parser("diversity", help="sigma_L: LPIPS between the counterfactuals of runs with different seeds (DiME, ACE)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
     sub.add_parser("findings", help="the world's shortcut findings with 95 %% intervals (see `lit-vce findings --help`)")
     sub.add_parser("compare", help="do two runs on the same samples differ? paired bootstrap per metric")

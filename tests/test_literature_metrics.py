@@ -3,6 +3,8 @@ the official formula: MNAC and CD as ACE's compute_MNAC.py / compute_CD.py compu
 COUT over correctly classified originals (compute_COUT.py), per-value L1 (ACE's and
 DiME's main.py), and MNAC/CD on the world's ground truth."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,59 @@ def test_the_suite_computes_s3_when_asked_and_refuses_it_without_weights(tmp_pat
     m, _, _ = suite.compute()
     correct = [r["s3"] for r in rows if r["pred_before"] == r["source"]]
     assert correct and m["s3"] == pytest.approx(np.mean(correct), abs=1e-6) and "s3" in suite.last_intervals
+
+
+# --- sigma_L: diversity across seeds -------------------------------------------------------
+def test_sigma_l_is_the_mean_pairwise_lpips_vgg_of_each_samples_counterfactuals(tmp_path, monkeypatch, capsys):
+    """DiME's and ACE's compute_LPIPS.py: per sample the mean LPIPS-VGG over the pairs of runs,
+    then the mean over samples; a sample that failed in one run is left out (and counted)."""
+    import json
+
+    from torchmetrics.functional.image.lpips import _LPIPS
+
+    import lit_vce.metrics.lpips as lp
+    from lit_vce.cli import main
+    from lit_vce.errors import MissingWeightsError
+    from lit_vce.io import load_png, sample_key
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not lp.lpips_available(net="vgg")
+    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+        lp.build_lpips(net="vgg")
+    torch.manual_seed(0)
+    net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True).eval()  # the real heads on a random VGG-16 (no 528 MB file)
+    monkeypatch.setattr(lp, "_lpips_net", lambda n="alex": lp.LPIPSDistance(net) if n == "vgg" else None)
+    (tmp_path / "w" / "lpips" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "w" / "lpips" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"found")
+    assert lp.lpips_available(net="vgg")
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "classifier_guidance.yaml")
+    runs = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"seed{seed}"
+        main(["predict", "--config", cfg, "--model.method.init_args.num_steps", "4", "--data.num_samples", "4",
+              "--data.batch_size", "4", "--model.seed", str(seed), "--model.second_classifier", "null",
+              "--writer.output_dir", str(out)])
+        runs.append(out)
+    # one sample fails in the last run: left out of sigma_L
+    rec = sorted((runs[2] / "samples").glob("*.json"))[0]
+    row = json.loads(rec.read_text())
+    row["failure"], row["success"] = "injected", False
+    rec.write_text(json.dumps(row))
+    main(["evaluate", str(runs[2]), "--fid-interval-resamples", "0"])
+    capsys.readouterr()
+    main(["diversity", *map(str, runs), "--json", str(tmp_path / "div.json")])
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "div.json").read_text())
+    assert res["n_runs"] == 3 and res["n_samples"] == 3 and res["n_excluded"] == 1 and "sigma_L (vgg)" in printed
+    expected = []
+    for sid in sorted(res["per_sample"], key=sample_key):
+        imgs = [load_png(r / "counterfactuals" / f"{sample_key(sid)}.png")[None] for r in runs]
+        with torch.no_grad():
+            pairs = [float(net(imgs[i] * 2 - 1, imgs[j] * 2 - 1).squeeze()) for i, j in ((0, 1), (0, 2), (1, 2))]
+        expected.append(sum(pairs) / 3)
+        assert res["per_sample"][sid] == pytest.approx(expected[-1], rel=1e-5)
+    assert res["sigma_l"] == pytest.approx(np.mean(expected), rel=1e-5) and res["sigma_l"] > 0
+    with pytest.raises(SystemExit):
+        main(["diversity", str(runs[0])])
