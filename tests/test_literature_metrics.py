@@ -295,3 +295,26 @@ def test_sigma_l_is_the_mean_pairwise_lpips_vgg_of_each_samples_counterfactuals(
     assert res["sigma_l"] == pytest.approx(np.mean(expected), rel=1e-5) and res["sigma_l"] > 0
     with pytest.raises(SystemExit):
         main(["diversity", str(runs[0])])
+
+
+# --- fidelity: DiME's and FastDiME's start noise ------------------------------------------
+@pytest.mark.parametrize("name, offset", [("dime", 1), ("fastdime", 1), ("classifier_guidance", 0)])
+def test_dime_and_fastdime_noise_one_step_above_the_first_guided_step_as_their_code(name, offset, monkeypatch):
+    """The official code: z = q_sample(x, start_step), then the loop guides start_step - 1 ... 0."""
+    from lit_vce.api import load_method
+    from lit_vce.classifiers import load_classifier
+    from lit_vce.testing import world_batch
+
+    kwargs = {"sampler": "adm"} if name == "classifier_guidance" else {}
+    m = load_method(name, num_steps=10, skip=0.7, **({"scales": (8.0,)} if name != "classifier_guidance" else {}), **kwargs)
+    d = m.diffusion
+    seen = {}
+    real_noise, real_pmv = d.add_noise, d.p_mean_variance
+    monkeypatch.setattr(d, "add_noise", lambda z, n, t: (seen.setdefault("noise", int(t)), real_noise(z, n, t))[1])
+    monkeypatch.setattr(d, "p_mean_variance", lambda out, z, t: (seen.setdefault("first", int(t)), real_pmv(out, z, t))[1])
+    m.generate(world_batch(1), load_classifier("robust"))
+    first = int(d.timesteps[m.start_index()])
+    assert seen["first"] == first and seen["noise"] == int(d.timesteps[m.start_index() - offset])
+    assert m.describe()["noise_offset"] == offset
+    if offset:
+        assert seen["noise"] == first + 1  # the respaced index above: 'start_step' where the loop starts at start_step - 1

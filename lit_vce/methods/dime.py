@@ -42,6 +42,8 @@ class DiME(PerStepGuidance):
         perceptual_weight, perceptual_layer, perceptual_weights: the VGG-19 perceptual term
             (published CelebA run: 30 at layer 18; 0 = off, the code's default) and a local
             weights file (else ``$LIT_VCE_VGG_WEIGHTS`` or ``$LIT_VCE_WEIGHTS_DIR/vgg/``).
+        noise_offset: 1, as the code: the image is noised to ``start_step`` (60) and the first
+            guided step is 59 (see :class:`PerStepGuidance`).
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, the last 60 guided,
             x0 clipped).
     """
@@ -51,9 +53,10 @@ class DiME(PerStepGuidance):
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
                  max_inner_steps: int | None = None, perceptual_weight: float = 0.0, perceptual_layer: int = 18,
                  perceptual_weights: str | None = None, sampler: str = "adm", num_steps: int = 200, skip: float = 0.7,
-                 through_unet: bool = False, output: str = "sample", clip_sample: bool = True, **kwargs):
+                 through_unet: bool = False, output: str = "sample", clip_sample: bool = True, noise_offset: int = 1,
+                 **kwargs):
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
-                         clip_sample=clip_sample, **kwargs)
+                         clip_sample=clip_sample, noise_offset=noise_offset, **kwargs)
         if self.diffusion.sampler != "adm":
             raise ValueError("DiME runs guided-diffusion's ancestral sampler (sampler='adm')")
         if max_inner_steps is not None and max_inner_steps < 1:

@@ -36,6 +36,8 @@ class FastDiME(PerStepGuidance):
         use_logits: guide the target logit (published) instead of its log-probability.
         warmup, dilation, threshold: the mask starts after ``warmup`` steps; max-filter
             size and threshold of the normalised difference.
+        noise_offset: 1, as the code: the image is noised to ``start_step`` (60) and the first
+            guided step is 59 (see :class:`PerStepGuidance`).
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, 60 guided).
     """
 
@@ -43,8 +45,9 @@ class FastDiME(PerStepGuidance):
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
                  warmup: int = 30, dilation: int = 5, threshold: float = 0.15, sampler: str = "adm", num_steps: int = 200,
-                 skip: float = 0.7, through_unet: bool = False, output: str = "sample", **kwargs):
-        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output, **kwargs)
+                 skip: float = 0.7, through_unet: bool = False, output: str = "sample", noise_offset: int = 1, **kwargs):
+        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
+                         noise_offset=noise_offset, **kwargs)
         if dilation % 2 != 1:
             raise ValueError("dilation must be odd")
         self.scales, self.scale = tuple(scales), float(scales[0])

@@ -92,6 +92,9 @@ class PerStepGuidance(VCEMethod):
             (exact); ``False`` uses the x0 gradient directly (cheaper).
         inner_batch_size: split each batch into chunks of this size (memory knob;
             outputs do not change).
+        noise_offset: noise the input this many sampler steps above the first guided
+            step (0: at it). DiME's and FastDiME's code noise to ``start_step`` and
+            guide from ``start_step - 1``: their classes default to 1.
     """
 
     name = "per_step_guidance"
@@ -109,6 +112,7 @@ class PerStepGuidance(VCEMethod):
         inner_batch_size: int | None = None,
         clip_sample: bool = True,
         output: str = "auto",
+        noise_offset: int = 0,
     ):
         super().__init__()
         if output not in ("auto", "x0", "sample"):
@@ -127,6 +131,9 @@ class PerStepGuidance(VCEMethod):
         self.skip, self.conditioning, self.cfg_scale = skip, conditioning, cfg_scale
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
         self.output = ("x0" if diffusion.sampler == "adm" else "sample") if output == "auto" else output
+        if not 0 <= int(noise_offset) <= self.start_index():
+            raise ValueError(f"noise_offset must be in [0, {self.start_index()}] (the steps skipped above the first guided one)")
+        self.noise_offset = int(noise_offset)
 
     @classmethod
     def test_kwargs(cls) -> dict:
@@ -176,8 +183,9 @@ class PerStepGuidance(VCEMethod):
         batch = self._at_model_resolution(batch)
         n = len(batch)
         steps = d.timesteps[self.start_index():]
+        t_noise = d.timesteps[self.start_index() - self.noise_offset]  # DiME's code: one step above the first guided
         z0 = d.encode(batch.images)
-        x_t = d.add_noise(z0, per_sample_randn(z0.shape[1:], batch.rngs).to(z0), int(steps[0]))
+        x_t = d.add_noise(z0, per_sample_randn(z0.shape[1:], batch.rngs).to(z0), int(t_noise))
         conds = self._conditions(batch)
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
