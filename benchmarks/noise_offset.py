@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The effect of DiME's and FastDiME's start noise level on the embedded world.
+"""The effect of the start noise level of DiME, FastDiME and LDCE on the embedded world.
 
-    python benchmarks/noise_offset.py [--n 8] [--methods fastdime dime]
+    python benchmarks/noise_offset.py [--n 8] [--methods fastdime dime ldce]
 
-The authors' code noises the image to ``start_step`` and guides from
-``start_step - 1`` (``noise_offset=1``, our default since issue 25); before, we
-noised to the first guided step (``noise_offset=0``). For each method's world
+The authors' code noises the image to ``start_step`` (LDCE: DDIM index ``t_enc``)
+and guides from one step below (``noise_offset=1``, our default since issue 25);
+before, we noised to the first guided step (``noise_offset=0``). For each method's world
 config, classifier and offset: flip rate and mean L1 on the same balanced test
 images (each into the next class), every sample's randomness from its id.
 """

@@ -206,3 +206,34 @@ def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path
     ctx = ObjectiveContext(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_classifier)
     (g,) = torch.autograd.grad(with_perc.perceptual(x, ctx).sum(), x)
     torch.testing.assert_close(g_p - g_0, -0.5 * 30.0 * g / d.alpha_bar(5).sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_ldce_starts_from_a_posterior_sample_noised_one_ddim_step_above_as_its_code(tiny_sd):
+    """LDCE's scripts: get_first_stage_encoding(encode_first_stage(x)) samples the VAE posterior;
+    stochastic_encode to DDIM index t_enc, decode from t_enc - 1."""
+    from lit_vce.diffusion import LatentDiffusion
+    from lit_vce.methods.ldce import LDCE
+
+    folder, clf = tiny_sd
+    d = LatentDiffusion(str(folder), num_steps=6)
+    ids = ["a", "b"]
+    batch = VCEBatch(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), torch.tensor([1, 2]), ids, sample_rngs(0, ids))
+    m = LDCE(diffusion=d, strength=0.5)
+    z_mean = d.encode(batch.images)
+    z = m.encode_start(VCEBatch(batch.images, batch.source, batch.target, ids, sample_rngs(0, ids)))
+    dist = d.vae.encode(batch.images * 2 - 1).latent_dist
+    g = sample_rngs(0, ids)
+    from lit_vce.rngs import per_sample_randn
+
+    expected = (dist.mean + dist.std * per_sample_randn(dist.mean.shape[1:], g)) * d.scaling
+    assert torch.allclose(z, expected, atol=1e-6) and not torch.allclose(z, z_mean, atol=1e-4)
+    again = m.encode_start(VCEBatch(batch.images, batch.source, batch.target, ids, sample_rngs(0, ids)))
+    assert torch.equal(z, again)  # from the samples' generators
+    assert torch.equal(LDCE(diffusion=d, strength=0.5, posterior="mean").encode_start(batch), z_mean)
+    seen = {}
+    real = d.add_noise
+    d.add_noise = lambda z0, n, t: (seen.setdefault("t", int(t)), real(z0, n, t))[1]
+    m.generate(batch, clf)
+    assert seen["t"] == int(d.timesteps[m.start_index() - 1]) and m.noise_offset == 1
+    with pytest.raises(ValueError, match="posterior must be"):
+        LDCE(diffusion=d, posterior="mode")

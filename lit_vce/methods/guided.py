@@ -158,6 +158,11 @@ class PerStepGuidance(VCEMethod):
         """
         return x_t
 
+    def encode_start(self, batch: VCEBatch) -> torch.Tensor:
+        """The images in the model's space before they are noised (the autoencoder's
+        posterior mean for latent models); methods whose code samples it override this."""
+        return self.diffusion.encode(batch.images)
+
     # --- the sampler -----------------------------------------------------------
     def start_index(self) -> int:
         n = len(self.diffusion.timesteps)
@@ -184,7 +189,7 @@ class PerStepGuidance(VCEMethod):
         n = len(batch)
         steps = d.timesteps[self.start_index():]
         t_noise = d.timesteps[self.start_index() - self.noise_offset]  # DiME's code: one step above the first guided
-        z0 = d.encode(batch.images)
+        z0 = self.encode_start(batch)
         x_t = d.add_noise(z0, per_sample_randn(z0.shape[1:], batch.rngs).to(z0), int(t_noise))
         conds = self._conditions(batch)
         failure: list[str | None] = [None] * n

@@ -59,6 +59,11 @@ class LDCE(PerStepGuidance):
         strength: the noised fraction of the schedule (0.382: 191 of 500 steps).
         prompt, class_names: text models: the prompt template of the target class and the
             class names (default: the classifier's).
+        posterior: latent models: ``"sample"`` draws the start latent from the autoencoder's
+            posterior with the sample's generator, as the code's ``get_first_stage_encoding``
+            does; ``"mean"`` takes its mean (pixel models have none: no effect).
+        noise_offset: 1, as the code: the latent is noised to DDIM index ``t_enc`` and
+            denoising starts at ``t_enc - 1`` (see :class:`PerStepGuidance`).
         **kwargs: sampler settings of :class:`PerStepGuidance` (defaults: ``ddim``, 500 steps,
             no clipping, the final sample).
     """
@@ -68,10 +73,15 @@ class LDCE(PerStepGuidance):
     def __init__(self, classifier_weight: float = 2.3, distance_weight: float = 0.3, consensus_angle: float = 45.0,
                  guidance_scale: float = 3.0, strength: float = 0.382, objective: Objective | None = None,
                  prompt: str = "a photo of a {}.", class_names: list[str] | None = None, sampler: str = "ddim",
-                 num_steps: int = 500, clip_sample: bool = False, **kwargs):
+                 num_steps: int = 500, clip_sample: bool = False, posterior: str = "sample", noise_offset: int = 1,
+                 **kwargs):
         if not 0 < strength <= 1:
             raise ValueError("strength must be in (0, 1]")
+        if posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior must be 'sample' (the code's) or 'mean', got {posterior!r}")
+        self.posterior = posterior
         kwargs.setdefault("output", "sample")
+        kwargs["noise_offset"] = noise_offset
         super().__init__(sampler=sampler, num_steps=num_steps, skip=1 - strength, clip_sample=clip_sample,
                          through_unet=True, **kwargs)
         if self.conditioning != "none" or not self.diffusion.has_null_condition:
@@ -85,6 +95,19 @@ class LDCE(PerStepGuidance):
     @classmethod
     def test_kwargs(cls) -> dict:
         return {"num_steps": 10, "strength": 0.5}
+
+    def encode_start(self, batch):
+        d = self.diffusion
+        vae = getattr(d, "vae", None)
+        if self.posterior == "mean" or vae is None:
+            return d.encode(batch.images)
+        from ..diffusion.base import resize_to
+        from ..rngs import per_sample_randn
+
+        images = resize_to(batch.images, d.image_size)
+        dist = vae.encode((images * 2 - 1).to(d.dtype_)).latent_dist
+        noise = per_sample_randn(dist.mean.shape[1:], batch.rngs).to(dist.mean)
+        return (dist.mean + dist.std * noise).float() * d.scaling
 
     def _target_condition(self, batch, classifier):
         d = self.diffusion
