@@ -237,3 +237,30 @@ def test_ldce_starts_from_a_posterior_sample_noised_one_ddim_step_above_as_its_c
     assert seen["t"] == int(d.timesteps[m.start_index() - 1]) and m.noise_offset == 1
     with pytest.raises(ValueError, match="posterior must be"):
         LDCE(diffusion=d, posterior="mode")
+
+
+def test_fastdime_perceptual_term_enters_the_guidance_unscaled_as_its_code(tmp_path, monkeypatch, tiny_diffusion,
+                                                                            tiny_classifier, tiny_batch):
+    """run_fastdime.sh's l_perc: dist_cond_fn adds grad(l_perc)(x_t) with scale_grads off (no 1 / sqrt(abar_t))."""
+    import torchvision
+
+    from lit_vce.methods.fastdime import FastDiME
+    from lit_vce.methods.guided import Step
+    from lit_vce.objectives import ObjectiveContext
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    feats = torchvision.models.vgg19().features[:4]
+    (tmp_path / "vgg").mkdir()
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg" / "vgg19-dcbbe73f.pth")
+    d = tiny_diffusion("adm", 10)
+    with_perc = FastDiME(diffusion=d, perceptual_weight=30.0, perceptual_layer=4)
+    plain = FastDiME(diffusion=d)
+    assert plain.perceptual is None and torch.equal(with_perc.perceptual.features[0].weight, feats[0].weight)
+    step = Step(0, 5, 4, torch.randn(4, 3, 16, 16), None, d.alpha_bar(5), 5, {"x0": tiny_batch.images.flip(-1)})
+    g_p = with_perc.guidance(None, tiny_batch, tiny_classifier, None, None, step)
+    g_0 = plain.guidance(None, tiny_batch, tiny_classifier, None, None, step)
+    x = tiny_batch.images.flip(-1).requires_grad_(True)
+    ctx = ObjectiveContext(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_classifier)
+    (g,) = torch.autograd.grad(with_perc.perceptual(x, ctx).sum(), x)
+    torch.testing.assert_close(g_p - g_0, -0.5 * 30.0 * g, rtol=1e-4, atol=1e-6)

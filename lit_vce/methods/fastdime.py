@@ -10,8 +10,9 @@ dilated ``|x0_hat - x|`` is below ``threshold``: the x0-prediction takes the
 original there and the new sample the original noised to the step's level;
 the result takes the clean original outside the mask. Samples that do not
 flip are retried with the next, larger classifier scale (8, 10, 15). The
-perceptual term (VGG-19 features, weight 30) is left out: its weights are not
-available offline (docs/parity.md).
+perceptual term of the published CelebA run (VGG-19 layer 18, weight 30) is
+``perceptual_weight``; off by default, as in the code, since it needs
+torchvision's VGG-19 weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..objectives import ObjectiveContext, VGGPerceptual
 from ..rngs import per_sample_randn
 from ..registry import METHODS
 from .base import CounterfactualResult, VCEBatch
@@ -38,6 +40,11 @@ class FastDiME(PerStepGuidance):
             size and threshold of the normalised difference.
         noise_offset: 1, as the code: the image is noised to ``start_step`` (60) and the first
             guided step is 59 (see :class:`PerStepGuidance`).
+        perceptual_weight, perceptual_layer, perceptual_weights: the VGG-19 perceptual term
+            between the (masked) x0-prediction and the image, as ``dist_cond_fn`` adds it with
+            ``scale_grads`` off (published CelebA run, ``run_fastdime.sh``: 30 at layer 18; 0 =
+            off, the code's default); weights from a local file, ``$LIT_VCE_VGG_WEIGHTS`` or
+            ``$LIT_VCE_WEIGHTS_DIR/vgg/`` (:func:`lit_vce.objectives.load_vgg19_features`).
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, 60 guided).
     """
 
@@ -45,9 +52,12 @@ class FastDiME(PerStepGuidance):
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
                  warmup: int = 30, dilation: int = 5, threshold: float = 0.15, sampler: str = "adm", num_steps: int = 200,
-                 skip: float = 0.7, through_unet: bool = False, output: str = "sample", noise_offset: int = 1, **kwargs):
+                 skip: float = 0.7, through_unet: bool = False, output: str = "sample", noise_offset: int = 1,
+                 perceptual_weight: float = 0.0, perceptual_layer: int = 18, perceptual_weights: str | None = None, **kwargs):
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
                          noise_offset=noise_offset, **kwargs)
+        self.perceptual_weight = float(perceptual_weight)
+        self.perceptual = VGGPerceptual(perceptual_layer, perceptual_weights) if self.perceptual_weight else None
         if dilation % 2 != 1:
             raise ValueError("dilation must be odd")
         self.scales, self.scale = tuple(scales), float(scales[0])
@@ -62,8 +72,12 @@ class FastDiME(PerStepGuidance):
         x = step.state.get("x0", batch.images).detach().requires_grad_(True)  # the previous (masked) x0-prediction
         logits = classifier(x)
         score = logits if self.use_logits else logits.log_softmax(1)
-        (g,) = torch.autograd.grad(score.gather(1, batch.target[:, None]).sum(), x)
-        return 0.5 * self.scale * g - self.l1_weight * torch.sign(step.x_t - self.diffusion.encode(batch.images))
+        objective = score.gather(1, batch.target[:, None]).sum() * self.scale
+        if self.perceptual is not None:  # dist_cond_fn's l_perc on x_t (the x0-prediction), not scaled by sqrt(abar_t)
+            ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier)
+            objective = objective - self.perceptual_weight * self.perceptual(x, ctx).sum()
+        (g,) = torch.autograd.grad(objective, x)
+        return 0.5 * g - self.l1_weight * torch.sign(step.x_t - self.diffusion.encode(batch.images))
 
     def post_step(self, x_t, step: Step, batch, state):
         x0 = step.x0
