@@ -81,9 +81,8 @@ class LDCE(PerStepGuidance):
             raise ValueError(f"posterior must be 'sample' (the code's) or 'mean', got {posterior!r}")
         self.posterior = posterior
         kwargs.setdefault("output", "sample")
-        kwargs["noise_offset"] = noise_offset
         super().__init__(sampler=sampler, num_steps=num_steps, skip=1 - strength, clip_sample=clip_sample,
-                         through_unet=True, **kwargs)
+                         through_unet=True, noise_offset=noise_offset, **kwargs)
         if self.conditioning != "none" or not self.diffusion.has_null_condition:
             raise ValueError("LDCE needs a conditional model with an unconditional input, stepped unconditionally")
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
