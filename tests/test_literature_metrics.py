@@ -318,3 +318,13 @@ def test_dime_and_fastdime_noise_one_step_above_the_first_guided_step_as_their_c
     assert m.describe()["noise_offset"] == offset
     if offset:
         assert seen["noise"] == first + 1  # the respaced index above: 'start_step' where the loop starts at start_step - 1
+
+
+def test_cd_of_fewer_than_two_successes_has_no_interval():
+    from lit_vce.metrics.literature import cd_interval
+
+    d = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    ok = torch.tensor([1.0, 0.0, 0.0])
+    assert all(np.isnan(cd_interval(d, ok, torch.tensor([1.0, 0.9, 0.0]), 50, 0, 0.95)))
+    lo, hi = cd_interval(d, torch.ones(3), torch.tensor([1.0, 0.9, 0.0]), 50, 0, 0.95)
+    assert np.isfinite(lo) and lo <= hi

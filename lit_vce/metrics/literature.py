@@ -169,7 +169,7 @@ def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch
     from .uncertainty import percentile_interval, resample_indices
 
     n = len(success)
-    if n < 2 or resamples <= 0:
+    if int(success.bool().sum()) < 2 or resamples <= 0:  # CD itself is undefined: so is its interval
         return [math.nan, math.nan]
     idx = resample_indices(n, resamples, seed, deltas.device)
     counts = torch.zeros(resamples, n, dtype=torch.float64, device=deltas.device)
