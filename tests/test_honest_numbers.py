@@ -131,18 +131,20 @@ def test_compare_states_the_pairs_each_metric_used(tmp_path, run8, capsys):
 
 
 # --- 2. crashed and concurrent runs ------------------------------------------------
-def _cli(*args, **kw):
+def _cli(*args, quiet: bool = False):
+    """``lit-vce ARGS`` in a child process (``quiet``: its output discarded, so an unread pipe never blocks it)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_DEBUG": "0"}
-    return subprocess.Popen([sys.executable, "-m", "lit_vce.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kw)
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "lit_vce.cli", *args], stdout=out, stderr=out, text=True, env=env)
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumed_with_another_seed_is_refused_in_one_line_and_time_is_kept(tmp_path):
     out = tmp_path / "run"
-    args = ["predict", "--config", CG, "--model.method.init_args.num_steps", "4", "--data.batch_size", "1",
+    # 20 steps a sample: slow enough that the kill lands before the last one on a loaded machine
+    args = ["predict", "--config", CG, "--model.method.init_args.num_steps", "20", "--data.batch_size", "1",
             "--data.num_samples", "8", "--writer.output_dir", str(out), "--model.second_classifier", "null"]
-    proc = _cli(*args)
+    proc = _cli(*args, quiet=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list((out / "samples").glob("*.json"))) < 3:
         time.sleep(0.05)
@@ -198,7 +200,9 @@ def test_a_second_process_on_a_locked_folder_is_refused_and_a_dead_holders_lock_
 @pytest.mark.slow
 def test_two_processes_started_on_one_folder_one_runs_the_other_refuses(tmp_path):
     out = tmp_path / "run"
-    args = ["predict", "--config", CG, *SMALL, "--data.num_samples", "4", "--writer.output_dir", str(out)]
+    # enough work (8 samples, 20 steps) that the first still holds the folder when the second claims it
+    args = ["predict", "--config", CG, *SMALL, "--data.num_samples", "8", "--model.method.init_args.num_steps", "20",
+            "--writer.output_dir", str(out)]
     first = _cli(*args)
     time.sleep(0.3)
     second = _cli(*args, "--model.seed", "1")
@@ -210,7 +214,7 @@ def test_two_processes_started_on_one_folder_one_runs_the_other_refuses(tmp_path
     winner_seed = 1 if second.returncode == 0 else 0
     res = json.loads((out / "results.json").read_text())
     rows = _rows(out / "samples.csv")
-    assert res["seed"] == winner_seed and {r["seed"] for r in rows} == {str(winner_seed)} and res["n"] == 4
+    assert res["seed"] == winner_seed and {r["seed"] for r in rows} == {str(winner_seed)} and res["n"] == 8
 
 
 def test_waiting_for_the_lock_takes_it_when_the_holder_leaves(tmp_path):
