@@ -169,13 +169,16 @@ BASELINE_OVERRIDES = {  # tiny settings; everything else comes from the method's
     "ace": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "10",
             "--model.method.init_args.attack_steps", "1", "--model.method.init_args.dilation", "3",
             "--data.image_size", "16"],
+    "fastdime": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "4",
+                 "--model.method.init_args.scales", "[8.0]", "--model.method.init_args.warmup", "1",
+                 "--model.method.init_args.perceptual_weight", "0.0"],
     "ldce": ["--model.method.init_args.diffusion.init_args.model", "{sd}",
              "--model.method.init_args.diffusion.init_args.num_steps", "4", "--model.method.init_args.strength", "0.5"],
 }
 
 
 @pytest.mark.parametrize("method,protocol", [("svce", "pairs"), ("dime", "misclassified"), ("ace", "pairs"),
-                                             ("ldce", "pairs")])
+                                             ("ldce", "pairs"), ("fastdime", "pairs")])
 def test_the_baselines_imagenet_configs_compose_with_the_protocols(method, protocol, fake_imagenet, tiny_sd, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_imagenet / "weights"))
@@ -186,7 +189,7 @@ def test_the_baselines_imagenet_configs_compose_with_the_protocols(method, proto
             "--data.batch_size", "4", "--data.images_per_class", "null", "--model.resolution", "32",
             "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
             "--model.fid_features", "none", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
-    if method in ("dime", "ldce"):  # the configs' inner batch size is a memory knob for real models
+    if method in ("dime", "ldce", "fastdime"):  # the configs' inner batch size is a memory knob for real models
         args += ["--model.method.init_args.inner_batch_size", "null"]
     args += [a.format(adm=fake_imagenet / "adm_tiny", sd=tiny_sd[0]) for a in BASELINE_OVERRIDES[method]]
     main(args)
