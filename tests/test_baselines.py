@@ -179,33 +179,42 @@ def test_ldce_runs_on_a_text_model_with_the_target_in_the_prompt(tiny_sd):
     assert (out.diagnostics["consensus_fraction"] >= 0).all() and (out.diagnostics["consensus_fraction"] <= 1).all()
 
 
-def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path, monkeypatch, tiny_diffusion,
-                                                                          tiny_classifier, tiny_batch):
+def _perceptual_guidance(method_cls, state_key, tmp_path, tiny_diffusion, tiny_classifier, tiny_batch):
+    """Random VGG-19 weights of the layers used, saved where the loader looks; the guidance of
+    ``method_cls`` with the perceptual term (30 at layer 4) minus without it, at a step whose clean
+    image (``state_key``) is the flipped batch, and the perceptual term's own gradient there."""
     import torchvision
 
-    from lit_vce.classifiers import MissingWeightsError
-    from lit_vce.methods.dime import DiME
     from lit_vce.methods.guided import Step
     from lit_vce.objectives import ObjectiveContext
 
-    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
-    with pytest.raises(MissingWeightsError, match=r"vgg/vgg19-dcbbe73f\.pth"):
-        DiME(diffusion=tiny_diffusion("adm", 10), perceptual_weight=30.0)
-    torch.manual_seed(0)  # random weights of the layers used, saved where the loader looks
+    torch.manual_seed(0)
     feats = torchvision.models.vgg19().features[:4]
     (tmp_path / "vgg").mkdir()
     torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg" / "vgg19-dcbbe73f.pth")
     d = tiny_diffusion("adm", 10)
-    with_perc = DiME(diffusion=d, perceptual_weight=30.0, perceptual_layer=4)
-    assert torch.equal(with_perc.perceptual.features[0].weight, feats[0].weight)
-    plain = DiME(diffusion=d)
-    step = Step(0, 5, 4, torch.randn(4, 3, 16, 16), None, d.alpha_bar(5), 5, {"clean": tiny_batch.images.flip(-1)})
+    with_perc = method_cls(diffusion=d, perceptual_weight=30.0, perceptual_layer=4)
+    plain = method_cls(diffusion=d)
+    assert plain.perceptual is None and torch.equal(with_perc.perceptual.features[0].weight, feats[0].weight)
+    step = Step(0, 5, 4, torch.randn(4, 3, 16, 16), None, d.alpha_bar(5), 5, {state_key: tiny_batch.images.flip(-1)})
     g_p = with_perc.guidance(None, tiny_batch, tiny_classifier, None, None, step)
     g_0 = plain.guidance(None, tiny_batch, tiny_classifier, None, None, step)
     x = tiny_batch.images.flip(-1).requires_grad_(True)
     ctx = ObjectiveContext(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_classifier)
     (g,) = torch.autograd.grad(with_perc.perceptual(x, ctx).sum(), x)
-    torch.testing.assert_close(g_p - g_0, -0.5 * 30.0 * g / d.alpha_bar(5).sqrt(), rtol=1e-4, atol=1e-6)
+    return g_p - g_0, g, d.alpha_bar(5)
+
+
+def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path, monkeypatch, tiny_diffusion,
+                                                                          tiny_classifier, tiny_batch):
+    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.methods.dime import DiME
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"vgg/vgg19-dcbbe73f\.pth"):
+        DiME(diffusion=tiny_diffusion("adm", 10), perceptual_weight=30.0)
+    diff, g, abar = _perceptual_guidance(DiME, "clean", tmp_path, tiny_diffusion, tiny_classifier, tiny_batch)
+    torch.testing.assert_close(diff, -0.5 * 30.0 * g / abar.sqrt(), rtol=1e-4, atol=1e-6)
 
 
 def test_ldce_starts_from_a_posterior_sample_noised_one_ddim_step_above_as_its_code(tiny_sd):
@@ -242,25 +251,8 @@ def test_ldce_starts_from_a_posterior_sample_noised_one_ddim_step_above_as_its_c
 def test_fastdime_perceptual_term_enters_the_guidance_unscaled_as_its_code(tmp_path, monkeypatch, tiny_diffusion,
                                                                             tiny_classifier, tiny_batch):
     """run_fastdime.sh's l_perc: dist_cond_fn adds grad(l_perc)(x_t) with scale_grads off (no 1 / sqrt(abar_t))."""
-    import torchvision
-
     from lit_vce.methods.fastdime import FastDiME
-    from lit_vce.methods.guided import Step
-    from lit_vce.objectives import ObjectiveContext
 
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    feats = torchvision.models.vgg19().features[:4]
-    (tmp_path / "vgg").mkdir()
-    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg" / "vgg19-dcbbe73f.pth")
-    d = tiny_diffusion("adm", 10)
-    with_perc = FastDiME(diffusion=d, perceptual_weight=30.0, perceptual_layer=4)
-    plain = FastDiME(diffusion=d)
-    assert plain.perceptual is None and torch.equal(with_perc.perceptual.features[0].weight, feats[0].weight)
-    step = Step(0, 5, 4, torch.randn(4, 3, 16, 16), None, d.alpha_bar(5), 5, {"x0": tiny_batch.images.flip(-1)})
-    g_p = with_perc.guidance(None, tiny_batch, tiny_classifier, None, None, step)
-    g_0 = plain.guidance(None, tiny_batch, tiny_classifier, None, None, step)
-    x = tiny_batch.images.flip(-1).requires_grad_(True)
-    ctx = ObjectiveContext(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_classifier)
-    (g,) = torch.autograd.grad(with_perc.perceptual(x, ctx).sum(), x)
-    torch.testing.assert_close(g_p - g_0, -0.5 * 30.0 * g, rtol=1e-4, atol=1e-6)
+    diff, g, _ = _perceptual_guidance(FastDiME, "x0", tmp_path, tiny_diffusion, tiny_classifier, tiny_batch)
+    torch.testing.assert_close(diff, -0.5 * 30.0 * g, rtol=1e-4, atol=1e-6)
