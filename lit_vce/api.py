@@ -157,21 +157,26 @@ def explain(
     vce.to(device)
     vce.setup(device)
     cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic)
-    audit = None
-    scores: dict[str, Any] = {}
-    intervals: dict[str, list[float]] = {}
-    if suite is not None:
-        from .metrics.accounting import check_counts, count_rows
-
-        scores, audit, n_metrics = suite.compute()
-        intervals = {k: v for k, v in suite.last_intervals.items() if k in scores or k in (audit or {})}
-        c = count_rows(rows)
-        if n_metrics != c["n"]:
-            raise RuntimeError(f"the metrics cover {n_metrics} samples, the rows {c['n']}")
-        check_counts(c["n"], c["n_success"], c["n_failed"], scores.get("flip_rate"), where="explain()")
+    scores, audit, intervals = _summary(suite, rows)
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
                        intervals=intervals, method=vce.describe(), seconds=time.perf_counter() - t0)
+
+
+def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, list[float]]]:
+    """(metrics, audit, intervals) of the suite, its counts checked against the rows
+    (:mod:`lit_vce.metrics.accounting`); empty without a suite."""
+    if suite is None:
+        return {}, None, {}
+    from .metrics.accounting import check_counts, count_rows
+
+    scores, audit, n_metrics = suite.compute()
+    intervals = {k: v for k, v in suite.last_intervals.items() if k in scores or k in (audit or {})}
+    c = count_rows(rows)
+    if n_metrics != c["n"]:
+        raise RuntimeError(f"the metrics cover {n_metrics} samples, the rows {c['n']}")
+    check_counts(c["n"], c["n_success"], c["n_failed"], scores.get("flip_rate"), where="explain()")
+    return scores, audit, intervals
 
 
 def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):
@@ -315,7 +320,7 @@ def _classes(values, n: int, clf, what: str) -> torch.Tensor:
 def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
     if not metrics:
         return None
-    from .metrics.suite import build_suite
+    from .metrics.build import build_suite
 
     from .world.models import WORLD_CLASSIFIERS
 

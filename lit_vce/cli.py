@@ -313,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+#: the subcommands whose module has a ``main(argv)`` of its own
+_MAIN_OF = {"spurious": ".analyses.spurious", "evaluate": ".lightning.evaluate", "compare": ".report.compare",
+            "diversity": ".report.diversity", "demo": ".demo", "findings": ".findings"}
+
+
 def _dispatch(argv: list[str], from_console: bool) -> None:
     if argv and argv[0] == "predict":
         return run_predict(None if from_console else argv[1:])
@@ -320,30 +325,10 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         return run_predict(argv[1:], run=False)
     if argv and argv[0] in ("disagree", "neurons"):
         return run_analysis(argv[0], argv[1:])
-    if argv and argv[0] == "spurious":
-        from .analyses.spurious import main as spurious_main
+    if argv and argv[0] in _MAIN_OF:  # commands with their own argparse main(), imported when used
+        import importlib
 
-        return spurious_main(argv[1:])
-    if argv and argv[0] == "evaluate":
-        from .lightning.evaluate import main as evaluate_main
-
-        return evaluate_main(argv[1:])
-    if argv and argv[0] == "compare":
-        from .report.compare import main as compare_main
-
-        return compare_main(argv[1:])
-    if argv and argv[0] == "diversity":
-        from .report.diversity import main as diversity_main
-
-        return diversity_main(argv[1:])
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(argv[1:])
-    if argv and argv[0] == "findings":
-        from .findings import main as findings_main
-
-        return findings_main(argv[1:])
+        return getattr(importlib.import_module(_MAIN_OF[argv[0]], __package__), "main")(argv[1:])
     p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")

@@ -94,7 +94,7 @@ def test_on_the_world_a_background_only_edit_changes_exactly_one_attribute(oracl
 def test_the_suite_reports_mnac_cd_per_value_l1_and_cout_over_correct_originals(oracle):
     from lit_vce.classifiers import load_classifier
     from lit_vce.metrics.literature import world_dataset_correlations
-    from lit_vce.metrics.suite import build_suite
+    from lit_vce.metrics.build import build_suite
 
     clf = load_classifier("biased")
     suite = build_suite(clf, fid_features="none", world_audit=True, interval_resamples=200)
@@ -221,7 +221,7 @@ def test_fva_and_fs_follow_aces_preprocessing_threshold_and_successful_subset(tm
 def test_the_suite_computes_s3_when_asked_and_refuses_it_without_weights(tmp_path, monkeypatch):
     from lit_vce.classifiers import load_classifier
     from lit_vce.errors import MissingWeightsError
-    from lit_vce.metrics.suite import build_suite
+    from lit_vce.metrics.build import build_suite
 
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))

@@ -27,7 +27,7 @@ from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
 from ..methods.base import VCEBatch, VCEMethod, check_domain, generate_one_by_one
 from ..metrics.accounting import NONFINITE_IMAGE, score_batch
-from ..metrics.suite import build_suite
+from ..metrics.build import build_suite
 from ..io import quantize
 from .stage import StageModule
 
@@ -216,9 +216,12 @@ class VCEModule(StageModule):
         bad = sorted({c for p in pairs for c in p if not 0 <= c < k})
         if bad:
             raise ConfigError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
-        same = sorted(s for s, t in pairs if s == t)
-        if same and not self._selects:
-            raise ConfigError(f"target equals source for class(es) {same}: a counterfactual needs a different target")
+        if not self._selects:  # the rule of explain() and evaluate as well
+            from ..metrics.accounting import check_distinct_targets
+
+            pairs = sorted(set(pairs))
+            check_distinct_targets([s for s, _ in pairs], [t for _, t in pairs], [f"class {s}" for s, _ in pairs],
+                                   what="class pairs")
 
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -229,27 +232,8 @@ class VCEModule(StageModule):
         if not self._domain_checked:  # a default model of another domain is refused, not run
             check_domain(self.method, self.classifier, tuple(images.shape[-2:]))
             self._domain_checked = True
-        writer = self.writer()
-        done = writer.done_ids() if writer is not None else set()
-        # 1. finished earlier: their saved files re-enter the metrics (verified against their
-        # sha256; a sample whose files are missing or changed is generated again)
-        old = []
-        for i, s in enumerate(ids):
-            if s not in done:
-                continue
-            row, cf, problem = writer.load_done(s)
-            if problem:
-                self.print(f"regenerating sample {s}: {problem}")
-                writer.forget(s)
-                continue
-            old.append(i)
-            src_i = torch.tensor([int(row["source"])], device=source.device)
-            tgt_i = torch.tensor([int(row["target"])], device=target.device)
-            if row.get("failure"):
-                self.metrics.update_failed(src_i, tgt_i, [s], [row["failure"]],
-                                           originals=quantize(images[i : i + 1]) if not errors[i] else None)
-            else:
-                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [s])
+        # 1. finished earlier: their saved files re-enter the metrics
+        old = self._reenter_finished(ids, images, source, errors)
         self._counts["skipped"] += len(old)
         self._seen.update(ids[i] for i in old)
 
@@ -305,6 +289,31 @@ class VCEModule(StageModule):
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
         return {"new_rows": rows, "counterfactuals": torch.cat([pad, cf]), "originals": torch.cat([pad, xq])}
+
+    def _reenter_finished(self, ids: list[str], images: torch.Tensor, source: torch.Tensor, errors: list[str]) -> list[int]:
+        """Positions of the batch's samples finished by an earlier run, whose saved files
+        (verified against their sha256) re-enter the metrics as they are; a sample whose
+        files are missing or changed is forgotten, so it is generated again."""
+        writer = self.writer()
+        done = writer.done_ids() if writer is not None else set()
+        old = []
+        for i, s in enumerate(ids):
+            if s not in done:
+                continue
+            row, cf, problem = writer.load_done(s)
+            if problem:
+                self.print(f"regenerating sample {s}: {problem}")
+                writer.forget(s)
+                continue
+            old.append(i)
+            src_i = torch.tensor([int(row["source"])], device=source.device)
+            tgt_i = torch.tensor([int(row["target"])], device=source.device)
+            if row.get("failure"):
+                self.metrics.update_failed(src_i, tgt_i, [s], [row["failure"]],
+                                           originals=quantize(images[i : i + 1]) if not errors[i] else None)
+            else:
+                self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [s])
+        return old
 
     def _row(self, values: dict[str, Any], seconds: float) -> dict[str, Any]:
         row = dict(values)

@@ -106,3 +106,32 @@ def build_features(spec: str | nn.Module | None, inception_weights: str | None =
 
         return WorldFeatures()
     raise ValueError(f"unknown feature extractor {spec!r}: use 'inception', 'world', 'none' or an nn.Module")
+
+
+class LatentEncoder(nn.Module):
+    """A first-stage autoencoder's encoder: images in [0, 1] -> scaled latent means.
+
+    ``autoencoder`` is a diffusers ``AutoencoderKL`` (or a folder / hub id /
+    ``folder:subfolder`` of one, e.g. ``runwayml/stable-diffusion-v1-5:vae``).
+    """
+
+    def __init__(self, autoencoder: str | nn.Module):
+        super().__init__()
+        if isinstance(autoencoder, str):
+            from diffusers import AutoencoderKL
+
+            from ..classifiers.loaders import MissingWeightsError
+
+            path, sub = (autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, ""))
+            try:
+                autoencoder = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
+            except (OSError, ValueError) as e:
+                raise MissingWeightsError(f"latent distances: cannot load the autoencoder {path!r}"
+                                          f"{f' (subfolder {sub})' if sub else ''}: {e}") from e
+        self.vae = autoencoder.eval().requires_grad_(False)
+        self.scaling = float(getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0) or 1.0)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        return dist.mean * self.scaling

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..diffusion.base import resize_to as resize_square
 from ..rngs import sample_seed
-from .features import build_features
+from .embeddings import S3, FaceVerification, cosine_similarity
+from .features import LatentEncoder, build_features
 from .uncertainty import FID_RESAMPLES, LEVEL, RESAMPLES, SampleValues, mean_interval
 from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
 
@@ -56,35 +57,6 @@ class PerSampleMean(_SumMean):
 
     def update(self, values: torch.Tensor) -> None:
         self._add(values)
-
-
-class LatentEncoder(nn.Module):
-    """A first-stage autoencoder's encoder: images in [0, 1] -> scaled latent means.
-
-    ``autoencoder`` is a diffusers ``AutoencoderKL`` (or a folder / hub id /
-    ``folder:subfolder`` of one, e.g. ``runwayml/stable-diffusion-v1-5:vae``).
-    """
-
-    def __init__(self, autoencoder: str | nn.Module):
-        super().__init__()
-        if isinstance(autoencoder, str):
-            from diffusers import AutoencoderKL
-
-            from ..classifiers.loaders import MissingWeightsError
-
-            path, sub = (autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, ""))
-            try:
-                autoencoder = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
-            except (OSError, ValueError) as e:
-                raise MissingWeightsError(f"latent distances: cannot load the autoencoder {path!r}"
-                                          f"{f' (subfolder {sub})' if sub else ''}: {e}") from e
-        self.vae = autoencoder.eval().requires_grad_(False)
-        self.scaling = float(getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0) or 1.0)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(images * 2 - 1).latent_dist
-        return dist.mean * self.scaling
 
 
 #: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
@@ -191,8 +163,6 @@ class VCEMetrics(nn.Module):
             self.sfid = SplitFID(self.features, seed=seed, split="sfid" in sel)
         self.audit = WorldAudit() if audit else None
         self.cd_regime = cd_regime
-        from .embeddings import S3, FaceVerification
-
         self.s3_encoder = s3_encoder.eval().requires_grad_(False) if s3_encoder is not None else None
         self.s3 = S3() if s3_encoder is not None else None  # ACE: SimSiam similarity, correctly classified originals
         self.face_encoder = face_encoder.eval().requires_grad_(False) if face_encoder is not None else None
@@ -293,34 +263,7 @@ class VCEMetrics(nn.Module):
         self.target_confidence.update(after, target)
         correct = before.argmax(1) == source
         self.flip_rate_source_correct.update(after[correct], target[correct])
-        o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
-        per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
-        per["l1_per_value"] = per["l1"] / o_r[0].numel()
-        if "cout" in self.selected:
-            per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
-            self.cout_source_correct.update(values=per["cout"][correct])
-        if self.s3 is not None:
-            from .embeddings import cosine_similarity
-
-            per["s3"] = cosine_similarity(self.s3_encoder, original, counterfactual)
-            self.s3.update(per["s3"], correct)
-        if self.face is not None:
-            from .embeddings import cosine_similarity
-
-            per["face_similarity"] = cosine_similarity(self.face_encoder, original, counterfactual)
-            self.face.update(per["face_similarity"], success)
-        if self.lpips is not None:
-            per["lpips"] = self.lpips.per_sample(counterfactual, original)
-        if self.encoder is not None:
-            z_o, z_c = self.encoder(original), self.encoder(counterfactual)
-            per["latent_l1"], per["latent_l2"] = lp_per_sample(z_o, z_c, 1), lp_per_sample(z_o, z_c, 2)
-        metric_of = {"l1": self.l1, "l2": self.l2, "l1_per_value": self.l1_per_value, "cout": self.cout, "lpips": self.lpips,
-                     "s3": None, "face_similarity": None}  # (S3 and FVA/FS are updated above, on their subsets)
-        if self.encoder is not None:
-            metric_of.update(latent_l1=self.latent_l1, latent_l2=self.latent_l2)
-        for k, v in per.items():
-            if metric_of[k] is not None:
-                metric_of[k].update(values=v)
+        per = self._closeness(original, counterfactual, source, target, correct, success)
         success_ind = None
         if self.second is not None:
             second = self.second(counterfactual)
@@ -354,6 +297,38 @@ class VCEMetrics(nn.Module):
             col["target_confidence_independent"] = second.softmax(1).gather(1, target[:, None]).squeeze(1)
         self.samples.update(self._keys(sample_ids, original.device),
                             torch.stack([col[c].double().to(original.device) for c in self._columns], 1))
+        extra = {"success_independent": success_ind.tolist() if success_ind is not None else None}
+        if audit_flags is not None:
+            extra["attributes_changed"] = [int(c) for c in changes.tolist()]
+        return self._rows(sample_ids, source, target, pb, pa, success, per, extra, audit_flags)
+
+    def _closeness(self, original, counterfactual, source, target, correct, success) -> dict[str, torch.Tensor]:
+        """The per-sample closeness and embedding values of a measured batch, their metrics updated
+        (COUT over correct originals and S3 also on their subsets, FVA/FS on the successes only)."""
+        o_r, c_r = resize_to(original, self.resolution), resize_to(counterfactual, self.resolution)
+        per: dict[str, torch.Tensor] = {"l1": lp_per_sample(o_r, c_r, 1), "l2": lp_per_sample(o_r, c_r, 2)}
+        per["l1_per_value"] = per["l1"] / o_r[0].numel()
+        if "cout" in self.selected:
+            per["cout"] = cout_scores(self.classifier, original, counterfactual, source, target, self.cout.steps)
+            self.cout_source_correct.update(values=per["cout"][correct])
+        if self.lpips is not None:
+            per["lpips"] = self.lpips.per_sample(counterfactual, original)
+        if self.encoder is not None:
+            z_o, z_c = self.encoder(original), self.encoder(counterfactual)
+            per["latent_l1"], per["latent_l2"] = lp_per_sample(z_o, z_c, 1), lp_per_sample(z_o, z_c, 2)
+        for k, v in per.items():  # means over every measured sample
+            getattr(self, k).update(values=v)
+        if self.s3 is not None:
+            per["s3"] = cosine_similarity(self.s3_encoder, original, counterfactual)
+            self.s3.update(per["s3"], correct)
+        if self.face is not None:
+            per["face_similarity"] = cosine_similarity(self.face_encoder, original, counterfactual)
+            self.face.update(per["face_similarity"], success)
+        return per
+
+    @staticmethod
+    def _rows(sample_ids, source, target, pb, pa, success, per, extra, audit_flags) -> list[dict[str, Any]]:
+        """One row of per-sample values per measured sample (``pb``/``pa``: probabilities before/after)."""
         rows = []
         for i, sid in enumerate(sample_ids):
             t = int(target[i])
@@ -366,10 +341,10 @@ class VCEMetrics(nn.Module):
             }
             for k, v in per.items():
                 row[k] = round(float(v[i]), 6)
-            if success_ind is not None:
-                row["success_independent"] = bool(success_ind[i])
+            for k, values in extra.items():
+                if values is not None:
+                    row[k] = values[i]
             if audit_flags is not None:
-                row["attributes_changed"] = int(changes[i])
                 for c in AUDIT_COLUMNS[1:]:
                     v = float(audit_flags[c][i])
                     if math.isfinite(v):
@@ -514,60 +489,3 @@ class VCEMetrics(nn.Module):
                 "face_verification": "VGGFace2 ResNet-50, threshold 0.5 (ACE, DiME)" if self.face is not None else None,
                 "intervals": {"level": LEVEL, "method": "percentile bootstrap over samples", "resamples": self.resamples,
                               "fid_resamples": self.fid_resamples, "seed": self.seed}}
-
-
-def build_suite(
-    classifier: nn.Module,
-    fid_features: str | nn.Module | None = "world",
-    inception_weights: str | None = None,
-    second_classifier: str | nn.Module | None = None,
-    lpips: str = "auto",
-    world_audit: bool = False,
-    resolution: int | None = None,
-    autoencoder: str | nn.Module | None = None,
-    seed: int = 0,
-    lpips_weights: str | None = None,
-    metrics=None,
-    interval_resamples: int = RESAMPLES,
-    fid_interval_resamples: int = FID_RESAMPLES,
-    s3: str = "auto",
-    face_verification: str = "off",
-) -> VCEMetrics:
-    """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
-
-    Everything that can fail (missing weights, unknown names) fails here, before any work.
-    ``interval_resamples`` and ``fid_interval_resamples`` are the suite's ``resamples``
-    and ``fid_resamples`` (the bootstrap of the 95 % intervals). ``s3``: SimSiam
-    similarity (``auto``: when its weights are present; ``on``: required), ``face_verification``:
-    FVA/FS with the VGGFace2 ResNet-50 (``on``: required; faces only, so off by default).
-    """
-    from ..classifiers import load_classifier
-    from .lpips import build_lpips, lpips_available
-
-    if lpips not in ("auto", "on", "off"):
-        raise ValueError("lpips must be 'auto', 'on' or 'off'")
-    if s3 not in ("auto", "on", "off") or face_verification not in ("on", "off"):
-        raise ValueError("s3 must be 'auto', 'on' or 'off' and face_verification 'on' or 'off'")
-    from ..errors import MissingWeightsError
-    from .embeddings import load_simsiam, load_vggface2
-
-    s3_encoder = None
-    if s3 != "off":
-        try:
-            s3_encoder = load_simsiam()
-        except MissingWeightsError:
-            if s3 == "on":
-                raise
-    face_encoder = load_vggface2() if face_verification == "on" else None
-    sel = check_metrics(metrics)  # what is not selected is not loaded either
-    lpips = lpips if "lpips" in sel else "off"
-    lp = build_lpips(lpips_weights) if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights)) else None
-    second = second_classifier if "independent" in sel else None
-    second = load_classifier(second) if isinstance(second, str) else second
-    features = fid_features if ("fid" in sel or "sfid" in sel) else None
-    # CD compares with the attribute correlations of the data the classifier learned from (ACE: CelebA's training partition)
-    cd_regime = {"biased": "biased", "watermarked": "watermark"}.get(getattr(classifier, "name", ""), "balanced")
-    return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second, cd_regime=cd_regime,
-                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
-                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples,
-                      s3_encoder=s3_encoder, face_encoder=face_encoder)

@@ -1,0 +1,66 @@
+"""``build_suite``: the metric suite of a run from config values (specs, ``auto|on|off``),
+loading what each metric needs; everything that can fail fails here, before any work."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .suite import VCEMetrics, check_metrics
+from .uncertainty import FID_RESAMPLES, RESAMPLES
+
+
+def build_suite(
+    classifier: nn.Module,
+    fid_features: str | nn.Module | None = "world",
+    inception_weights: str | None = None,
+    second_classifier: str | nn.Module | None = None,
+    lpips: str = "auto",
+    world_audit: bool = False,
+    resolution: int | None = None,
+    autoencoder: str | nn.Module | None = None,
+    seed: int = 0,
+    lpips_weights: str | None = None,
+    metrics=None,
+    interval_resamples: int = RESAMPLES,
+    fid_interval_resamples: int = FID_RESAMPLES,
+    s3: str = "auto",
+    face_verification: str = "off",
+) -> VCEMetrics:
+    """:class:`VCEMetrics` from config values (classifier specs, ``lpips`` as ``auto|on|off``).
+
+    Everything that can fail (missing weights, unknown names) fails here, before any work.
+    ``interval_resamples`` and ``fid_interval_resamples`` are the suite's ``resamples``
+    and ``fid_resamples`` (the bootstrap of the 95 % intervals). ``s3``: SimSiam
+    similarity (``auto``: when its weights are present; ``on``: required), ``face_verification``:
+    FVA/FS with the VGGFace2 ResNet-50 (``on``: required; faces only, so off by default).
+    """
+    from ..classifiers import load_classifier
+    from .lpips import build_lpips, lpips_available
+
+    if lpips not in ("auto", "on", "off"):
+        raise ValueError("lpips must be 'auto', 'on' or 'off'")
+    if s3 not in ("auto", "on", "off") or face_verification not in ("on", "off"):
+        raise ValueError("s3 must be 'auto', 'on' or 'off' and face_verification 'on' or 'off'")
+    from ..errors import MissingWeightsError
+    from .embeddings import load_simsiam, load_vggface2
+
+    s3_encoder = None
+    if s3 != "off":
+        try:
+            s3_encoder = load_simsiam()
+        except MissingWeightsError:
+            if s3 == "on":
+                raise
+    face_encoder = load_vggface2() if face_verification == "on" else None
+    sel = check_metrics(metrics)  # what is not selected is not loaded either
+    lpips = lpips if "lpips" in sel else "off"
+    lp = build_lpips(lpips_weights) if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights)) else None
+    second = second_classifier if "independent" in sel else None
+    second = load_classifier(second) if isinstance(second, str) else second
+    features = fid_features if ("fid" in sel or "sfid" in sel) else None
+    # CD compares with the attribute correlations of the data the classifier learned from (ACE: CelebA's training partition)
+    cd_regime = {"biased": "biased", "watermarked": "watermark"}.get(getattr(classifier, "name", ""), "balanced")
+    return VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second, cd_regime=cd_regime,
+                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
+                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples,
+                      s3_encoder=s3_encoder, face_encoder=face_encoder)
