@@ -1,6 +1,7 @@
 """Classifiers: one wrapper type (images in [0, 1] of any size -> logits) and loaders by name."""
 
 from .base import ImageClassifier
+from . import faces, robustness  # noqa: F401  (register the celeba, celebahq and robustness families)
 from .loaders import MissingWeightsError, load_classifier
 
 __all__ = ["ImageClassifier", "MissingWeightsError", "load_classifier"]

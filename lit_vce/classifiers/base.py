@@ -8,14 +8,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: how a classifier brings an image to its input (see :class:`ImageClassifier`)
+PREPROCESSING = ("resize_crop", "resize", "none")
+
 
 class ImageClassifier(nn.Module):
     """A classifier that owns its differentiable preprocessing.
 
     ``classifier(images)`` takes a batch (N, 3, H, W) in [0, 1] at any resolution,
-    resizes it (shorter side to ``resize_size``, then a centre crop to
-    ``input_size``, all as tensor ops so gradients reach the input), normalises it
-    with ``mean``/``std`` and returns logits (N, C). Weights are frozen.
+    brings it to the network's input as ``preprocessing`` says (tensor ops, so
+    gradients reach every input pixel the network sees), normalises it with
+    ``mean``/``std`` and returns logits (N, C). Weights are frozen.
+
+    ``preprocessing`` is where the papers' codes differ, and it decides which pixels
+    get gradient:
+
+    - ``"resize_crop"`` (default; torchvision/timm evaluation, LDCE's
+      ``Resize(256)`` + ``CenterCrop(224)``): shorter side to ``resize_size``, then a
+      centre crop to ``input_size``: the border outside the crop is never seen;
+    - ``"resize"`` (DVCE's and SVCE's code): the whole image resized to
+      ``input_size`` x ``input_size``;
+    - ``"none"`` (ACE's code, DiME's CelebA classifier): the image as it is (a
+      convolutional network with global pooling at any size); only normalised.
 
     Args:
         model: the network, taking preprocessed images.
@@ -26,6 +40,7 @@ class ImageClassifier(nn.Module):
         resize_size: shorter side before the centre crop (default: ``input_size``,
             i.e. no crop).
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        preprocessing: ``"resize_crop"``, ``"resize"`` or ``"none"`` (above).
         temperature: logits are divided by it (calibration).
         name: a label stored with results.
     """
@@ -41,10 +56,13 @@ class ImageClassifier(nn.Module):
         interpolation: str = "bilinear",
         temperature: float = 1.0,
         name: str = "classifier",
+        preprocessing: str = "resize_crop",
     ):
         super().__init__()
         if interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         self.model = model.eval()
@@ -54,6 +72,7 @@ class ImageClassifier(nn.Module):
         self.resize_size = int(resize_size or input_size)
         self.class_names = list(class_names)
         self.interpolation = interpolation
+        self.preprocessing = preprocessing
         self.temperature = float(temperature)
         self.name = name
         if (mean is None) != (std is None):
@@ -74,11 +93,14 @@ class ImageClassifier(nn.Module):
         return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable resize, centre crop and normalisation."""
+        """Differentiable resize (and crop, per ``preprocessing``) and normalisation."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]
-        if (h, w) != (self.input_size, self.input_size):
+        if self.preprocessing == "resize" and (h, w) != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode=self.interpolation,
+                                   align_corners=False, antialias=self.input_size < min(h, w))
+        elif self.preprocessing == "resize_crop" and (h, w) != (self.input_size, self.input_size):
             scale = self.resize_size / min(h, w)
             size = (max(self.input_size, round(h * scale)), max(self.input_size, round(w * scale)))
             if size != (h, w):
@@ -97,4 +119,5 @@ class ImageClassifier(nn.Module):
         return logits / self.temperature if self.temperature != 1.0 else logits
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}"
+        return (f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}, "
+                f"preprocessing={self.preprocessing!r}")

@@ -6,6 +6,10 @@
 - ``timm:<model name>``: any timm ImageNet model;
 - ``robustbench:<model id>`` (``robustbench:<threat>/<model id>``, default ``Linf``):
   robustbench ImageNet models;
+- ``celeba:<attribute>``, ``celebahq:<attribute>``: the papers' CelebA / CelebA-HQ
+  DenseNet-121 on one attribute (:mod:`lit_vce.classifiers.faces`);
+- ``robustness:<file>``: a robustness-library ResNet-50 (Madry's, DVCE's "Madry + FT";
+  :mod:`lit_vce.classifiers.robustness`);
 - ``openclip:<arch>/<pretrained>``: an open_clip model as a zero-shot ImageNet
   classifier (``<pretrained>`` is a tag such as ``openai`` or a local file);
 - ``file:<path>`` or a path ending in ``.pt``/``.pth``/``.safetensors``: a local
@@ -93,6 +97,13 @@ def check_classifier_spec(spec) -> None:
 
         if name not in WORLD_CLASSIFIERS:
             raise UnknownNameError(f"unknown classifier {name!r}{_spec_hint(name)}")
+    elif family in ("celeba", "celebahq"):
+        from ..data.celeba import attribute_index
+
+        try:
+            attribute_index(name)
+        except ValueError as e:
+            raise UnknownNameError(f"{family}:{name}: {e}") from None
     elif family == "timm" and not name.startswith("hf-hub:"):
         import timm
 
@@ -113,8 +124,13 @@ def classifier_class_names(spec) -> list[str] | None:
         from ..data.world import CLASS_NAMES
 
         return list(CLASS_NAMES)
-    if family in ("timm", "robustbench", "openclip"):
+    if family in ("timm", "robustbench", "openclip", "robustness"):
         return imagenet_class_names()
+    if family in ("celeba", "celebahq"):
+        from ..data.celeba import CELEBA_ATTRIBUTES, attribute_index
+
+        a = CELEBA_ATTRIBUTES[attribute_index(_split_spec(spec)[1])]
+        return [f"not {a}", a]
     return None
 
 

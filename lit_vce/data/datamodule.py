@@ -8,6 +8,7 @@ runs), ``error`` (list of str, "" when the image was read) and, for the world,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from .protocols import CLASSIFIER_PROTOCOLS, assign_target, select_by_classifier, validate_protocol
 from .world import CLASS_NAMES as WORLD_CLASSES
 from .world import ShapesWorld
+
+DATASETS = ("world", "imagefolder", "celeba", "celebahq")
 
 
 class _Explained(Dataset):
@@ -48,10 +51,13 @@ class VCEDataModule(L.LightningDataModule):
     """Images to explain with their targets.
 
     Args:
-        dataset: ``"world"`` (the embedded world) or ``"imagefolder"``.
-        root: the ImageFolder root (``imagefolder`` only).
+        dataset: ``"world"`` (the embedded world), ``"imagefolder"``, ``"celeba"`` or
+            ``"celebahq"`` (:mod:`lit_vce.data.celeba`: local files as DiME and ACE read them).
+        root: the ImageFolder, CelebA or CelebA-HQ root.
         regime, split: world regime (``balanced``, ``biased``, ``watermark`` or
-            ``watermark_balanced``) and split.
+            ``watermark_balanced``) and split; for CelebA the partition (``train``, ``val``,
+            ``test``; ACE explains CelebA's ``val`` and CelebA-HQ's ``test``).
+        attribute: CelebA: the explained attribute (``Smiling`` = 31, ``Young`` = 39), the label.
         num_samples: world: number of images; imagefolder: cap on explained samples (None: all).
         image_size: imagefolder resize/crop resolution (default 256).
         images_per_class: imagefolder: first N images of each class.
@@ -94,12 +100,15 @@ class VCEDataModule(L.LightningDataModule):
         seed: int = 0,
         class_names: list[str] | None = None,
         class_index: str = "auto",
+        attribute: str | None = None,
     ):
         super().__init__()
-        if dataset not in ("world", "imagefolder"):
-            raise ValueError(f"dataset must be 'world' or 'imagefolder', got {dataset!r}")
-        if dataset == "imagefolder" and not root:
-            raise ValueError("dataset 'imagefolder' needs root=<folder>")
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        if dataset != "world" and not root:
+            raise ValueError(f"dataset {dataset!r} needs root=<folder>")
+        if (attribute is None) != (dataset not in ("celeba", "celebahq")):
+            raise ValueError("attribute=<CelebA attribute> is given for dataset celeba or celebahq, and only for them")
         if (captions or masks) and dataset != "imagefolder":
             raise ValueError("captions and masks are read for dataset 'imagefolder' only (the world ships its masks)")
         if batch_size < 1:
@@ -118,6 +127,12 @@ class VCEDataModule(L.LightningDataModule):
             base = ShapesWorld(h.regime, h.split, size=h.num_samples or 64, seed=0)
             labels = [(i, base.sample_label(i), base.base_id(i), i) for i in range(len(base))]
             names = list(WORLD_CLASSES)
+        elif h.dataset in ("celeba", "celebahq"):
+            from .celeba import CelebAFaces
+
+            base = CelebAFaces(h.root, h.attribute, h.split, h.image_size, hq=h.dataset == "celebahq")
+            labels = [(i, base.label(i), Path(base.files[i]).name, i) for i in range(len(base))]
+            names = base.classes
         else:
             from .imagenet import ImageFolderDataset
 
@@ -134,7 +149,7 @@ class VCEDataModule(L.LightningDataModule):
         for i, label, sid, index in labels:
             for t in assign_target(h.protocol, label, sid, num_classes, h.seed, h.target, h.pairs, index=index):
                 entries.append((i, label, t))
-        if h.dataset == "imagefolder" and h.num_samples:
+        if h.dataset != "world" and h.num_samples:
             entries = entries[: h.num_samples]
         if not entries:
             raise ValueError(f"the {h.protocol!r} protocol selects no images from this dataset")
@@ -157,15 +172,30 @@ class VCEDataModule(L.LightningDataModule):
         the source becoming the classifier's prediction per batch)."""
         return {(s, t) for _, s, t in self.dataset.entries}
 
+    def attribute_info(self) -> dict[str, Any] | None:
+        """CelebA: the explained attribute's index and each attribute's correlation with it over
+        the training partition (CD's reference, as ACE's ``compute_CD.py``); else None."""
+        h = self.hparams
+        if h.dataset not in ("celeba", "celebahq"):
+            return None
+        if getattr(self, "_attribute_info", None) is None:
+            from .celeba import attribute_correlations, attribute_index
+
+            q = attribute_index(h.attribute)
+            self._attribute_info = {"query": q, "correlations": attribute_correlations(h.root, q, hq=h.dataset == "celebahq"),
+                                    "cd_dataset": f"{h.dataset} training partition labels"}
+        return self._attribute_info
+
     @property
     def selects_by_classifier(self) -> bool:
         """Whether the protocol picks images and sources by the explained classifier, per batch."""
         return self.hparams.protocol in CLASSIFIER_PROTOCOLS
 
-    def select(self, images: torch.Tensor, source: torch.Tensor, classifier) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, images: torch.Tensor, source: torch.Tensor, classifier,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The protocol's classifier-dependent part for a batch: (keep (N,) bool, source (N,));
         see :func:`lit_vce.data.protocols.select_by_classifier`."""
-        return select_by_classifier(self.hparams.protocol, images, source, classifier)
+        return select_by_classifier(self.hparams.protocol, images, source, classifier, target)
 
     @property
     def dataset(self) -> _Explained:

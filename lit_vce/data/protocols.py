@@ -12,6 +12,10 @@
 - ``misclassified``: error analysis: images the explained classifier gets
   wrong, with the true label as target (the classifier's prediction becomes
   the source; correctly classified images are left out at predict time);
+- ``flip_prediction``: binary classifiers (CelebA's smile and age): every image to
+  the opposite of the explained classifier's prediction, as DiME and ACE do
+  (``target = 1 - pred``); each image is listed with both targets and the one equal
+  to the prediction is left out at predict time;
 - ``random``: a uniformly random other class, drawn from (seed, sample id);
 - ``next``: class ``(source + 1) mod C`` (handy for small worlds).
 """
@@ -24,9 +28,9 @@ import torch
 
 from ..rngs import sample_seed
 
-PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "random", "next")
+PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "flip_prediction", "random", "next")
 #: protocols whose selection depends on the explained classifier (applied per batch: :func:`select_by_classifier`)
-CLASSIFIER_PROTOCOLS = ("misclassified",)
+CLASSIFIER_PROTOCOLS = ("misclassified", "flip_prediction")
 IMAGENET_ONLY = ("wordnet_closest", "ldce", "cluster")
 
 IMAGENET_HARD_PAIRS = [[340, 339], [339, 340], [293, 286], [286, 293], [285, 283], [283, 285]]
@@ -55,6 +59,8 @@ def validate_protocol(protocol: str, num_classes: int, target: int | None = None
                 raise ValueError(f"pair {list(pair)}: the target equals the source")
     if protocol in IMAGENET_ONLY and num_classes != 1000:
         raise ValueError(f"protocol {protocol!r} needs the 1000 ImageNet classes")
+    if protocol == "flip_prediction" and num_classes != 2:
+        raise ValueError(f"protocol 'flip_prediction' is for binary classifiers (2 classes), got {num_classes}")
     if protocol in ("random", "next") and num_classes < 2:
         raise ValueError("at least two classes are needed")
 
@@ -92,6 +98,8 @@ def assign_target(
         return list(cluster_targets().get(source, []))
     if protocol == "misclassified":
         return [source]  # the true label; the explained classifier's prediction becomes the source at predict time
+    if protocol == "flip_prediction":
+        return [0, 1]  # the one equal to the prediction is dropped at predict time
     if protocol == "random":
         r = sample_seed(seed, f"target:{sample_id}") % (num_classes - 1)
         return [r if r < source else r + 1]
@@ -101,12 +109,18 @@ def assign_target(
 
 
 @torch.no_grad()
-def select_by_classifier(protocol: str, images: torch.Tensor, source: torch.Tensor, classifier) -> tuple[torch.Tensor, torch.Tensor]:
+def select_by_classifier(protocol: str, images: torch.Tensor, source: torch.Tensor, classifier,
+                         target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of a protocol that needs the explained classifier, for a batch of images:
     (keep (N,) bool, source (N,)). ``misclassified`` keeps the images the classifier gets
-    wrong, with its prediction as the source (the target stays the true label); the other
-    protocols keep every image as it is."""
-    if protocol != "misclassified":
+    wrong, with its prediction as the source (the target stays the true label);
+    ``flip_prediction`` keeps the entries whose ``target`` differs from the prediction, with the
+    prediction as the source; the other protocols keep every image as it is."""
+    if protocol not in CLASSIFIER_PROTOCOLS:
         return torch.ones(len(images), dtype=torch.bool, device=images.device), source
     pred = classifier(images).argmax(1).to(source.device)
+    if protocol == "flip_prediction":
+        if target is None:
+            raise ValueError("protocol 'flip_prediction' selects by the target: pass target=")
+        return pred != target.to(source.device), pred
     return pred != source, torch.where(pred != source, pred, source)

@@ -37,6 +37,12 @@ ADM_PRESETS: dict[str, dict] = {
                                file="256x256_diffusion_uncond.pt"),
     "imagenet256_cond": dict(image_size=256, num_channels=256, num_res_blocks=2, num_head_channels=64, class_cond=True,
                              file="256x256_diffusion.pt"),
+    # DiME's and ACE's CelebA DDPM (their scripts' MODEL_FLAGS: 500 steps, 128 channels, 4 heads) and
+    # ACE's CelebA-HQ DDPM (celebahq-attack.sh); the file names are ours: put the authors' files there
+    "celeba128": dict(image_size=128, num_channels=128, num_res_blocks=2, num_heads=4, num_head_channels=-1,
+                      class_cond=False, diffusion_steps=500, file="ddpm-celeba.pt"),
+    "celebahq256": dict(image_size=256, num_channels=128, num_res_blocks=2, num_head_channels=64, class_cond=False,
+                        diffusion_steps=500, file="ddpm-celebahq.pt"),
     "imagenet512_cond": dict(image_size=512, num_channels=256, num_res_blocks=2, num_head_channels=64, class_cond=True,
                              file="512x512_diffusion.pt"),
 }

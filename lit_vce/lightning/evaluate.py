@@ -51,7 +51,8 @@ class EvaluateModule(StageModule):
                  metadata: dict[str, Any] | None = None, protocol: str | None = None, dataset: str | None = None,
                  lpips_weights: str | None = None, fetch_per_node: bool = True, metrics=None,
                  interval_resamples: int = 1000, fid_interval_resamples: int = 200, warnings: list[str] | None = None,
-                 s3: str = "auto", face_verification: str = "off"):
+                 s3: str = "auto", face_verification: str = "off", lpips_net: str | None = None,
+                 attribute_oracle: str | None = None, attributes: dict | None = None):
         super().__init__(fetch_per_node)
         self.warnings = list(warnings or [])
         from ..classifiers.loaders import check_classifier_spec
@@ -65,7 +66,8 @@ class EvaluateModule(StageModule):
                                 resolution=resolution, autoencoder=autoencoder, seed=seed, lpips_weights=lpips_weights,
                                 metrics=metrics, interval_resamples=interval_resamples,
                                 fid_interval_resamples=fid_interval_resamples, s3=s3 or "auto",
-                                face_verification=face_verification or "off")
+                                face_verification=face_verification or "off", lpips_net=lpips_net or "alex",
+                                attribute_oracle=attribute_oracle or "off", attributes=attributes)
         from ..metrics.suite import check_metrics
 
         check_metrics(metrics)  # an unknown name fails before anything is built
@@ -136,7 +138,8 @@ def _settings_of_run(prev: dict[str, Any], fid_features: str, module_kwargs: dic
     module_kwargs.setdefault("seed", prev.get("seed", 0))
     module_kwargs.setdefault("run_name", prev.get("run_name"))
     settings = prev.get("config", {}).get("metric_settings", {})
-    for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder", "s3", "face_verification"):
+    for key in ("second_classifier", "world_audit", "resolution", "lpips", "autoencoder", "s3", "face_verification",
+                "lpips_net", "attribute_oracle", "attributes"):
         if module_kwargs.get(key) is None and settings.get(key) is not None:
             module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
     if fid_features == "auto" and settings.get("fid_features"):

@@ -76,6 +76,14 @@ class VCEModule(StageModule):
             is present; ``"on"``: required; ``"off"``).
         face_verification: FVA and FS with the VGGFace2 ResNet-50 (``"on"``: needs
             ``$LIT_VCE_WEIGHTS_DIR/vggface2/resnet50_ft_weight.pkl``; for faces, so ``"off"`` by default).
+        lpips_net: ``"alex"`` (default) or ``"vgg"`` (ACE's and DiME's LPIPS).
+        preset: the protocol preset the run follows (``configs/presets/``; set by the preset's
+            config): stored with the results, where ``lit-vce leaderboard --published PRESET``
+            finds the runs to set beside the paper's figures.
+        attribute_oracle: ``"off"``, ``"celeba"`` or ``"celebahq"``: MNAC and CD with ACE's
+            attribute oracle (``$LIT_VCE_WEIGHTS_DIR/<celeba|celebahq>/oracle.pth``) on CelebA's 40
+            attributes; the query attribute and CD's training-partition correlations come from the
+            data (``--data.dataset celeba|celebahq``) and are stored with the results.
 
     The models (classifier, metrics, and the method when the CLI defers it) are built
     by :meth:`build`: in the constructor when used from Python, in ``prepare_data`` /
@@ -102,6 +110,9 @@ class VCEModule(StageModule):
         fid_interval_resamples: int = 200,
         s3: str = "auto",
         face_verification: str = "off",
+        lpips_net: str = "alex",
+        attribute_oracle: str = "off",
+        preset: str | None = None,
     ):
         super().__init__(fetch_per_node)
         if fid_features not in ("world", "inception", "none"):
@@ -124,12 +135,14 @@ class VCEModule(StageModule):
         self.metric_settings = {"fid_features": fid_features, "second_classifier": second_classifier if isinstance(
             second_classifier, str) else None, "world_audit": bool(world_audit), "resolution": resolution, "lpips": lpips,
             "autoencoder": autoencoder if isinstance(autoencoder, str) else None, "s3": s3,
-            "face_verification": face_verification}
+            "face_verification": face_verification, "lpips_net": lpips_net, "attribute_oracle": attribute_oracle,
+            "preset": preset}
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
                                 resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights,
                                 interval_resamples=interval_resamples, fid_interval_resamples=fid_interval_resamples,
-                                s3=s3, face_verification=face_verification)
+                                s3=s3, face_verification=face_verification, lpips_net=lpips_net,
+                                attribute_oracle=attribute_oracle)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
@@ -167,7 +180,9 @@ class VCEModule(StageModule):
         if self.metrics.audit is not None and dataset not in (None, "world"):
             # the audit reads shapes and backgrounds with the world's oracle: meaningless elsewhere
             self.metrics.audit = None
+            self.metrics.set_attributes(None)
             self.metric_settings["world_audit"] = False
+        self._attach_attributes(dm)
         self._check_classes()
         self._threads = torch.get_num_threads()
         if self.deterministic:
@@ -178,6 +193,25 @@ class VCEModule(StageModule):
         writer = self.writer()
         if writer is not None and writer.done_ids():
             self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
+
+    def _attach_attributes(self, dm) -> None:
+        """The face-attribute oracle's query and CD correlations, from the data (stored with the results)."""
+        oracle = getattr(self.metrics, "pending_oracle", None)
+        if oracle is None:
+            return
+        info = getattr(dm, "attribute_info", None)
+        if info is None or info() is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"attribute_oracle {self.metric_settings['attribute_oracle']!r} reads CelebA's attributes: "
+                              "it needs --data.dataset celeba or celebahq")
+        from ..metrics.oracle import OracleAttributes
+
+        attributes = info()
+        self.metrics.set_attributes(OracleAttributes(oracle, attributes["query"], attributes["correlations"],
+                                                     attributes["cd_dataset"]))
+        self.metrics.pending_oracle = None
+        self.metric_settings["attributes"] = attributes
 
     @staticmethod
     def _cli_config(writer) -> dict[str, Any] | None:
@@ -244,7 +278,7 @@ class VCEModule(StageModule):
         todo = [i for i in new if not errors[i]]
         if self._selects and todo:  # the data's protocol picks images and sources by the classifier
             idx = torch.tensor(todo, device=source.device)
-            keep, new_source = self.trainer.datamodule.select(quantize(images[todo]), source[idx], self.classifier)
+            keep, new_source = self.trainer.datamodule.select(quantize(images[todo]), source[idx], self.classifier, target[idx])
             source = source.clone()
             source[idx] = new_source
             self._counts["not_selected"] += len(todo) - int(keep.sum())

@@ -161,8 +161,33 @@ def world_dataset_correlations(regime: str = "balanced", n: int = 4096, seed: in
     return tuple(float(v) for v in out / len(SHAPES))
 
 
+class WorldAttributes:
+    """MNAC's and CD's inputs on the world: the oracle's shape and background and the
+    pixels' watermark (:func:`world_readings`), the query is ``shape is the target``."""
+
+    num_attributes = len(WORLD_ATTRIBUTES)
+    query = 0
+
+    def __init__(self, oracle, regime: str = "balanced"):
+        self.oracle, self.regime = oracle, regime
+        self.corr = torch.tensor(world_dataset_correlations(regime), dtype=torch.float64)
+
+    def read(self, images: torch.Tensor) -> torch.Tensor:
+        return world_readings(self.oracle, images)
+
+    def changes(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        return world_changes(before, after)
+
+    def deltas(self, before: torch.Tensor, after: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return world_target_deltas(before, after, target)
+
+    def describe(self) -> dict:
+        return {"attributes": list(WORLD_ATTRIBUTES), "reader": "world oracle + watermark pixels",
+                "cd_dataset": f"world {self.regime} train (4096 images)"}
+
+
 def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch.Tensor, resamples: int, seed: int,
-                level: float) -> list[float]:
+                level: float, query: int = 0) -> list[float]:
     """The percentile bootstrap interval of CD over samples (:mod:`lit_vce.metrics.uncertainty`):
     each resample's CD from its successful samples' sums (a resample with fewer than two
     is left out)."""
@@ -175,7 +200,7 @@ def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch
     counts = torch.zeros(resamples, n, dtype=torch.float64, device=deltas.device)
     counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
     w = counts * success.double()[None]  # (R, N): how often each successful sample is drawn
-    d, q = deltas.double(), deltas[:, 0].double()
+    d, q = deltas.double(), deltas[:, query].double()
     sn, sx, sxx = w.sum(1), w @ d, w @ (d * d)
     sq, sqq, sxq = w @ q, w @ (q * q), w @ (d * q[:, None])
     values = torch.stack([_cd_from_sums(sn[r], sx[r], sxx[r], sq[r], sqq[r], sxq[r], dataset_corr) if sn[r] >= 2

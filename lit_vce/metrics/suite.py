@@ -123,6 +123,7 @@ class VCEMetrics(nn.Module):
         cd_regime: str = "balanced",
         s3_encoder: nn.Module | None = None,
         face_encoder: nn.Module | None = None,
+        attribute_oracle=None,
     ):
         super().__init__()
         self.seed, self.resamples, self.fid_resamples = int(seed), int(resamples), int(fid_resamples)
@@ -167,12 +168,11 @@ class VCEMetrics(nn.Module):
         self.s3 = S3() if s3_encoder is not None else None  # ACE: SimSiam similarity, correctly classified originals
         self.face_encoder = face_encoder.eval().requires_grad_(False) if face_encoder is not None else None
         self.face = FaceVerification() if face_encoder is not None else None  # FVA / FS over successful VCEs
-        if self.audit is not None:  # MNAC and CD on the world's attributes (lit_vce.metrics.literature)
-            from .literature import MNAC, CorrelationDifference, world_dataset_correlations
+        # MNAC and CD: on the world's attributes with the audit, else with a face-attribute oracle
+        from .literature import WorldAttributes
 
-            self.mnac = MNAC()
-            self.cd = CorrelationDifference(torch.tensor(world_dataset_correlations(cd_regime)))
-            self.literature_samples = SampleValues()  # success, attributes changed, the three target deltas
+        self.attributes = None
+        self.set_attributes(WorldAttributes(self.audit.oracle, cd_regime) if self.audit is not None else attribute_oracle)
         self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
         self.audit_samples = SampleValues()  # per-sample success and audit flags, in the order of AUDIT_COLUMNS
         self._columns = ["flip_rate", "untargeted_flip_rate", "untargeted_flip_rate_prediction", "target_confidence",
@@ -180,6 +180,19 @@ class VCEMetrics(nn.Module):
             (["lpips"] if lpips is not None else []) + (["latent_l1", "latent_l2"] if self.encoder is not None else []) + \
             (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else []) + \
             (["s3"] if s3_encoder is not None else []) + (["face_similarity"] if face_encoder is not None else [])
+
+    def set_attributes(self, reader) -> None:
+        """MNAC and CD read by ``reader`` (:class:`~lit_vce.metrics.literature.WorldAttributes`,
+        :class:`~lit_vce.metrics.oracle.OracleAttributes`; None: neither). Before the first update."""
+        from .literature import MNAC, CorrelationDifference
+
+        self.attributes = reader
+        if reader is None:
+            return
+        dev = next((b.device for b in self.buffers()), torch.device("cpu"))
+        self.mnac = MNAC().to(dev)
+        self.cd = CorrelationDifference(reader.corr).to(dev) if reader.corr is not None else None
+        self.literature_samples = SampleValues().to(dev)  # success, attributes changed, the per-attribute deltas
 
     @property
     def feature_name(self) -> str | None:
@@ -252,7 +265,9 @@ class VCEMetrics(nn.Module):
         if self.audit is not None:  # not a flipped VCE: in no audit ratio, but kept so the rows stay aligned
             self.audit_samples.update(self._keys(sample_ids, dev), torch.stack(
                 [zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1))
-            self.literature_samples.update(self._keys(sample_ids, dev), torch.stack([zeros] + [nan] * 4, 1))
+        if self.attributes is not None:
+            width = 2 + self.attributes.num_attributes
+            self.literature_samples.update(self._keys(sample_ids, dev), torch.stack([zeros] + [nan] * (width - 1), 1))
         return rows
 
     def _update(self, original, counterfactual, source, target, sample_ids, before, after) -> list[dict[str, Any]]:
@@ -287,6 +302,7 @@ class VCEMetrics(nn.Module):
             self.audit.update(counterfactual, source, target, flipped, flags=audit_flags)
             self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
                 [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
+        if self.attributes is not None:
             changes = self._update_literature(original, counterfactual, target, success, sample_ids)
         pb, pa = before.softmax(1), after.softmax(1)
         col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
@@ -298,7 +314,7 @@ class VCEMetrics(nn.Module):
         self.samples.update(self._keys(sample_ids, original.device),
                             torch.stack([col[c].double().to(original.device) for c in self._columns], 1))
         extra = {"success_independent": success_ind.tolist() if success_ind is not None else None}
-        if audit_flags is not None:
+        if self.attributes is not None:
             extra["attributes_changed"] = [int(c) for c in changes.tolist()]
         return self._rows(sample_ids, source, target, pb, pa, success, per, extra, audit_flags)
 
@@ -353,15 +369,15 @@ class VCEMetrics(nn.Module):
         return rows
 
     def _update_literature(self, original, counterfactual, target, success, sample_ids) -> torch.Tensor:
-        """MNAC and CD on the world's attributes (shape, background, watermark); returns the
-        per-sample number of attributes changed."""
-        from .literature import world_changes, world_readings, world_target_deltas
-
-        before, after = world_readings(self.audit.oracle, original), world_readings(self.audit.oracle, counterfactual)
-        changes = world_changes(before, after)
-        deltas = world_target_deltas(before, after, target)
+        """MNAC and CD on the attributes (the world's shape, background and watermark, or a
+        face oracle's 40); returns the per-sample number of attributes changed."""
+        a = self.attributes
+        before, after = a.read(original), a.read(counterfactual)
+        changes = a.changes(before, after)
+        deltas = a.deltas(before, after, target).double()
         self.mnac.update(changes, success)
-        self.cd.update(deltas, deltas[:, 0], success)
+        if self.cd is not None:
+            self.cd.update(deltas, deltas[:, a.query], success)
         self.literature_samples.update(self._keys(sample_ids, original.device), torch.cat(
             [success.double()[:, None], changes[:, None], deltas], 1).to(original.device))
         return changes
@@ -403,14 +419,16 @@ class VCEMetrics(nn.Module):
                     if bool(has.any()):  # a ratio over the successful VCEs (of watermarked originals)
                         out[c] = mean_interval(torch.nan_to_num(flags[:, j]), self.resamples, self.seed, LEVEL,
                                                weights=success * has.double())
-        if self.audit is not None and self.resamples > 0 and "mnac" in m:
+        if self.attributes is not None and self.resamples > 0 and "mnac" in m:
             _, lit = self.literature_samples.compute()
             if lit.numel():
                 from .literature import cd_interval
 
                 ok = torch.nan_to_num(lit[:, 0])
                 out["mnac"] = mean_interval(torch.nan_to_num(lit[:, 1]), self.resamples, self.seed, LEVEL, weights=ok)
-                out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, self.resamples, self.seed, LEVEL)
+                if self.cd is not None:
+                    out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, self.resamples, self.seed,
+                                            LEVEL, query=self.attributes.query)
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
             figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful") if k in m}
@@ -467,7 +485,10 @@ class VCEMetrics(nn.Module):
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
-            m["mnac"], m["cd"] = float(self.mnac.compute()), float(self.cd.compute())
+        if self.attributes is not None:
+            m["mnac"] = float(self.mnac.compute())
+            if self.cd is not None:
+                m["cd"] = float(self.cd.compute())
         m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
         self.last_intervals = self._intervals(m)
         return m, audit, n
@@ -482,9 +503,10 @@ class VCEMetrics(nn.Module):
     def describe(self) -> dict[str, Any]:
         """The settings stored with the results."""
         return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
+                "lpips_net": getattr(self, "lpips_net", "alex") if self.lpips is not None else None,
                 "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
                 "cout_steps": self.cout.steps, "metrics": sorted(self.selected),
-                "cd_dataset": f"world {self.cd_regime} train (4096 images)" if self.audit is not None else None,
+                "attributes": self.attributes.describe() if self.attributes is not None else None,
                 "s3": "SimSiam ResNet-50 (ACE)" if self.s3 is not None else None,
                 "face_verification": "VGGFace2 ResNet-50, threshold 0.5 (ACE, DiME)" if self.face is not None else None,
                 "intervals": {"level": LEVEL, "method": "percentile bootstrap over samples", "resamples": self.resamples,
