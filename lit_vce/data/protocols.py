@@ -124,3 +124,10 @@ def select_by_classifier(protocol: str, images: torch.Tensor, source: torch.Tens
             raise ValueError("protocol 'flip_prediction' selects by the target: pass target=")
         return pred != target.to(source.device), pred
     return pred != source, torch.where(pred != source, pred, source)
+
+
+def keep_unreadable(protocol: str, source: int, target: int) -> bool:
+    """Whether an entry whose image cannot be read is recorded as a failed sample: once per
+    image, so ``flip_prediction`` keeps the entry a prediction equal to the label would keep
+    (target = 1 - label) and leaves the other out; other protocols keep every entry."""
+    return target != source if protocol == "flip_prediction" else True

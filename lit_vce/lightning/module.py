@@ -284,6 +284,14 @@ class VCEModule(StageModule):
             self._counts["not_selected"] += len(todo) - int(keep.sum())
             todo = [i for j, i in enumerate(todo) if keep[j]]
         unreadable = [i for i in new if errors[i]]
+        if self._selects and unreadable:  # an image listed with alternative targets fails once, not once per target
+            from ..data.protocols import keep_unreadable
+
+            kept = [i for i in unreadable if keep_unreadable(self.trainer.datamodule.hparams.protocol, int(source[i]),
+                                                             int(target[i]))]
+            self._counts["not_selected"] += len(unreadable) - len(kept)
+            self._seen.update(ids[i] for i in unreadable if i not in kept)
+            unreadable = kept
         if unreadable:
             idx = torch.tensor(unreadable, device=source.device)
             for row in self.metrics.update_failed(source[idx], target[idx], [ids[i] for i in unreadable],
