@@ -5,7 +5,7 @@
     lit-vce demo [--num-samples 64]       # the embedded-world benchmark (scripts/demo.sh)
     lit-vce evaluate RUN_DIR [--devices 2]   # re-read saved PNGs, the full metric suite
     lit-vce evaluate --originals O --counterfactuals C --targets T.csv --classifier X --out DIR
-    lit-vce leaderboard RUNS_DIR [--sort-by FR]   # leaderboard.md/.html/.tex
+    lit-vce leaderboard RUNS_DIR [--sort-by FR] [--published PRESET]   # leaderboard.md/.html/.tex
     lit-vce diversity RUN RUN [RUN ...]   # sigma_L across seeds (LPIPS-VGG, as DiME and ACE)
     lit-vce report RUN_DIR [RUN_DIR ...] [--rank-by l2]   # report.html
     lit-vce disagree --config world/disagree   # systematic errors (DiG-IN)
@@ -345,6 +345,9 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     lb.add_argument("results_dir")
     lb.add_argument("--sort-by", default="FR", help="a column header, e.g. FR, L2, FID (sorted in its declared direction)")
     lb.add_argument("--formats", default="md,html,tex", help="comma-separated subset of md,html,tex")
+    lb.add_argument("--published", metavar="PRESET", default=None,
+                    help="also set the runs of a protocol preset beside the papers' figures for it, in their metric "
+                         "conventions (published-PRESET.md; e.g. ace-imagenet, celebahq-smile)")
     rp = sub.add_parser("report", help="an HTML report (image grids, best/median/worst, plots) of one or more runs")
     rp.add_argument("runs", nargs="+", help="run folders (or folders holding run folders)")
     rp.add_argument("--out", default=None, help="the report file (default: <first folder>/report.html)")
@@ -360,8 +363,17 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
             outs = write_leaderboard(args.results_dir, args.sort_by, tuple(f.strip() for f in args.formats.split(",") if f.strip()))
         except (FileNotFoundError, ValueError) as e:
             p.exit(2, f"lit-vce leaderboard: {e}\n")
+        if args.published:
+            from .report.published import write_published
+
+            try:
+                outs["published"] = write_published(args.results_dir, args.published)
+            except ValueError as e:
+                p.exit(2, f"lit-vce leaderboard: {e}\n")
         if "md" in outs:
             print(outs["md"].read_text())
+        if "published" in outs:
+            print(outs["published"].read_text())
         print("written: " + ", ".join(str(v) for v in outs.values()))
     elif args.command == "report":
         from .report.html import write_report

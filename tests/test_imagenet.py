@@ -196,3 +196,69 @@ def test_the_baselines_imagenet_configs_compose_with_the_protocols(method, proto
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == method and res["protocol"] == protocol and res["n_failed"] == 1  # the corrupt JPEG
     assert res["config"]["method"]["name"] == method and 0 <= res["metrics"]["flip_rate"] <= 1
+
+
+def test_every_preset_composes_with_the_method_configs(capsys):
+    """Each preset with a method of its domain, and the ACE table's preset with every ImageNet method."""
+    from lit_vce.report.published import known_presets
+
+    presets = known_presets()
+    assert {"ace-imagenet", "dvce-imagenet", "svce-imagenet", "ldce-imagenet", "digin-imagenet", "celeba-smile",
+            "celeba-age", "celebahq-smile", "celebahq-age"} <= set(presets)
+    pairs = [(p, "celeba/methods/dime" if p.startswith("celeba-") else "celebahq/methods/ace" if p.startswith("celebahq")
+              else "imagenet/methods/classifier_guidance") for p in presets]
+    pairs += [("ace-imagenet", f"imagenet/methods/{m}") for m in
+              ("ace", "dime", "fastdime", "dvce", "dvce_2023", "svce", "ldce", "digin", "classifier_guidance")]
+    for preset, method in pairs:
+        with pytest.raises(SystemExit) as e:
+            main(["predict", "--config", f"presets/{preset}", "--config", method, "--print_config"])
+        assert e.value.code == 0, (preset, method)
+        printed = capsys.readouterr().out
+        assert f"preset: {preset}" in printed
+
+
+def test_ace_imagenet_preset_end_to_end_beside_the_published_figures(fake_imagenet, tmp_path, monkeypatch):
+    """The ACE table's zebra-sorrel preset with ACE's ImageNet config (tiny ADM stand-in, random
+    torchvision ResNet-50 saved where timm looks): the whole 256 px image reaches the classifier,
+    and leaderboard --published sets our row beside the paper's FIDs in ACE's convention."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights"
+    (weights / "timm").mkdir(parents=True)
+    for name in ("test_vit", "test_efficientnet"):
+        (weights / "timm" / f"{name}.safetensors").symlink_to(fake_imagenet / "weights" / "timm" / f"{name}.safetensors")
+    (weights / "inception").symlink_to(fake_imagenet / "weights" / "inception")
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet50.tv_in1k", pretrained=False).state_dict(), str(weights / "timm" / "resnet50.tv_in1k.safetensors"))
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(weights))
+    runs = tmp_path / "runs"
+    out = runs / "ace-zs"
+    main(["predict", "--config", "presets/ace-imagenet-zs", "--config", "imagenet/methods/ace",
+          "--data.root", str(fake_imagenet / "val"), "--data.image_size", "16", "--data.num_workers", "0",
+          "--data.batch_size", "4", "--model.resolution", "16", "--model.interval_resamples", "20",
+          "--model.fid_interval_resamples", "0", "--model.method.init_args.diffusion", str(fake_imagenet / "adm_tiny"),
+          "--model.method.init_args.num_steps", "10", "--model.method.init_args.attack_steps", "1",
+          "--model.method.init_args.dilation", "3", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["metric_settings"]["preset"] == "ace-imagenet-zs" and res["protocol"] == "pairs"
+    assert res["n"] == 7 and res["n_failed"] == 1  # zebra (3 + the corrupt one) -> sorrel, sorrel (3) -> zebra
+    assert res["classifier"] == "timm:resnet50.tv_in1k"
+    assert res["config"]["classifier"] == {"spec": "timm:resnet50.tv_in1k", "preprocessing": "none"}
+    assert "fid_successful" in res["metrics"] and "cout_source_correct" in res["metrics"]
+    main(["evaluate", str(out), "--resolution", "16"])  # the run's classifier, its preprocessing included
+    ev = json.loads((out / "evaluation" / "results.json").read_text())
+    assert ev["config"]["classifier"] == res["config"]["classifier"]
+    for key in ("flip_rate", "target_confidence", "cout", "l1_per_value"):  # target confidence: same preprocessing
+        assert ev["metrics"][key] == pytest.approx(res["metrics"][key], rel=1e-5, abs=1e-7), key
+    main(["leaderboard", str(runs), "--published", "ace-imagenet", "--formats", "md"])
+    table = (runs / "published-ace-imagenet.md").read_text()
+    row = next(line for line in table.splitlines() if "ours (" in line)
+    assert row.startswith("| ace-imagenet-zs | ace | ours (") and "7 (" in row
+    fid = next(line for line in table.splitlines() if "67.7" in line)
+    assert fid.startswith("| ace-imagenet-zs | ace (l2) | published † [1]")
+    assert "70.2" in table and "93.6" in table and "1.27" not in table  # the family's tasks only
+    assert "FID (ACE: all originals vs successful CFs)" in table and "the paper's PDF could not be read here" in table
+    with pytest.raises(SystemExit) as e:
+        main(["leaderboard", str(runs), "--published", "ace-imagenett"])
+    assert e.value.code == 2

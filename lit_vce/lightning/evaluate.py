@@ -59,7 +59,8 @@ class EvaluateModule(StageModule):
 
         check_classifier_spec(classifier)
         self._classifier_arg = classifier
-        self.classifier_spec = classifier if isinstance(classifier, str) else classifier.name
+        self.classifier_spec = classifier if isinstance(classifier, str) else (
+            classifier.get("spec", "") if isinstance(classifier, dict) else classifier.name)
         self.generation_time_s = float("nan")  # the run's, when known (results keep it; evaluation time is separate)
         self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
                                 second_classifier=second_classifier, lpips=lpips or "auto", world_audit=bool(world_audit),
@@ -80,6 +81,11 @@ class EvaluateModule(StageModule):
         self._t0 = 0.0
         self.final_results: dict[str, Any] | None = None
         self._build_unless_deferred()
+
+    def _classifier_config(self):
+        """The classifier as given (a mapping keeps its loader arguments), else its spec."""
+        arg = self._classifier_arg
+        return arg if isinstance(arg, (str, dict)) else self.classifier_spec
 
     def build(self) -> None:
         """The classifier and the metric suite."""
@@ -121,7 +127,7 @@ class EvaluateModule(StageModule):
     def _write(self, metrics, audit, n, rows, wall) -> None:
         results = self.results(
             rows, metrics, n, self.method_name, wall_time_s=self.generation_time_s, evaluation_time_s=round(wall, 2),
-            audit=audit, config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self.classifier_spec},
+            audit=audit, config={**self.metadata, "metrics": self.metrics.describe(), "classifier": self._classifier_config()},
             protocol=self.protocol, dataset=self.dataset_name, warnings=self.warnings)
         self.finalize(self.output_dir, rows, results, ROW_FIELDS, grid=False)
         failed = sum(1 for r in rows if r.get("failure"))
@@ -200,7 +206,8 @@ def run_evaluate(
         prev = _predict_results(run, module_kwargs)
         if prev is not None:
             meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
-            classifier = classifier or prev.get("classifier")
+            # the run's classifier with its loader arguments (preprocessing, checkpoint), not only its spec
+            classifier = classifier or prev.get("config", {}).get("classifier") or prev.get("classifier")
             method = method or prev.get("method")
             protocol, dataset_name = prev.get("protocol"), prev.get("dataset")
             generation_time = prev.get("wall_time_total_s") or prev.get("wall_time_s")
@@ -233,7 +240,7 @@ def run_evaluate(
     with deferred_build():  # the models are built in prepare_data / setup (one fetching process per node)
         module = EvaluateModule(clf, output_dir=output_dir, method=method or "unknown", fid_features=fid_features,
                                 metadata=meta, protocol=protocol, dataset=dataset_name, **module_kwargs)
-    module.classifier_spec = classifier
+    module.classifier_spec = classifier.get("spec", "") if isinstance(classifier, dict) else classifier
     module.generation_time_s = generation_time
     multi = devices > 1 or num_nodes > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp" if multi else "auto",

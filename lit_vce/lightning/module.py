@@ -391,6 +391,7 @@ class VCEModule(StageModule):
         results = self.results(
             rows, metrics, n, self.method.name, wall_time_s=wall, audit=audit, resumed=counts[0],
             config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
+                    "classifier": self.classifier_config,
                     "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "cli": self._cli_config(writer), "precision": str(self.trainer.precision),
                     "dtype": str(next(self.classifier.parameters(), torch.empty(0)).dtype),
