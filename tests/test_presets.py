@@ -270,3 +270,27 @@ def test_flip_prediction_is_for_binary_classifiers():
 
     with pytest.raises(ValueError, match="for binary classifiers"):
         validate_protocol("flip_prediction", 4)
+
+
+def test_reproduce_script_runs_a_preset_evaluates_and_sets_it_beside_the_paper(fake_faces, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, LIT_VCE_WEIGHTS_DIR=str(fake_faces / "weights"), OUT=str(tmp_path / "out"),
+               LIT_VCE_BIN=str(Path(sys.executable).parent / "lit-vce"), LIT_VCE_QUIET="1")
+    flags = [a.format(ddpm=fake_faces / "ddpm_tiny") for a in FACE_TINY] + ["--model.method.init_args.warmup", "1"]
+    done = subprocess.run(["bash", str(repo / "scripts" / "reproduce.sh"), "celebahq-age", "fastdime",
+                           "--data.root", str(fake_faces / "celebahq"), *flags],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "out" / "celebahq-age" / "fastdime"
+    assert (run / "results.json").is_file() and (run / "evaluation" / "results.json").is_file()
+    table = (tmp_path / "out" / "published-celebahq-age.md").read_text()
+    assert "| celebahq-age | fastdime | ours (" in table and "| celebahq-age | ace | published † [1]" in table
+    assert "5.31" in table and "3.21" not in table
+    bad = subprocess.run(["bash", str(repo / "scripts" / "reproduce.sh"), "celebahq-age", "svce"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no method config celebahq/methods/svce" in bad.stderr
