@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from lit_vce.cli import main
-from lit_vce.data.celeba import CELEBA_ATTRIBUTES, CelebAFaces, attribute_correlations, read_annotations
+from lit_vce.data.celeba import (
+    CELEBA_ATTRIBUTES,
+    CelebAFaces,
+    attribute_correlations,
+    read_annotations,
+)
 
 SMILING, YOUNG = 31, 39
 
@@ -103,7 +108,7 @@ def test_celeba_reads_both_layouts_and_the_papers_partitions(fake_faces, tmp_pat
             w.writerow([f"{i + 1:06d}.jpg", *_labels(i)])
     (csv_root / "list_eval_partition.csv").write_text("image_id,partition\n" + "".join(
         f"{i + 1:06d}.jpg,{p}\n" for i, p in enumerate([0] * 6 + [1] * 4 + [2] * 2)))
-    files2, labels2, parts2 = read_annotations(csv_root)
+    _, labels2, parts2 = read_annotations(csv_root)
     assert torch.equal(labels, labels2) and parts == parts2
     # CelebA-HQ: the partition is the CelebA original's (through the mapping file); ACE explains test
     hq = CelebAFaces(fake_faces / "celebahq", "Young", "test", image_size=32, hq=True)

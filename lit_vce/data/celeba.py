@@ -22,6 +22,7 @@ the classifiers normalise to [-1, 1] themselves). Labels: the 40 attributes as 0
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ def attribute_correlations(root: str | Path, query: int, hq: bool = False) -> li
     out = []
     for j in range(train.shape[1]):
         c = float(torch.corrcoef(torch.stack([q, train[:, j]]))[0, 1])
-        out.append(round(c, 10) if c == c else 0.0)
+        out.append(0.0 if math.isnan(c) else round(c, 10))
     return out
 
 
