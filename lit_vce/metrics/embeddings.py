@@ -101,15 +101,9 @@ class VGGFace2ResNet50(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import torchvision
+        from .oracle import caffe_resnet50
 
-        net = torchvision.models.resnet50()
-        for layer in (net.layer2, net.layer3, net.layer4):  # Caffe: the stride in the first 1x1 convolution
-            block = layer[0]
-            block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
-        net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
-        net.fc = nn.Identity()
-        self.net = net
+        self.net = caffe_resnet50()
         self.register_buffer("mean_bgr", torch.tensor(VGGFACE2_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
