@@ -245,6 +245,39 @@ def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path, ca
     assert forced["attempts"] == 3 and any("--writer.resume force" in w for w in forced["warnings"])
 
 
+def test_a_run_of_an_older_version_resumes_when_only_none_valued_options_differ(tmp_path, capsys):
+    """An option added with default None (off) must not set older runs apart: data.attribute did,
+    and resuming every run made before it was refused with an empty list of differences."""
+    from lit_vce.lightning.writer import fingerprint_hash
+
+    out = tmp_path / "run"
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    # as an older version wrote it: other None-valued keys, so another hash in run.json and every record
+    legacy = {**run["fingerprint"], "data": {**run["fingerprint"]["data"], "attribute": None, "root": None}}
+    legacy_hash = fingerprint_hash(legacy)
+    assert legacy_hash != run["fingerprint_hash"]
+    (out / "run.json").write_text(json.dumps({**run, "fingerprint": legacy, "fingerprint_hash": legacy_hash}))
+    for rec in (out / "samples").glob("*.json"):
+        (rec).write_text(json.dumps({**json.loads(rec.read_text()), "run_fingerprint": legacy_hash}))
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--data.num_samples", "8"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 8 and res["resumed"] == 6
+    assert json.loads((out / "run.json").read_text())["equivalent_hashes"] == [legacy_hash]
+    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--data.num_samples", "8"])  # and again
+    assert json.loads((out / "results.json").read_text())["resumed"] == 8
+    # a real difference is still refused, and a key one side lacks is named as absent
+    run = json.loads((out / "run.json").read_text())
+    changed = {**run["fingerprint"], "data": {**run["fingerprint"]["data"], "crop": "center"}}
+    (out / "run.json").write_text(json.dumps({"fingerprint": changed, "fingerprint_hash": fingerprint_hash(changed)}))
+    for rec in (out / "samples").glob("*.json"):
+        (rec).write_text(json.dumps({**json.loads(rec.read_text()), "run_fingerprint": fingerprint_hash(changed)}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])
+    assert "data.crop ('center' -> absent)" in capsys.readouterr().err
+
+
 def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_path):
     from lit_vce.data.world import ShapesWorld
 

@@ -252,6 +252,14 @@ class VCEPredictionWriter(BasePredictionWriter):
         return write_json(self.output_dir / name, data)
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -261,6 +269,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def canonical_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as stored and hashed: JSON types, and no key whose value is ``None``.
+
+    An option added later with a default of ``None`` (off) changes no output, so it must not
+    set a run made before it apart from the same run made after it (``data.attribute`` did).
+    """
+    def drop(v):
+        return {k: drop(x) for k, x in v.items() if x is not None} if isinstance(v, dict) else v
+
+    return drop(json.loads(json.dumps(fingerprint, default=str)))  # tuples -> lists, as stored
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -292,24 +312,29 @@ def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any] | None
                               "force to mix them anyway") from None
     if fingerprint is None:
         return {**old, "fingerprint": None, "fingerprint_hash": None}
-    fp = json.loads(json.dumps(fingerprint, default=str))  # tuples -> lists, as stored
+    fp = canonical_fingerprint(fingerprint)
     h = fingerprint_hash(fp)
     done = writer.done_ids()
     forced = bool(old.get("forced"))
+    # hashes of fingerprints equal to this one up to None-valued keys (records of older versions)
+    same = {x for x in old.get("equivalent_hashes", []) if isinstance(x, str)} if done else set()
     if done:
         recorded = old.get("fingerprint") or None
         rec_hash = fingerprint_hash(recorded) if recorded else None
+        if recorded and canonical_fingerprint(recorded) == fp and rec_hash != h:
+            same.add(rec_hash)
         counts: dict[str | None, int] = {}
         for r in writer._records():
             # a record without a hash (an older version) is judged by run.json's fingerprint
             k = r.get("run_fingerprint") or rec_hash
             counts[k] = counts.get(k, 0) + 1
-        foreign = {k: c for k, c in counts.items() if k != h}
+        foreign = {k: c for k, c in counts.items() if k != h and k not in same}
         if foreign and writer.resume != "force":
-            if recorded and rec_hash != h:
-                a, b = _flatten(recorded), _flatten(fp)
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:6]) + (" ..." if len(diff) > 6 else "")
+            if recorded and canonical_fingerprint(recorded) != fp:
+                a, b = _flatten(canonical_fingerprint(recorded)), _flatten(fp)
+                diff = sorted(k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT))
+                shown = ", ".join(f"{k} ({a.get(k, _ABSENT)!r} -> {b.get(k, _ABSENT)!r})" for k in diff[:6])
+                shown += " ..." if len(diff) > 6 else ""
             elif None in foreign:
                 shown = f"{foreign[None]} of them without a record of their configuration (no run.json)"
             else:
@@ -317,5 +342,8 @@ def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any] | None
             raise ConfigError(f"{writer.output_dir} holds {len(done)} samples of a run with another configuration: "
                               f"{shown}. Use another --writer.output_dir, or --writer.resume force to mix them anyway")
         forced = forced or bool(foreign)
-    return {"fingerprint": fp, "fingerprint_hash": h, "attempts": int(old.get("attempts", 0)) if done else 0,
-            "forced": forced}
+    out = {"fingerprint": fp, "fingerprint_hash": h, "attempts": int(old.get("attempts", 0)) if done else 0,
+           "forced": forced}
+    if same - {h}:
+        out["equivalent_hashes"] = sorted(same - {h})
+    return out
