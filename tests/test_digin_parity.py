@@ -185,3 +185,93 @@ def test_l2_regularisers_are_mean_squared_errors_with_soft_masks():
     torch.testing.assert_close(L2Distance("latent").loss(x, ctx), F.mse_loss(x[:, :2], y[:, :2], reduction="none").flatten(1).mean(1))
     # the official px_background_l2: mean((1 - m) * (x - y)^2), the mask applied once
     torch.testing.assert_close(BackgroundL2("pixel").loss(x, ctx), ((1 - mask) * (x - y) ** 2).flatten(1).mean(1))
+
+
+def _tiny_sam_hq(seed: int = 0):
+    """A random SAM-HQ of the official code's classes (ViT encoder 32 wide, 2 blocks, the second global)."""
+    from lit_vce.diffusion.masks import _import_sam_hq
+
+    _import_sam_hq()
+    from segment_anything_hq.build_sam import _build_sam
+
+    torch.manual_seed(seed)
+    model = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+    for p in model.parameters():  # random init leaves the HQ token's output layers at zero in places
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _blob_batch():
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 40, 48)
+    soft = torch.zeros(1, 1, 40, 48)
+    soft[0, 0, 8:30, 10:36] = torch.linspace(0.36, 1.0, 26)[None]
+    return images, soft
+
+
+def test_a_sam_hq_checkpoint_runs_as_dig_ins_predictor_call(tmp_path):
+    """A ``.pth`` checkpoint is refined with SAM-HQ's own predictor exactly as DiG-IN's
+    ``sam_segmentation`` calls it (8-bit truncated RGB, the drawn points, one mask, HQ token only);
+    the architecture is read from the weights; importing SAM-HQ leaves timm's registry alone."""
+    import numpy as np
+    import timm
+
+    from lit_vce.classifiers import MissingWeightsError
+
+    entry = timm.models._registry._model_entrypoints["tiny_vit_5m_224"]
+    ref = _tiny_sam_hq()
+    from segment_anything_hq import SamPredictor
+    torch.save(ref.state_dict(), tmp_path / "sam_hq_tiny.pth")
+    sam = SamRefiner(str(tmp_path / "sam_hq_tiny.pth"))
+    assert sam.backend == "sam_hq" and timm.models._registry._model_entrypoints["tiny_vit_5m_224"] is entry
+    images, soft = _blob_batch()
+    out = sam(images, soft, sample_rngs(0, ["a"]))
+    pts = sam.points(soft[0], sample_rngs(0, ["a"])[0])
+    predictor = SamPredictor(ref)
+    predictor.set_image(((255 * images[0]).permute(1, 2, 0).numpy()).astype(np.uint8))
+    masks = {hq: predictor.predict(point_coords=pts.numpy(), point_labels=np.ones(len(pts)), box=None,
+                                   multimask_output=False, hq_token_only=hq)[0] for hq in (True, False)}
+    assert not np.array_equal(masks[True], masks[False])  # the flag matters for this model
+    assert out.shape == (1, 1, 40, 48) and np.array_equal(out[0].numpy(), masks[True].astype(np.float32))
+    assert 0 < out.mean() < 1
+    torch.save({"some": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(MissingWeightsError, match="not a SAM-HQ checkpoint"):
+        SamRefiner(str(tmp_path / "other.pth"))
+    with pytest.raises(MissingWeightsError, match="sam_hq_vit_h.pth"):
+        SamRefiner(str(tmp_path / "absent.pth"))
+
+
+def test_a_transformers_sam_hq_folder_predicts_with_the_hq_token_only(tmp_path):
+    from transformers import SamHQConfig, SamHQModel
+    from transformers.models.sam_hq.configuration_sam_hq import (SamHQMaskDecoderConfig, SamHQPromptEncoderConfig,
+                                                                 SamHQVisionConfig)
+
+    torch.manual_seed(0)
+    cfg = SamHQConfig(
+        vision_config=SamHQVisionConfig(hidden_size=16, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1],
+                                        num_pos_feats=8, mlp_dim=32),
+        prompt_encoder_config=SamHQPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamHQMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   iou_head_hidden_dim=16, vit_dim=16))
+    model = SamHQModel(cfg).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "samhq")
+    sam = SamRefiner(str(tmp_path / "samhq"))
+    assert type(sam.model).__name__ == "SamHQModel" and sam.backend == "transformers"
+    images, soft = _blob_batch()
+    out = sam(images, soft, sample_rngs(0, ["a"]))
+    pts = sam.points(soft[0], sample_rngs(0, ["a"])[0])
+    x = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - sam.mean) / sam.std
+    p = (pts * torch.tensor([64 / 48, 64 / 40]))[None, None]
+    lab = torch.ones(1, 1, len(pts), dtype=torch.long)
+    by_flag = {}
+    with torch.no_grad():
+        for hq in (True, False):
+            logits = sam.model(pixel_values=x, input_points=p, input_labels=lab, multimask_output=False,
+                               hq_token_only=hq).pred_masks[:, 0, :1]
+            by_flag[hq] = (F.interpolate(logits, size=(40, 48), mode="bilinear", align_corners=False)[0] > 0).float()
+    assert not torch.equal(by_flag[True], by_flag[False])
+    assert torch.equal(out[0], by_flag[True])

@@ -253,8 +253,10 @@ class DiGIN(VCEMethod):
             or ``"auto"`` (the batch's masks, else attention maps where the model has them).
         mask_postprocessing: erosion, dilation, blur kernel and blur sigma at 512 px
             (scaled with the resolution) for attention masks; ``None``: none.
-        sam_model: refine attention masks with Segment Anything (a ``SamModel``
-            folder or hub id; the official code uses SAM-HQ); ``None``: off.
+        sam_model: refine attention masks with Segment Anything: a SAM-HQ ``.pth``
+            checkpoint run with SAM-HQ's code as the official code runs it
+            (``sam_hq_vit_h.pth``; ``pip install 'lit_vce[samhq]'``), or a transformers
+            ``SamModel`` / ``SamHQModel`` folder or hub id; ``None``: off.
         sam_points, sam_threshold: points drawn where the soft mask exceeds the threshold.
         gradient_checkpointing: ``True``: checkpoint every UNet, decoder and classifier
             call of the optimised trajectory; ``False``: none; ``"auto"``: only as many
