@@ -123,7 +123,7 @@ def test_sfid_under_aces_convention_uses_successful_counterfactuals_and_equal_ha
     keys, success = torch.arange(n) * 104729, torch.rand(n) < 0.7
     m = SplitFID(_Flat(), seed=5)
     m.update(real, fake, keys, success=success)
-    all_vs_all, ace = (float(v) for v in m.compute())
+    all_vs_all, ace, _ = (float(v) for v in m.compute())
     salt = torch.randint(1, 2**62, (1,), generator=torch.Generator().manual_seed(5)).item()
     order = torch.argsort(keys ^ salt, stable=True)
     fr, ff = real.flatten(1)[:, :6].double().numpy(), fake.flatten(1)[:, :6].double().numpy()
@@ -132,6 +132,11 @@ def test_sfid_under_aces_convention_uses_successful_counterfactuals_and_equal_ha
     ref = 0.5 * (_reference_fid(fr[a.numpy()], ff[sb]) + _reference_fid(fr[b.numpy()], ff[sa]))
     assert ace == pytest.approx(ref, rel=1e-4)
     assert ace != pytest.approx(all_vs_all, rel=1e-3)
+    # LDCE's table2 sFID: each half against itself (the full halves, every instance)
+    within = float(m.compute()[2])
+    a_full, b_full = order[:10].numpy(), order[10:].numpy()
+    ref_within = 0.5 * (_reference_fid(fr[a_full], ff[a_full]) + _reference_fid(fr[b_full], ff[b_full]))
+    assert within == pytest.approx(ref_within, rel=1e-4) and within != pytest.approx(all_vs_all, rel=1e-3)
     # every counterfactual successful: the ACE value differs from all-vs-all only by the dropped instance
     m2 = SplitFID(_Flat(), seed=5)
     m2.update(real[:20], fake[:20], keys[:20])

@@ -431,7 +431,7 @@ class VCEMetrics(nn.Module):
                                             LEVEL, query=self.attributes.query)
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
-            figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful") if k in m}
+            figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful", "sfid_within") if k in m}
             out.update(self.sfid.bootstrap(figures, self.fid_resamples, self.seed, LEVEL))
         return {k: [round(float(x), 6) if math.isfinite(x) else float("nan") for x in v] for k, v in out.items()}
 
@@ -479,9 +479,10 @@ class VCEMetrics(nn.Module):
             m["fid_successful_n"] = self.fid_successful.n_fake  # successful counterfactuals
             m["fid_successful_n_originals"] = self.fid_successful.n_real  # all originals
         if self.features is not None and "sfid" in self.selected:
-            sfid_all, sfid_successful = self.sfid.compute()
+            sfid_all, sfid_successful, sfid_within = self.sfid.compute()
             m["sfid"], m["sfid_n"] = float(sfid_all), self.sfid.n_used
             m["sfid_successful"] = float(sfid_successful)
+            m["sfid_within"] = float(sfid_within)  # LDCE's table2: each half against itself
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}

@@ -299,7 +299,10 @@ class SplitFID(Metric):
     - ACE's ``compute_sFID.sh``: the same with only the **successful**
       counterfactuals of each half against all originals of the other, and
       halves of floor(N/2) each (with N odd, the middle instance is left out,
-      as ACE's ``head``/``tail`` split does).
+      as ACE's ``head``/``tail`` split does);
+    - LDCE's ``eval_utils/table2.py`` (``compute_fid(sfid=True, class_balanced=True)``
+      on a run of several buckets): mean(FID(orig_A, cf_A), FID(orig_B, cf_B)),
+      each half against itself, every instance (``sfid_within``).
 
     Features are kept per sample (concatenated across processes) with their
     keys, so the split does not depend on batch order or the number of processes.
@@ -330,9 +333,9 @@ class SplitFID(Metric):
         self.keys.append(keys.long())
         self.success.append((torch.ones(len(keys), dtype=torch.bool) if success is None else success.bool()).to(keys.device))
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it); both NaN
-        when ``split=False`` (the features are then only kept). The synced features, ordered
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it, sFID within
+        halves as LDCE computes it); all NaN when ``split=False`` (the features are then only kept). The synced features, ordered
         by sample key, stay in ``self.synced`` as ``(real, fake, success, halves)`` for
         :meth:`bootstrap`."""
         from torchmetrics.utilities import dim_zero_cat
@@ -341,7 +344,7 @@ class SplitFID(Metric):
         self.synced = None
         if isinstance(self.keys, list) and not self.keys:  # nothing added (e.g. every sample failed)
             self.n_used = 0
-            return nan, nan
+            return nan, nan, nan
         real, fake, keys = dim_zero_cat(self.real), dim_zero_cat(self.fake), dim_zero_cat(self.keys)
         success = dim_zero_cat(self.success).bool()
         n = len(keys)
@@ -354,10 +357,10 @@ class SplitFID(Metric):
         halves = (order[: n // 2], order[n // 2 :], order[: n // 2], order[n - n // 2 :])
         self.synced = (real, fake, success, halves)
         if not self.split:
-            return nan, nan
+            return nan, nan, nan
         if n < 4:
             warnings.warn(f"sFID needs at least 4 samples (got {n}); returning nan")
-            return nan, nan
+            return nan, nan, nan
         return _split_fids(real, fake, success, halves)
 
     def bootstrap(self, figures: dict[str, float], resamples: int, seed: int, level: float) -> dict[str, list[float]]:
@@ -379,27 +382,28 @@ class SplitFID(Metric):
         if "fid_successful" in figures:
             fid_s = torch.stack([fid_from_features(real[i], fake[i][success[i]]) for i in idx])
             out["fid_successful"] = percentile_interval(fid_s, level, figures["fid_successful"])
-        if self.split and len(real) >= 4 and ({"sfid", "sfid_successful"} & set(figures)):
+        if self.split and len(real) >= 4 and ({"sfid", "sfid_successful", "sfid_within"} & set(figures)):
             g = torch.Generator().manual_seed(int(seed) + 1)
             split = []
             for _ in range(resamples):
                 hs = tuple(h[torch.randint(0, len(h), (len(h),), generator=g).to(h.device)] for h in halves)
                 split.append(torch.stack(_split_fids(real, fake, success, hs)))
             split = torch.stack(split)
-            for j, key in enumerate(("sfid", "sfid_successful")):
+            for j, key in enumerate(("sfid", "sfid_successful", "sfid_within")):
                 if key in figures:
                     out[key] = percentile_interval(split[:, j], level, figures[key])
         return out
 
 
-def _split_fids(real, fake, success, halves) -> tuple[torch.Tensor, torch.Tensor]:
-    """sFID in both conventions for halves ``(a, b, a2, b2)`` (see :class:`SplitFID`)."""
+def _split_fids(real, fake, success, halves) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sFID in the three conventions for halves ``(a, b, a2, b2)`` (see :class:`SplitFID`)."""
     a, b, a2, b2 = halves
     all_vs_all = 0.5 * (fid_from_features(real[a], fake[b]) + fid_from_features(real[b], fake[a]))
+    within = 0.5 * (fid_from_features(real[a], fake[a]) + fid_from_features(real[b], fake[b]))
     sa, sb = a2[success[a2]], b2[success[b2]]
     if len(sa) < 2 or len(sb) < 2:
-        return all_vs_all, torch.tensor(float("nan"), dtype=torch.float64)
-    return all_vs_all, 0.5 * (fid_from_features(real[a2], fake[sb]) + fid_from_features(real[b2], fake[sa]))
+        return all_vs_all, torch.tensor(float("nan"), dtype=torch.float64), within
+    return all_vs_all, 0.5 * (fid_from_features(real[a2], fake[sb]) + fid_from_features(real[b2], fake[sa])), within
 
 
 def cout_curves(classifier: nn.Module, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor,

@@ -22,6 +22,10 @@ from .results import RunResults
 METRIC_HEADERS = {
     "fid_successful": "FID (ACE: all originals vs successful CFs)",
     "sfid_successful": "sFID (ACE)",
+    "fid": "FID (LDCE: all vs all)",
+    "sfid_within": "sFID (LDCE: halves against themselves)",
+    "l1": "L1 (sum over values)",
+    "l2": "L2 (norm over values)",
     "s3": "S3",
     "cout_source_correct": "COUT (ACE: correct originals)",
     "flip_rate": "FR",
