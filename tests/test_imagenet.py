@@ -4,6 +4,7 @@ weights), all loaded offline through the real loading paths."""
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,57 @@ def test_ace_imagenet_preset_end_to_end_beside_the_published_figures(fake_imagen
     with pytest.raises(SystemExit) as e:
         main(["leaderboard", str(runs), "--published", "ace-imagenett"])
     assert e.value.code == 2
+
+
+def test_digin_protocol_follows_the_official_list_and_cluster_rule(tmp_path):
+    """DiG-IN's inet_vce_idcs.py images, each to every other class of its class's first
+    in_hierarchy cluster (uvces_imagenet.py fill_img_idcs); a class in no cluster is skipped."""
+    import yaml
+
+    from lit_vce.data import VCEDataModule
+    from lit_vce.data.imagenet import ASSETS, digin_vce_targets, imagenet_synsets
+    from lit_vce.data.protocols import assign_target
+
+    data = yaml.safe_load((ASSETS / "digin_vce_list.yaml").read_text())
+    table = digin_vce_targets()
+    # 568 entries, one listed twice (13556, red wolf): 567 images, 511 of them in a cluster
+    assert len(data["images"]) == 568 and len(table) == 567 and all(i // 50 == s for i, s in data["images"])
+    assert sum(1 for _, t in table.values() if t) == 511
+    assert table[357] == (7, [])  # cock: in no cluster, skipped as the official script skips it
+    assert assign_target("digin", 7, "x", 1000, index=357) == [] and assign_target("digin", 0, "x", 1000, index=0) == []
+    first = next(c for c in data["clusters"].values() if 817 in c)  # sports car: 'car, auto, ...'
+    idx = next(i for i, s in data["images"] if s == 817)
+    assert table[idx] == (817, [t for t in first if t != 817]) and len(table[idx][1]) == len(first) - 1
+    # the VCEs of the official rule: 2863 there (the doubled image's 3 twice), 2860 distinct here
+    assert sum(len(t) for _, t in table.values()) == 2860
+    with pytest.raises(ValueError, match="class 817, the folder has it as class 3"):
+        assign_target("digin", 3, "x", 1000, index=idx)
+    # a full val folder (1000 synset folders of 50 files, hard links to one JPEG): ImageFolder order
+    one = tmp_path / "one.jpg"
+    _jpeg(one, 0, size=(8, 8))
+    root = tmp_path / "val"
+    for c, synset in enumerate(imagenet_synsets()):
+        (root / synset).mkdir(parents=True)
+        for j in range(50):
+            os.link(one, root / synset / f"ILSVRC2012_val_{c:04d}{j:02d}.JPEG")
+    dm = VCEDataModule("imagefolder", root=str(root), protocol="digin", image_size=8, batch_size=4, num_samples=None)
+    dm.setup("predict")
+    explained = dm._data.entries
+    want = [(i, s, t) for i, (s, ts) in sorted(table.items()) for t in ts]
+    assert [(dm._data.base.items[k][2], lab, t) for k, lab, t in explained] == want
+    small = tmp_path / "val_small"
+    for synset in imagenet_synsets()[:3]:
+        (small / synset).mkdir(parents=True)
+        os.link(one, small / synset / "a.JPEG")
+    with pytest.raises(ValueError, match="protocol 'digin' needs the full ImageNet val folder"):
+        VCEDataModule("imagefolder", root=str(small), protocol="digin", image_size=8).setup("predict")
+
+
+def test_the_class_synset_table_is_ilsvrcs_sorted_synsets():
+    """ILSVRC's class indices are its 1000 synsets in sorted order; LDCE's table had 51 classes
+    under another sense of their name (hen 8: the meat), so a real val folder was not ImageNet."""
+    from lit_vce.data.imagenet import imagenet_synsets
+
+    s = imagenet_synsets()
+    assert len(set(s)) == 1000 and s == sorted(s)
+    assert (s[8], s[134], s[517]) == ("n01514859", "n02012849", "n03126707")

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .protocols import CLASSIFIER_PROTOCOLS, assign_target, select_by_classifier, validate_protocol
+from .protocols import CLASSIFIER_PROTOCOLS, INDEXED, assign_target, select_by_classifier, validate_protocol
 from .world import CLASS_NAMES as WORLD_CLASSES
 from .world import ShapesWorld
 
@@ -65,7 +65,7 @@ class VCEDataModule(L.LightningDataModule):
         masks: imagefolder: a folder of foreground masks mirroring ``root`` (see
             :class:`ImageFolderDataset`); DiG-IN blends and regularises the background
             outside them.
-        protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``ldce``,
+        protocol: target protocol (``fixed``, ``pairs``, ``wordnet_closest``, ``ldce``, ``digin``,
             ``cluster``, ``misclassified``, ``random``, ``next``; see :mod:`lit_vce.data.protocols`).
         target: the class of the ``fixed`` protocol.
         pairs: ``[[source, target], ...]`` of the ``pairs`` protocol.
@@ -140,9 +140,9 @@ class VCEDataModule(L.LightningDataModule):
                                       masks=h.masks, class_names=h.class_names, class_index=h.class_index)
             labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
-            if h.protocol == "ldce" and not base.full_imagenet:
-                raise ValueError("protocol 'ldce' needs the full ImageNet val folder (1000 synset folders, 50 images each): "
-                                 "its targets are listed by image index")
+            if h.protocol in INDEXED and not base.full_imagenet:
+                raise ValueError(f"protocol {h.protocol!r} needs the full ImageNet val folder (1000 synset folders, 50 images "
+                                 "each): its images and targets are listed by image index")
         num_classes = h.num_classes or len(names)
         validate_protocol(h.protocol, num_classes, h.target, h.pairs)
         entries = []

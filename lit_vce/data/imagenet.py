@@ -37,6 +37,24 @@ def ldce_val_targets() -> dict[int, int]:
 
 
 @functools.lru_cache(maxsize=1)
+def digin_vce_targets() -> dict[int, tuple[int, list[int]]]:
+    """DiG-IN's ImageNet VCE list: val image index (ImageFolder order) -> (start class, targets).
+
+    From the official ``inet_vce_idcs.py`` (every target ``None``) with the rule of
+    ``uvces_imagenet.py``'s ``fill_img_idcs``: a ``None`` target becomes every other class of
+    the first ``in_hierarchy`` cluster that lists the start class; an image whose start class is
+    in no cluster is skipped there and gets no targets here (``assets/imagenet/digin_vce_list.yaml``).
+    """
+    data = yaml.safe_load((ASSETS / "digin_vce_list.yaml").read_text())
+    clusters = list(data["clusters"].values())
+    out = {}
+    for index, start in data["images"]:
+        cluster = next((c for c in clusters if start in c), [])
+        out[int(index)] = (int(start), [int(t) for t in cluster if t != start])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
 def imagenet_synsets() -> list[str]:
     """The WordNet synset id of each ImageNet class index."""
     table = yaml.safe_load((ASSETS / "index_synset.yaml").read_text())

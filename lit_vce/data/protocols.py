@@ -7,6 +7,10 @@
 - ``ldce``: the LDCE all-class list: each ImageNet val image (by its index in
   the full val folder's order) has one target among the 4 WordNet-closest
   classes of its class (use ``images_per_class=10`` for the 10,000-image set);
+- ``digin``: DiG-IN's list: the ImageNet val images (by index in the full val folder's
+  order) of the official ``inet_vce_idcs.py``, each to every other class of its class's
+  cluster in the official ``in_hierarchy`` (images of a class in no cluster are skipped,
+  as the official script skips them);
 - ``cluster``: WordNet clusters (maximal subtrees with 3-10 ImageNet classes):
   one VCE per other class of the image's cluster;
 - ``misclassified``: error analysis: images the explained classifier gets
@@ -28,10 +32,12 @@ import torch
 
 from ..rngs import sample_seed
 
-PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "cluster", "misclassified", "flip_prediction", "random", "next")
+PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "digin", "cluster", "misclassified", "flip_prediction", "random", "next")
 #: protocols whose selection depends on the explained classifier (applied per batch: :func:`select_by_classifier`)
 CLASSIFIER_PROTOCOLS = ("misclassified", "flip_prediction")
-IMAGENET_ONLY = ("wordnet_closest", "ldce", "cluster")
+IMAGENET_ONLY = ("wordnet_closest", "ldce", "digin", "cluster")
+#: protocols that list images by their index in the full ImageNet val folder
+INDEXED = ("ldce", "digin")
 
 IMAGENET_HARD_PAIRS = [[340, 339], [339, 340], [293, 286], [286, 293], [285, 283], [283, 285]]
 
@@ -77,7 +83,7 @@ def assign_target(
 ) -> list[int]:
     """The target classes of one image (empty: the image is not explained).
 
-    ``index`` is the image's position in the full ImageNet val folder (``ldce`` only)."""
+    ``index`` is the image's position in the full ImageNet val folder (``ldce`` and ``digin``)."""
     if protocol == "fixed":
         return [] if source == int(target) else [int(target)]
     if protocol == "pairs":
@@ -92,6 +98,16 @@ def assign_target(
         if index is None or index not in ldce_val_targets():
             raise ValueError(f"protocol 'ldce' has no target for image index {index} (it needs the 50,000-image val folder)")
         return [ldce_val_targets()[index]]
+    if protocol == "digin":
+        from .imagenet import digin_vce_targets
+
+        if index not in digin_vce_targets():
+            return []
+        start, targets = digin_vce_targets()[index]
+        if start != source:
+            raise ValueError(f"protocol 'digin' lists val image {index} as class {start}, the folder has it as class {source}: "
+                             "give the ImageNet val folder in synset subfolders (ImageFolder order)")
+        return targets
     if protocol == "cluster":
         from .imagenet import cluster_targets
 
