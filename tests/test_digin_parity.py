@@ -8,12 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_vce.rngs import sample_rngs
-from lit_vce.diffusion.masks import SamRefiner, attention_foreground, latent_mask_from_pixels, postprocess_mask
 from lit_vce.diffusion import PixelDiffusion
+from lit_vce.diffusion.masks import (
+    SamRefiner,
+    attention_foreground,
+    latent_mask_from_pixels,
+    postprocess_mask,
+)
 from lit_vce.methods import DiGIN, VCEBatch
 from lit_vce.methods.digin import cutout_views, fraction_steps
 from lit_vce.objectives import BackgroundL2, L2Distance, ObjectiveContext
+from lit_vce.rngs import sample_rngs
 
 
 def _world(n=2):
@@ -243,8 +248,11 @@ def test_a_sam_hq_checkpoint_runs_as_dig_ins_predictor_call(tmp_path):
 
 def test_a_transformers_sam_hq_folder_predicts_with_the_hq_token_only(tmp_path):
     from transformers import SamHQConfig, SamHQModel
-    from transformers.models.sam_hq.configuration_sam_hq import (SamHQMaskDecoderConfig, SamHQPromptEncoderConfig,
-                                                                 SamHQVisionConfig)
+    from transformers.models.sam_hq.configuration_sam_hq import (
+        SamHQMaskDecoderConfig,
+        SamHQPromptEncoderConfig,
+        SamHQVisionConfig,
+    )
 
     torch.manual_seed(0)
     cfg = SamHQConfig(
