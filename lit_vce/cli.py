@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
 
 #: the subcommands whose module has a ``main(argv)`` of its own
 _MAIN_OF = {"spurious": ".analyses.spurious", "evaluate": ".lightning.evaluate", "compare": ".report.compare",
-            "diversity": ".report.diversity", "demo": ".demo", "findings": ".findings"}
+            "diversity": ".report.diversity", "demo": ".demo", "findings": ".findings", "cost": ".cost"}
 
 
 def _dispatch(argv: list[str], from_console: bool) -> None:
@@ -337,6 +337,7 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     sub.add_parser("neurons", help="DiG-IN: visualise a unit of a classifier (LightningCLI)")
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
+    sub.add_parser("cost", help="expected GPU time and memory of a predict run, from a FLOP count (see `lit-vce cost --help`)")
     sub.add_parser("diversity", help="sigma_L: LPIPS between the counterfactuals of runs with different seeds (DiME, ACE)")
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
     sub.add_parser("findings", help="the world's shortcut findings with 95 %% intervals (see `lit-vce findings --help`)")

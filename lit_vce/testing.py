@@ -172,16 +172,29 @@ def stable_diffusion_components(size: str = "tiny", image_size: int = 64, seed: 
                                             vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=2, pad_token_id=1,
                                             max_position_embeddings=77))
     else:
-        unet = UNet2DConditionModel(sample_size=image_size // 8, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
-                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
-                            sample_size=image_size)
+        unet, vae = sd15_unet(image_size), sd15_vae(image_size)
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                             num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77))
     sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer, "scheduler_config": sched}
+
+
+def sd15_unet(image_size: int = 512):
+    """Stable Diffusion 1.x's UNet architecture (860M parameters, random weights) for ``image_size`` px images."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=image_size // 8, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+
+
+def sd15_vae(image_size: int = 512):
+    """Stable Diffusion 1.x's VAE architecture (84M parameters, random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                         sample_size=image_size)
 
 
 def count_flops(fn) -> tuple[object, int]:
