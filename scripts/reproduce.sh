@@ -11,6 +11,8 @@
 # published figures: $OUT/published-PRESET.md. Runs resume where they stopped. Needs the weights the
 # preset and the method name (`lit-vce fetch --config presets/P --config M` lists and loads them) and,
 # for real data, a GPU (the presets ask for one; pass --trainer.accelerator cpu to try it small).
+# Expected GPU time and memory, from a FLOP count, before starting (README, "Expected GPU cost"):
+#   lit-vce cost --config presets/ace-imagenet-zs --config imagenet/methods/METHOD
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: scripts/reproduce.sh PRESET METHOD [lit-vce predict flags...]" >&2

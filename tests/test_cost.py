@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_vce.cli import main
-from lit_vce.cost import _Counter, _SavedTracker, _StandIns, estimate
+from lit_vce.cost import estimate
+from lit_vce.cost.counting import _Counter, _SavedTracker, _StandIns
 
 
 def test_activations_held_at_once_follow_autograds_saved_tensors():
