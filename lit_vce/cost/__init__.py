@@ -45,6 +45,11 @@ from .flops import real_costs
 DEFAULT_TFLOPS = 50.0
 
 
+def _num(x: float) -> str:
+    """A figure with the digits that mean something: 2,556 / 6.9 / 0.031."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2g}"
+
+
 @dataclass
 class NetworkCost:
     """One network of a run: what one VCE asks of it and what one evaluation costs."""
@@ -129,15 +134,15 @@ class CostReport:
             rows.append(f"| {n.network} | {n.calls:,.1f} | {n.grad_calls:,.1f} | {n.live:,.1f} | {f(n.gflops_forward)} | "
                         f"{f(n.gflops_backward)} | {f(n.params_m)} | {f(n.activations_mib)} | {f(per_vce, 2)} |")
         out = [f"{self.method} at {self.image_size} px, batch {self.batch_size}:", "", *rows, "",
-               (f"per VCE: {self.tflop_per_vce:,.1f} TFLOP -> {self.seconds_per_vce:,.1f} s at {self.tflops:g} TFLOP/s "
+               (f"per VCE: {_num(self.tflop_per_vce)} TFLOP -> {_num(self.seconds_per_vce)} s at {self.tflops:g} TFLOP/s "
                 "sustained (an assumption: --tflops)"),
                (f"memory at batch {self.batch_size}: about {self.memory_gib:,.1f} GiB (float32 weights "
                 f"{self.weights_gib:,.1f} GiB + the activations every differentiated evaluation holds until its backward pass)"),
                (f"with gradient checkpointing (where the method offers it): about {self.memory_checkpointed_gib:,.1f} GiB "
-                f"and {self.seconds_checkpointed_per_vce:,.1f} s per VCE (one more forward per differentiated evaluation)")]
+                f"and {_num(self.seconds_checkpointed_per_vce)} s per VCE (one more forward per differentiated evaluation)")]
         if self.num_vces:
             h = self.seconds_per_vce * self.num_vces / 3600
-            out.append(f"the preset's {self.num_vces:,} VCEs: {h:,.1f} GPU hours")
+            out.append(f"the preset's {self.num_vces:,} VCEs: {_num(h)} GPU hours")
         else:
             out.append("the number of VCEs of this data is not known here: multiply by yours (--num-vces)")
         out += [f"note: {n}" for n in self.notes]
