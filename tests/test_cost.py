@@ -61,8 +61,9 @@ def test_cost_of_a_preset_run_counts_the_methods_steps_and_the_real_architecture
     nets = {n.network: n for n in report.networks}
     unet = nets["diffusion UNet adm:imagenet256_uncond"]
     explained, partner = nets["classifier timm:resnet50.tv_in1k"], nets["classifier robustbench:Salman2020Do_R50"]
-    # 20 respaced steps, the first half skipped: 10 guided steps, each through the UNet with a gradient
-    assert (unet.calls, unet.grad_calls, unet.live) == (10, 10, 1)
+    # 20 respaced steps, the first half skipped: 10 guided steps, each with two backward passes through
+    # the UNet (the explained classifier's gradient and the partner's, separately: the cone needs both)
+    assert (unet.calls, unet.grad_calls, unet.live) == (10, 20, 1)
     assert partner.grad_calls == 10 and explained.grad_calls == 10
     # the real architectures: OpenAI's 256 px unconditional ADM (552.8M parameters); ResNet-50 at 224 px
     # (8.2 GFLOP = 2 x 4.1 GMAC) and, under the ACE preset's preprocessing "none", at the whole 256 px image

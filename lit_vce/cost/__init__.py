@@ -62,13 +62,16 @@ class NetworkCost:
     gflops_backward: float | None = None  # its backward pass (input gradient; weights frozen)
     params_m: float | None = None
     activations_mib: float | None = None  # saved for backward by one evaluation
-    note: str = ""
+    #: differentiated under the method's own gradient checkpointing (its forward saves nothing and
+    #: runs again in the backward pass, outside the hooks): one more forward per backward pass
+    recomputed: bool = False
 
     @property
     def gflops_per_vce(self) -> float | None:
         if self.gflops_forward is None:
             return None
-        return self.calls * self.gflops_forward + self.grad_calls * (self.gflops_backward or 0.0)
+        recompute = self.grad_calls * self.gflops_forward if self.recomputed else 0.0
+        return self.calls * self.gflops_forward + self.grad_calls * (self.gflops_backward or 0.0) + recompute
 
 
 @dataclass
@@ -110,7 +113,7 @@ class CostReport:
     @property
     def seconds_checkpointed_per_vce(self) -> float:
         """With checkpointing, each differentiated evaluation runs its forward once more."""
-        extra = sum(n.grad_calls * (n.gflops_forward or 0.0) for n in self.networks) / 1e3
+        extra = sum(n.grad_calls * (n.gflops_forward or 0.0) for n in self.networks if not n.recomputed) / 1e3
         return (self.tflop_per_vce + extra) / self.tflops
 
     def as_dict(self) -> dict[str, Any]:
@@ -150,6 +153,13 @@ class CostReport:
 
 
 # --- the run ---------------------------------------------------------------------------------
+def _held(c) -> float:
+    """Evaluations' activations held at once per image (the stand-ins explain 2 images). A network
+    differentiated under the method's own gradient checkpointing saves nothing in its forward
+    pass; its backward pass holds one recomputed evaluation at a time."""
+    return max(c.peak_live / 2, 1.0 if c.grad_calls else 0.0)
+
+
 def expected_vces(data: dict[str, Any]) -> int | None:
     """How many VCEs a preset's protocol makes on its full dataset (None when unknown here)."""
     protocol = data.get("protocol")
@@ -207,14 +217,17 @@ def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | No
             n = merged[key]
             n.calls += c.calls / 2
             n.grad_calls += c.grad_calls / 2
-            n.live = max(n.live, c.peak_live / 2)
+            n.live = max(n.live, _held(c))
             continue
         if c.calls == 0:
             continue
         gf, gb, pm, act, note = real_costs(role, image_size)
         if note:
             notes.append(note)
-        merged[key] = NetworkCost(role.network, c.calls / 2, c.grad_calls / 2, c.peak_live / 2, gf, gb, pm, act)
+        merged[key] = NetworkCost(role.network, c.calls / 2, c.grad_calls / 2, _held(c), gf, gb, pm, act,
+                                  recomputed=bool(c.grad_calls) and not c.per_image)
+        if merged[key].recomputed:
+            notes.append(f"{role.network}: checkpointed by the method; its forward is counted once more per backward pass")
     networks = list(merged.values())
     notes.append("call counts are the worst case: the stand-in classifier never flips, so every retry and every "
                  "step of a method that stops at the first flip runs")

@@ -16,8 +16,9 @@ STAND_IN_SIZE = 32
 
 # --- counting calls with stand-ins -------------------------------------------------------
 class _Counter:
-    """Hooks on a stand-in: evaluations (batch elements), differentiated ones, and the most
-    evaluations' activations alive at once (per image).
+    """Hooks on a stand-in: evaluations (batch elements, a forward repeated by gradient
+    checkpointing included), backward passes through them, and the most evaluations'
+    activations alive at once (per image).
 
     The activations are followed through autograd's saved tensors: each tensor saved while the
     network runs is wrapped, and its wrapper's release (the graph freed, after its backward
@@ -41,8 +42,16 @@ class _Counter:
         n = int(x.shape[0]) if x is not None else 1
         self.calls += n
         if saved:
-            self.grad_calls += n
             self.per_image = max(self.per_image, saved / n)
+        # a backward pass through this evaluation: the gradient reaching its output. Not for the
+        # forward that gradient checkpointing repeats inside the backward pass (counted as a call)
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            out = next((t for t in _tensors(output) if t.requires_grad), None)
+            if out is not None:
+                out.register_hook(lambda g, n=n: self._backward(n))
+
+    def _backward(self, n: int) -> None:
+        self.grad_calls += n
 
     @property
     def peak_live(self) -> float:
