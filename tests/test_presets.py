@@ -222,7 +222,8 @@ FACE_TINY = ["--model.method.init_args.diffusion", "{ddpm}", "--model.method.ini
              "--model.interval_resamples", "20", "--model.fid_interval_resamples", "0", "--trainer.accelerator", "cpu"]
 
 
-@pytest.mark.parametrize("preset,method", [("celeba-smile", "celeba/methods/dime"), ("celebahq-age", "celebahq/methods/fastdime")])
+@pytest.mark.parametrize("preset,method", [("celeba-smile", "celeba/methods/dime"), ("celebahq-age", "celebahq/methods/fastdime"),
+                                           ("celeba-age", "celeba/methods/fastdime"), ("celebahq-smile", "celebahq/methods/dime")])
 def test_celeba_presets_run_end_to_end_with_the_literature_metrics(preset, method, fake_faces, tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_faces / "weights"))
     ds = preset.split("-")[0]
