@@ -237,7 +237,9 @@ class PerStepGuidance(VCEMethod):
         variance) and the guidance g; fills in ``step.x0``."""
         d, t = self.diffusion, step.t
         with torch.enable_grad():
-            xt = step.x_t.detach().requires_grad_(True)
+            # without the VJP through the denoiser (DiME, FastDiME) no graph through it is built:
+            # one evaluation's activations per image, never used, were held until the step ended
+            xt = step.x_t.detach().requires_grad_(self.through_unet)
             model_out = d.model_output(xt, t, conds[0], conds[1], self.cfg_scale)
             if d.sampler == "adm":
                 out = d.p_mean_variance(model_out, xt, t)
