@@ -8,25 +8,28 @@ Two measurements, combined:
 1. **Calls.** The run's method is built from the same configs as ``predict``, with every
    network it loads replaced by a small random stand-in of the same kind (an ADM UNet of the
    preset's structure with few channels, a tiny Stable Diffusion, a small CNN classifier with
-   the classifier's number of classes, a small VGG), and explains 2 images at 32 px. Forward
-   hooks count, per network, how many evaluations each explained image costs and how many of
-   them are differentiated (gradient guidance, backpropagation through the sampler). The
-   stand-in classifier never flips (a fixed margin for the source class), so methods that stop
-   early or retry with a larger scale show their **worst case**. Call counts do not depend on
-   the network's size or the image resolution.
+   the classifier's number of classes, a small VGG), and explains 2 images at 32 px. Hooks
+   count, per network, the evaluations each explained image costs, the backward passes
+   through them (a gradient hook on each output) and the evaluations whose activations
+   autograd holds at once (its saved tensors, followed until freed). The stand-in classifier
+   never flips (a fixed margin for the source class), so methods that stop early or retry
+   with a larger scale show their **worst case**. Call counts do not depend on the network's
+   size or the image resolution.
 2. **FLOPs per call.** Each real architecture (the ADM preset, Stable Diffusion 1.x's UNet
    and VAE, the classifier's timm / torchvision architecture, VGG-19) is built on PyTorch's
    ``meta`` device (no weights, no memory) and run once, forward and backward with frozen
    weights, at the run's resolution under ``torch.utils.flop_counter.FlopCounterMode``; the
    tensors autograd saves are summed for the activation memory of one evaluation.
 
-Runtime per VCE = sum over networks of (calls x forward FLOPs + differentiated calls x
+Runtime per VCE = sum over networks of (evaluations x forward FLOPs + backward passes x
 backward FLOPs) / the sustained rate (``--tflops``: an assumption, not a measurement; the
-default, 50 TFLOP/s, is an H100's float32 rate with cuDNN convolutions in TF32). Memory =
-the weights (float32) + the activations the largest differentiated chain holds at once, times
-the batch size. Not counted: data loading, the metric suite (Inception, LPIPS, ...), the text
-encoder, elementwise operations (FlopCounterMode counts matrix products and convolutions,
-which dominate) and gradient checkpointing (it trades memory for about one more forward).
+default, 50 TFLOP/s, is an H100's float32 rate with cuDNN convolutions in TF32). A network
+the method checkpoints itself pays one more forward per backward pass, and is counted so.
+Memory = the float32 weights + the activations every network holds at once for one image,
+times the batch size; with checkpointing, the largest single evaluation's instead. Not
+counted: data loading, the metric suite (Inception, LPIPS, ...), text encoders and
+elementwise operations (FlopCounterMode counts matrix products and convolutions, which
+dominate).
 """
 
 from __future__ import annotations
@@ -180,15 +183,13 @@ def expected_vces(data: dict[str, Any]) -> int | None:
 
 def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | None = None) -> CostReport:
     """The cost of ``lit-vce predict ARGS`` (the same ``--config``/flag arguments), see the module docstring."""
+    import warnings
+
     from ..cli import VCECLI, resolve_method_names
     from ..data import VCEDataModule
     from ..lightning.module import VCEModule
     from ..methods import VCEBatch
     from ..rngs import sample_rngs
-
-    if tflops <= 0:
-        raise ValueError("--tflops must be > 0")
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     stand = _StandIns()
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-vces", type=int, default=None, help="VCEs of the run (default: the preset's protocol, when known)")
     p.add_argument("--json", default=None, help="also write the estimate as JSON to this file")
     known, rest = p.parse_known_args(argv)
+    if known.tflops <= 0:
+        p.error("--tflops must be > 0")
     if not rest:
         p.error("give the run's predict arguments, e.g. --config presets/ace-imagenet-zs --config imagenet/methods/dvce")
     report = estimate(rest, known.tflops, known.num_vces)
