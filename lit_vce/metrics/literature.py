@@ -206,3 +206,57 @@ def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch
     values = torch.stack([_cd_from_sums(sn[r], sx[r], sxx[r], sq[r], sqq[r], sxq[r], dataset_corr) if sn[r] >= 2
                           else torch.tensor(float("nan"), dtype=torch.float64) for r in range(resamples)])
     return percentile_interval(values, level)
+
+
+class AttributeMetrics(torch.nn.Module):
+    """MNAC and CD on the attributes an attribute reader returns (:class:`WorldAttributes`,
+    :class:`~lit_vce.metrics.oracle.OracleAttributes`), with the per-sample values (success,
+    attributes changed, the per-attribute deltas) their intervals resample."""
+
+    def __init__(self, reader):
+        from .uncertainty import SampleValues
+
+        super().__init__()
+        self.reader = reader
+        self.mnac = MNAC()
+        self.cd = CorrelationDifference(reader.corr) if reader.corr is not None else None
+        self.samples = SampleValues()
+
+    def update(self, original, counterfactual, target, success, keys) -> torch.Tensor:
+        """Read both images; returns the per-sample number of attributes changed."""
+        a = self.reader
+        before, after = a.read(original), a.read(counterfactual)
+        changes = a.changes(before, after)
+        deltas = a.deltas(before, after, target).double()
+        self.mnac.update(changes, success)
+        if self.cd is not None:
+            self.cd.update(deltas, deltas[:, a.query], success)
+        self.samples.update(keys, torch.cat([success.double()[:, None], changes[:, None], deltas], 1).to(original.device))
+        return changes
+
+    def update_failed(self, keys: torch.Tensor) -> None:
+        """Failed samples: not successful, no reading (kept so the rows stay aligned)."""
+        k = len(keys)
+        zeros = torch.zeros(k, dtype=torch.float64, device=keys.device)
+        nan = torch.full((k, 1 + self.reader.num_attributes), float("nan"), dtype=torch.float64, device=keys.device)
+        self.samples.update(keys, torch.cat([zeros[:, None], nan], 1))
+
+    def compute(self) -> dict[str, float]:
+        out = {"mnac": float(self.mnac.compute())}
+        if self.cd is not None:
+            out["cd"] = float(self.cd.compute())
+        return out
+
+    def intervals(self, resamples: int, seed: int, level: float) -> dict[str, list[float]]:
+        """95 % bootstrap intervals of MNAC and CD over samples (inside ``compute``: states synced)."""
+        from .uncertainty import mean_interval
+
+        _, lit = self.samples.compute()
+        if not lit.numel():
+            return {}
+        ok = torch.nan_to_num(lit[:, 0])
+        out = {"mnac": mean_interval(torch.nan_to_num(lit[:, 1]), resamples, seed, level, weights=ok)}
+        if self.cd is not None:
+            out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, resamples, seed, level,
+                                    query=self.reader.query)
+        return out

@@ -34,20 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion.base import resize_to as resize_square
 from ..rngs import sample_seed
+from .common import OPTIONAL_METRICS, check_metrics, resize_to  # noqa: F401 (imported from here)
 from .embeddings import S3, FaceVerification, cosine_similarity
 from .features import LatentEncoder, build_features
-from .uncertainty import FID_RESAMPLES, LEVEL, RESAMPLES, SampleValues, mean_interval
-from .vce import COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores, lp_per_sample
-
-
-def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
-    """Square ``resolution`` x ``resolution`` images (bilinear, antialiased, clamped to [0, 1]);
-    unchanged when None or already there."""
-    if resolution is None or images.shape[-2:] == (resolution, resolution):
-        return images
-    return resize_square(images, resolution).clamp(0, 1)
+from .uncertainty import FID_RESAMPLES, LEVEL, RESAMPLES, SampleValues, column_intervals, ratio_intervals
+from .vce import (COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores,
+                  lp_per_sample)
 
 
 class PerSampleMean(_SumMean):
@@ -59,24 +52,9 @@ class PerSampleMean(_SumMean):
         self._add(values)
 
 
-#: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
-#: (flip rates, confidences) and L1/L2 are always computed: they are what a row is
-OPTIONAL_METRICS = ("fid", "sfid", "cout", "lpips", "latent", "independent", "audit")
 #: per-sample values kept for the audit's intervals: success (of an original not already read as
 #: the target), then WorldAudit's flags
 AUDIT_COLUMNS = ("success", "shape_changed", "background_only", "watermark_only")
-
-
-def check_metrics(metrics) -> frozenset[str]:
-    """The selected optional metrics (all for None); a clear error for an unknown name."""
-    if metrics is None:
-        return frozenset(OPTIONAL_METRICS)
-    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
-    bad = sorted(set(names) - set(OPTIONAL_METRICS))
-    if bad:
-        raise ValueError(f"unknown metric(s) {', '.join(bad)}: choose from {', '.join(OPTIONAL_METRICS)} "
-                         "(flip rates, confidences and L1/L2 are always computed)")
-    return frozenset(names)
 
 
 class VCEMetrics(nn.Module):
@@ -171,7 +149,7 @@ class VCEMetrics(nn.Module):
         # MNAC and CD: on the world's attributes with the audit, else with a face-attribute oracle
         from .literature import WorldAttributes
 
-        self.attributes = None
+        self.literature = None
         self.set_attributes(WorldAttributes(self.audit.oracle, cd_regime) if self.audit is not None else attribute_oracle)
         self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
         self.audit_samples = SampleValues()  # per-sample success and audit flags, in the order of AUDIT_COLUMNS
@@ -184,15 +162,15 @@ class VCEMetrics(nn.Module):
     def set_attributes(self, reader) -> None:
         """MNAC and CD read by ``reader`` (:class:`~lit_vce.metrics.literature.WorldAttributes`,
         :class:`~lit_vce.metrics.oracle.OracleAttributes`; None: neither). Before the first update."""
-        from .literature import MNAC, CorrelationDifference
+        from .literature import AttributeMetrics
 
-        self.attributes = reader
-        if reader is None:
-            return
         dev = next((b.device for b in self.buffers()), torch.device("cpu"))
-        self.mnac = MNAC().to(dev)
-        self.cd = CorrelationDifference(reader.corr).to(dev) if reader.corr is not None else None
-        self.literature_samples = SampleValues().to(dev)  # success, attributes changed, the per-attribute deltas
+        self.literature = None if reader is None else AttributeMetrics(reader).to(dev)
+
+    @property
+    def attributes(self):
+        """The attribute reader of MNAC and CD, or None."""
+        return None if self.literature is None else self.literature.reader
 
     @property
     def feature_name(self) -> str | None:
@@ -265,9 +243,8 @@ class VCEMetrics(nn.Module):
         if self.audit is not None:  # not a flipped VCE: in no audit ratio, but kept so the rows stay aligned
             self.audit_samples.update(self._keys(sample_ids, dev), torch.stack(
                 [zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1))
-        if self.attributes is not None:
-            width = 2 + self.attributes.num_attributes
-            self.literature_samples.update(self._keys(sample_ids, dev), torch.stack([zeros] + [nan] * (width - 1), 1))
+        if self.literature is not None:
+            self.literature.update_failed(self._keys(sample_ids, dev))
         return rows
 
     def _update(self, original, counterfactual, source, target, sample_ids, before, after) -> list[dict[str, Any]]:
@@ -302,8 +279,8 @@ class VCEMetrics(nn.Module):
             self.audit.update(counterfactual, source, target, flipped, flags=audit_flags)
             self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
                 [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
-        if self.attributes is not None:
-            changes = self._update_literature(original, counterfactual, target, success, sample_ids)
+        if self.literature is not None:
+            changes = self.literature.update(original, counterfactual, target, success, self._keys(sample_ids, original.device))
         pb, pa = before.softmax(1), after.softmax(1)
         col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
                "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
@@ -368,20 +345,6 @@ class VCEMetrics(nn.Module):
             rows.append(row)
         return rows
 
-    def _update_literature(self, original, counterfactual, target, success, sample_ids) -> torch.Tensor:
-        """MNAC and CD on the attributes (the world's shape, background and watermark, or a
-        face oracle's 40); returns the per-sample number of attributes changed."""
-        a = self.attributes
-        before, after = a.read(original), a.read(counterfactual)
-        changes = a.changes(before, after)
-        deltas = a.deltas(before, after, target).double()
-        self.mnac.update(changes, success)
-        if self.cd is not None:
-            self.cd.update(deltas, deltas[:, a.query], success)
-        self.literature_samples.update(self._keys(sample_ids, original.device), torch.cat(
-            [success.double()[:, None], changes[:, None], deltas], 1).to(original.device))
-        return changes
-
     @staticmethod
     def _keys(sample_ids: list[str], device) -> torch.Tensor:
         return torch.tensor([sample_seed(0, s) for s in sample_ids], dtype=torch.long, device=device)
@@ -392,43 +355,13 @@ class VCEMetrics(nn.Module):
         if self.resamples > 0:
             _, values = self.samples.compute()
             if values.numel():
-                col = {c: values[:, j] for j, c in enumerate(self._columns)}
-                for name, v in col.items():
-                    if name in m and name not in ("source_correct", "s3"):
-                        has = torch.isfinite(v)  # measured figures leave failed samples out (NaN)
-                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL) if bool(has.all()) else \
-                            mean_interval(torch.nan_to_num(v), self.resamples, self.seed, LEVEL, weights=has.double())
-                out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], self.resamples, self.seed, LEVEL,
-                                                                weights=torch.nan_to_num(col["source_correct"]))
-                for name, weight in (("s3", col["source_correct"]), ("fva", col["flip_rate"]), ("fs", col["flip_rate"])):
-                    source = col.get("s3" if name == "s3" else "face_similarity")
-                    if name in m and source is not None:
-                        w = torch.isfinite(source).double() * torch.nan_to_num(weight)
-                        v = (torch.nan_to_num(source) > 0.5).double() if name == "fva" else torch.nan_to_num(source)
-                        out[name] = mean_interval(v, self.resamples, self.seed, LEVEL, weights=w)
-                if "cout" in col and "cout_source_correct" in m:
-                    has = torch.isfinite(col["cout"]).double() * torch.nan_to_num(col["source_correct"])
-                    out["cout_source_correct"] = mean_interval(torch.nan_to_num(col["cout"]), self.resamples, self.seed,
-                                                               LEVEL, weights=has)
+                out.update(column_intervals(values, self._columns, m, self.resamples, self.seed, LEVEL))
         if self.audit is not None and self.resamples > 0:
             _, flags = self.audit_samples.compute()
-            if flags.numel():
-                success = flags[:, 0]
-                for j, c in enumerate(AUDIT_COLUMNS[1:], 1):
-                    has = torch.isfinite(flags[:, j])
-                    if bool(has.any()):  # a ratio over the successful VCEs (of watermarked originals)
-                        out[c] = mean_interval(torch.nan_to_num(flags[:, j]), self.resamples, self.seed, LEVEL,
-                                               weights=success * has.double())
-        if self.attributes is not None and self.resamples > 0 and "mnac" in m:
-            _, lit = self.literature_samples.compute()
-            if lit.numel():
-                from .literature import cd_interval
-
-                ok = torch.nan_to_num(lit[:, 0])
-                out["mnac"] = mean_interval(torch.nan_to_num(lit[:, 1]), self.resamples, self.seed, LEVEL, weights=ok)
-                if self.cd is not None:
-                    out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, self.resamples, self.seed,
-                                            LEVEL, query=self.attributes.query)
+            if flags.numel():  # ratios over the successful VCEs (of watermarked originals)
+                out.update(ratio_intervals(flags, AUDIT_COLUMNS, self.resamples, self.seed, LEVEL))
+        if self.literature is not None and self.resamples > 0 and "mnac" in m:
+            out.update(self.literature.intervals(self.resamples, self.seed, LEVEL))
         if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
             self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
             figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful", "sfid_within") if k in m}
@@ -486,10 +419,8 @@ class VCEMetrics(nn.Module):
         audit = None
         if self.audit is not None:
             audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
-        if self.attributes is not None:
-            m["mnac"] = float(self.mnac.compute())
-            if self.cd is not None:
-                m["cd"] = float(self.cd.compute())
+        if self.literature is not None:
+            m.update(self.literature.compute())
         m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
         self.last_intervals = self._intervals(m)
         return m, audit, n

@@ -19,6 +19,7 @@ so the intervals do not depend on batch order or on the number of processes.
 from __future__ import annotations
 
 import math
+
 import torch
 from torchmetrics import Metric
 
@@ -123,3 +124,42 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, s
         tail = min(float((means <= 0).double().mean()), float((means >= 0).double().mean()))
         p = min(1.0, max(2 * tail, 1.0 / resamples))
     return {**out, "interval": [lo, hi], "p_value": p, "significant": bool(lo > 0 or hi < 0)}
+
+
+def column_intervals(values: torch.Tensor, columns, figures, resamples: int, seed: int = 0,
+                     level: float = LEVEL) -> dict[str, list[float]]:
+    """Intervals of the suite's per-sample figures from its sample table ``values`` (N, columns):
+    each column in ``figures`` over the samples that have it (NaN: a failed sample), the
+    flip rate, S3 and COUT over correctly classified originals, FVA and FS over the successes."""
+    col = {c: values[:, j] for j, c in enumerate(columns)}
+    out: dict[str, list[float]] = {}
+    for name, v in col.items():
+        if name in figures and name not in ("source_correct", "s3"):
+            has = torch.isfinite(v)  # measured figures leave failed samples out (NaN)
+            out[name] = mean_interval(v, resamples, seed, level) if bool(has.all()) else \
+                mean_interval(torch.nan_to_num(v), resamples, seed, level, weights=has.double())
+    out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], resamples, seed, level,
+                                                    weights=torch.nan_to_num(col["source_correct"]))
+    for name, weight in (("s3", col["source_correct"]), ("fva", col["flip_rate"]), ("fs", col["flip_rate"])):
+        source = col.get("s3" if name == "s3" else "face_similarity")
+        if name in figures and source is not None:
+            w = torch.isfinite(source).double() * torch.nan_to_num(weight)
+            v = (torch.nan_to_num(source) > 0.5).double() if name == "fva" else torch.nan_to_num(source)
+            out[name] = mean_interval(v, resamples, seed, level, weights=w)
+    if "cout" in col and "cout_source_correct" in figures:
+        has = torch.isfinite(col["cout"]).double() * torch.nan_to_num(col["source_correct"])
+        out["cout_source_correct"] = mean_interval(torch.nan_to_num(col["cout"]), resamples, seed, level, weights=has)
+    return out
+
+
+def ratio_intervals(flags: torch.Tensor, columns, resamples: int, seed: int = 0,
+                    level: float = LEVEL) -> dict[str, list[float]]:
+    """Intervals of ratios over the successes: ``flags[:, 0]`` is success, each other column a
+    per-sample flag (NaN where it does not apply, e.g. an original without a watermark)."""
+    out: dict[str, list[float]] = {}
+    success = flags[:, 0]
+    for j, c in enumerate(columns[1:], 1):
+        has = torch.isfinite(flags[:, j])
+        if bool(has.any()):
+            out[c] = mean_interval(torch.nan_to_num(flags[:, j]), resamples, seed, level, weights=success * has.double())
+    return out

@@ -334,10 +334,9 @@ class SplitFID(Metric):
         self.success.append((torch.ones(len(keys), dtype=torch.bool) if success is None else success.bool()).to(keys.device))
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sFID all vs all, sFID over successful counterfactuals as ACE computes it, sFID within
-        halves as LDCE computes it); all NaN when ``split=False`` (the features are then only kept). The synced features, ordered
-        by sample key, stay in ``self.synced`` as ``(real, fake, success, halves)`` for
-        :meth:`bootstrap`."""
+        """(sFID all vs all, as ACE over successful counterfactuals, within halves as LDCE); all NaN
+        when ``split=False`` (features only kept). The synced features, ordered by sample key, stay
+        in ``self.synced`` as ``(real, fake, success, halves)`` for :meth:`bootstrap`."""
         from torchmetrics.utilities import dim_zero_cat
 
         nan = torch.tensor(float("nan"), dtype=torch.float64)
