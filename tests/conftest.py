@@ -107,3 +107,24 @@ def tiny_adm_preset(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "adm" / "tiny_official.pt")
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     return data
+
+
+@pytest.fixture(scope="session")
+def full_val_folder(tmp_path_factory):
+    """A full ImageNet val folder: 1000 synset folders of 50 files each, hard links to one small
+    JPEG, so image indices follow ImageFolder order as in the real val set."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from lit_vce.data.imagenet import imagenet_synsets
+
+    root = tmp_path_factory.mktemp("full_val")
+    one = root / "one.JPEG"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(one, quality=90)
+    for c, synset in enumerate(imagenet_synsets()):
+        (root / "val" / synset).mkdir(parents=True)
+        for j in range(50):
+            os.link(one, root / "val" / synset / f"ILSVRC2012_val_{c:04d}{j:02d}.JPEG")
+    return root / "val"

@@ -265,7 +265,7 @@ def test_ace_imagenet_preset_end_to_end_beside_the_published_figures(fake_imagen
     assert e.value.code == 2
 
 
-def test_digin_protocol_follows_the_official_list_and_cluster_rule(tmp_path):
+def test_digin_protocol_follows_the_official_list_and_cluster_rule(full_val_folder, tmp_path):
     """DiG-IN's inet_vce_idcs.py images, each to every other class of its class's first
     in_hierarchy cluster (uvces_imagenet.py fill_img_idcs); a class in no cluster is skipped."""
     import yaml
@@ -288,15 +288,8 @@ def test_digin_protocol_follows_the_official_list_and_cluster_rule(tmp_path):
     assert sum(len(t) for _, t in table.values()) == 2860
     with pytest.raises(ValueError, match="class 817, the folder has it as class 3"):
         assign_target("digin", 3, "x", 1000, index=idx)
-    # a full val folder (1000 synset folders of 50 files, hard links to one JPEG): ImageFolder order
-    one = tmp_path / "one.jpg"
-    _jpeg(one, 0, size=(8, 8))
-    root = tmp_path / "val"
-    for c, synset in enumerate(imagenet_synsets()):
-        (root / synset).mkdir(parents=True)
-        for j in range(50):
-            os.link(one, root / synset / f"ILSVRC2012_val_{c:04d}{j:02d}.JPEG")
-    dm = VCEDataModule("imagefolder", root=str(root), protocol="digin", image_size=8, batch_size=4, num_samples=None)
+    # a full val folder (1000 synset folders of 50 files): ImageFolder order
+    dm = VCEDataModule("imagefolder", root=str(full_val_folder), protocol="digin", image_size=8, batch_size=4, num_samples=None)
     dm.setup("predict")
     explained = dm._data.entries
     want = [(i, s, t) for i, (s, ts) in sorted(table.items()) for t in ts]
@@ -304,7 +297,7 @@ def test_digin_protocol_follows_the_official_list_and_cluster_rule(tmp_path):
     small = tmp_path / "val_small"
     for synset in imagenet_synsets()[:3]:
         (small / synset).mkdir(parents=True)
-        os.link(one, small / synset / "a.JPEG")
+        os.link(next((full_val_folder / synset).iterdir()), small / synset / "a.JPEG")
     with pytest.raises(ValueError, match="protocol 'digin' needs the full ImageNet val folder"):
         VCEDataModule("imagefolder", root=str(small), protocol="digin", image_size=8).setup("predict")
 

@@ -1,4 +1,4 @@
-"""Every ImageNet preset runs end to end on a fake full val folder with random weights saved where
+"""Every ImageNet preset runs end to end on a fake full val folder (conftest) with random weights saved where
 its classifier's loader looks (the ACE zero-shot preset with ACE: tests/test_imagenet.py; CelebA:
 tests/test_presets.py). SVCE (two steps, no diffusion model) keeps each run to seconds; what is
 tested is the preset's data, protocol, classifier, input transform and conventions."""
@@ -6,35 +6,23 @@ tested is the preset's data, protocol, classifier, input transform and conventio
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lit_vce.cli import main
 
 
 @pytest.fixture(scope="module")
-def full_val(tmp_path_factory):
-    """1000 synset folders of 50 files each (hard links to one JPEG: ImageFolder order, image
-    indices as in the real val set) and random weights for every ImageNet preset's classifier."""
+def preset_weights(tmp_path_factory):
+    """Random weights for every ImageNet preset's classifier, where their loaders look."""
     import timm
     import torchvision
     from safetensors.torch import save_file
 
-    from lit_vce.data.imagenet import imagenet_synsets
     from lit_vce.testing import save_random_inception_weights
 
-    root = tmp_path_factory.mktemp("full_val")
-    one = root / "one.JPEG"
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(one, quality=90)
-    for c, synset in enumerate(imagenet_synsets()):
-        (root / "val" / synset).mkdir(parents=True)
-        for j in range(50):
-            os.link(one, root / "val" / synset / f"ILSVRC2012_val_{c:04d}{j:02d}.JPEG")
+    root = tmp_path_factory.mktemp("preset_weights")
     w = root / "weights"
     (w / "timm").mkdir(parents=True)
     (w / "robustness").mkdir()
@@ -49,7 +37,7 @@ def full_val(tmp_path_factory):
             "epoch": 0}
     torch.save(blob, w / "robustness" / "madry_ft.pt")
     save_random_inception_weights(w / "inception" / "weights-inception-2015-12-05-6726825d.pth")
-    return root
+    return w
 
 
 #: preset -> (VCEs of the first 2 images, the classifier spec, its preprocessing)
@@ -64,13 +52,13 @@ PRESETS = {
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_imagenet_preset_runs_end_to_end(preset, full_val, tmp_path, monkeypatch):
+def test_every_imagenet_preset_runs_end_to_end(preset, preset_weights, full_val_folder, tmp_path, monkeypatch):
     from lit_vce.data.imagenet import digin_vce_targets, ldce_val_targets
 
-    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(full_val / "weights"))
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(preset_weights))
     out = tmp_path / preset
     main(["predict", "--config", f"presets/{preset}", "--config", "imagenet/methods/svce",
-          "--data.root", str(full_val / "val"), "--data.image_size", "64", "--data.num_samples", "2",
+          "--data.root", str(full_val_folder), "--data.image_size", "64", "--data.num_samples", "2",
           "--data.num_workers", "0", "--data.batch_size", "2", "--model.resolution", "64",
           "--model.method.init_args.steps", "2", "--model.interval_resamples", "10", "--model.fid_interval_resamples", "0",
           "--model.s3", "off", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])

@@ -209,7 +209,7 @@ def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | No
         with torch.autograd.graph.saved_tensors_hooks(stand.tracker.pack, stand.tracker.unpack):
             method.generate(batch, classifier)
     image_size = int(data.get("image_size") or STAND_IN_SIZE)
-    networks, notes = [], []
+    notes: list[str] = []
     merged: dict[tuple[str, str], NetworkCost] = {}
     for role in stand.roles:
         c = role.counter

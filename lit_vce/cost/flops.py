@@ -49,7 +49,7 @@ def _classifier_arch(spec: Any, image_size: int) -> tuple[Any, int, str]:
         cfg = timm.models.get_pretrained_cfg(arch)
         size = int(cfg.input_size[-1]) if cfg is not None else 224
         return (lambda: timm.create_model(arch, pretrained=False)), (image_size if preprocessing == "none" else size), ""
-    if family in ("robustbench", "robustness") or name in ("madry_ft",):
+    if family in ("robustbench", "robustness"):
         import torchvision
 
         note = "" if "R50" in arg or family == "robustness" else f"{name}: a ResNet-50 assumed"

@@ -116,7 +116,7 @@ def build_sam_hq(state_dict: dict[str, torch.Tensor]):
     (``sam_hq_vit_h.pth``: 1280, 32, 16, blocks 7/15/23/31), so a checkpoint of any ViT size,
     or a small one saved for a test, builds the model it was trained as.
     """
-    sam_hq = _import_sam_hq()
+    _import_sam_hq()
     from segment_anything_hq.build_sam import _build_sam
 
     key = "image_encoder.patch_embed.proj.weight"
@@ -130,7 +130,6 @@ def build_sam_hq(state_dict: dict[str, torch.Tensor]):
     model = _build_sam(encoder_embed_dim=dim, encoder_depth=len(blocks), encoder_num_heads=dim // head_dim,
                        encoder_global_attn_indexes=glob, checkpoint=None)
     model.load_state_dict(state_dict, strict=True)
-    del sam_hq
     return model.eval().requires_grad_(False)
 
 
@@ -209,9 +208,7 @@ class SamRefiner(torch.nn.Module):
 
     def _predict_sam_hq(self, image: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
         """SAM-HQ's predictor, as DiG-IN's ``sam_segmentation``: (1, H, W) binary mask."""
-        from segment_anything_hq import SamPredictor
-
-        predictor = SamPredictor(self.model)
+        predictor = _import_sam_hq().SamPredictor(self.model)  # a Sam given as an object: its package, imported safely
         predictor.set_image((255 * image.float().clamp(0, 1)).permute(1, 2, 0).cpu().numpy().astype("uint8"))
         masks, _, _ = predictor.predict(point_coords=pts.numpy(), point_labels=torch.ones(len(pts)).numpy(),
                                         box=None, multimask_output=False, hq_token_only=True)
