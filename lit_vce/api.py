@@ -98,6 +98,8 @@ def explain(
     metrics: bool = True,
     fid_features: str | None = None,
     image_size: int | None = None,
+    masks: torch.Tensor | None = None,
+    captions: Sequence[str] | None = None,
     **method_kwargs,
 ) -> Explanation:
     """Counterfactuals of ``images`` towards ``targets`` for ``classifier`` with ``method``.
@@ -123,7 +125,14 @@ def explain(
             as there were threads; same bytes).
         metrics: compute the metric suite (flip rate, closeness, confidences; FID/sFID
             with ``fid_features``, default the world's features for world classifiers).
-    """
+        masks: foreground masks (N, 1, H, W) in [0, 1] at the images' resolution (as the
+            images are explained: after any resize), for methods that use them (DiG-IN's
+            blending and background terms).
+        captions: one caption per image, for text-conditioned methods (DiG-IN on Stable
+            Diffusion replaces the source class name in it by the target's).
+
+    Each batch goes through :func:`lit_vce.batches.explain_batch`, the path ``lit-vce
+    predict`` takes: a sample gets the bytes predict gives it (``deterministic=True``)."""
     from .classifiers import ImageClassifier, load_classifier
     from .io import quantize
     from .methods.base import VCEMethod
@@ -156,7 +165,8 @@ def explain(
     suite = _suite(clf, metrics, fid_features, seed, device)
     vce.to(device)
     vce.setup(device)
-    cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic)
+    masks, captions = _masks_captions(masks, captions, x)
+    cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions)
     scores, audit, intervals = _summary(suite, rows)
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
@@ -179,34 +189,46 @@ def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
     return scores, audit, intervals
 
 
-def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool):
-    """The counterfactuals (quantised) and one row per sample, batch by batch."""
+def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool, masks=None,
+              captions=None):
+    """The counterfactuals (quantised) and one row per sample, batch by batch, through the
+    path ``lit-vce predict`` takes (:func:`lit_vce.batches.explain_batch`)."""
+    from .batches import deterministic_kernels, explain_batch
     from .io import quantize
-    from .methods.base import VCEBatch, generate_one_by_one
-    from .metrics.accounting import score_batch
+    from .methods.base import VCEBatch
     from .progress import progress
     from .rngs import sample_rngs
 
-    threads = torch.get_num_threads()
-    if deterministic:
-        torch.set_num_threads(1)
     cfs, rows = [], []
-    try:
+    with deterministic_kernels(deterministic) as threads:
         for lo in progress(range(0, len(x), batch_size), desc=vce.name, total=(len(x) + batch_size - 1) // batch_size):
             sl = slice(lo, lo + batch_size)
-            batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device))
-            with torch.enable_grad():
-                result = generate_one_by_one(vce, batch, clf, threads) if deterministic else vce.generate(batch, clf)
-            cf = quantize(result.images.detach())
-            if suite is not None:  # the accounting rule, as in predict (lit_vce.metrics.accounting.score_batch)
-                rows += score_batch(suite, quantize(x[sl]), result.images, src[sl], tgt[sl], ids[sl], result.failure,
-                                    result.diagnostics)
-            else:
-                rows += _plain_rows(clf, result.images.detach(), src[sl], tgt[sl], ids[sl], result.failure, result.diagnostics)
-            cfs.append(torch.nan_to_num(cf, nan=0.0))  # a failed, non-finite image holds no NaN when returned
-    finally:
-        torch.set_num_threads(threads)
+            batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device),
+                             None if masks is None else masks[sl], None if captions is None else list(captions[sl]))
+            result, batch_rows = explain_batch(vce, clf, batch, suite, deterministic, threads)
+            rows += batch_rows
+            cfs.append(torch.nan_to_num(quantize(result.images.detach()), nan=0.0))  # no NaN in a returned image
     return torch.cat(cfs), rows
+
+
+def _masks_captions(masks, captions, x: torch.Tensor):
+    """``masks`` as a float tensor on ``x``'s device and ``captions`` as a list, checked against the images."""
+    n = len(x)
+    if masks is not None:
+        if not isinstance(masks, torch.Tensor) or masks.dim() != 4 or masks.shape[1] != 1:
+            raise ValueError("masks: expected a tensor (N, 1, H, W) in [0, 1]")
+        if masks.shape[0] != n or tuple(masks.shape[-2:]) != tuple(x.shape[-2:]):
+            raise ValueError(f"masks: shape {tuple(masks.shape)} does not match the {n} images of {x.shape[-2]}x{x.shape[-1]} px")
+        masks = masks.float().to(x.device)
+        if not bool(torch.isfinite(masks).all()) or float(masks.min()) < 0 or float(masks.max()) > 1:
+            raise ValueError("masks: values must be finite and in [0, 1]")
+    if captions is not None:
+        if isinstance(captions, str):
+            raise TypeError("captions: one caption per image (a list of strings), not one string")
+        captions = [str(c) for c in captions]
+        if len(captions) != n:
+            raise ValueError(f"captions: one caption per image ({n}), got {len(captions)}")
+    return masks, captions
 
 
 def load_method(method: str, **kwargs):
@@ -327,25 +349,3 @@ def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
     world = getattr(clf, "name", "") in WORLD_CLASSIFIERS
     feats = fid_features or ("world" if world else "none")
     return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device)
-
-
-def _plain_rows(clf, cf, src, tgt, ids, failures, diagnostics) -> list[dict[str, Any]]:
-    """Per-sample success and target confidence when the metric suite is off (the same
-    accounting rule: a failed or non-finite sample is not a success)."""
-    from .io import quantize
-    from .metrics.accounting import merge_failures, nonfinite_failures
-
-    failures = merge_failures(list(failures), nonfinite_failures(cf))
-    with torch.no_grad():
-        logits = clf(quantize(torch.nan_to_num(cf)))
-    rows = []
-    for i, (s, a, b) in enumerate(zip(ids, src, tgt)):
-        fail = failures[i] or ("" if bool(torch.isfinite(logits[i]).all()) else "non-finite logits from the classifier on the counterfactual")
-        p = logits[i].softmax(0)
-        row = {"sample_id": s, "source": int(a), "target": int(b), "failure": fail,
-               "success": not fail and bool(p.argmax() == b)}
-        if not fail:
-            row["target_conf_after"] = float(p[b])
-        row["diagnostics"] = {k: float(d[i]) for k, d in diagnostics.items()}
-        rows.append(row)
-    return rows

@@ -43,7 +43,7 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
     """Run the demo grid (and, with ``analyses``, one disagreement and one neuron run)
     and return the leaderboard (Markdown). Without ``full`` the slow methods run on
     :data:`QUICK_SAMPLES` images (the leaderboard's N column says how many)."""
-    from .cli import run_predict
+    from .lightning.cli import run_predict
     from .report.html import write_report
     from .report.leaderboard import write_leaderboard
 
@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", num_samples: int = 64, batch_size: i
                 "--data.batch_size", str(batch_size), "--writer.output_dir", str(out / f"{method}-{clf}"), *(extra or []),
             ])
     if analyses:
-        from .cli import run_analysis
+        from .lightning.cli import run_analysis
 
         for name in ("disagree", "neurons"):
             print(f"\n=== DiG-IN analysis: {name} ===", flush=True)

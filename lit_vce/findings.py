@@ -64,7 +64,7 @@ TARGETS = {
 
 
 def _vce_runs(out: Path, num_samples: int, batch_size: int, configs: list[str], extra: list[str]) -> None:
-    from .cli import run_predict
+    from .lightning.cli import run_predict
     from .config_files import config_root
 
     for label in configs:
@@ -79,7 +79,7 @@ def _vce_runs(out: Path, num_samples: int, batch_size: int, configs: list[str], 
 
 
 def _disagree_run(out: Path, per_class: int | None) -> None:
-    from .cli import run_analysis
+    from .lightning.cli import run_analysis
     from .config_files import config_root
 
     print("\n=== DiG-IN disagreement search: biased vs robust ===", flush=True)

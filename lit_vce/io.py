@@ -19,10 +19,12 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where used: reading and verifying files needs none
+    import torch
 
 from .errors import LitVCEError
 
@@ -123,6 +125,8 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounding as PNG writers do."""
+    import torch
+
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -148,4 +152,6 @@ def load_png(path: Path) -> torch.Tensor:
 
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
+    import torch
+
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255

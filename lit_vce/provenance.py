@@ -83,10 +83,9 @@ def describe_value(value: Any) -> Any:
         return {str(k): describe_value(v) for k, v in value.items()}
     if isinstance(value, RecordsInitArgs):
         return {"class": type(value).__name__, **value.describe_init_args()}
-    from .objectives import Objective
-
-    if isinstance(value, Objective):
-        return value.describe()
+    describe = getattr(value, "describe", None)
+    if callable(describe):  # objectives print themselves (duck-typed: provenance imports no higher layer)
+        return describe_value(describe())
     name = getattr(value, "name", None)
     if isinstance(name, str):  # classifiers
         return name

@@ -2,7 +2,7 @@
 
     from lit_vce.registry import METHODS
 
-    @METHODS.register("my_method")
+    @METHODS.register("my_method")  # sets MyMethod.name = "my_method"
     class MyMethod(VCEMethod): ...
 
 Every module inside ``lit_vce/methods/`` is imported when the method registry is
@@ -28,10 +28,12 @@ class Registry:
         self._entry_points_loaded = False
 
     def register(self, name: str) -> Callable[[Any], Any]:
+        """Register under ``name``; a class gets ``name`` as its ``name`` attribute (the one
+        place a method's name is set: results, configs and the registry agree)."""
         def deco(obj):
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered ({self._items[name]!r})")
-            self._items[name] = obj
+            self._items[name] = _named(obj, name)
             return obj
 
         return deco
@@ -46,7 +48,7 @@ class Registry:
             importlib.import_module(self.package)
         for ep in entry_points(group=self.group):
             if ep.name not in self._items:
-                self._items[ep.name] = ep.load()
+                self._items[ep.name] = _named(ep.load(), ep.name)
 
     def get(self, name: str) -> Any:
         if name not in self._items:
@@ -66,6 +68,14 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         self._load_entry_points()
         return name in self._items
+
+
+def _named(obj: Any, name: str) -> Any:
+    """``obj`` with its ``name`` attribute set to ``name`` when it is a class that has one
+    (methods; functions and other registered objects are left as they are)."""
+    if isinstance(obj, type) and hasattr(obj, "name"):
+        obj.name = name
+    return obj
 
 
 METHODS = Registry("method", "lit_vce.methods", package="lit_vce.methods")

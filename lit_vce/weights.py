@@ -109,3 +109,22 @@ def cache_only() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved_env
         if hub is not None:
             hub.HF_HUB_OFFLINE = saved_hub
+
+
+def find_weights(family: str, filename: str, path: str | Path | None = None) -> Path:
+    """``path`` if given, else ``$LIT_VCE_WEIGHTS_DIR/<family>/<filename>``, else the torch hub's
+    ``checkpoints/<filename>``; a one-line :class:`MissingWeightsError` naming them otherwise."""
+    import torch
+
+    from .errors import MissingWeightsError
+
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise MissingWeightsError(f"{family} weights {p} do not exist (expected {filename})")
+        return p
+    candidates = [weights_dir() / family / filename, Path(torch.hub.get_dir()) / "checkpoints" / filename]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise MissingWeightsError(f"{family}: {filename} not found; put it at {candidates[0]} (or {candidates[1]})")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """One DiG-IN VCE on the Stable Diffusion 1.5 architecture with random weights (random
 weights cost what real ones cost), at the published settings, on one GPU: fp32 and
-bf16, each with every speed-up on (the defaults) and off (the code before them:
-``speedups=False, gradient_checkpointing=True``).
+bf16, each with checkpointing as the memory needs (the default, ``"auto"``) and with every
+call checkpointed (``gradient_checkpointing=True``, as the official code runs).
 
     .venv/bin/python scripts/gpu_digin_sd15.py              # 512 px, published settings (one H200: a few minutes)
     .venv/bin/python scripts/gpu_digin_sd15.py --tiny       # the same code path, tiny components, on the CPU
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-MODES = {"speedups": {}, "no_speedups": {"speedups": False, "gradient_checkpointing": True}}
+MODES = {"auto": {}, "checkpoint_all": {"gradient_checkpointing": True}}
 
 
 def build(tiny: bool, size: int, device: str):
@@ -48,7 +48,8 @@ def build(tiny: bool, size: int, device: str):
 
 def one_vce(parts, clf, dtype: str, mode: str, a, device: str):
     from lit_vce.diffusion import LatentDiffusion
-    from lit_vce.methods import DiGIN, VCEBatch
+    from lit_vce.methods import VCEBatch
+    from lit_vce.methods.digin import DiGIN, InversionSettings, LossSettings, MemorySettings, OptimisationSettings
     from lit_vce.rngs import sample_rngs
 
     bb = LatentDiffusion(num_steps=a.steps, guidance_scale=3.0, **parts).to(device)
@@ -57,9 +58,10 @@ def one_vce(parts, clf, dtype: str, mode: str, a, device: str):
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     batch = VCEBatch(image, torch.tensor([0], device=device), torch.tensor([1], device=device), ids,
                      sample_rngs(0, ids, device=device))
-    method = DiGIN(bb, num_steps=a.steps, outer_steps=a.outer, num_cutouts=a.cutouts, null_text_steps=a.null_text_steps,
-                   background_latent_weight=0.0, background_pixel_weight=0.0,
-                   autocast=None if dtype == "float32" else dtype, **MODES[mode])
+    method = DiGIN(bb, num_steps=a.steps, optimisation=OptimisationSettings(outer_steps=a.outer, num_cutouts=a.cutouts),
+                   inversion=InversionSettings(null_text_steps=a.null_text_steps),
+                   loss=LossSettings(background_latent_weight=0.0, background_pixel_weight=0.0),
+                   memory=MemorySettings(autocast=None if dtype == "float32" else dtype, **MODES[mode]))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

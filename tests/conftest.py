@@ -14,43 +14,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture
 def tiny_diffusion():
-    """A random 16x16 class-conditional pixel diffusion model (4 classes + null)."""
-    from diffusers import UNet2DModel
+    """A random 16x16 class-conditional pixel diffusion model (4 classes + null), by sampler and steps."""
+    from lit_vce.testing import tiny_pixel_diffusion
 
-    from lit_vce.diffusion import PixelDiffusion
-    from lit_vce.world.models import SCHEDULER_CONFIG
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=5)
-
-    def make(sampler="ddim", steps=10):
-        return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, sampler=sampler,
-                              num_steps=steps, null_class=4)
-
-    return make
+    return tiny_pixel_diffusion
 
 
 @pytest.fixture
 def tiny_classifier():
     """A random SmallCNN wrapped as a 4-class classifier of 16x16 images."""
-    from lit_vce.classifiers import ImageClassifier
-    from lit_vce.world.models import SmallCNN
+    from lit_vce.testing import tiny_classifier as make
 
-    torch.manual_seed(1)
-    return ImageClassifier(SmallCNN(width=8), 16, ["a", "b", "c", "d"], name="tiny")
+    return make()
 
 
 @pytest.fixture
 def tiny_batch():
-    from lit_vce.rngs import sample_rngs
-    from lit_vce.methods import VCEBatch
+    from lit_vce.testing import tiny_batch as make
 
-    torch.manual_seed(2)
-    ids = [f"s{i}" for i in range(4)]
-    return VCEBatch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]), ids,
-                    sample_rngs(0, ids))
+    return make()
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ class Injected(VCEMethod):
         self.plan = dict(plan or {})
         self.weight = float(weight)
 
-    def generate(self, batch, classifier):
+    def counterfactuals(self, batch, classifier):
         t = TEMPLATES.to(batch.images)[batch.target]
         images = (1 - self.weight) * batch.images + self.weight * t
         failure: list[str | None] = [None] * len(batch)

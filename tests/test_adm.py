@@ -139,7 +139,7 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
 
     import yaml
 
-    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.errors import MissingWeightsError
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "imagenet" / "methods" / f"{method}.yaml").read_text())
     spec = cfg["model"]["method"]

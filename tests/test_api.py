@@ -4,13 +4,13 @@ byte-identical to what ``lit-vce predict`` writes for the same sample ids."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+
 
 import pytest
 import torch
 
 from lit_vce import explain
-from lit_vce.cli import run_predict
+from lit_vce.lightning.cli import run_predict
 from lit_vce.data.datamodule import VCEDataModule
 from lit_vce.io import load_png, quantize, sample_key
 from lit_vce.methods import ClassifierGuidance
@@ -96,3 +96,59 @@ def test_explain_reads_image_files(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):
         explain([bad], targets, classifier="robust", method="classifier_guidance", **FAST)
+
+
+def test_predict_and_explain_share_one_batch_path_with_masks_and_captions(tmp_path, tiny_sd):
+    """DiG-IN on a text model with the data's foreground masks and captions: predict writes
+    the bytes explain() returns (both run lit_vce.batches.explain_batch)."""
+    import lightning as L
+    from PIL import Image
+
+    from lit_vce.data.datamodule import collate
+    from lit_vce.diffusion import LatentDiffusion
+    from lit_vce.lightning import VCEModule, VCEPredictionWriter
+    from lit_vce.methods import DiGIN
+
+    folder, clf = tiny_sd
+    root = tmp_path / "img"
+    for k, cls in enumerate(("circle", "square")):
+        (root / cls).mkdir(parents=True)
+        (tmp_path / "masks" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 40 + 80 * k, 10)).save(root / cls / "a.png")
+        m = Image.new("L", (40, 40), 0)
+        m.paste(255, (8, 8, 32, 32))
+        m.save(tmp_path / "masks" / cls / "a.png")
+    (tmp_path / "captions.csv").write_text("file,caption\ncircle/a.png,a red circle on a mat\nsquare/a.png,a green square\n")
+
+    def data():
+        return VCEDataModule("imagefolder", root=str(root), image_size=32, protocol="next", batch_size=2,
+                             captions=str(tmp_path / "captions.csv"), masks=str(tmp_path / "masks"), class_names=clf.class_names)
+
+    def method():
+        return DiGIN(LatentDiffusion(str(folder), num_steps=4), num_steps=4, outer_steps=1, null_text_steps=1,
+                     num_cutouts=1, injection_fractions=(0.5,), blend_fractions=(0.5,), mask_source="batch")
+
+    module = VCEModule(classifier=clf, method=method(), fid_features="none", world_audit=False, lpips="off",
+                       deterministic=True, interval_resamples=0, fid_interval_resamples=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
+                        enable_model_summary=False, callbacks=[VCEPredictionWriter(str(tmp_path / "run"))])
+    dm = data()
+    trainer.predict(module, dm, return_predictions=False)
+    rows = {r["sample_id"]: r for r in csv.DictReader((tmp_path / "run" / "samples.csv").open())}
+    assert len(rows) == 2 and all(r["diag_caption_used"] == "1.0" for r in rows.values())
+    assert all(0 < float(r["diag_mask_fraction"]) < 1 for r in rows.values())
+
+    dm = data()
+    dm.setup("predict")
+    batch = collate([dm.dataset[i] for i in range(len(dm.dataset))])
+    out = explain(batch["image"], batch["target"], classifier=clf, method=method(), sources=batch["source"],
+                  sample_ids=batch["sample_id"], deterministic=True, masks=batch["mask"], captions=batch["caption"],
+                  metrics=False)
+    for j, sid in enumerate(batch["sample_id"]):
+        saved = load_png(tmp_path / "run" / "counterfactuals" / f"{sample_key(sid)}.png")
+        assert torch.equal(saved, out.counterfactuals[j]), sid
+        assert float(rows[sid]["diag_mask_fraction"]) == pytest.approx(out.rows[j]["diagnostics"]["mask_fraction"])
+    with pytest.raises(ValueError, match="masks: shape"):
+        explain(batch["image"], batch["target"], classifier=clf, method=method(), masks=batch["mask"][:1])
+    with pytest.raises(ValueError, match="one caption per image"):
+        explain(batch["image"], batch["target"], classifier=clf, method=method(), captions=["a"])

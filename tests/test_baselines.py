@@ -207,7 +207,7 @@ def _perceptual_guidance(method_cls, state_key, tmp_path, tiny_diffusion, tiny_c
 
 def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path, monkeypatch, tiny_diffusion,
                                                                           tiny_classifier, tiny_batch):
-    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.errors import MissingWeightsError
     from lit_vce.methods.dime import DiME
 
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))

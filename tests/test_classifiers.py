@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lit_vce.classifiers import ImageClassifier, MissingWeightsError, load_classifier
+from lit_vce.classifiers import ImageClassifier, load_classifier
+from lit_vce.errors import MissingWeightsError
 from lit_vce.world.models import SmallCNN
 
 

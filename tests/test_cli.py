@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lit_vce.cli import main, resolve_method_names
+from lit_vce.cli import main
+from lit_vce.lightning.cli import resolve_method_names
 from lit_vce.config_files import config_root, find_config, shipped_configs
 from lit_vce.errors import ConfigNotFoundError
 

@@ -177,7 +177,7 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_inception_fid_uses_offline_weights_and_matches_torch_fidelity(tmp_path, monkeypatch):
     import torch_fidelity
 
-    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.errors import MissingWeightsError
     from lit_vce.io import load_png
     from lit_vce.metrics import FeatureFID
     from lit_vce.metrics.features import INCEPTION_FILE, InceptionFeatures

@@ -206,7 +206,7 @@ def test_two_processes_started_on_one_folder_one_runs_the_other_refuses(tmp_path
     first = _cli(*args)
     time.sleep(0.3)
     second = _cli(*args, "--model.seed", "1")
-    (o1, e1), (o2, e2) = first.communicate(timeout=600), second.communicate(timeout=600)
+    (_o1, e1), (_o2, e2) = first.communicate(timeout=600), second.communicate(timeout=600)
     codes = sorted([first.returncode, second.returncode])
     assert codes == [0, 2], (e1[-1500:], e2[-1500:])
     loser_err = e2 if second.returncode == 2 else e1

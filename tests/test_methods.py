@@ -40,70 +40,93 @@ def test_augmentations_are_per_sample_deterministic_and_differentiable():
 
 
 def _build(name, tiny_diffusion, tiny_classifier, stochastic=False):
-    """A registered method on the tiny models, from its own ``test_kwargs``; the harness adds
-    the diffusion model and, for a ``robust_classifier`` argument, the tiny classifier."""
-    import inspect
+    """A registered method on the tiny models, from its own ``test_kwargs`` (as check_method builds it)."""
+    from lit_vce.testing.methods import build_for_test
 
-    cls = METHODS.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = dict(cls.test_kwargs())
-    if "diffusion" in params:  # image-space methods (SVCE) take none
-        default = params["sampler"].default if "sampler" in params else getattr(cls, "diffusion_sampler", "ddim")
-        sampler = kwargs.pop("sampler", default)
-        if stochastic and sampler == "ddim" and "sampler" in params:
-            sampler = "ddpm"  # ancestral noise: what batch independence is about
-        steps = kwargs.pop("num_steps", 10) if "sampler" in params else kwargs.get("num_steps", 10)
-        kwargs["diffusion"] = tiny_diffusion(sampler, steps)  # methods without a sampler argument: their own sampler
-    if "robust_classifier" in params:
-        kwargs["robust_classifier"] = tiny_classifier
-    return cls(**kwargs)
+    return build_for_test(METHODS.get(name), lambda s, k: tiny_diffusion(s, k), tiny_classifier, stochastic)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_registered_method_runs_on_tiny_models(name, tiny_diffusion, tiny_classifier, tiny_batch):
-    method = _build(name, tiny_diffusion, tiny_classifier)
-    out = method.generate(tiny_batch, tiny_classifier)
-    assert out.images.shape == tiny_batch.images.shape
-    assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
-    assert out.failure == [None] * 4
-    assert out.diagnostics["target_confidence"].shape == (4,)
-    assert not torch.allclose(out.images, tiny_batch.images)
-    assert isinstance(method.describe(), dict) and method.describe()["name"] == name
+def test_every_registered_method_keeps_the_method_contract(name):
+    """lit_vce.testing.check_method: shapes, range, diagnostics, target_confidence, settings,
+    same seeds -> same bytes, batch composition, inner_batch_size, resolution, concurrency."""
+    from lit_vce.testing import check_method
+
+    passed = check_method(METHODS.get(name))
+    assert "a sample's output does not depend on the batch it came in" in passed
+    assert METHODS.get(name).name == name
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_outputs_do_not_depend_on_batch_composition(name, tiny_diffusion, tiny_classifier, tiny_batch):
-    method = _build(name, tiny_diffusion, tiny_classifier, stochastic=True)
-    full = method.generate(tiny_batch, tiny_classifier).images
-    b = tiny_batch
-    part = VCEBatch(b.images[2:], b.source[2:], b.target[2:], b.sample_ids[2:], sample_rngs(0, b.sample_ids[2:]))
-    half = method.generate(part, tiny_classifier).images
-    assert (full[2:] - half).abs().max() <= 1 / 255
-    method.inner_batch_size = 1
-    b.rngs = sample_rngs(0, b.sample_ids)
-    chunked = method.generate(b, tiny_classifier).images
-    assert (full - chunked).abs().max() <= 1 / 255
+def test_the_contract_check_names_what_a_broken_method_breaks():
+    from lit_vce.methods import CounterfactualResult, VCEMethod
+    from lit_vce.testing import check_method
+
+    class Unseeded(VCEMethod):
+        """Adds noise from the global generator (not the batch's), and reports a diagnostic per batch."""
+
+        def counterfactuals(self, batch, classifier):
+            noisy = (batch.images + 0.3 * torch.rand(batch.images.shape)).clamp(0, 1)
+            return CounterfactualResult(noisy, {"per_batch": torch.tensor(1.0)})
+
+    with pytest.raises(ValueError, match="diagnostic 'per_batch' is not a tensor of shape"):
+        check_method(Unseeded)
+
+    class Unseeded2(Unseeded):
+        """Adds noise from the global generator (not the batch's)."""
+
+        def counterfactuals(self, batch, classifier):
+            return CounterfactualResult((batch.images + 0.3 * torch.rand(batch.images.shape)).clamp(0, 1))
+
+    with pytest.raises(AssertionError) as err:
+        check_method(Unseeded2)
+    assert "the same seeds give the same bytes" in str(err.value)
+    assert "does not depend on the batch" in str(err.value)
+
+    with pytest.raises(TypeError, match="overrides generate"):
+        class Old(VCEMethod):  # noqa: F841  (the old interface is refused when the class is made)
+            def generate(self, batch, classifier):
+                return CounterfactualResult(batch.images)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).supports_concurrency])
-def test_concurrent_deterministic_generation_gives_the_sequential_bytes(name, tiny_diffusion, tiny_classifier, tiny_batch):
-    from lit_vce.methods.base import generate_one_by_one
+def test_generate_resizes_fails_non_finite_images_and_retries_the_unflipped(tiny_classifier, tiny_batch):
+    from lit_vce.methods import CounterfactualResult, VCEMethod
 
-    method = _build(name, tiny_diffusion, tiny_classifier, stochastic=True)
-    assert method.concurrent_samples
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        b = tiny_batch
-        one = generate_one_by_one(method, b, tiny_classifier, workers=1)
-        b.rngs = sample_rngs(0, b.sample_ids)
-        four = generate_one_by_one(method, b, tiny_classifier, workers=4)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one.images, four.images)
-    assert one.failure == four.failure
-    for key, value in one.diagnostics.items():
-        assert torch.equal(value, four.diagnostics[key]), key
+    calls = []
+
+    class Fixed(VCEMethod):
+        """Two attempts: the first returns NaN for sample 0 and a fixed grey elsewhere."""
+
+        def __init__(self, level: float = 0.2):
+            super().__init__()
+            self.level = level
+
+        def model_resolution(self):
+            return 8
+
+        def attempts(self):
+            return [({"level": 0.2}, Fixed(0.2)), ({"level": 0.9}, Fixed(0.9))]
+
+        def counterfactuals(self, batch, classifier):
+            calls.append((self.level, tuple(batch.images.shape), list(batch.sample_ids)))
+            out = torch.full_like(batch.images, self.level)
+            if self.level == 0.2 and "s0" in batch.sample_ids:
+                out[batch.sample_ids.index("s0")] = float("nan")
+            return CounterfactualResult(out, {"mean": out.flatten(1).mean(1)})
+
+    res = Fixed().generate(tiny_batch, tiny_classifier)
+    assert calls[0][1] == (4, 3, 8, 8)  # resized to the model's resolution
+    assert res.images.shape == tiny_batch.images.shape  # and back
+    with torch.no_grad():
+        flipped = tiny_classifier(torch.full_like(tiny_batch.images, 0.2)).argmax(1) == tiny_batch.target
+    retried = [f"s{i}" for i in range(4) if i == 0 or not bool(flipped[i])]  # a failed sample is not flipped
+    assert calls[1][2] == retried
+    assert res.failure == [None] * 4  # sample 0's non-finite first attempt was retried
+    assert list(res.diagnostics)[0] == "target_confidence"
+    assert res.diagnostics["level"][0] == 0.9 and torch.isfinite(res.images).all()
+    one = Fixed()
+    one.attempts = lambda: [({}, Fixed(0.2))]
+    res = one.generate(tiny_batch, tiny_classifier)
+    assert res.failure[0] == "non-finite output" and torch.equal(res.images[0], tiny_batch.images[0])
 
 
 def test_methods_with_hooked_objectives_are_generated_sequentially(tiny_classifier):
@@ -176,7 +199,7 @@ def test_describe_records_every_constructor_argument_without_a_hand_kept_list(ti
     g = DiGIN(diffusion=tiny_diffusion("ddim", 5), num_steps=5, l1_weight=0.5)
     assert g.describe()["objective"] == "1*TargetCE + 25*BackgroundL2(latent) + 250*BackgroundL2(pixel) + 0.5*L1Distance"
     assert g.describe()["injection"] == "conditioning"  # "auto" resolved
-    g.inversion = "none"  # changed after construction (as the analyses do): recorded as it runs
+    g.inversion.method = "none"  # changed after construction (as the analyses do): recorded as it runs
     assert g.describe()["inversion"] == "none" and g.describe()["diffusion"]["guidance_scale"] == 3.0
 
 

@@ -71,3 +71,94 @@ def test_an_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
     results = json.loads((work / "out" / "classifier_guidance-biased" / "results.json").read_text())
     assert results["n"] == 2 and (work / "out" / "leaderboard.md").is_file()
+
+
+def _import_graph():
+    """lit_vce's modules and the lit_vce modules each imports anywhere in its body
+    (module-level and deferred imports alike), read from the source with ast."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "lit_vce"
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for mod, f in mods.items():
+        package = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                    else node.module
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != mod and t.startswith("lit_vce"):
+                    edges.add(t)
+        graph[mod] = edges
+    return graph
+
+
+def _cycles(graph):
+    """The strongly connected components with more than one module (Tarjan)."""
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert {"lit_vce.cli", "lit_vce.demo", "lit_vce.methods.base", "lit_vce.lightning.cli"} <= set(graph)
+    assert "lit_vce.lightning.cli" in graph["lit_vce.demo"]  # the graph sees deferred imports
+    assert _cycles(graph) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    graph = _import_graph()
+    assert "lit_vce.objectives" not in graph["lit_vce.provenance"]  # diffusion -> provenance must not reach objectives
+
+
+def test_the_commands_without_a_model_start_without_lightnings_cli_or_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom lit_vce.cli import main\nfor cmd in (['--help'], ['configs']):\n    try:\n        main(cmd)\n"
+             "    except SystemExit:\n        pass\nprint('MODULES', 'torch' in sys.modules, 'lightning.pytorch.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "MODULES False False"

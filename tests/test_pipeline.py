@@ -162,7 +162,7 @@ def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
 def test_lpips_in_predict_when_weights_are_present_and_required_on_demand(tmp_path, monkeypatch):
     import torchvision
 
-    from lit_vce.classifiers import MissingWeightsError
+    from lit_vce.errors import MissingWeightsError
     from lit_vce.metrics.lpips import ALEXNET_FILE
 
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "w"))
@@ -332,7 +332,7 @@ def test_a_yaml_config_names_a_method_by_class_name_registered_name_or_path(tmp_
 
 
 def test_a_yaml_config_names_a_method_by_its_registered_name_alone(tmp_path):
-    from lit_vce.cli import resolve_method_names
+    from lit_vce.lightning.cli import resolve_method_names
 
     cfg = tmp_path / "m.yaml"
     cfg.write_text("model:\n  method: dvce\n  seed: 3\n")
@@ -346,7 +346,7 @@ def test_a_yaml_config_names_a_method_by_its_registered_name_alone(tmp_path):
 
 
 def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_everything(tmp_path, monkeypatch):
-    import lit_vce.cli as cli
+    import lit_vce.lightning.cli as cli
     import lit_vce.demo as demo
 
     calls = []

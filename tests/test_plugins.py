@@ -18,7 +18,6 @@ from lit_vce.methods.guided import PerStepGuidance
 
 class PluginGuidance(PerStepGuidance):
     """A plug-in guidance from outside the package."""
-    name = "plugin_guidance"
 
     def __init__(self, strength: float = 3.0, **kwargs):
         super().__init__(**kwargs)
@@ -55,6 +54,7 @@ def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, 
     monkeypatch.setattr(METHODS, "_entry_points_loaded", False)
     try:
         assert "plugin_guidance" in METHODS.names()
+        assert METHODS.get("plugin_guidance").name == "plugin_guidance"  # the entry point's name
         method = METHODS.get("plugin_guidance")(diffusion=tiny_diffusion("ddim", 6))
         out = method.generate(tiny_batch, tiny_classifier)
         assert torch.isfinite(out.images).all() and not torch.allclose(out.images, tiny_batch.images)
@@ -111,5 +111,10 @@ def test_the_readmes_add_a_method_example_works_as_written(tiny_diffusion, tiny_
         assert torch.isfinite(out.images).all() and not torch.allclose(out.images, tiny_batch.images)
         d = method.describe()
         assert d["name"] == "my_guidance" and d["scale"] == 5.0 and d["diffusion"]["sampler"] == "ddim"
+        from lit_vce.testing import check_method
+
+        check = re.search(r"```python\n(from lit_vce.testing import check_method.*?)```", section, re.S).group(1)
+        exec(compile(check, "README.md", "exec"), namespace)  # the README's contract check, as written
+        assert "the same seeds give the same bytes" in check_method(cls)
     finally:
         METHODS._items.pop("my_guidance", None)

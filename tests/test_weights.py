@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lit_vce import weights
 from lit_vce.errors import MissingWeightsError, UnknownNameError
@@ -106,7 +105,7 @@ def test_constructors_reject_unknown_specs_before_loading_anything():
 
 
 def test_the_cli_defers_the_method_to_prepare_data_and_fetch_builds_it(capsys):
-    from lit_vce.cli import TRAINER_DEFAULTS, VCECLI, resolve_method_names, run_predict
+    from lit_vce.lightning.cli import TRAINER_DEFAULTS, VCECLI, resolve_method_names, run_predict
     from lit_vce.data.datamodule import VCEDataModule
     from lit_vce.lightning.module import VCEModule
 

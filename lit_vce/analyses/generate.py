@@ -35,7 +35,7 @@ from ..data.datamodule import collate
 from ..lightning.stage import StageModule
 from ..rngs import sample_rngs
 from ..methods.base import VCEBatch
-from ..methods.digin import DiGIN
+from ..methods.digin import DiGIN, InversionSettings, OptimisationSettings, SearchSettings
 from ..objectives import SCORE_VARIANTS, Disagreement, NeuronActivation
 
 ANALYSIS_FIELDS = [
@@ -161,7 +161,8 @@ class AnalysisModule(StageModule):
         if self.method_factory is not None:
             self.method = self.method_factory()
         if self.method is None:
-            self.method = DiGIN(outer_steps=10, inversion="none", injection_fractions=(), blend_fractions=(0.0,))
+            self.method = DiGIN(inversion=InversionSettings(method="none"), optimisation=OptimisationSettings(outer_steps=10),
+                                search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()))
         if self.analysis == "disagree":
             self.method.objective = Disagreement(self.second, self.variant)
         else:
@@ -192,10 +193,10 @@ class AnalysisModule(StageModule):
         self.method.setup(self.device)
         real = self.trainer.datamodule.hparams.source != "random"
         m = self.method
-        m.inversion = "null_text" if real else "none"
-        m.injection_fractions = ()
-        m.blend_fractions = (1.0,) if (real and self.freeze_object) else (0.0,)
-        m.paste_outside_mask = real and self.freeze_object  # the object exactly as it was, not only blended
+        m.inversion.method = "null_text" if real else "none"
+        m.search.injection_fractions = ()
+        m.search.blend_fractions = (1.0,) if (real and self.freeze_object) else (0.0,)
+        m.masks.paste_outside = real and self.freeze_object  # the object exactly as it was, not only blended
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()

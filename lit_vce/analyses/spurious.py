@@ -132,14 +132,16 @@ def _visualise(classifier, result: dict[str, Any], out: Path, per_unit: int, out
     import torchvision
 
     from ..rngs import sample_rngs
-    from ..methods import DiGIN, VCEBatch
+    from ..methods import VCEBatch
+    from ..methods.digin import DiGIN, InversionSettings, OptimisationSettings, SearchSettings
     from ..objectives import NeuronActivation
 
     tiles = []
     for y, entries in result["classes"].items():
         unit = entries[0]["unit"]
-        m = DiGIN("world", outer_steps=outer_steps, inversion="none", injection_fractions=(), blend_fractions=(0.0,),
-                  num_cutouts=4, lr=0.05, objective=NeuronActivation(classifier, unit, class_weight=0.0))
+        m = DiGIN("world", inversion=InversionSettings(method="none"), search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()),
+                  optimisation=OptimisationSettings(outer_steps=outer_steps, num_cutouts=4, lr=0.05),
+                  objective=NeuronActivation(classifier, unit, class_weight=0.0))
         ids = [f"unit{unit}-class{y}-{i}" for i in range(per_unit)]
         labels = torch.full((per_unit,), int(y))
         batch = VCEBatch(torch.zeros(per_unit, 3, 32, 32), labels, labels, ids, sample_rngs(seed, ids))

@@ -2,6 +2,7 @@
 
 from .base import ImageClassifier
 from . import faces, robustness  # noqa: F401  (register the celeba, celebahq and robustness families)
-from .loaders import MissingWeightsError, load_classifier
+from ..errors import MissingWeightsError  # re-exported: its home is lit_vce.errors
+from .loaders import load_classifier
 
 __all__ = ["ImageClassifier", "MissingWeightsError", "load_classifier"]

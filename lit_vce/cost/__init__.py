@@ -185,7 +185,7 @@ def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | No
     """The cost of ``lit-vce predict ARGS`` (the same ``--config``/flag arguments), see the module docstring."""
     import warnings
 
-    from ..cli import VCECLI, resolve_method_names
+    from ..lightning.cli import VCECLI, resolve_method_names
     from ..data import VCEDataModule
     from ..lightning.module import VCEModule
     from ..methods import VCEBatch

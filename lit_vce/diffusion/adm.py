@@ -292,7 +292,8 @@ class ADMUNet(nn.Module):
 
 def resolve_adm_checkpoint(preset: str | None, checkpoint: str | Path | None) -> Path:
     """The checkpoint file: ``checkpoint`` if given, else ``$LIT_VCE_WEIGHTS_DIR/adm/<official file name>``."""
-    from ..classifiers.loaders import MissingWeightsError, weights_dir
+    from ..errors import MissingWeightsError
+    from ..weights import weights_dir
 
     if checkpoint is None:
         if preset is None:

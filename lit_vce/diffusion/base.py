@@ -17,8 +17,8 @@ written once here:
   :class:`~lit_vce.diffusion.gaussian.RespacedDiffusion`, with
   :meth:`p_mean_variance`, :meth:`condition_mean` and :meth:`p_sample` for
   mean-shift guidance);
-- :meth:`invert` (DDIM inversion by diffusers' ``DDIMInverseScheduler``) and
-  :meth:`null_text_inversion` (Mokady et al., 2023, as the DiG-IN code runs it).
+- :meth:`invert`, :meth:`null_text_inversion` and :meth:`plain_inversion`, which
+  delegate to :mod:`lit_vce.diffusion.inversion` (usable by any method).
 
 Timesteps are the sampler's own values (``timesteps``: noisiest first; diffusers'
 training steps for ``ddim``/``ddpm``, respaced indices for ``adm``). All
@@ -27,34 +27,16 @@ randomness comes from per-sample ``rngs`` (:mod:`lit_vce.rngs`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..progress import progress
 from ..provenance import RecordsInitArgs
 from ..rngs import per_sample_randn
+from .inversion import Inversion
 
 SAMPLERS = ("ddim", "ddpm", "adm")
-
-
-@dataclass
-class Inversion:
-    """An inversion of the deterministic sampler: ``latents[i]`` is the latent at the
-    input of sampling step i (``latents[0]`` = z_T), ``latents[-1]`` the clean latent;
-    ``uncond[i]`` the unconditional embedding of step i (optimised by null-text inversion)."""
-
-    latents: list[torch.Tensor]
-    uncond: list[torch.Tensor]
-    reconstruction_error: float | None = None
-    #: the reconstruction trajectory (CFG with ``uncond`` from z_T): its latent at the input
-    #: of every step, when the inversion ran it (null-text inversion does)
-    trajectory: list[torch.Tensor] | None = None
-    #: what an attention ``control`` recorded on the conditional calls of that trajectory
-    store: object | None = None
 
 
 def betas_from_config(config: dict) -> torch.Tensor:
@@ -302,85 +284,33 @@ class Diffusion(nn.Module, RecordsInitArgs):
         if self.sampler != "ddim":
             raise ValueError(f"{what} needs the deterministic sampler (sampler='ddim'), not {self.sampler!r}")
 
-    @torch.no_grad()
-    def invert(self, z0: torch.Tensor, cond) -> list[torch.Tensor]:
-        """DDIM inversion with the conditional model (no CFG), by diffusers'
-        ``DDIMInverseScheduler``: [z_T, ..., z_0], aligned with :attr:`timesteps`."""
+    def inverse_scheduler(self):
+        """diffusers' ``DDIMInverseScheduler`` over this model's schedule and steps (built once)."""
         self._require_ddim("inversion")
         if self._inverse is None:
             from diffusers import DDIMInverseScheduler
 
             self._inverse = DDIMInverseScheduler.from_config(_diffusers_config(self.scheduler_config, False))
             self._inverse.set_timesteps(self.num_steps)
-        z, out = z0, [z0]
-        for t in self._inverse.timesteps:
-            z = self._inverse.step(self.eps(z, t, cond), int(t), z).prev_sample
-            out.append(z)
-        return out[::-1]
+        return self._inverse
 
-    def null_text_inversion(self, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, tol: float = 1e-5,
-                            scale: float | None = None, checkpoint: bool | None = None,
-                            reuse_conditional: bool = False, control=None) -> Inversion:
-        """DDIM inversion, then per-step unconditional embeddings optimised (Adam) so that
-        the CFG trajectory from z_T retraces the inverted latents (Mokady et al., 2023).
+    def invert(self, z0: torch.Tensor, cond) -> list[torch.Tensor]:
+        """DDIM inversion: :func:`lit_vce.diffusion.inversion.ddim_inversion`."""
+        from .inversion import ddim_inversion
 
-        As the official DiG-IN/null-text code: at step i Adam runs with learning rate
-        ``lr * (1 - i / 100)`` for at most ``inner_steps`` steps and stops once the
-        loss (the MSE to the inverted latent, computed before the update) falls
-        below ``tol + i * 2e-5``, checked after the update. Each sample stops on its
-        own loss, so the batch does not matter.
+        return ddim_inversion(self, z0, cond)
 
-        ``checkpoint`` overrides :attr:`gradient_checkpointing` for the inner steps (one
-        UNet call's activations at a time: checkpointing them only recomputes).
-        ``reuse_conditional`` advances each step with the conditional noise prediction
-        computed before the inner loop (it does not change) instead of a second CFG
-        call: one unconditional call instead of a batch of two. ``control(i)`` (an attention
-        control, e.g. a recorder) acts on step i's conditional call. The returned
-        inversion holds the reconstruction trajectory it ran (``trajectory``).
-        """
-        target = self.invert(z0, cond)
-        n, s = len(z0), self.guidance_scale if scale is None else float(scale)
-        u = self.null_condition(n).detach()
-        uncond, z, trajectory = [], target[0], []
-        for i, t in enumerate(progress(self.timesteps, desc="null-text inversion", unit="step")):
-            trajectory.append(z)
-            u = u.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
-            with torch.no_grad():
-                e_c = self.eps(z, t, cond, control=None if control is None else control(i))
-            done = torch.zeros(n, dtype=torch.bool, device=z.device)
-            for _ in range(inner_steps):
-                with torch.enable_grad():
-                    e_u = self.eps(z, t, u, checkpoint=checkpoint)
-                    pred, _ = self.step(e_u + s * (e_c - e_u), t, z)
-                    per_sample = (pred - target[i + 1]).pow(2).flatten(1).mean(1)
-                    opt.zero_grad()
-                    per_sample.sum().backward()  # a sum: each sample's gradient is its own
-                kept = u.detach()[done].clone()
-                opt.step()
-                with torch.no_grad():
-                    u[done] = kept  # samples that stopped earlier keep their embedding
-                done |= per_sample.detach() < tol + i * 2e-5
-                if done.all():
-                    break
-            with torch.no_grad():
-                if reuse_conditional and s != 1.0:
-                    e_u = self.eps(z, t, u.detach())
-                    z, _ = self.step(e_u + s * (e_c - e_u), t, z)
-                else:
-                    z, _ = self.step(self.eps(z, t, cond, u.detach(), s), t, z)
-            uncond.append(u.detach())
-        return Inversion(target, uncond, float(F.mse_loss(z, z0)), trajectory)
+    def null_text_inversion(self, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, **kwargs) -> Inversion:
+        """Null-text inversion: :func:`lit_vce.diffusion.inversion.null_text_inversion`."""
+        from .inversion import null_text_inversion
+
+        return null_text_inversion(self, z0, cond, inner_steps, lr, **kwargs)
 
     def plain_inversion(self, z0: torch.Tensor, cond, scale: float | None = None) -> Inversion:
-        """DDIM inversion with the null embedding as unconditional at every step."""
-        target = self.invert(z0, cond)
-        u = self.null_condition(len(z0))
-        with torch.no_grad():
-            z = target[0]
-            for t in self.timesteps:
-                z, _ = self.step(self.eps(z, t, cond, u, scale), t, z)
-        return Inversion(target, [u] * self.num_steps, float(F.mse_loss(z, z0)))
+        """DDIM inversion with the null embedding: :func:`lit_vce.diffusion.inversion.plain_inversion`."""
+        from .inversion import plain_inversion
+
+        return plain_inversion(self, z0, cond, scale)
 
 
 def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ def load_latent_components(model: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..classifiers.loaders import MissingWeightsError
+    from ..errors import MissingWeightsError
 
     try:
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)

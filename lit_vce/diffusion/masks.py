@@ -99,7 +99,7 @@ def _import_sam_hq():
             warnings.simplefilter("ignore")
             import segment_anything_hq
     except ImportError as e:
-        from ..classifiers.loaders import MissingWeightsError
+        from ..errors import MissingWeightsError
 
         raise MissingWeightsError("a .pth Segment Anything checkpoint is run with SAM-HQ's own code, as DiG-IN's: "
                                   "pip install 'lit_vce[samhq]' (segment-anything-hq)") from e
@@ -172,7 +172,7 @@ class SamRefiner(torch.nn.Module):
     def _load(spec: str):
         from pathlib import Path
 
-        from ..classifiers.loaders import MissingWeightsError
+        from ..errors import MissingWeightsError
 
         if spec.endswith((".pth", ".pt")):
             if not Path(spec).is_file():

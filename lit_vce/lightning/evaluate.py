@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.metrics is not None:
         kwargs["metrics"] = a.metrics
     kwargs.update(interval_resamples=a.interval_resamples, fid_interval_resamples=a.fid_interval_resamples)
-    from ..classifiers import MissingWeightsError
+    from ..errors import MissingWeightsError
     from ..errors import LitVCEError
 
     try:

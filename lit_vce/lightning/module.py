@@ -3,10 +3,11 @@
 It holds the explained classifier, the method and the metrics; it has no method
 logic of its own. Per batch it (1) skips samples an earlier run finished (their
 saved PNGs re-enter the metrics, so results always cover the whole run), (2)
-records unreadable images as failed samples, (3) calls
-``method.generate(batch, classifier)`` with one generator per sample seeded by
-(seed, sample id), (4) quantises the counterfactuals as a PNG would, updates the
-metrics and hands images and rows to the :class:`VCEPredictionWriter`. At the
+records unreadable images as failed samples, (3) runs the method through
+:func:`lit_vce.batches.explain_batch` (the path of ``explain()`` too), with one
+generator per sample seeded by (seed, sample id), which updates the metrics, and (4)
+hands the counterfactuals, quantised as a PNG stores them, and the rows to the
+:class:`VCEPredictionWriter`. At the
 end of the epoch every rank computes the (synced) metrics and rank 0 writes
 ``samples.csv``, ``results.json`` and ``grid.png``.
 
@@ -16,6 +17,7 @@ Guidance needs autograd: the Trainer must be built with ``inference_mode=False``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +27,9 @@ import torch
 from ..classifiers import load_classifier
 from ..classifiers.loaders import check_classifier_spec
 from ..rngs import sample_rngs
-from ..methods.base import VCEBatch, VCEMethod, check_domain, generate_one_by_one
-from ..metrics.accounting import NONFINITE_IMAGE, score_batch
+from ..batches import deterministic_kernels, explain_batch
+from ..methods.base import VCEBatch, VCEMethod, check_domain
+from ..metrics.accounting import NONFINITE_IMAGE
 from ..metrics.build import build_suite
 from ..io import quantize
 from .stage import StageModule
@@ -145,6 +148,7 @@ class VCEModule(StageModule):
                                 attribute_oracle=attribute_oracle)
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
+        self._pins = contextlib.ExitStack()  # deterministic_kernels for the run
         self._counts = {"skipped": 0, "failed": 0, "new": 0, "not_selected": 0}
         self._batches = 0
         self._seen: set[str] = set()  # the ids this run covers (attempted or finished earlier)
@@ -184,11 +188,9 @@ class VCEModule(StageModule):
             self.metric_settings["world_audit"] = False
         self._attach_attributes(dm)
         self._check_classes()
-        self._threads = torch.get_num_threads()
-        if self.deterministic:
-            # thread count and batch shape change kernel reduction orders; pin both
-            torch.set_num_threads(1)
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        # deterministic: thread count and batch shape change kernel reduction orders; pin both
+        self._pins.close()
+        self._threads = self._pins.enter_context(deterministic_kernels(self.deterministic))
         self.method.setup(self.device)
         writer = self.writer()
         if writer is not None and writer.done_ids():
@@ -236,7 +238,7 @@ class VCEModule(StageModule):
         return {"seed": self.seed, "classifier": self.classifier_config, "method": self.method.describe(), "data": data}
 
     def on_predict_end(self) -> None:
-        torch.set_num_threads(self._threads)
+        self._pins.close()  # the thread count and cuDNN settings before the run
 
     def _check_classes(self) -> None:
         """Stop before any work when a source/target is unknown to the classifier or equal."""
@@ -307,14 +309,10 @@ class VCEModule(StageModule):
         mask = batch["mask"][idx] if "mask" in batch else None
         captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
         vb = VCEBatch(x, src, tgt, sub_ids, sample_rngs(self.seed, sub_ids, device=x.device), mask, captions)
-        with torch.enable_grad():
-            if self.deterministic:
-                result = generate_one_by_one(self.method, vb, self.classifier, self._threads)
-            else:
-                result = self.method.generate(vb, self.classifier)
+        # the path explain() takes as well
+        result, scored = explain_batch(self.method, self.classifier, vb, self.metrics, self.deterministic, self._threads)
         cf = quantize(result.images.detach())
         xq = quantize(x)
-        scored = score_batch(self.metrics, xq, result.images, src, tgt, sub_ids, result.failure, result.diagnostics)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
         for row in scored:
             rows.append(self._row(row, seconds))
@@ -395,7 +393,7 @@ class VCEModule(StageModule):
                     "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
                     "cli": self._cli_config(writer), "precision": str(self.trainer.precision),
                     "dtype": str(next(self.classifier.parameters(), torch.empty(0)).dtype),
-                    "classifier": self.classifier_config, "not_selected": counts[3]},
+                    "not_selected": counts[3]},
             protocol=dm.hparams.get("protocol") if dm is not None else None,
             dataset=dm.hparams.get("dataset") if dm is not None else None,
         )

@@ -276,11 +276,21 @@ def canonical_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
     An option added later with a default of ``None`` (off) changes no output, so it must not
     set a run made before it apart from the same run made after it (``data.attribute`` did).
+    Likewise a setting a method retired (``retired_settings``: DiG-IN's ``speedups``) is dropped
+    where it was recorded at the value that remains.
     """
     def drop(v):
         return {k: drop(x) for k, x in v.items() if x is not None} if isinstance(v, dict) else v
 
-    return drop(json.loads(json.dumps(fingerprint, default=str)))  # tuples -> lists, as stored
+    out = drop(json.loads(json.dumps(fingerprint, default=str)))  # tuples -> lists, as stored
+    method = out.get("method")
+    if isinstance(method, dict) and isinstance(method.get("name"), str):
+        from ..registry import METHODS
+
+        # a retired setting recorded at the one value that remains changes no output
+        retired = getattr(METHODS.get(method["name"]), "retired_settings", {}) if method["name"] in METHODS else {}
+        out["method"] = {k: v for k, v in method.items() if not (k in retired and v == retired[k])}
+    return out
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:

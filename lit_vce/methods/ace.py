@@ -61,8 +61,10 @@ class ACE(VCEMethod):
         gradient_checkpointing: checkpoint every UNet call of the attack.
     """
 
-    name = "ace"
     supports_concurrency = True
+    #: the edit pastes the original's pixels outside the change mask: resizing them there and
+    #: back would alter the pixels ACE keeps, so another resolution is refused, not resized
+    resolution = "exact"
     #: the sampler a prebuilt diffusion model must run (the registry-driven tests build one)
     diffusion_sampler = "adm"
 
@@ -136,21 +138,15 @@ class ACE(VCEMethod):
             x_adv = self._project(x, x_adv - self.step_size * torch.sign(g))
         return x_adv
 
-    def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        size_in, x = batch.images.shape[-2:], batch.images
-        if tuple(size_in) != (self.diffusion.image_size,) * 2:
-            raise ValueError(f"ACE works at the diffusion model's resolution ({self.diffusion.image_size} px), "
-                             f"got {tuple(size_in)}: set the data's image size")
+    def counterfactuals(self, batch: VCEBatch, classifier) -> CounterfactualResult:
+        """Pre-explanation, its change mask, then the masked diffusion edit (model resolution)."""
+        x = batch.images
         pre = self.attack(batch, classifier)
         keep = (change_mask(x, pre, self.dilation) < self.threshold).float()
         with torch.no_grad():
             edited = self.diffusion.decode(self.denoise(pre, batch, keep))
             images = keep * x + (1 - keep) * edited
-            probs = classifier(images).softmax(1)
             pre_probs = classifier(pre).softmax(1)
-        ok = torch.isfinite(images).flatten(1).all(1)
-        images = torch.where(ok.view(-1, 1, 1, 1), images, x)
-        diag = {"target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
-                "pre_explanation_target_confidence": pre_probs.gather(1, batch.target[:, None]).squeeze(1),
+        diag = {"pre_explanation_target_confidence": pre_probs.gather(1, batch.target[:, None]).squeeze(1),
                 "mask_fraction": (1 - keep).flatten(1).mean(1)}
-        return CounterfactualResult(images, diag, [None if bool(f) else "non-finite output" for f in ok])
+        return CounterfactualResult(images, diag)

@@ -1,4 +1,6 @@
-"""The method interface: ``method.generate(batch, classifier) -> CounterfactualResult``.
+"""The method interface: a method implements ``counterfactuals(batch, classifier)``;
+callers run ``method.generate(batch, classifier) -> CounterfactualResult``, the template
+that adds the harness's duties (:class:`VCEMethod`).
 
 A method is any combination of sampler, guidance, objective and gradient
 post-processing (per-step guidance, whole-trajectory optimisation, image-space
@@ -8,10 +10,12 @@ attack all fit). The LightningModule only builds a :class:`VCEBatch` and calls
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..provenance import RecordsInitArgs
@@ -58,18 +62,60 @@ class CounterfactualResult:
 
 
 class VCEMethod(nn.Module, RecordsInitArgs):
-    """Base class of all VCE methods (register subclasses with ``@METHODS.register``).
+    """Base class of all VCE methods (register subclasses with ``@METHODS.register(name)``,
+    which sets :attr:`name`).
 
-    Constructor arguments are recorded automatically (:mod:`lit_vce.provenance`), so
-    :meth:`describe` covers every setting without a hand-kept list."""
+    **The contract.** A method implements one step,
+    :meth:`counterfactuals` ``(batch, classifier) -> CounterfactualResult``: the images it
+    makes for the batch it is given and its own per-sample diagnostics (and, where it
+    knows why a sample failed, the reason). :meth:`generate` is the harness's template
+    around it and is not overridden; it does, once for every method:
+
+    1. chunking: :attr:`inner_batch_size` samples per call (memory; outputs unchanged);
+    2. resolution: by :attr:`resolution` (``"model"``: the batch, foreground masks
+       included, is resized to the diffusion model's resolution and the images are resized
+       back; ``"exact"``: a batch at another resolution is refused; ``"input"``: the method
+       gets the batch as given);
+    3. retries: each of :meth:`attempts` in turn on the samples not flipped yet (DiME's
+       larger guidance scales); a sample keeps the first attempt that flips it, or the last;
+    4. failures: a sample whose image is not finite fails with ``"non-finite output"``, and
+       every failed sample returns its original image;
+    5. ``target_confidence`` (the classifier's target probability on the returned image),
+       first among the diagnostics.
+
+    What the step must do: return ``len(batch)`` images in [0, 1] of the batch's shape,
+    per-sample diagnostic tensors of shape ``(N,)`` and one failure entry per sample; draw
+    every random number from ``batch.rngs`` (one generator per sample). Constructor
+    arguments are recorded automatically (:mod:`lit_vce.provenance`), so :meth:`describe`
+    covers every setting without a hand-kept list. :func:`lit_vce.testing.check_method`
+    checks a method class against all of this on tiny models."""
 
     name: str = "method"
-    #: ``generate`` keeps no state between calls, draws its randomness only from the
+    #: ``"model"``, ``"exact"`` or ``"input"``: what :meth:`generate` does with a batch whose
+    #: resolution is not the diffusion model's (see the class docstring).
+    resolution: str = "model"
+    #: samples per :meth:`counterfactuals` call (``None``: the whole batch).
+    inner_batch_size: int | None = None
+    #: settings of earlier releases now fixed at one value (name -> that value): a run recorded
+    #: with it resumes under the current code (:func:`~lit_vce.lightning.writer.canonical_fingerprint`)
+    retired_settings: dict = {}
+    #: deprecated flat setting names -> ``group.field`` of a nested settings group (a config or
+    #: command line that uses one is rewritten, with a note; :mod:`lit_vce.lightning.cli`)
+    setting_aliases: dict = {}
+    #: ``counterfactuals`` keeps no state between calls, draws its randomness only from the
     #: batch's generators and touches no shared module state (hooks, attention
     #: processors), so deterministic runs may explain several samples at once on worker
     #: threads (:func:`generate_one_by_one`). Opt-in: a new method is run sequentially
-    #: until its author sets this (and the registry tests then check the bytes).
+    #: until its author sets this (and :func:`~lit_vce.testing.check_method` then checks the bytes).
     supports_concurrency: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "generate" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides generate(), the harness's template: implement "
+                            "counterfactuals(batch, classifier) instead (see lit_vce.methods.base.VCEMethod)")
+        if cls.resolution not in ("model", "exact", "input"):
+            raise TypeError(f"{cls.__name__}.resolution must be 'model', 'exact' or 'input', got {cls.resolution!r}")
 
     @property
     def concurrent_samples(self) -> bool:
@@ -77,8 +123,77 @@ class VCEMethod(nn.Module, RecordsInitArgs):
         objective (``self.objective``, when there is one) whose terms are all thread-safe."""
         return bool(self.supports_concurrency) and getattr(getattr(self, "objective", None), "thread_safe", True)
 
+    def counterfactuals(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
+        """The method's own step: counterfactuals of ``batch`` (at the resolution
+        :attr:`resolution` says) with the method's diagnostics; see the class docstring."""
+        raise NotImplementedError(f"{type(self).__name__} must implement counterfactuals(batch, classifier)")
+
+    def attempts(self) -> list[tuple[dict[str, float], VCEMethod]]:
+        """The settings :meth:`generate` tries in turn on the samples not flipped yet, each as
+        (diagnostics recorded for the samples it produced, the method to run); default: one
+        attempt, this method."""
+        return [({}, self)]
+
+    def model_resolution(self) -> int | None:
+        """The side of the images :meth:`counterfactuals` works at: the diffusion model's
+        (``self.diffusion.image_size``), or ``None`` for a method without one."""
+        diffusion = getattr(self, "diffusion", None)
+        return None if diffusion is None else int(diffusion.image_size)
+
     def generate(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
-        raise NotImplementedError
+        """Counterfactuals of ``batch`` for ``classifier``, with the harness's duties done
+        (chunking, resolution, retries, failures, ``target_confidence``): the template
+        around :meth:`counterfactuals`, the one way every caller runs a method."""
+        k = self.inner_batch_size
+        parts = split_batch(batch, k) if k and k < len(batch) else [batch]
+        return concat_results([self._generate_part(b, classifier) for b in parts])
+
+    def _generate_part(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
+        tries = self.attempts()
+        out: list[CounterfactualResult | None] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for j, (labels, method) in enumerate(tries):
+            sub = batch if len(todo) == len(batch) else select_batch(batch, todo)
+            part = method._at_input_resolution(sub, classifier)
+            for k, i in enumerate(todo):
+                out[i] = CounterfactualResult(part.images[k : k + 1],
+                                              {**{key: v[k : k + 1] for key, v in part.diagnostics.items()},
+                                               **{key: torch.tensor([float(v)]) for key, v in labels.items()}},
+                                              [part.failure[k]])
+            if j + 1 == len(tries):
+                break
+            with torch.no_grad():
+                flipped = classifier(part.images).argmax(1).cpu() == sub.target.cpu()
+            todo = [i for k, i in enumerate(todo) if not flipped[k] or part.failure[k]]  # a failure is retried
+            if not todo:
+                break
+        result = concat_results(out)
+        with torch.no_grad():
+            probs = classifier(result.images).softmax(1)
+        confidence = probs.gather(1, batch.target[:, None].to(probs.device)).squeeze(1)
+        result.diagnostics = {"target_confidence": confidence, **result.diagnostics}
+        return result
+
+    def _at_input_resolution(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
+        """:meth:`counterfactuals` at the model's resolution, checked, back at the batch's,
+        non-finite images failed and every failed sample's image the original."""
+        size_in, original = tuple(batch.images.shape[-2:]), batch.images
+        size = self.model_resolution() if self.resolution != "input" else None
+        if size is not None and size_in != (size, size):
+            if self.resolution == "exact":
+                raise ValueError(f"{self.name} works at its diffusion model's resolution ({size} px), got "
+                                 f"{size_in[0]}x{size_in[1]} images: set the data's image size to {size}")
+            batch = at_resolution(batch, size)
+        result = self.counterfactuals(batch, classifier)
+        check_result(self, batch, result)
+        images = result.images
+        if tuple(images.shape[-2:]) != size_in:
+            images = F.interpolate(images, size=size_in, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        finite = torch.isfinite(images).flatten(1).all(1)
+        failure = [f if f else (None if bool(ok) else "non-finite output") for f, ok in zip(result.failure, finite)]
+        failed = torch.tensor([f is not None for f in failure], device=images.device)
+        images = torch.where(failed.view(-1, 1, 1, 1), original.to(images.dtype), images)
+        return CounterfactualResult(images.detach(), dict(result.diagnostics), failure)
 
     def describe(self) -> dict:
         """Settings stored with every result and in the run's fingerprint: the name and
@@ -88,16 +203,42 @@ class VCEMethod(nn.Module, RecordsInitArgs):
 
     @classmethod
     def test_kwargs(cls) -> dict:
-        """Small constructor arguments for the registry-driven tests (``tests/test_methods.py``):
-        they build every registered method on tiny models with these, adding the
-        diffusion model (``diffusion``) and, for a ``robust_classifier``
-        argument, a tiny classifier. Choose values that exercise the method's real
-        branches in seconds."""
+        """Small constructor arguments for :func:`lit_vce.testing.check_method` (which the
+        registry tests run on every registered method): it builds the method on tiny
+        models with these, adding the diffusion model (``diffusion``: a 16 px pixel model
+        with the sampler of the ``sampler`` argument, or of :attr:`diffusion_sampler`, and
+        ``num_steps`` taken from here, default 10) and, for a ``robust_classifier`` argument,
+        a tiny classifier. Choose values that exercise the method's real branches in seconds."""
         return {}
 
     def setup(self, device: torch.device) -> None:
         """Called once before the first batch (e.g. to move auxiliary models)."""
         self.to(device)
+
+
+def at_resolution(batch: VCEBatch, size: int) -> VCEBatch:
+    """``batch`` with its images (and foreground masks, nearest) resized to ``size`` px."""
+    from ..diffusion.base import resize_to
+
+    images = resize_to(batch.images, size)
+    mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
+    return dataclasses.replace(batch, images=images, mask=mask)
+
+
+def check_result(method: VCEMethod, batch: VCEBatch, result: CounterfactualResult) -> None:
+    """Refuse a step output that breaks the contract, naming the method and what is wrong."""
+    n, problems = len(batch), []
+    if not isinstance(result, CounterfactualResult):
+        raise TypeError(f"{method.name}: counterfactuals() must return a CounterfactualResult, got {type(result).__name__}")
+    if tuple(result.images.shape) != tuple(batch.images.shape):
+        problems.append(f"images of shape {tuple(result.images.shape)} for a batch of {tuple(batch.images.shape)}")
+    for key, value in result.diagnostics.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (n,):
+            problems.append(f"diagnostic {key!r} is not a tensor of shape ({n},)")
+    if "target_confidence" in result.diagnostics:
+        problems.append("diagnostic 'target_confidence' is the harness's (generate computes it)")
+    if problems:
+        raise ValueError(f"{method.name}: counterfactuals() broke the method contract: {'; '.join(problems)}")
 
 
 def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:

@@ -31,7 +31,6 @@ class ClassifierGuidance(PerStepGuidance):
         **kwargs: sampler settings of :class:`PerStepGuidance`.
     """
 
-    name = "classifier_guidance"
 
     def __init__(self, scale: float = 30.0, l1_weight: float = 30.0, normalize: bool = False,
                  objective: Objective | None = None, **kwargs):

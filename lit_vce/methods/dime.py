@@ -24,9 +24,9 @@ import torch
 
 from ..objectives import ObjectiveContext, VGGPerceptual
 from ..registry import METHODS
-from .base import CounterfactualResult, VCEBatch
+from .base import VCEBatch
 from .guided import PerStepGuidance, Step
-from .parts import retry_scales
+from .parts import scale_attempts
 
 
 @METHODS.register("dime")
@@ -48,7 +48,6 @@ class DiME(PerStepGuidance):
             x0 clipped).
     """
 
-    name = "dime"
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
                  max_inner_steps: int | None = None, perceptual_weight: float = 0.0, perceptual_layer: int = 18,
@@ -116,5 +115,5 @@ class DiME(PerStepGuidance):
             z = a.sqrt() * out["pred_xstart"] + (1 - a).sqrt() * out["eps"]
         return d.decode(z)
 
-    def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        return retry_scales(self, batch, classifier, PerStepGuidance.generate)
+    def attempts(self):
+        return scale_attempts(self)

@@ -64,7 +64,6 @@ class DVCE(PerStepGuidance):
             ``adm`` sampler, 200 steps, skip half, no clipping).
     """
 
-    name = "dvce"
 
     def __init__(
         self,

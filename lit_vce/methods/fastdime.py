@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from ..objectives import ObjectiveContext, VGGPerceptual
 from ..rngs import per_sample_randn
 from ..registry import METHODS
-from .base import CounterfactualResult, VCEBatch
 from .guided import PerStepGuidance, Step
-from .parts import retry_scales
+from .parts import scale_attempts
 
 
 @METHODS.register("fastdime")
@@ -48,7 +47,6 @@ class FastDiME(PerStepGuidance):
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, 60 guided).
     """
 
-    name = "fastdime"
 
     def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
                  warmup: int = 30, dilation: int = 5, threshold: float = 0.15, sampler: str = "adm", num_steps: int = 200,
@@ -93,5 +91,5 @@ class FastDiME(PerStepGuidance):
         state["x0"] = x0
         return x_t
 
-    def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        return retry_scales(self, batch, classifier, PerStepGuidance.generate)
+    def attempts(self):
+        return scale_attempts(self)

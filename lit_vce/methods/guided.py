@@ -25,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from ..rngs import per_sample_randn
 from ..diffusion import Diffusion, PixelDiffusion
-from ..diffusion.base import resize_to
-from .base import CounterfactualResult, VCEBatch, VCEMethod, concat_results, split_batch
+from .base import CounterfactualResult, VCEBatch, VCEMethod
 
 
 @dataclasses.dataclass
@@ -168,12 +166,6 @@ class PerStepGuidance(VCEMethod):
         n = len(self.diffusion.timesteps)
         return min(int(round(self.skip * n)), n - 1)
 
-    def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
-        k = self.inner_batch_size
-        if not k or k >= len(batch):
-            return self._generate(batch, classifier)
-        return concat_results([self._generate(b, classifier) for b in split_batch(batch, k)])
-
     def _conditions(self, batch: VCEBatch):
         """(cond, uncond) of the model calls: the null input, or the target (source) with CFG."""
         d, n = self.diffusion, len(batch)
@@ -182,10 +174,9 @@ class PerStepGuidance(VCEMethod):
         cond = d.condition(batch.source if self.conditioning == "source" else batch.target)
         return cond, (d.null_condition(n) if self.cfg_scale != 1.0 else None)
 
-    def _generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
+    def counterfactuals(self, batch: VCEBatch, classifier) -> CounterfactualResult:
+        """The guided reverse process from the noised batch (at the model's resolution)."""
         d = self.diffusion
-        size_in, original = batch.images.shape[-2:], batch.images
-        batch = self._at_model_resolution(batch)
         n = len(batch)
         steps = d.timesteps[self.start_index():]
         t_noise = d.timesteps[self.start_index() - self.noise_offset]  # DiME's code: one step above the first guided
@@ -213,24 +204,8 @@ class PerStepGuidance(VCEMethod):
             x_t = self.post_step(x_t, step, batch, state).detach()
         if self.output == "x0":  # the last step's x0-prediction (model space)
             x_t = out["pred_xstart"] if "pred_xstart" in out else d.encode(step.x0)
-        out_img = d.decode(x_t)
-        if out_img.shape[-2:] != size_in:
-            out_img = F.interpolate(out_img, size=tuple(size_in), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        out_img = torch.where(ok.view(-1, 1, 1, 1), out_img, original)  # failed samples return the original image
-        with torch.no_grad():
-            probs = classifier(out_img).softmax(1)
-        diag = {"target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
-                "steps": torch.full((n,), len(steps), dtype=torch.float32), **state.get("diagnostics", {})}
-        return CounterfactualResult(out_img.detach(), diag, failure)
-
-    def _at_model_resolution(self, batch: VCEBatch) -> VCEBatch:
-        """The batch resized to the diffusion model's resolution (the sampler and the guidance work there)."""
-        size = self.diffusion.image_size
-        if batch.images.shape[-2:] == (size, size):
-            return batch
-        images = resize_to(batch.images, size)
-        mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
-        return dataclasses.replace(batch, images=images, mask=mask)
+        diag = {"steps": torch.full((n,), len(steps), dtype=torch.float32), **state.get("diagnostics", {})}
+        return CounterfactualResult(d.decode(x_t).detach(), diag, failure)
 
     def _guided_step(self, step: Step, batch: VCEBatch, classifier, conds) -> tuple[dict, torch.Tensor]:
         """The model's prediction at ``step`` (a dict with ``eps``, and for ``adm`` the mean and

@@ -68,7 +68,6 @@ class LDCE(PerStepGuidance):
             no clipping, the final sample).
     """
 
-    name = "ldce"
 
     def __init__(self, classifier_weight: float = 2.3, distance_weight: float = 0.3, consensus_angle: float = 45.0,
                  guidance_scale: float = 3.0, strength: float = 0.382, objective: Objective | None = None,

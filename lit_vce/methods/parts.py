@@ -79,33 +79,20 @@ def objective_guidance(objective, x0: torch.Tensor, ctx, to_xt, rescale_like: to
     return total
 
 
-def retry_scales(method, batch, classifier, generate):
-    """DiME's and FastDiME's retries: ``generate(run, batch, classifier)`` (one run at
-    ``run.scale``) for every classifier scale in ``method.scales`` in turn, each on the
-    samples not flipped yet; a sample keeps the first run that flips it (or the last
-    one), with diagnostic ``scale``. Each scale runs on a shallow copy of ``method``
-    (same modules), so ``method`` itself never changes and concurrent calls do not
-    see each other's scale."""
+def scale_attempts(method) -> list:
+    """DiME's and FastDiME's retries as :meth:`~lit_vce.methods.base.VCEMethod.attempts`: one
+    attempt per classifier scale in ``method.scales``, in turn, each on the samples not
+    flipped yet (a sample keeps the first that flips it, or the last; diagnostic ``scale``).
+    Each is a shallow copy of ``method`` (same modules) at ``scale``, so ``method`` itself
+    never changes and concurrent calls do not see each other's scale."""
     import copy
 
-    from .base import CounterfactualResult, concat_results, select_batch
-
-    out = [None] * len(batch)
-    todo = list(range(len(batch)))
+    runs = []
     for scale in method.scales:
         run = copy.copy(method)
         run.scale = float(scale)
-        part = generate(run, select_batch(batch, todo), classifier)
-        for j, i in enumerate(todo):
-            out[i] = CounterfactualResult(part.images[j : j + 1], {k: v[j : j + 1] for k, v in part.diagnostics.items()},
-                                          [part.failure[j]])
-            out[i].diagnostics["scale"] = torch.tensor([float(scale)])
-        with torch.no_grad():
-            flipped = classifier(part.images).argmax(1).cpu() == batch.target[todo].cpu()
-        todo = [i for j, i in enumerate(todo) if not flipped[j]]
-        if not todo:
-            break
-    return concat_results(out)
+        runs.append(({"scale": float(scale)}, run))
+    return runs
 
 
 def _homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,6 @@ class SVCE(VCEMethod):
         rho: the oscillation threshold of the step-size schedule (0.75).
     """
 
-    name = "svce"
     supports_concurrency = True
 
     def __init__(self, eps: float = 150.0, p: float = 1.5, steps: int = 75, attack: str = "afw", momentum: float = 0.0,
@@ -194,7 +193,8 @@ class SVCE(VCEMethod):
         run["k"] = max(k - max(int(0.03 * self.steps), 1), max(int(0.06 * self.steps), 1))
         return halve
 
-    def generate(self, batch: VCEBatch, classifier) -> CounterfactualResult:
+    def counterfactuals(self, batch: VCEBatch, classifier) -> CounterfactualResult:
+        """The attack in image space, at the batch's resolution (the classifier resizes)."""
         x = batch.images
         n, shape = len(batch), (-1,) + (1,) * (x.dim() - 1)
         x_adv = self._start(batch)
@@ -218,11 +218,8 @@ class SVCE(VCEMethod):
                 restart = self._checkpoint(i, x, best, history, run)
                 x_adv[restart], grad[restart] = best[restart], best_grad[restart]
                 counter = 0
-        with torch.no_grad():
-            probs = classifier(best).softmax(1)
         ok = torch.isfinite(best).flatten(1).all(1)
         failure = [None if bool(f) else "non-finite attack iterate" for f in ok]
         images = torch.where(ok.view(shape), best, x)
-        diag = {"target_confidence": probs.gather(1, batch.target[:, None]).squeeze(1),
-                "distance": lp_norm(images - x, self.p).detach(), "steps": torch.full((n,), float(self.steps))}
+        diag = {"distance": lp_norm(images - x, self.p).detach(), "steps": torch.full((n,), float(self.steps))}
         return CounterfactualResult(images.detach(), diag, failure)

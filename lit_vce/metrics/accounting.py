@@ -30,9 +30,10 @@ computed from a non-finite image (:func:`nonfinite_failures`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: reading results (the leaderboard) needs none
+    import torch
 
 #: a failure reason for a counterfactual with NaN or infinite values
 NONFINITE_IMAGE = "non-finite values in the counterfactual"
@@ -40,6 +41,8 @@ NONFINITE_IMAGE = "non-finite values in the counterfactual"
 
 def nonfinite_failures(images: torch.Tensor) -> list[str | None]:
     """Per sample: :data:`NONFINITE_IMAGE` when the image holds NaN or inf, else None."""
+    import torch
+
     ok = torch.isfinite(images.detach().flatten(1)).all(1).tolist()
     return [None if good else NONFINITE_IMAGE for good in ok]
 
@@ -64,6 +67,8 @@ def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, s
     are real images, so a failed sample's original may still be classified (for
     ``flip_rate_source_correct``). Returns one row per sample, in order, each with
     ``success`` (False for every failure) and ``failure`` (the reason, or '')."""
+    import torch
+
     from ..io import quantize
 
     n = len(sample_ids)
@@ -97,6 +102,29 @@ def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, s
             row["diagnostics"] = {k: _finite_or_none(v[i]) for k, v in diagnostics.items()}
         out.append(row)
     return out
+
+
+def plain_rows(clf, cf, src, tgt, ids, failures, diagnostics) -> list[dict[str, Any]]:
+    """Per-sample success and target confidence when the metric suite is off (the same
+    accounting rule: a failed or non-finite sample is not a success)."""
+    import torch
+
+    from ..io import quantize
+
+    failures = merge_failures(list(failures), nonfinite_failures(cf))
+    with torch.no_grad():
+        logits = clf(quantize(torch.nan_to_num(cf)))
+    rows = []
+    for i, (s, a, b) in enumerate(zip(ids, src, tgt)):
+        fail = failures[i] or ("" if bool(torch.isfinite(logits[i]).all()) else "non-finite logits from the classifier on the counterfactual")
+        p = logits[i].softmax(0)
+        row = {"sample_id": s, "source": int(a), "target": int(b), "failure": fail,
+               "success": not fail and bool(p.argmax() == b)}
+        if not fail:
+            row["target_conf_after"] = float(p[b])
+        row["diagnostics"] = {k: float(d[i]) for k, d in diagnostics.items()}
+        rows.append(row)
+    return rows
 
 
 def _finite_or_none(value) -> float | None:

@@ -32,29 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MissingWeightsError
+from ..weights import find_weights
 from .vce import _SumMean
 
 SIMSIAM_FILE = "checkpoint_0099.pth.tar"
 VGGFACE2_FILE = "resnet50_ft_weight.pkl"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VGGFACE2_MEAN_BGR = (91.4953, 103.8827, 131.0912)
-
-
-def find_weights(family: str, filename: str, path: str | Path | None = None) -> Path:
-    """``path`` if given, else ``$LIT_VCE_WEIGHTS_DIR/<family>/<filename>``, else the torch hub's
-    ``checkpoints/<filename>``; a one-line :class:`MissingWeightsError` naming them otherwise."""
-    from ..weights import weights_dir
-
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise MissingWeightsError(f"{family} weights {p} do not exist (expected {filename})")
-        return p
-    candidates = [weights_dir() / family / filename, Path(torch.hub.get_dir()) / "checkpoints" / filename]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise MissingWeightsError(f"{family}: {filename} not found; put it at {candidates[0]} (or {candidates[1]})")
 
 
 # --- SimSiam (S3) --------------------------------------------------------------------

@@ -120,7 +120,7 @@ class LatentEncoder(nn.Module):
         if isinstance(autoencoder, str):
             from diffusers import AutoencoderKL
 
-            from ..classifiers.loaders import MissingWeightsError
+            from ..errors import MissingWeightsError
 
             path, sub = (autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, ""))
             try:

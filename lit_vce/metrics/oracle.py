@@ -104,7 +104,7 @@ def _trunk_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.
 
 def load_attribute_oracle(kind: str, path: str | Path | None = None) -> AttributeOracle:
     """The CelebA (``celeba``) or CelebA-HQ (``celebahq``) oracle with its ``oracle.pth``."""
-    from .embeddings import find_weights
+    from ..weights import find_weights
 
     if kind not in ORACLES:
         raise ValueError(f"attribute_oracle must be one of {ORACLES} (or off), got {kind!r}")

@@ -10,8 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import LitVCEError
 
 #: every library whose version can change a figure: the stack and every model library a run may load through
@@ -57,6 +55,8 @@ def cpu_model() -> str:
 def hardware() -> dict[str, Any]:
     """Where the figures were computed: float results of long guided trajectories differ
     between CPU and GPU models (README, Determinism), so both are recorded."""
+    import torch  # here, not at the top: reading results (the leaderboard) needs no torch
+
     info: dict[str, Any] = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
                             "cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
                             "os": platform.platform(), "python": platform.python_version()}

@@ -1,0 +1,347 @@
+"""The LightningCLI side of ``lit-vce``: ``predict``, ``fetch``, ``disagree`` and ``neurons``
+(:func:`run_predict`, :func:`run_analysis`), with the prediction writer attached as
+``--writer.*``, registered method names resolved to class paths, the parsed config saved
+in the run folder and the run's CSV logger. Imported only by the commands that run it
+(``lit_vce.cli`` stays light, so ``lit-vce --help`` does not load Lightning's CLI)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from ..data.datamodule import VCEDataModule
+from .module import VCEModule
+from .writer import VCEPredictionWriter
+
+TRAINER_DEFAULTS = {
+    "inference_mode": False,  # guidance needs autograd inside predict_step
+    "logger": None,  # None: a CSVLogger in the run folder (<output_dir>/logs/metrics.csv); false: none
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "accelerator": "auto",
+    "devices": 1,
+}
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the parsed config as ``config.yaml`` in the run's output folder (the
+    writer's ``output_dir``), not in the working directory; rank 0 only. The writer
+    claims the folder first (lock, configuration check, ``run.json``): a refused run
+    writes nothing. The file is written atomically."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        writers = [c for c in trainer.callbacks if isinstance(c, VCEPredictionWriter)]
+        for w in writers:
+            w.claim(trainer, pl_module)
+        if trainer.is_global_zero and writers:
+            from ..io import atomic_write_bytes
+
+            out = writers[0].output_dir
+            out.mkdir(parents=True, exist_ok=True)
+            text = self.parser.dump(self.config, skip_unset=False)
+            atomic_write_bytes(out / self.config_filename, text.encode())
+        self.already_saved = trainer.strategy.broadcast(True)
+
+
+def run_logger(save_dir: str):
+    """The default logger: ``<run>/logs/metrics.csv``, kept across attempts (Lightning's
+    CSVLogger deletes an existing file when it starts; a resumed or refused run must not)."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # keep the earlier attempts' rows; new ones are appended
+            import csv
+
+            if self._fs.isfile(self.metrics_file_path):
+                try:
+                    with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                        self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+                except (OSError, UnicodeDecodeError):
+                    self.metrics_keys = []
+
+    class RunCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunCSVLogger(save_dir=save_dir, name="logs", version="")
+
+
+class VCECLI(LightningCLI):
+    """LightningCLI with the prediction writer always attached as ``--writer.*``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"predict": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from ..classifiers.loaders import classifier_class_names
+
+        parser.add_lightning_class_args(VCEPredictionWriter, "writer")
+        if "data.class_names" in parser.get_defaults():  # the data maps class-name folders to the classifier's classes
+            parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
+
+    def instantiate_classes(self) -> None:
+        """Build the run without its weights: the stage builds its models (the classifier,
+        the metrics and the method with its diffusion model) in ``prepare_data`` on the
+        process that fetches weights and in ``setup`` on the others (:mod:`lit_vce.weights`).
+        A constructor rejecting a setting (``ValueError``, a missing file) is a user
+        error: one line, not a traceback."""
+        from ..errors import ConfigError, LitVCEError
+        from .stage import deferred_build
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        method = cfg["model"].get("method")
+        if method is not None:  # validated by the parse; built in the stage's build()
+            cfg["model"]["method"] = None
+        try:
+            with deferred_build():
+                super().instantiate_classes()
+        except LitVCEError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from e
+        finally:
+            cfg["model"]["method"] = method  # config.yaml is saved whole
+        if method is not None:
+            self.model.method_factory = functools.partial(_instantiate_method, method, type(self.model))
+        out = cfg["writer"]["output_dir"]
+        if cfg["trainer"].get("default_root_dir") is None:  # hpc (requeue) checkpoints go to the run folder, not the cwd
+            self.trainer._default_root_dir = str(out)
+        if cfg["trainer"].get("logger") is None:  # the default: metrics.csv in the run folder
+            self.trainer.loggers = [run_logger(str(out))]
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # the writer stores images as they come; accumulating them on every rank would exhaust memory
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        return kwargs
+
+
+class AnalysisCLI(VCECLI):
+    """``lit-vce disagree`` / ``lit-vce neurons``: the same CLI over :class:`AnalysisModule`."""
+
+    analysis = "disagree"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from ..analyses.generate import ANALYSIS_FIELDS
+
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
+
+
+def _instantiate_method(config, module_class):
+    """The method of a parsed ``model.method`` config (class_path and init_args), built."""
+    import typing
+
+    from jsonargparse import ArgumentParser, Namespace
+
+    from ..errors import ConfigError
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=typing.get_type_hints(module_class.__init__)["method"])  # as the CLI parsed it
+    try:
+        return parser.instantiate(Namespace(method=config)).method
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--model.method: {e}") from e
+
+
+def _class_path(name: str) -> str | None:
+    """The class path of a registered method name (``None`` when ``name`` is not one)."""
+    from ..registry import METHODS
+
+    if not isinstance(name, str) or "." in name or name not in METHODS:
+        return None
+    cls = METHODS.get(name)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _method_class(name):
+    """The method class of a registered name or a class path (``None`` when it names none)."""
+    import importlib
+
+    from ..registry import METHODS
+
+    if not isinstance(name, str) or not name:
+        return None
+    if "." not in name:
+        return METHODS.get(name) if name in METHODS else None
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+
+
+def _nest_aliases(cls, init_args: dict) -> tuple[dict, list[str]]:
+    """``init_args`` with a method's deprecated flat names moved into their groups
+    (``cls.setting_aliases``: flat name -> ``group.field``), and the names moved."""
+    aliases = getattr(cls, "setting_aliases", None) or {}
+    retired = getattr(cls, "retired_settings", None) or {}
+    out, moved = dict(init_args), []
+    for key in [k for k in out if k in retired and out[k] == retired[k]]:  # the one value that remains: nothing to set
+        out.pop(key)
+    for key in [k for k in out if k in aliases]:
+        if isinstance(out[key], dict):  # a group of the same name (DiG-IN's inversion), not the flat value
+            continue
+        group, field = aliases[key].split(".")
+        value = out.pop(key)  # first: the flat name may be the group's own (DiG-IN's inversion)
+        block = dict(out.get(group) or {})
+        block[field] = value
+        out[group] = block
+        moved.append(key)
+    return out, moved
+
+
+def _warn_moved(cls, moved: list[str], where: str) -> None:
+    if moved:
+        import warnings
+
+        aliases = cls.setting_aliases
+        warnings.warn(f"{where}: {cls.__name__}'s flat setting(s) {', '.join(moved)} are deprecated; use "
+                      + ", ".join(aliases[k] for k in moved), DeprecationWarning, stacklevel=3)
+        print(f"note: {where}: deprecated flat names {', '.join(moved)} read as "
+              + ", ".join(aliases[k] for k in moved), file=sys.stderr)
+
+
+def _resolve_config_file(path: str) -> str:
+    """A YAML config whose ``model.method`` is a registered name (``method: dvce``) or has
+    one as ``class_path``, or uses a method's deprecated flat setting names, becomes a
+    resolved copy (a temporary file); others stay as they are."""
+    import atexit
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # jsonargparse reports unreadable configs itself
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    method = model.get("method") if isinstance(model, dict) else None
+    changed = False
+    if isinstance(method, str) and _class_path(method):
+        model["method"] = {"class_path": _class_path(method)}
+        changed = True
+    elif isinstance(method, dict) and _class_path(method.get("class_path")):
+        method["class_path"] = _class_path(method["class_path"])
+        changed = True
+    method = model.get("method") if isinstance(model, dict) else None
+    if isinstance(method, dict) and isinstance(method.get("init_args"), dict):
+        cls = _method_class(method.get("class_path"))
+        method["init_args"], moved = _nest_aliases(cls, method["init_args"])
+        _warn_moved(cls, moved, path)
+        changed = changed or bool(moved)
+    if not changed:
+        return path
+    fd, out = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    atexit.register(lambda p=out: os.path.exists(p) and os.remove(p))
+    return out
+
+
+def _config_method(path: str):
+    """The method class a (resolved) YAML config names, or ``None``."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    method = ((cfg or {}).get("model") or {}).get("method") if isinstance(cfg, dict) else None
+    return _method_class(method.get("class_path")) if isinstance(method, dict) else None
+
+
+def resolve_method_names(argv: list[str]) -> list[str]:
+    """Registered method names become class paths, so jsonargparse can build the method
+    and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``):
+    on the command line ``--model.method NAME`` (or ``=NAME``, or ``--model.method.class_path
+    NAME``), and in YAML files given with ``--config`` ``method: NAME`` or ``class_path: NAME``.
+    A method's deprecated flat setting names (DiG-IN's ``outer_steps``, ...) are moved into
+    their groups, in files and on the command line, with a note."""
+    keys = ("--model.method", "--model.method.class_path")
+    out = list(argv)
+    cls = None
+    for i, a in enumerate(out):
+        key, eq, value = a.partition("=")
+        j = i if eq else i + 1
+        value = value if eq else (out[j] if j < len(out) else "")
+        if key == "--config" and value:
+            from ..config_files import find_config
+
+            new = _resolve_config_file(str(find_config(value)))
+            cls = _config_method(new) or cls
+        elif key in keys and _class_path(value):
+            new = _class_path(value)
+            cls = _method_class(value)
+        elif key in keys and value and "." not in value:  # neither registered nor a class path
+            from ..errors import UnknownNameError, suggest
+            from ..registry import METHODS
+
+            raise UnknownNameError(f"{key} {value}: no such method{suggest(value, METHODS.names())} "
+                                   f"(`lit-vce methods` lists {', '.join(METHODS.names())})")
+        else:
+            if key in keys:
+                cls = _method_class(value) or cls
+            for prefix in ("--model.method.init_args.", "--model.method."):
+                name = key[len(prefix):] if key.startswith(prefix) else None
+                if name and cls is not None and name in (getattr(cls, "setting_aliases", None) or {}) \
+                        and not value.lstrip().startswith("{"):
+                    target = cls.setting_aliases[name]
+                    _warn_moved(cls, [name], "command line")
+                    out[i] = f"--model.method.init_args.{target}" + (f"={value}" if eq else "")
+                    break
+            continue
+        if eq:
+            out[i] = f"{key}={new}"
+        else:
+            out[j] = new
+    return out
+
+
+def run_analysis(analysis: str, args: list[str] | None) -> None:
+    """Run ``disagree`` or ``neurons`` (``args=None`` parses ``sys.argv[2:]``)."""
+    import warnings
+
+    from ..analyses.generate import AnalysisModule, GenerationDataModule
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    argv = resolve_method_names(list(sys.argv[2:] if args is None else args))
+    cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
+    cli(AnalysisModule, GenerationDataModule, args=["predict", *argv], trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfig, seed_everything_default=False)
+
+
+def run_predict(args: list[str] | None, run: bool = True) -> None:
+    """Run ``predict``; ``args=None`` parses ``sys.argv`` (the console script). With
+    ``run=False`` only build everything (``lit-vce fetch``: every weight file the run
+    needs is loaded, so downloaded into its cache, once, before a multi-process launch)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    args = resolve_method_names(list(sys.argv[2:] if args is None else args))
+    cli = VCECLI(
+        VCEModule, VCEDataModule, args=["predict", *args] if run else args, trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfig, seed_everything_default=False, run=run,
+    )
+    if not run:
+        cli.model.prepare_data()  # what a run's fetching process does: build everything, downloading what is missing
+        print("fetch: every model of this run loaded (its weights are in their caches)")
