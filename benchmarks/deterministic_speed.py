@@ -69,8 +69,10 @@ def main() -> None:
     a = p.parse_args()
     clf = load_classifier("biased")
     print(f"deterministic mode, {a.n} world images, {a.rounds} alternated rounds, {a.workers} workers vs 1")
-    print(f"{'method':20s} {'sequential s/img':>17s} {'concurrent s/img':>17s} {'ratio':>6s} {'speed-up':>9s} "
-          f"{'same bytes':>10s} {'batched s/img':>14s}")
+    print(
+        f"{'method':20s} {'sequential s/img':>17s} {'concurrent s/img':>17s} {'ratio':>6s} {'speed-up':>9s} "
+        f"{'same bytes':>10s} {'batched s/img':>14s}"
+    )
     for name in a.methods:
         method = load_method(CONFIGS[name])
         method.setup(torch.device("cpu"))
@@ -81,11 +83,17 @@ def main() -> None:
             bat.append(run_batched(method, clf, a.n))
             seq.append(s1)
             con.append(s2)
-            same &= torch.equal(ref.images, out.images) and ref.failure == out.failure and all(
-                torch.equal(v, out.diagnostics[k]) for k, v in ref.diagnostics.items())
+            same &= (
+                torch.equal(ref.images, out.images)
+                and ref.failure == out.failure
+                and all(torch.equal(v, out.diagnostics[k]) for k, v in ref.diagnostics.items())
+            )
         t1, t2 = statistics.median(seq), statistics.median(con)
-        print(f"{name:20s} {t1:17.3f} {t2:17.3f} {t2 / t1:6.3f} {t1 / t2:8.2f}x {str(same):>10s} "
-              f"{statistics.median(bat):14.3f}", flush=True)
+        print(
+            f"{name:20s} {t1:17.3f} {t2:17.3f} {t2 / t1:6.3f} {t1 / t2:8.2f}x {str(same):>10s} "
+            f"{statistics.median(bat):14.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

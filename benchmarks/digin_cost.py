@@ -30,14 +30,25 @@ def one(steps: int, outer: int, checkpointing: bool, n: int) -> dict:
 
     batch = world_batch(n, masks=True)
     clf = load_classifier("robust")
-    m = DiGIN("world", num_steps=steps, outer_steps=outer, num_cutouts=8, null_text_steps=5, gradient_checkpointing=checkpointing)
+    m = DiGIN(
+        "world",
+        num_steps=steps,
+        outer_steps=outer,
+        num_cutouts=8,
+        null_text_steps=5,
+        gradient_checkpointing=checkpointing,
+    )
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     r = m.generate(batch, clf)
     sec = time.perf_counter() - t0
     flip = float((clf(r.images).argmax(1) == batch.target).float().mean())
-    return {"s_per_vce": sec / n, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, "flip_rate": flip}
+    return {
+        "s_per_vce": sec / n,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+        "flip_rate": flip,
+    }
 
 
 def main() -> None:
@@ -50,16 +61,31 @@ def main() -> None:
         return
     rows = []
     for steps, outer, ckpt in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--n", str(a.n), "--one", str(steps), str(outer), "1" if ckpt else "0"],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, __file__, "--n", str(a.n), "--one", str(steps), str(outer), "1" if ckpt else "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows.append((steps, outer, ckpt, json.loads(out)))
     base = rows[1][3]
     print(f"DiG-IN on the world, {a.n} images per batch, robust classifier, 8 cutouts, null-text 5 inner steps")
-    print(f"{'steps':>5s} {'outer':>5s} {'ckpt':>5s} {'s/VCE':>8s} {'time ratio':>10s} {'peak MiB':>9s} {'growth MiB':>10s} {'FR':>5s}")
+    print(
+        f"{'steps':>5s} {'outer':>5s} {'ckpt':>5s} {'s/VCE':>8s} {'time ratio':>10s} {'peak MiB':>9s} "
+        f"{'growth MiB':>10s} {'FR':>5s}"
+    )
     for steps, outer, ckpt, r in rows:
-        print(f"{steps:5d} {outer:5d} {str(ckpt):>5s} {r['s_per_vce']:8.2f} {r['s_per_vce'] / base['s_per_vce']:10.2f} "
-              f"{r['peak_mib']:9.0f} {r['growth_mib']:10.0f} {r['flip_rate']:5.2f}")
-    print("time ratio: against 20 steps, 5 outer iterations, no checkpointing; growth: peak RSS increase during generate")
+        print(
+            f"{steps:5d} {outer:5d} {str(ckpt):>5s} {r['s_per_vce']:8.2f} {r['s_per_vce'] / base['s_per_vce']:10.2f} "
+            f"{r['peak_mib']:9.0f} {r['growth_mib']:10.0f} {r['flip_rate']:5.2f}"
+        )
+    print(
+        "time ratio: against 20 steps, 5 outer iterations, no checkpointing; growth: peak RSS increase during generate"
+    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,22 @@ def main() -> None:
             samples.append((it, (int(it["label"]) + k) % 4))
 
     def run(cache: str | None) -> tuple[float, torch.Tensor, DiGIN]:
-        m = DiGIN("world", inversion=InversionSettings(null_text_steps=5, cache=cache),
-                  optimisation=OptimisationSettings(outer_steps=10, lr=0.05, num_cutouts=8))
+        m = DiGIN(
+            "world",
+            inversion=InversionSettings(null_text_steps=5, cache=cache),
+            optimisation=OptimisationSettings(outer_steps=10, lr=0.05, num_cutouts=8),
+        )
         images, t0 = [], time.perf_counter()
         for it, target in samples:
             sid = f"{it['sample_id']}->{target}"
-            b = VCEBatch(it["image"][None], torch.tensor([int(it["label"])]), torch.tensor([target]), [sid],
-                         sample_rngs(0, [sid]), it["mask"][None])
+            b = VCEBatch(
+                it["image"][None],
+                torch.tensor([int(it["label"])]),
+                torch.tensor([target]),
+                [sid],
+                sample_rngs(0, [sid]),
+                it["mask"][None],
+            )
             images.append(m.generate(b, clf).images)
         return (time.perf_counter() - t0) / len(samples), torch.cat(images), m
 
@@ -67,7 +76,10 @@ def main() -> None:
     print(f"{len(samples)} VCEs ({a.images} images x 3 targets), one at a time, 1 thread; medians of {a.rounds} rounds")
     for name, ts in times.items():
         print(f"{name:<9} {statistics.median(ts):7.2f} s/VCE  ratio {statistics.median(ts) / base:.3f}")
-    print(f"cache: {hits} hits, {misses} misses; largest image difference {float((cached_imgs - plain_imgs).abs().max()):.2e}")
+    print(
+        f"cache: {hits} hits, {misses} misses; largest image difference "
+        f"{float((cached_imgs - plain_imgs).abs().max()):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def main() -> None:
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     d = ShapesWorld("balanced", "test", a.n)
-    images = F.interpolate(torch.stack([d[i]["image"] for i in range(a.n)]), size=(a.size, a.size), mode="bilinear",
-                           align_corners=False).to(device)
+    images = F.interpolate(
+        torch.stack([d[i]["image"] for i in range(a.n)]), size=(a.size, a.size), mode="bilinear", align_corners=False
+    ).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(save_tiny_latent_diffusion(Path(tmp) / "sd") / "tokenizer"))
     sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -66,8 +67,15 @@ def main() -> None:
             cond_of = lambda: bb.condition(torch.tensor([d[i]["label"] for i in range(a.n)], device=device))  # noqa: E731
         else:
             unet, vae, text = sd15_components(False, a.size)
-            bb = LatentDiffusion(num_steps=a.steps, dtype=dtype, unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                 scheduler_config=sched).to(device)
+            bb = LatentDiffusion(
+                num_steps=a.steps,
+                dtype=dtype,
+                unet=unet,
+                vae=vae,
+                text_encoder=text,
+                tokenizer=tokenizer,
+                scheduler_config=sched,
+            ).to(device)
             cond_of = lambda: bb.condition(["a photograph of a circle"] * a.n)  # noqa: E731
         ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device, dtype=torch.bfloat16)
         t0 = time.perf_counter()
@@ -75,11 +83,16 @@ def main() -> None:
             z0 = bb.encode(images)
             inv = bb.null_text_inversion(z0, cond_of(), a.null_text_steps)
         rows[dtype] = (inv.reconstruction_error, time.perf_counter() - t0)
-        print(f"{dtype:9s} null-text reconstruction MSE {inv.reconstruction_error:.3e}  {rows[dtype][1]:.1f} s", flush=True)
+        print(
+            f"{dtype:9s} null-text reconstruction MSE {inv.reconstruction_error:.3e}  {rows[dtype][1]:.1f} s",
+            flush=True,
+        )
     (e32, s32), (e16, s16) = rows["float32"], rows["bfloat16"]
     size = "32 px (world)" if a.model == "world" else f"{a.size} px (SD 1.5 architecture, random weights)"
-    print(f"bf16 / fp32: reconstruction MSE x{e16 / max(e32, 1e-30):.2f}, time x{s16 / s32:.2f} "
-          f"({size}, {a.steps} steps, {a.null_text_steps} null-text steps, {a.n} images, {device})")
+    print(
+        f"bf16 / fp32: reconstruction MSE x{e16 / max(e32, 1e-30):.2f}, time x{s16 / s32:.2f} "
+        f"({size}, {a.steps} steps, {a.null_text_steps} null-text steps, {a.n} images, {device})"
+    )
 
 
 if __name__ == "__main__":

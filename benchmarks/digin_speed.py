@@ -49,8 +49,12 @@ def build(size: int):
 
     parts = stable_diffusion_components("tiny", size)
     torch.manual_seed(0)
-    clf = ImageClassifier(timm.create_model("resnet18", pretrained=False, num_classes=4), size,
-                          ["circle", "square", "triangle", "star"], name="resnet18")
+    clf = ImageClassifier(
+        timm.create_model("resnet18", pretrained=False, num_classes=4),
+        size,
+        ["circle", "square", "triangle", "star"],
+        name="resnet18",
+    )
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     return parts, clf, image
 
@@ -61,15 +65,20 @@ def one_vce(parts, clf, image, settings: dict):
 
     from lit_vce.diffusion import LatentDiffusion
     from lit_vce.methods import VCEBatch
-    from lit_vce.methods.digin import (DiGIN, InversionSettings, MemorySettings, OptimisationSettings,
-                                       SearchSettings)
+    from lit_vce.methods.digin import DiGIN, InversionSettings, MemorySettings, OptimisationSettings, SearchSettings
     from lit_vce.rngs import sample_rngs
 
     bb = LatentDiffusion(num_steps=20, guidance_scale=3.0, **parts)
-    method = DiGIN(bb, num_steps=20, guidance_scale=3.0, optimisation=OptimisationSettings(outer_steps=5, num_cutouts=8),
-                   inversion=InversionSettings(null_text_steps=10),
-                   search=SearchSettings(injection_fractions=(0.3,), blend_fractions=(0.0,)),
-                   memory=MemorySettings(**settings), class_names=list(clf.class_names))
+    method = DiGIN(
+        bb,
+        num_steps=20,
+        guidance_scale=3.0,
+        optimisation=OptimisationSettings(outer_steps=5, num_cutouts=8),
+        inversion=InversionSettings(null_text_steps=10),
+        search=SearchSettings(injection_fractions=(0.3,), blend_fractions=(0.0,)),
+        memory=MemorySettings(**settings),
+        class_names=list(clf.class_names),
+    )
     ids = ["img0"]
     batch = VCEBatch(image, torch.tensor([0]), torch.tensor([1]), ids, sample_rngs(0, ids))
     t0 = time.perf_counter()
@@ -79,8 +88,12 @@ def one_vce(parts, clf, image, settings: dict):
 
 def peak_growth(name: str, size: int, threads: int) -> float:
     """Peak RSS growth (MiB) of one VCE of ``name`` in a fresh process (after one warm-up VCE)."""
-    out = subprocess.run([sys.executable, __file__, "--peak", name, "--size", str(size), "--threads", str(threads)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak", name, "--size", str(size), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -116,15 +129,28 @@ def main() -> None:
         _, flops = count_flops(lambda s=settings: one_vce(parts, clf, image, s))
         res = results[name]
         med = statistics.median(times[name])
-        rows.append({"contender": name, "median_s": round(med, 2), "ratio_to_checkpoint_all": round(med / base, 3),
-                     "gflop_per_vce": round(flops / 1e9, 2), "peak_growth_mib": round(peak_growth(name, a.size, a.threads), 1),
-                     "reconstruction_mse": float(res.diagnostics["reconstruction_mse"][0]),
-                     "final_loss": float(res.diagnostics["loss"][0]),
-                     "checkpointed_unet_calls": int(res.diagnostics["checkpointed_unet_calls"][0])})
-    print(f"\n{'contender':<15} {'median s':>9} {'ratio':>6} {'GFLOP/VCE':>10} {'peak MiB':>9} {'recon MSE':>10} {'loss':>8}")
+        rows.append(
+            {
+                "contender": name,
+                "median_s": round(med, 2),
+                "ratio_to_checkpoint_all": round(med / base, 3),
+                "gflop_per_vce": round(flops / 1e9, 2),
+                "peak_growth_mib": round(peak_growth(name, a.size, a.threads), 1),
+                "reconstruction_mse": float(res.diagnostics["reconstruction_mse"][0]),
+                "final_loss": float(res.diagnostics["loss"][0]),
+                "checkpointed_unet_calls": int(res.diagnostics["checkpointed_unet_calls"][0]),
+            }
+        )
+    print(
+        f"\n{'contender':<15} {'median s':>9} {'ratio':>6} {'GFLOP/VCE':>10} {'peak MiB':>9} {'recon MSE':>10} "
+        f"{'loss':>8}"
+    )
     for row in rows:
-        print(f"{row['contender']:<15} {row['median_s']:>9.2f} {row['ratio_to_checkpoint_all']:>6.3f} {row['gflop_per_vce']:>10.2f} "
-              f"{row['peak_growth_mib']:>9.1f} {row['reconstruction_mse']:>10.5f} {row['final_loss']:>8.4f}")
+        print(
+            f"{row['contender']:<15} {row['median_s']:>9.2f} {row['ratio_to_checkpoint_all']:>6.3f} "
+            f"{row['gflop_per_vce']:>10.2f} "
+            f"{row['peak_growth_mib']:>9.1f} {row['reconstruction_mse']:>10.5f} {row['final_loss']:>8.4f}"
+        )
     print(json.dumps(rows))
 
 

@@ -36,8 +36,10 @@ def main() -> None:
     clf = load_classifier("robust")
     common = dict(scales=(a.scale,), num_steps=a.steps, skip=a.skip)
     tau = a.steps - int(round(a.skip * a.steps))
-    rows = [("FastDiME", FastDiME(warmup=tau // 2, **common), tau),
-            ("DiME (published)", DiME(**common), tau + tau * (tau - 1) // 2)]
+    rows = [
+        ("FastDiME", FastDiME(warmup=tau // 2, **common), tau),
+        ("DiME (published)", DiME(**common), tau + tau * (tau - 1) // 2),
+    ]
     for cap in (5, 10):
         calls = tau + sum(min(k, cap) for k in range(1, tau))
         rows.append((f"DiME, max_inner_steps={cap}", DiME(max_inner_steps=cap, **common), calls))

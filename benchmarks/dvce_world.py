@@ -27,12 +27,19 @@ from lit_vce.methods import DVCE, VCEBatch
 from lit_vce.world.models import load_world_network
 
 SETTINGS = {
-    "published (adm, no clip, 1 view), weight 1.0": dict(sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=1.0),
-    "published, weight 0.1 (ImageNet value)": dict(sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=0.1),
+    "published (adm, no clip, 1 view), weight 1.0": dict(
+        sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=1.0
+    ),
+    "published, weight 0.1 (ImageNet value)": dict(
+        sampler="adm", clip_sample=False, num_augmentations=1, classifier_weight=0.1
+    ),
     "adm, clip, 1 view, weight 1.0": dict(sampler="adm", clip_sample=True, num_augmentations=1, classifier_weight=1.0),
-    "adm, no clip, 8 views, weight 1.0": dict(sampler="adm", clip_sample=False, num_augmentations=8, classifier_weight=1.0),
-    "diffusers ddpm eps-shift, clip, 8 views, weight 1.0": dict(sampler="ddpm", clip_sample=True, num_augmentations=8,
-                                                                classifier_weight=1.0),
+    "adm, no clip, 8 views, weight 1.0": dict(
+        sampler="adm", clip_sample=False, num_augmentations=8, classifier_weight=1.0
+    ),
+    "diffusers ddpm eps-shift, clip, 8 views, weight 1.0": dict(
+        sampler="ddpm", clip_sample=True, num_augmentations=8, classifier_weight=1.0
+    ),
 }
 
 

@@ -29,8 +29,11 @@ from pathlib import Path
 
 
 # a fresh wrapper per command, so the peak is this command's (its largest process, DDP workers included)
-WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print(f'PEAK_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); sys.exit(r.returncode)")
+WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(f'PEAK_KB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); "
+    "sys.exit(r.returncode)"
+)
 
 
 def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
@@ -80,29 +83,69 @@ def main() -> None:
         weights = a.inception_weights or str(save_random_inception_weights(root / "inception.pth"))
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_OFFLINE": "1"}
         rows = []
-        runs = [("evaluate --metrics fid: FID + flip rate + L1/L2", 1, ["--metrics", "fid"]),
-                ("evaluate: full suite (FID, sFID, flip rate, L1/L2, COUT)", 1, []),
-                ("evaluate: full suite (FID, sFID, flip rate, L1/L2, COUT)", 2, [])]
+        runs = [
+            ("evaluate --metrics fid: FID + flip rate + L1/L2", 1, ["--metrics", "fid"]),
+            ("evaluate: full suite (FID, sFID, flip rate, L1/L2, COUT)", 1, []),
+            ("evaluate: full suite (FID, sFID, flip rate, L1/L2, COUT)", 2, []),
+        ]
         for label, devices, extra in runs:
             out = root / f"ev{len(rows)}"
-            cmd = [sys.executable, "-m", "lit_vce.cli", "evaluate", "--originals", str(orig), "--counterfactuals", str(cf),
-                   "--targets", str(targets), "--classifier", "robust", "--fid-features", "inception",
-                   "--inception-weights", weights, "--lpips", "off", "--out", str(out), "--accelerator", "cpu",
-                   "--devices", str(devices), "--batch-size", str(a.batch_size), *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "lit_vce.cli",
+                "evaluate",
+                "--originals",
+                str(orig),
+                "--counterfactuals",
+                str(cf),
+                "--targets",
+                str(targets),
+                "--classifier",
+                "robust",
+                "--fid-features",
+                "inception",
+                "--inception-weights",
+                weights,
+                "--lpips",
+                "off",
+                "--out",
+                str(out),
+                "--accelerator",
+                "cpu",
+                "--devices",
+                str(devices),
+                "--batch-size",
+                str(a.batch_size),
+                *extra,
+            ]
             wall, mem, _ = _run(cmd, env)
             fid = json.loads((out / "results.json").read_text())["metrics"]["fid"]
             rows.append((f"{label} ({devices} proc)", wall, mem, fid))
-        code = ("import json, torch_fidelity; r = torch_fidelity.calculate_metrics(input1=%r, input2=%r, fid=True, cuda=False, "
-                "verbose=False, batch_size=%d, feature_extractor_weights_path=%r); print(json.dumps(r))"
-                % (str(orig), str(cf), a.batch_size, weights))
+        code = (
+            "import json, torch_fidelity; r = torch_fidelity.calculate_metrics(input1=%r, input2=%r, fid=True, "
+            "cuda=False, "
+            "verbose=False, batch_size=%d, feature_extractor_weights_path=%r); print(json.dumps(r))"
+            % (str(orig), str(cf), a.batch_size, weights)
+        )
         wall, mem, out = _run([sys.executable, "-c", code], env)
-        rows.append(("torch-fidelity: FID only (1 proc)", wall, mem, json.loads(out.strip().splitlines()[-1])["frechet_inception_distance"]))
+        rows.append(
+            (
+                "torch-fidelity: FID only (1 proc)",
+                wall,
+                mem,
+                json.loads(out.strip().splitlines()[-1])["frechet_inception_distance"],
+            )
+        )
     ref = rows[-1][1]
     print(f"{a.n} image pairs, Inception-v3 at 299 px on CPU ({os.cpu_count()} cores); wall time includes start-up")
     print(f"{'command':62s} {'s':>7s} {'img/s':>7s} {'peak MiB':>9s} {'time / tfid':>11s} {'FID':>12s}")
     for label, wall, mem, fid in rows:
         print(f"{label:62s} {wall:7.1f} {2 * a.n / wall:7.1f} {mem:9.0f} {wall / ref:11.2f} {fid:12.6f}")
-    print(f"FID agreement (evaluate 1 proc vs torch-fidelity): relative difference {abs(rows[0][3] - rows[-1][3]) / abs(rows[-1][3]):.2e}")
+    print(
+        "FID agreement (evaluate 1 proc vs torch-fidelity): relative difference "
+        f"{abs(rows[0][3] - rows[-1][3]) / abs(rows[-1][3]):.2e}"
+    )
     print(f"FID agreement (2 proc vs 1 proc): relative difference {abs(rows[2][3] - rows[1][3]) / abs(rows[1][3]):.2e}")
     print("img/s counts both sides (originals + counterfactuals) through the feature extractor.")
 

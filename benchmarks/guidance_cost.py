@@ -31,8 +31,11 @@ def main() -> None:
     print(f"{'method':20s} {'setting':28s} {'s/image':>8s} {'ratio':>6s}")
     for name, make in settings:
         base = None
-        for label, kw in (("exact VJP (default)", {}), ("through_unet=False", {"through_unet": False}),
-                          ("inner_batch_size=4", {"inner_batch_size": 4})):
+        for label, kw in (
+            ("exact VJP (default)", {}),
+            ("through_unet=False", {"through_unet": False}),
+            ("inner_batch_size=4", {"inner_batch_size": 4}),
+        ):
             m = make(**kw)
             b = world_batch(a.n)
             t0 = time.perf_counter()

@@ -33,10 +33,21 @@ def main() -> None:
         for clf in a.classifiers:
             for offset in (0, 1):
                 t0 = time.perf_counter()
-                out = explain(b.images, b.target, classifier=clf, method=f"world/{method}", sources=b.source,
-                              sample_ids=b.sample_ids, noise_offset=offset, fid_features="none")
+                out = explain(
+                    b.images,
+                    b.target,
+                    classifier=clf,
+                    method=f"world/{method}",
+                    sources=b.source,
+                    sample_ids=b.sample_ids,
+                    noise_offset=offset,
+                    fid_features="none",
+                )
                 s = (time.perf_counter() - t0) / a.n
-                print(f"{method:10s} {clf:10s} {offset:6d} {out.metrics['flip_rate']:9.3f} {out.metrics['l1']:8.1f} {s:7.2f}")
+                print(
+                    f"{method:10s} {clf:10s} {offset:6d} {out.metrics['flip_rate']:9.3f} {out.metrics['l1']:8.1f} "
+                    f"{s:7.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -62,13 +62,22 @@ def one_setting(method_name: str, batch_size: int, step_factor: float) -> dict:
             t[0] = time.perf_counter() - t0
 
     peak = sampled_peak_growth(go)  # above the loaded models, over the warm-up and the timed batch
-    return {"method": method_name, "batch_size": batch_size, "num_steps": kwargs.get("num_steps", steps),
-            "s_per_image": t[0] / batch_size, "peak_growth_mib": peak}
+    return {
+        "method": method_name,
+        "batch_size": batch_size,
+        "num_steps": kwargs.get("num_steps", steps),
+        "s_per_image": t[0] / batch_size,
+        "peak_growth_mib": peak,
+    }
 
 
 def _child(method_name: str, batch_size: int, step_factor: float) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", method_name, str(batch_size), str(step_factor)],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_QUIET": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method_name, str(batch_size), str(step_factor)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_QUIET": "1"},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{method_name} batch {batch_size} x{step_factor} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -80,14 +89,35 @@ def processes(n: int = 8) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for devices in (1, 2):
             out = Path(tmp) / f"p{devices}"
-            cmd = [sys.executable, "-m", "lit_vce.cli", "predict", "--config", "world/classifier_guidance",
-                   "--data.num_samples", str(n), "--data.batch_size", str(n // 2), "--model.deterministic", "true",
-                   "--model.second_classifier", "null", "--writer.output_dir", str(out), "--trainer.devices", str(devices)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "lit_vce.cli",
+                "predict",
+                "--config",
+                "world/classifier_guidance",
+                "--data.num_samples",
+                str(n),
+                "--data.batch_size",
+                str(n // 2),
+                "--model.deterministic",
+                "true",
+                "--model.second_classifier",
+                "null",
+                "--writer.output_dir",
+                str(out),
+                "--trainer.devices",
+                str(devices),
+            ]
             if devices > 1:
                 cmd += ["--trainer.strategy", "ddp"]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_QUIET": "1"})
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", "LIT_VCE_QUIET": "1"},
+            )
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"predict on {devices} processes failed:\n{proc.stderr[-2000:]}")
@@ -121,14 +151,19 @@ def main() -> None:
         for b, f in settings:
             r = _child(name, b, f)
             rows.append(r)
-            print(f"{name:20s} {b:5d} {str(r['num_steps'] or '-'):>5s} {r['s_per_image']:7.3f} {r['peak_growth_mib']:9.1f}",
-                  flush=True)
+            print(
+                f"{name:20s} {b:5d} {str(r['num_steps'] or '-'):>5s} {r['s_per_image']:7.3f} "
+                f"{r['peak_growth_mib']:9.1f}",
+                flush=True,
+            )
     result = {"settings": rows}
     if a.processes:
         result["processes"] = processes()
         for r in result["processes"]:
-            print(f"lit-vce predict, {r['processes']} process(es): {r['wall_s']:.1f} s wall for 8 images, "
-                  f"same PNGs as 1 process: {r['same_pngs_as_1_process']}")
+            print(
+                f"lit-vce predict, {r['processes']} process(es): {r['wall_s']:.1f} s wall for 8 images, "
+                f"same PNGs as 1 process: {r['same_pngs_as_1_process']}"
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 

@@ -20,19 +20,32 @@ import tempfile
 import time
 from pathlib import Path
 
-PROBE = ("import sys; sys.argv = ['lit-vce'] + sys.argv[1:]\n"
-         "try:\n    from lit_vce.cli import main; main()\nexcept SystemExit:\n    pass\n"
-         "sys.stderr.write('\\nMODULES ' + str(int('torch' in sys.modules)) + str(int('lightning.pytorch.cli' in sys.modules))"
-         " + ' ' + [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+PROBE = (
+    "import sys; sys.argv = ['lit-vce'] + sys.argv[1:]\n"
+    "try:\n    from lit_vce.cli import main; main()\nexcept SystemExit:\n    pass\n"
+    "sys.stderr.write('\\nMODULES ' + str(int('torch' in sys.modules)) + str(int('lightning.pytorch.cli' in "
+    "sys.modules))"
+    " + ' ' + [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+)
 
 
 def _results_folder(root: Path) -> Path:
     from lit_vce.report.results import build_results
 
     for name, fr in (("a", 0.5), ("b", 0.9)):
-        res = build_results(run_name=name, method=name, classifier="c", n=10, n_success=int(fr * 10), n_failed=0,
-                            metrics={"flip_rate": fr, "target_confidence": fr, "l1": 1.0, "l2": 1.0}, seed=0,
-                            wall_time_s=1.0, sample_ids_hash="h", config={})
+        res = build_results(
+            run_name=name,
+            method=name,
+            classifier="c",
+            n=10,
+            n_success=int(fr * 10),
+            n_failed=0,
+            metrics={"flip_rate": fr, "target_confidence": fr, "l1": 1.0, "l2": 1.0},
+            seed=0,
+            wall_time_s=1.0,
+            sample_ids_hash="h",
+            config={},
+        )
         (root / name).mkdir(parents=True)
         (root / name / "results.json").write_text(json.dumps(res))
     return root
@@ -52,15 +65,22 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         runs = _results_folder(Path(tmp) / "runs")
-        commands = {"--help": ["--help"], "methods": ["methods"], "configs": ["configs"], "leaderboard": ["leaderboard", str(runs)]}
+        commands = {
+            "--help": ["--help"],
+            "methods": ["methods"],
+            "configs": ["configs"],
+            "leaderboard": ["leaderboard", str(runs)],
+        }
         print(f"{'command':<12} {'median s':>9} {'max RSS MiB':>12}  torch  lightning.pytorch.cli")
         for name, args in commands.items():
             walls, peak, flags = [], 0.0, "??"
             for _ in range(a.repeats):
                 wall, peak, flags = _run(args)
                 walls.append(wall)
-            print(f"{name:<12} {statistics.median(walls):>9.2f} {peak:>12.0f}  {'yes' if flags[:1] == '1' else 'no':>5}"
-                  f"  {'yes' if flags[1:2] == '1' else 'no'}")
+            print(
+                f"{name:<12} {statistics.median(walls):>9.2f} {peak:>12.0f}  {'yes' if flags[:1] == '1' else 'no':>5}"
+                f"  {'yes' if flags[1:2] == '1' else 'no'}"
+            )
 
 
 if __name__ == "__main__":

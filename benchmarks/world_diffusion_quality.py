@@ -34,15 +34,23 @@ def main() -> None:
     p.add_argument("--settings", nargs="*", default=["ddpm-100", "ddpm-250", "ddim-50", "ddpm-100-cfg2"])
     a = p.parse_args()
     print(f"{a.n} class-conditional samples per setting, read by the oracle")
-    print(f"{'setting':16s} {'shape acc.':>10s} " + " ".join(f"{b:>8s}" for b in BACKGROUNDS) + f" {'chi2 p':>10s} {'s':>6s}")
+    print(
+        f"{'setting':16s} {'shape acc.':>10s} "
+        + " ".join(f"{b:>8s}" for b in BACKGROUNDS)
+        + f" {'chi2 p':>10s} {'s':>6s}"
+    )
     for setting in a.settings:
         sampler, steps, cfg = parse(setting)
         t0 = time.perf_counter()
         r = ddpm_sample_accuracy(n=a.n, steps=steps, cfg_scale=cfg, sampler=sampler)
         hist = r["ddpm_background_histogram"]
         pval = r["ddpm_background_chi2_p"]
-        print(f"{setting:16s} {r['ddpm_sample_shape_accuracy']:10.3f} " + " ".join(f"{h:8.3f}" for h in hist)
-              + f" {pval:10.2e} {time.perf_counter() - t0:6.0f}", flush=True)
+        print(
+            f"{setting:16s} {r['ddpm_sample_shape_accuracy']:10.3f} "
+            + " ".join(f"{h:8.3f}" for h in hist)
+            + f" {pval:10.2e} {time.perf_counter() - t0:6.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -77,9 +77,17 @@ class Explanation:
             save_png(folder / "counterfactuals" / f"{sample_key(str(row['sample_id']))}.png", img)
         fields = sorted({k for r in self.rows for k in r if not isinstance(r[k], dict)})
         write_rows_csv(folder / "samples.csv", self.rows, fields)
-        write_json(folder / "results.json", {"metrics": self.metrics, "intervals": self.intervals, "audit": self.audit,
-                                             "method": self.method,
-                                             "n": len(self), "wall_time_s": round(self.seconds, 3)})
+        write_json(
+            folder / "results.json",
+            {
+                "metrics": self.metrics,
+                "intervals": self.intervals,
+                "audit": self.audit,
+                "method": self.method,
+                "n": len(self),
+                "wall_time_s": round(self.seconds, 3),
+            },
+        )
         return folder
 
 
@@ -140,8 +148,10 @@ def explain(
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(classifier, torch.nn.Module) and not isinstance(classifier, ImageClassifier):
-        raise TypeError("classifier: wrap a plain module as ImageClassifier(model, input_size, class_names, mean=..., std=...) "
-                        "or give a spec such as 'timm:resnet50'")
+        raise TypeError(
+            "classifier: wrap a plain module as ImageClassifier(model, input_size, class_names, mean=..., std=...) "
+            "or give a spec such as 'timm:resnet50'"
+        )
     clf = load_classifier(classifier).to(device).eval()
     vce = _method(method, method_kwargs)
     if not isinstance(vce, VCEMethod):
@@ -169,8 +179,19 @@ def explain(
     cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions)
     scores, audit, intervals = _summary(suite, rows)
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
-    return Explanation(quantize(x).cpu(), cfs.cpu(), src.cpu(), tgt.cpu(), success, rows, scores, audit,
-                       intervals=intervals, method=vce.describe(), seconds=time.perf_counter() - t0)
+    return Explanation(
+        quantize(x).cpu(),
+        cfs.cpu(),
+        src.cpu(),
+        tgt.cpu(),
+        success,
+        rows,
+        scores,
+        audit,
+        intervals=intervals,
+        method=vce.describe(),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, list[float]]]:
@@ -189,8 +210,9 @@ def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
     return scores, audit, intervals
 
 
-def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool, masks=None,
-              captions=None):
+def _generate(
+    vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool, masks=None, captions=None
+):
     """The counterfactuals (quantised) and one row per sample, batch by batch, through the
     path ``lit-vce predict`` takes (:func:`lit_vce.batches.explain_batch`)."""
     from .batches import deterministic_kernels, explain_batch
@@ -203,8 +225,15 @@ def _generate(vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, det
     with deterministic_kernels(deterministic) as threads:
         for lo in progress(range(0, len(x), batch_size), desc=vce.name, total=(len(x) + batch_size - 1) // batch_size):
             sl = slice(lo, lo + batch_size)
-            batch = VCEBatch(x[sl], src[sl], tgt[sl], ids[sl], sample_rngs(seed, ids[sl], device=x.device),
-                             None if masks is None else masks[sl], None if captions is None else list(captions[sl]))
+            batch = VCEBatch(
+                x[sl],
+                src[sl],
+                tgt[sl],
+                ids[sl],
+                sample_rngs(seed, ids[sl], device=x.device),
+                None if masks is None else masks[sl],
+                None if captions is None else list(captions[sl]),
+            )
             result, batch_rows = explain_batch(vce, clf, batch, suite, deterministic, threads)
             rows += batch_rows
             cfs.append(torch.nan_to_num(quantize(result.images.detach()), nan=0.0))  # no NaN in a returned image
@@ -218,7 +247,9 @@ def _masks_captions(masks, captions, x: torch.Tensor):
         if not isinstance(masks, torch.Tensor) or masks.dim() != 4 or masks.shape[1] != 1:
             raise ValueError("masks: expected a tensor (N, 1, H, W) in [0, 1]")
         if masks.shape[0] != n or tuple(masks.shape[-2:]) != tuple(x.shape[-2:]):
-            raise ValueError(f"masks: shape {tuple(masks.shape)} does not match the {n} images of {x.shape[-2]}x{x.shape[-1]} px")
+            raise ValueError(
+                f"masks: shape {tuple(masks.shape)} does not match the {n} images of {x.shape[-2]}x{x.shape[-1]} px"
+            )
         masks = masks.float().to(x.device)
         if not bool(torch.isfinite(masks).all()) or float(masks.min()) < 0 or float(masks.max()) > 1:
             raise ValueError("masks: values must be finite and in [0, 1]")
@@ -246,8 +277,10 @@ def _method(method, kwargs: dict):
 
         return METHODS.get(method)(**kwargs)
     if kwargs:
-        raise TypeError(f"method arguments {sorted(kwargs)} go to the method's constructor; pass them there "
-                        "(or give the method by name)")
+        raise TypeError(
+            f"method arguments {sorted(kwargs)} go to the method's constructor; pass them there "
+            "(or give the method by name)"
+        )
     return method
 
 
@@ -295,7 +328,9 @@ def _images(images, size: int) -> torch.Tensor:
         images = [images]
     out = []
     for i, im in enumerate(images):
-        if isinstance(im, torch.Tensor):  # a list of tensors: each resized as a file would be (shorter side, centre crop)
+        if isinstance(
+            im, torch.Tensor
+        ):  # a list of tensors: each resized as a file would be (shorter side, centre crop)
             t = im.float() / 255 if im.dtype == torch.uint8 else im.float()
             if t.dim() != 3 or t.shape[0] != 3 or t.shape[1] == 0 or t.shape[2] == 0:
                 raise ValueError(f"images[{i}]: expected (3, H, W) in [0, 1], got shape {tuple(im.shape)}")
@@ -312,7 +347,9 @@ def _images(images, size: int) -> torch.Tensor:
 
             out.append(resize_crop(pil_to_tensor(im.convert("RGB")).float() / 255.0, size))
         else:
-            raise TypeError(f"images[{i}]: expected a file path, a PIL image or a (3, H, W) tensor, got {type(im).__name__}")
+            raise TypeError(
+                f"images[{i}]: expected a file path, a PIL image or a (3, H, W) tensor, got {type(im).__name__}"
+            )
     if not out:
         raise ValueError("images: nothing to explain")
     return torch.stack(out)

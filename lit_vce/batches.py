@@ -35,8 +35,9 @@ def deterministic_kernels(on: bool = True):
         cudnn.deterministic, cudnn.benchmark = before
 
 
-def explain_batch(method: VCEMethod, classifier: nn.Module, batch: VCEBatch, suite=None, deterministic: bool = False,
-                  workers: int = 1) -> tuple[CounterfactualResult, list[dict[str, Any]]]:
+def explain_batch(
+    method: VCEMethod, classifier: nn.Module, batch: VCEBatch, suite=None, deterministic: bool = False, workers: int = 1
+) -> tuple[CounterfactualResult, list[dict[str, Any]]]:
     """(the method's result, one row per sample) for ``batch``.
 
     ``deterministic``: each sample on its own (:func:`~lit_vce.methods.base.generate_one_by_one`,
@@ -49,11 +50,30 @@ def explain_batch(method: VCEMethod, classifier: nn.Module, batch: VCEBatch, sui
     from .metrics.accounting import plain_rows, score_batch
 
     with torch.enable_grad():
-        result = generate_one_by_one(method, batch, classifier, workers) if deterministic else method.generate(batch, classifier)
+        result = (
+            generate_one_by_one(method, batch, classifier, workers)
+            if deterministic
+            else method.generate(batch, classifier)
+        )
     if suite is not None:
-        rows = score_batch(suite, quantize(batch.images), result.images, batch.source, batch.target, batch.sample_ids,
-                           result.failure, result.diagnostics)
+        rows = score_batch(
+            suite,
+            quantize(batch.images),
+            result.images,
+            batch.source,
+            batch.target,
+            batch.sample_ids,
+            result.failure,
+            result.diagnostics,
+        )
     else:
-        rows = plain_rows(classifier, result.images.detach(), batch.source, batch.target, batch.sample_ids, result.failure,
-                          result.diagnostics)
+        rows = plain_rows(
+            classifier,
+            result.images.detach(),
+            batch.source,
+            batch.target,
+            batch.sample_ids,
+            result.failure,
+            result.diagnostics,
+        )
     return result, rows

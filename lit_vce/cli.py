@@ -32,8 +32,16 @@ import sys
 
 #: names that moved to :mod:`lit_vce.lightning.cli` (loaded on first use, so that the
 #: commands that do not run Lightning's CLI start without importing it)
-_LIGHTNING_CLI = ("TRAINER_DEFAULTS", "RunConfig", "run_logger", "VCECLI", "AnalysisCLI", "resolve_method_names",
-                  "run_analysis", "run_predict")
+_LIGHTNING_CLI = (
+    "TRAINER_DEFAULTS",
+    "RunConfig",
+    "run_logger",
+    "VCECLI",
+    "AnalysisCLI",
+    "resolve_method_names",
+    "run_analysis",
+    "run_predict",
+)
 
 
 def __getattr__(name):
@@ -76,8 +84,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 #: the subcommands whose module has a ``main(argv)`` of its own
-_MAIN_OF = {"spurious": ".analyses.spurious", "evaluate": ".lightning.evaluate", "compare": ".report.compare",
-            "diversity": ".report.diversity", "demo": ".demo", "findings": ".findings", "cost": ".cost"}
+_MAIN_OF = {
+    "spurious": ".analyses.spurious",
+    "evaluate": ".lightning.evaluate",
+    "compare": ".report.compare",
+    "diversity": ".report.diversity",
+    "demo": ".demo",
+    "findings": ".findings",
+    "cost": ".cost",
+}
 
 
 def _dispatch(argv: list[str], from_console: bool) -> None:
@@ -93,7 +108,9 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         import importlib
 
         return getattr(importlib.import_module(_MAIN_OF[argv[0]], __package__), "main")(argv[1:])
-    p = argparse.ArgumentParser(prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("predict", help="generate counterfactuals (LightningCLI; see `lit-vce predict --help`)")
     sub.add_parser("fetch", help="load every model a predict config needs (downloads once, before a cluster launch)")
@@ -101,22 +118,38 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     sub.add_parser("neurons", help="DiG-IN: visualise a unit of a classifier (LightningCLI)")
     sub.add_parser("spurious", help="rank a class's penultimate units, correlate them with known factors, ablate them")
     sub.add_parser("evaluate", help="the metric suite over saved images (see `lit-vce evaluate --help`)")
-    sub.add_parser("cost", help="expected GPU time and memory of a predict run, from a FLOP count (see `lit-vce cost --help`)")
-    sub.add_parser("diversity", help="sigma_L: LPIPS between the counterfactuals of runs with different seeds (DiME, ACE)")
+    sub.add_parser(
+        "cost", help="expected GPU time and memory of a predict run, from a FLOP count (see `lit-vce cost --help`)"
+    )
+    sub.add_parser(
+        "diversity", help="sigma_L: LPIPS between the counterfactuals of runs with different seeds (DiME, ACE)"
+    )
     sub.add_parser("demo", help="the main job on the embedded world (see `lit-vce demo --help`)")
-    sub.add_parser("findings", help="the world's shortcut findings with 95 %% intervals (see `lit-vce findings --help`)")
+    sub.add_parser(
+        "findings", help="the world's shortcut findings with 95 %% intervals (see `lit-vce findings --help`)"
+    )
     sub.add_parser("compare", help="do two runs on the same samples differ? paired bootstrap per metric")
-    lb = sub.add_parser("leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder")
+    lb = sub.add_parser(
+        "leaderboard", help="render leaderboard.{md,html,tex} from the results.json files under a folder"
+    )
     lb.add_argument("results_dir")
-    lb.add_argument("--sort-by", default="FR", help="a column header, e.g. FR, L2, FID (sorted in its declared direction)")
+    lb.add_argument(
+        "--sort-by", default="FR", help="a column header, e.g. FR, L2, FID (sorted in its declared direction)"
+    )
     lb.add_argument("--formats", default="md,html,tex", help="comma-separated subset of md,html,tex")
-    lb.add_argument("--published", metavar="PRESET", default=None,
-                    help="also set the runs of a protocol preset beside the papers' figures for it, in their metric "
-                         "conventions (published-PRESET.md; e.g. ace-imagenet, celebahq-smile)")
+    lb.add_argument(
+        "--published",
+        metavar="PRESET",
+        default=None,
+        help="also set the runs of a protocol preset beside the papers' figures for it, in their metric "
+        "conventions (published-PRESET.md; e.g. ace-imagenet, celebahq-smile)",
+    )
     rp = sub.add_parser("report", help="an HTML report (image grids, best/median/worst, plots) of one or more runs")
     rp.add_argument("runs", nargs="+", help="run folders (or folders holding run folders)")
     rp.add_argument("--out", default=None, help="the report file (default: <first folder>/report.html)")
-    rp.add_argument("--rank-by", default="l2", help="per-sample metric for best/median/worst (l1, l2, lpips, cout, ...)")
+    rp.add_argument(
+        "--rank-by", default="l2", help="per-sample metric for best/median/worst (l1, l2, lpips, cout, ...)"
+    )
     rp.add_argument("--examples", type=int, default=4, help="samples shown per best/median/worst group")
     sub.add_parser("methods", help="list registered methods")
     sub.add_parser("configs", help="list the shipped configs (give one to --config by name, e.g. world/dvce)")
@@ -125,7 +158,9 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
         from .report.leaderboard import write_leaderboard
 
         try:
-            outs = write_leaderboard(args.results_dir, args.sort_by, tuple(f.strip() for f in args.formats.split(",") if f.strip()))
+            outs = write_leaderboard(
+                args.results_dir, args.sort_by, tuple(f.strip() for f in args.formats.split(",") if f.strip())
+            )
         except (FileNotFoundError, ValueError) as e:
             p.exit(2, f"lit-vce leaderboard: {e}\n")
         if args.published:

@@ -35,8 +35,8 @@ def find_config(name: str | Path) -> Path:
     if path.is_file():
         return path
     key = path.as_posix()
-    key = key[len("configs/"):] if key.startswith("configs/") else key
-    key = key[:-len(".yaml")] if key.endswith(".yaml") else key
+    key = key[len("configs/") :] if key.startswith("configs/") else key
+    key = key[: -len(".yaml")] if key.endswith(".yaml") else key
     candidate = config_root() / f"{key}.yaml"
     if candidate.is_file():
         return candidate

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["LitVCEError", "ConfigError", "MissingWeightsError", "MissingDependencyError", "ConfigNotFoundError",
-           "UnknownNameError", "suggest"]
+__all__ = [
+    "LitVCEError",
+    "ConfigError",
+    "MissingWeightsError",
+    "MissingDependencyError",
+    "ConfigNotFoundError",
+    "UnknownNameError",
+    "suggest",
+]
 
 
 class LitVCEError(Exception):

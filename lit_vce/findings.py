@@ -21,7 +21,7 @@ them:
   ``watermarked`` with the watermark.
 
 Every run lands in its own folder under ``--out`` (finished samples are kept, so
-an interrupted job resumes); ``findings.json`` and ``findings.md`` (the README's
+an interrupted job resumes); ``findings.json`` and ``findings.md`` (docs/world.md's
 table: figure, 95 % bootstrap interval over images, target, met or not) are
 rendered from those files (``--render-only`` re-renders them).
 """
@@ -72,10 +72,24 @@ def _vce_runs(out: Path, num_samples: int, batch_size: int, configs: list[str], 
         n = min(num_samples, SAMPLE_CAPS.get(label, num_samples))
         for clf, regime in CLASSIFIER_REGIMES.items():
             print(f"\n=== {label} on {clf} ({n} {regime} test images) ===", flush=True)
-            run_predict(["--config", str(config_root() / "world" / f"{cfg}.yaml"), "--model.classifier", clf,
-                         "--data.regime", regime, "--data.num_samples", str(n),
-                         "--data.batch_size", str(batch_size), "--writer.output_dir", str(out / "vce" / f"{label}-{clf}"),
-                         *overrides, *extra])
+            run_predict(
+                [
+                    "--config",
+                    str(config_root() / "world" / f"{cfg}.yaml"),
+                    "--model.classifier",
+                    clf,
+                    "--data.regime",
+                    regime,
+                    "--data.num_samples",
+                    str(n),
+                    "--data.batch_size",
+                    str(batch_size),
+                    "--writer.output_dir",
+                    str(out / "vce" / f"{label}-{clf}"),
+                    *overrides,
+                    *extra,
+                ]
+            )
 
 
 def _disagree_run(out: Path, per_class: int | None) -> None:
@@ -99,8 +113,15 @@ def _spurious_runs(out: Path) -> None:
 def _figure(value, interval, n, target: float | None, source: str, label: str) -> dict[str, Any]:
     value = float(value) if value is not None else math.nan
     ci = [float(x) for x in interval] if interval else [math.nan, math.nan]
-    return {"label": label, "value": value, "interval": ci, "n": n, "target": target,
-            "met": None if target is None or not math.isfinite(value) else bool(value >= target), "source": source}
+    return {
+        "label": label,
+        "value": value,
+        "interval": ci,
+        "n": n,
+        "target": target,
+        "met": None if target is None or not math.isfinite(value) else bool(value >= target),
+        "source": source,
+    }
 
 
 def collect(out: str | Path) -> dict[str, Any]:
@@ -114,38 +135,62 @@ def collect(out: str | Path) -> dict[str, Any]:
         r = json.loads(dis.read_text())
         m, ci = r["metrics"], r.get("intervals", {})
         figures["disagree_background_without_shape"] = _figure(
-            m.get("background_without_shape"), ci.get("background_without_shape"), r["n"],
-            TARGETS["disagree_background_without_shape"], str(dis),
-            "disagreement search (DiG-IN, biased vs robust): images with the class's background without its shape")
+            m.get("background_without_shape"),
+            ci.get("background_without_shape"),
+            r["n"],
+            TARGETS["disagree_background_without_shape"],
+            str(dis),
+            "disagreement search (DiG-IN, biased vs robust): images with the class's background without its shape",
+        )
         for key in sorted(k for k in m if k.startswith("background_without_shape_class")):
             y = int(key.rsplit("class", 1)[1])
-            figures[f"disagree_{key}"] = _figure(m[key], ci.get(key), None,
-                                                 TARGETS["disagree_background_without_shape_per_class"], str(dis),
-                                                 f"  of class {y} ({SHAPES[y]})")
+            figures[f"disagree_{key}"] = _figure(
+                m[key],
+                ci.get(key),
+                None,
+                TARGETS["disagree_background_without_shape_per_class"],
+                str(dis),
+                f"  of class {y} ({SHAPES[y]})",
+            )
     for label in VCE_CONFIGS:
-        for clf, key, what in (("biased", "background_only", "VCEs of biased that keep the shape and only move the background"),
-                               ("robust", "shape_changed", "VCEs of robust that draw the target shape"),
-                               ("watermarked", "watermark_only",
-                                "VCEs of watermarked that keep the shape and only move the watermark")):
+        for clf, key, what in (
+            ("biased", "background_only", "VCEs of biased that keep the shape and only move the background"),
+            ("robust", "shape_changed", "VCEs of robust that draw the target shape"),
+            ("watermarked", "watermark_only", "VCEs of watermarked that keep the shape and only move the watermark"),
+        ):
             p = out / "vce" / f"{label}-{clf}" / "results.json"
             if not p.is_file():
                 continue
             r = json.loads(p.read_text())
             audit = r.get("audit") or {}
-            fig = _figure(audit.get(key), r.get("intervals", {}).get(key), audit.get("n_success"),
-                          TARGETS[f"vce_{key}_{clf}"], str(p), f"{what} ({label}; flip rate {r['metrics']['flip_rate']:.3f} "
-                          f"of {r['n']})")
-            fig.update(configuration=label, classifier=clf, flip_rate=r["metrics"]["flip_rate"],
-                       flip_rate_interval=r.get("intervals", {}).get("flip_rate"), images=r["n"])
+            fig = _figure(
+                audit.get(key),
+                r.get("intervals", {}).get(key),
+                audit.get("n_success"),
+                TARGETS[f"vce_{key}_{clf}"],
+                str(p),
+                f"{what} ({label}; flip rate {r['metrics']['flip_rate']:.3f} of {r['n']})",
+            )
+            fig.update(
+                configuration=label,
+                classifier=clf,
+                flip_rate=r["metrics"]["flip_rate"],
+                flip_rate_interval=r.get("intervals", {}).get("flip_rate"),
+                images=r["n"],
+            )
             figures[f"vce_{key}_{clf}_{label}"] = fig
     for clf, factor in (("biased", "background"), ("robust", "shape"), ("watermarked", "watermark")):
         p = out / "spurious" / clf / "spurious.json"
         if p.is_file():
             r = json.loads(p.read_text())
             figures[f"units_{factor}_{clf}"] = _figure(
-                r[f"mean_corr_{factor}"], r.get("intervals", {}).get(f"mean_corr_{factor}"), r["n"],
-                TARGETS[f"units_{factor}_{clf}"], str(p),
-                f"spurious units: mean correlation of {clf}'s top units with the {factor}")
+                r[f"mean_corr_{factor}"],
+                r.get("intervals", {}).get(f"mean_corr_{factor}"),
+                r["n"],
+                TARGETS[f"units_{factor}_{clf}"],
+                str(p),
+                f"spurious units: mean correlation of {clf}'s top units with the {factor}",
+            )
     return {"figures": figures, "targets": TARGETS}
 
 
@@ -156,8 +201,10 @@ def markdown(findings: dict[str, Any]) -> str:
         v, (lo, hi) = f["value"], f["interval"]
         fig = "-" if not math.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "")
         met = {True: "yes", False: "**no**", None: "-"}[f["met"]]
-        lines.append(f"| {f['label']} | {fig} | {f['n'] if f['n'] is not None else ''} | "
-                     f"{'>= ' + format(f['target'], 'g') if f['target'] is not None else ''} | {met} |")
+        lines.append(
+            f"| {f['label']} | {fig} | {f['n'] if f['n'] is not None else ''} | "
+            f"{'>= ' + format(f['target'], 'g') if f['target'] is not None else ''} | {met} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -199,15 +246,23 @@ def render(out: str | Path) -> str:
     atomic_write_bytes(out / "findings.json", (json.dumps(findings, indent=2) + "\n").encode())
     table = markdown(findings)
     if any("configuration" in f for f in findings["figures"].values()):
-        table += "\nVCE configurations (shortcut figures over the successful VCEs of originals the classifier did not " \
-                 "already read as the target):\n\n" + vce_markdown(findings)
+        table += (
+            "\nVCE configurations (shortcut figures over the successful VCEs of originals the classifier did not "
+            "already read as the target):\n\n" + vce_markdown(findings)
+        )
     atomic_write_bytes(out / "findings.md", table.encode())
     return table
 
 
-def run_findings(out: str | Path = "runs/findings", num_samples: int = 64, batch_size: int = 32,
-                 configs: list[str] | None = None, disagree: bool = True, per_class: int | None = None,
-                 extra: list[str] | None = None) -> str:
+def run_findings(
+    out: str | Path = "runs/findings",
+    num_samples: int = 64,
+    batch_size: int = 32,
+    configs: list[str] | None = None,
+    disagree: bool = True,
+    per_class: int | None = None,
+    extra: list[str] | None = None,
+) -> str:
     """Run every finding's job (what is finished is kept) and render the table."""
     out = Path(out)
     configs = list(VCE_CONFIGS) if configs is None else configs
@@ -226,11 +281,16 @@ def run_findings(out: str | Path = "runs/findings", num_samples: int = 64, batch
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="lit-vce findings", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="lit-vce findings", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/findings")
-    p.add_argument("--num-samples", type=int, default=64,
-                   help="test images per VCE run (the slow configurations at most SAMPLE_CAPS)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=64,
+        help="test images per VCE run (the slow configurations at most SAMPLE_CAPS)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--configs", nargs="+", default=list(VCE_CONFIGS), help="VCE configurations to test")
     p.add_argument("--no-disagree", action="store_true", help="skip the disagreement search")

@@ -66,9 +66,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"no space left on the device of {path.parent} ({_free_space(path.parent)} free) while "
-                                f"writing {path.name}: free some space and run the same command again (finished "
-                                "samples are kept and skipped)") from None
+            raise DiskFullError(
+                f"no space left on the device of {path.parent} ({_free_space(path.parent)} free) while "
+                f"writing {path.name}: free some space and run the same command again (finished "
+                "samples are kept and skipped)"
+            ) from None
         raise
 
 

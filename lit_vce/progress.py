@@ -40,5 +40,6 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, l
     (same interface: ``update``, ``set_postfix``, iteration)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=not progress_enabled(),
-                dynamic_ncols=True, **kwargs)
+    return tqdm(
+        iterable, desc=desc, total=total, leave=leave, disable=not progress_enabled(), dynamic_ncols=True, **kwargs
+    )

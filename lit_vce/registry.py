@@ -30,6 +30,7 @@ class Registry:
     def register(self, name: str) -> Callable[[Any], Any]:
         """Register under ``name``; a class gets ``name`` as its ``name`` attribute (the one
         place a method's name is set: results, configs and the registry agree)."""
+
         def deco(obj):
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered ({self._items[name]!r})")
@@ -57,8 +58,9 @@ class Registry:
             from .errors import UnknownNameError, suggest
 
             known = sorted(self._items)
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{suggest(name, known)} (registered: "
-                                   f"{', '.join(known) or '(none)'})")
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{suggest(name, known)} (registered: {', '.join(known) or '(none)'})"
+            )
         return self._items[name]
 
     def names(self) -> list[str]:
@@ -94,9 +96,14 @@ def describe_method(name: str, cls: Any) -> str:
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
             continue
-        params = [p for p in inspect.signature(init).parameters.values()
-                  if p.name not in seen and p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        params = [
+            p
+            for p in inspect.signature(init).parameters.values()
+            if p.name not in seen and p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
         seen.update(p.name for p in params)
         if params:
-            lines.append("  " + ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params))
+            lines.append(
+                "  " + ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params)
+            )
     return "\n".join(lines)

@@ -41,8 +41,9 @@ def build(tiny: bool, size: int, device: str):
     for key in ("unet", "vae", "text_encoder"):
         parts[key] = parts[key].to(device)
     arch, res = ("resnet18", 32) if tiny else ("resnet50", 224)
-    clf = ImageClassifier(timm.create_model(arch, pretrained=False, num_classes=4), res,
-                          ["zebra", "sorrel", "cat", "dog"], name=arch).to(device)
+    clf = ImageClassifier(
+        timm.create_model(arch, pretrained=False, num_classes=4), res, ["zebra", "sorrel", "cat", "dog"], name=arch
+    ).to(device)
     return parts, clf
 
 
@@ -56,12 +57,21 @@ def one_vce(parts, clf, dtype: str, mode: str, a, device: str):
     size = bb.image_size
     ids = ["img0"]
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    batch = VCEBatch(image, torch.tensor([0], device=device), torch.tensor([1], device=device), ids,
-                     sample_rngs(0, ids, device=device))
-    method = DiGIN(bb, num_steps=a.steps, optimisation=OptimisationSettings(outer_steps=a.outer, num_cutouts=a.cutouts),
-                   inversion=InversionSettings(null_text_steps=a.null_text_steps),
-                   loss=LossSettings(background_latent_weight=0.0, background_pixel_weight=0.0),
-                   memory=MemorySettings(autocast=None if dtype == "float32" else dtype, **MODES[mode]))
+    batch = VCEBatch(
+        image,
+        torch.tensor([0], device=device),
+        torch.tensor([1], device=device),
+        ids,
+        sample_rngs(0, ids, device=device),
+    )
+    method = DiGIN(
+        bb,
+        num_steps=a.steps,
+        optimisation=OptimisationSettings(outer_steps=a.outer, num_cutouts=a.cutouts),
+        inversion=InversionSettings(null_text_steps=a.null_text_steps),
+        loss=LossSettings(background_latent_weight=0.0, background_pixel_weight=0.0),
+        memory=MemorySettings(autocast=None if dtype == "float32" else dtype, **MODES[mode]),
+    )
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -96,27 +106,39 @@ def main() -> None:
     flops = {}
     if not a.no_flops:
         for mode in a.modes:
-            _, flops[mode] = count_flops(lambda m=mode: one_vce(parts, clf, "bfloat16" if device == "cuda" else "float32",
-                                                                m, a, device))
+            _, flops[mode] = count_flops(
+                lambda m=mode: one_vce(parts, clf, "bfloat16" if device == "cuda" else "float32", m, a, device)
+            )
             print(f"FLOPs per VCE, {mode}: {flops[mode] / 1e12:.1f} TFLOP", flush=True)
     rows = []
     for dtype in a.dtypes:
         for mode in a.modes:
             sec, r = one_vce(parts, clf, dtype, mode, a, device)
             f = flops.get(mode)
-            rows.append({"dtype": dtype, "mode": mode, "image_size": size, "seconds": round(sec, 2),
-                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-                         "flop_per_vce": f,
-                         "achieved_tflop_s": round(f / 1e12 / sec, 1) if f else None,
-                         "checkpointed_unet_calls": int(r.diagnostics["checkpointed_unet_calls"][0]),
-                         "reconstruction_mse": float(r.diagnostics["reconstruction_mse"][0]),
-                         "final_loss": float(r.diagnostics["loss"][0]), "finite": bool(torch.isfinite(r.images).all())})
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "mode": mode,
+                    "image_size": size,
+                    "seconds": round(sec, 2),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+                    "flop_per_vce": f,
+                    "achieved_tflop_s": round(f / 1e12 / sec, 1) if f else None,
+                    "checkpointed_unet_calls": int(r.diagnostics["checkpointed_unet_calls"][0]),
+                    "reconstruction_mse": float(r.diagnostics["reconstruction_mse"][0]),
+                    "final_loss": float(r.diagnostics["loss"][0]),
+                    "finite": bool(torch.isfinite(r.images).all()),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
-    summary = "; ".join(f"{r['dtype']}/{r['mode']} {r['seconds']} s"
-                        + (f" {r['peak_gib']} GiB" if r["peak_gib"] is not None else "")
-                        + (f" {r['achieved_tflop_s']} TFLOP/s" if r["achieved_tflop_s"] else "") for r in rows)
+    summary = "; ".join(
+        f"{r['dtype']}/{r['mode']} {r['seconds']} s"
+        + (f" {r['peak_gib']} GiB" if r["peak_gib"] is not None else "")
+        + (f" {r['achieved_tflop_s']} TFLOP/s" if r["achieved_tflop_s"] else "")
+        for r in rows
+    )
     print(f"SUMMARY {name} {size}px: {summary}; total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -51,8 +51,14 @@ def _loader(regime: str, steps: int, batch: int, seed: int, bias: float = 0.98) 
 
 def _trainer(steps: int, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(
-        max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        log_every_n_steps=50, enable_model_summary=False, callbacks=callbacks,
+        max_steps=steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
 
 
@@ -86,14 +92,28 @@ def main() -> None:
     p.add_argument("--ddpm-batch", type=int, default=64)
     p.add_argument("--ddpm-lr", type=float, default=1e-3, help="peak learning rate of the ddpm's one-cycle schedule")
     p.add_argument("--ddpm-ema", type=float, default=0.995, help="EMA decay of the saved ddpm weights")
-    p.add_argument("--ddpm-snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (default: plain MSE)")
-    p.add_argument("--ddpm-init", type=Path, default=None,
-                   help="continue training from these ddpm weights (a .safetensors file) instead of random ones")
-    p.add_argument("--ddpm-data-seed", type=int, default=None,
-                   help="world seed of the ddpm's training images (default --seed; a continued run takes another "
-                        "seed so that it sees new images)")
-    p.add_argument("--ddpm-save-every", type=int, default=0,
-                   help="also write the EMA weights every N steps to <out>/ddpm-checkpoints/ (0: only at the end)")
+    p.add_argument(
+        "--ddpm-snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (default: plain MSE)"
+    )
+    p.add_argument(
+        "--ddpm-init",
+        type=Path,
+        default=None,
+        help="continue training from these ddpm weights (a .safetensors file) instead of random ones",
+    )
+    p.add_argument(
+        "--ddpm-data-seed",
+        type=int,
+        default=None,
+        help="world seed of the ddpm's training images (default --seed; a continued run takes another "
+        "seed so that it sees new images)",
+    )
+    p.add_argument(
+        "--ddpm-save-every",
+        type=int,
+        default=0,
+        help="also write the EMA weights every N steps to <out>/ddpm-checkpoints/ (0: only at the end)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
     p.add_argument("--evaluate-only", action="store_true")
     p.add_argument("--no-evaluate", action="store_true", help="write the weights and timings, skip the measurements")
@@ -103,7 +123,9 @@ def main() -> None:
     timings = {}
     if not args.evaluate_only:
         for name in args.models:
-            L.seed_everything(args.seed + 1000 * (1 + list(CLASSIFIERS).index(name) if name in CLASSIFIERS else 0), workers=True)
+            L.seed_everything(
+                args.seed + 1000 * (1 + list(CLASSIFIERS).index(name) if name in CLASSIFIERS else 0), workers=True
+            )
             t0 = time.time()
             if name in CLASSIFIERS:
                 regime, kind, steps, batch, *bias = CLASSIFIERS[name]
@@ -116,11 +138,20 @@ def main() -> None:
                     from safetensors.torch import load_file
 
                     init = load_file(str(args.ddpm_init))
-                module = WorldDiffusionModule(lr=args.ddpm_lr, ema_decay=args.ddpm_ema, max_steps=args.ddpm_steps,
-                                              snr_gamma=args.ddpm_snr_gamma, init=init)
+                module = WorldDiffusionModule(
+                    lr=args.ddpm_lr,
+                    ema_decay=args.ddpm_ema,
+                    max_steps=args.ddpm_steps,
+                    snr_gamma=args.ddpm_snr_gamma,
+                    init=init,
+                )
                 data_seed = args.seed if args.ddpm_data_seed is None else args.ddpm_data_seed
-                callbacks = [_EMASnapshots(args.ddpm_save_every, args.out / "ddpm-checkpoints")] if args.ddpm_save_every else []
-                _trainer(args.ddpm_steps, callbacks).fit(module, _loader("balanced", args.ddpm_steps, args.ddpm_batch, data_seed))
+                callbacks = (
+                    [_EMASnapshots(args.ddpm_save_every, args.out / "ddpm-checkpoints")] if args.ddpm_save_every else []
+                )
+                _trainer(args.ddpm_steps, callbacks).fit(
+                    module, _loader("balanced", args.ddpm_steps, args.ddpm_batch, data_seed)
+                )
                 save(module.ema, args.out / "ddpm.safetensors")
             else:
                 raise SystemExit(f"unknown model {name!r}")
@@ -130,14 +161,33 @@ def main() -> None:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     training = meta.get("training", {})
     stages = training.pop("ddpm_stages", None) or (
-        [{"steps": training.pop("ddpm_steps"), "batch": training.pop("ddpm_batch", None), "lr": 1e-3, "ema": 0.995,
-          "snr_gamma": None, "init": None, "data_seed": training.get("seed", 0),
-          "seconds": meta.get("training_seconds", {}).get("ddpm")}] if "ddpm_steps" in training else [])
+        [
+            {
+                "steps": training.pop("ddpm_steps"),
+                "batch": training.pop("ddpm_batch", None),
+                "lr": 1e-3,
+                "ema": 0.995,
+                "snr_gamma": None,
+                "init": None,
+                "data_seed": training.get("seed", 0),
+                "seconds": meta.get("training_seconds", {}).get("ddpm"),
+            }
+        ]
+        if "ddpm_steps" in training
+        else []
+    )
     if "ddpm" in timings:  # a continued run adds a stage; a fresh one starts the list
-        stage = {"steps": args.ddpm_steps, "batch": args.ddpm_batch, "lr": args.ddpm_lr, "ema": args.ddpm_ema,
-                 "snr_gamma": args.ddpm_snr_gamma, "init": args.ddpm_init.name if args.ddpm_init else None,
-                 "data_seed": args.seed if args.ddpm_data_seed is None else args.ddpm_data_seed,
-                 "seconds": timings["ddpm"], "threads": args.threads or torch.get_num_threads()}
+        stage = {
+            "steps": args.ddpm_steps,
+            "batch": args.ddpm_batch,
+            "lr": args.ddpm_lr,
+            "ema": args.ddpm_ema,
+            "snr_gamma": args.ddpm_snr_gamma,
+            "init": args.ddpm_init.name if args.ddpm_init else None,
+            "data_seed": args.seed if args.ddpm_data_seed is None else args.ddpm_data_seed,
+            "seconds": timings["ddpm"],
+            "threads": args.threads or torch.get_num_threads(),
+        }
         stages = (stages if args.ddpm_init is not None else []) + [stage]
         timings["ddpm"] = round(sum(st.get("seconds") or 0 for st in stages), 1)  # all stages together
     meta.setdefault("training_seconds", {}).update(timings)

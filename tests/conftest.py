@@ -56,12 +56,25 @@ def tiny_sam(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = SamConfig(
-        vision_config=SamVisionConfig(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
-                                      image_size=64, patch_size=8, window_size=4, global_attn_indexes=[0], num_pos_feats=8,
-                                      mlp_dim=32),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                                 iou_head_hidden_dim=16))
+        vision_config=SamVisionConfig(
+            hidden_size=16,
+            output_channels=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            window_size=4,
+            global_attn_indexes=[0],
+            num_pos_feats=8,
+            mlp_dim=32,
+        ),
+        prompt_encoder_config=SamPromptEncoderConfig(
+            hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4
+        ),
+        mask_decoder_config=SamMaskDecoderConfig(
+            hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=16
+        ),
+    )
     folder = tmp_path_factory.mktemp("sam") / "sam"
     SamModel(cfg).save_pretrained(folder)
     return folder
@@ -82,9 +95,12 @@ def tiny_adm_preset(tmp_path, monkeypatch):
     path = Path(__file__).parent / "fixtures" / "adm_tiny_uncond.safetensors"
     cfg = json.loads(safe_open(str(path), "pt").metadata()["config"])
     data = load_file(str(path))
-    state = {k[len("state_dict."):]: v for k, v in data.items() if k.startswith("state_dict.")}
-    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
-                                              "file": "tiny_official.pt"})
+    state = {k[len("state_dict.") :]: v for k, v in data.items() if k.startswith("state_dict.")}
+    monkeypatch.setitem(
+        ADM_PRESETS,
+        "tiny",
+        {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__}, "file": "tiny_official.pt"},
+    )
     (tmp_path / "adm").mkdir()
     torch.save(state, tmp_path / "adm" / "tiny_official.pt")
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))

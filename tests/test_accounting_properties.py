@@ -103,9 +103,13 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(modes=st.lists(st.sampled_from(MODES), min_size=N, max_size=N),
-       damage=st.lists(st.sampled_from(FILE_DAMAGE), min_size=N, max_size=N))
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    modes=st.lists(st.sampled_from(MODES), min_size=N, max_size=N),
+    damage=st.lists(st.sampled_from(FILE_DAMAGE), min_size=N, max_size=N),
+)
 def test_failures_never_move_a_figure_in_any_stage(modes, damage):
     from lit_vce.cli import main
     from lit_vce.report.compare import compare_runs
@@ -118,10 +122,23 @@ def test_failures_never_move_a_figure_in_any_stage(modes, damage):
     try:
         # predict
         out = root / "runs" / "predict"
-        module = VCEModule(classifier="biased", method=Injected(plan), world_audit=False, interval_resamples=50,
-                           fid_interval_resamples=0, lpips="off")
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
-                            enable_model_summary=False, callbacks=[VCEPredictionWriter(str(out))])
+        module = VCEModule(
+            classifier="biased",
+            method=Injected(plan),
+            world_audit=False,
+            interval_resamples=50,
+            fid_interval_resamples=0,
+            lpips="off",
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            inference_mode=False,
+            enable_model_summary=False,
+            callbacks=[VCEPredictionWriter(str(out))],
+        )
         trainer.predict(module, VCEDataModule("world", num_samples=N, batch_size=4), return_predictions=False)
         res = json.loads((out / "results.json").read_text())
         rows = list(csv.DictReader((out / "samples.csv").open()))
@@ -162,11 +179,21 @@ def test_failures_never_move_a_figure_in_any_stage(modes, damage):
         x = torch.stack([d[i]["image"] for i in range(N)])
         src = [int(d[i]["label"]) for i in range(N)]
         tgt = [(s + 1) % 4 for s in src]
-        e = explain(x, tgt, classifier="biased", method=Injected(plan), sources=src, sample_ids=[f"{b}->{t}" for b, t in zip(base, tgt)],
-                    batch_size=4)
+        e = explain(
+            x,
+            tgt,
+            classifier="biased",
+            method=Injected(plan),
+            sources=src,
+            sample_ids=[f"{b}->{t}" for b, t in zip(base, tgt)],
+            batch_size=4,
+        )
         assert e.n == N and e.n_success + e.n_failed <= N
         assert {r["sample_id"].split("->")[0] for r in e.rows if r["failure"]} == set(plan)
-        assert e.metrics["flip_rate"] == pytest.approx(e.n_success / N) and e.metrics["flip_rate"] <= 1 - e.n_failed / N + 1e-12
+        assert (
+            e.metrics["flip_rate"] == pytest.approx(e.n_success / N)
+            and e.metrics["flip_rate"] <= 1 - e.n_failed / N + 1e-12
+        )
         assert torch.isfinite(e.counterfactuals).all()
         measured = [r["l2"] for r in e.rows if not r["failure"]]
         if measured:

@@ -27,7 +27,7 @@ def _fixture(name):
     path = FIXTURES / f"adm_tiny_{name}.safetensors"
     cfg = json.loads(safe_open(str(path), "pt").metadata()["config"])
     data = load_file(str(path))
-    state = {k[len("state_dict."):]: v for k, v in data.items() if k.startswith("state_dict.")}
+    state = {k[len("state_dict.") :]: v for k, v in data.items() if k.startswith("state_dict.")}
     return cfg, data, state
 
 
@@ -53,7 +53,9 @@ def test_adm_unet_reproduces_the_official_model_output(adm):
 
 def test_respaced_sampler_reproduces_p_mean_variance_and_the_guided_mean(adm):
     cfg, data, model = adm
-    diff = RespacedDiffusion(named_betas(cfg["noise_schedule"], cfg["diffusion_steps"]), cfg["timestep_respacing"], "learned_range")
+    diff = RespacedDiffusion(
+        named_betas(cfg["noise_schedule"], cfg["diffusion_steps"]), cfg["timestep_respacing"], "learned_range"
+    )
     assert torch.equal(diff.timestep_map, data["timestep_map"])
     for i in (199, 100, 0):
         t = torch.full((3,), diff.model_timestep(i))
@@ -94,8 +96,11 @@ def test_load_adm_from_a_checkpoint_file_and_clear_errors(tmp_path, monkeypatch)
     cfg, data, state = _fixture("uncond")
     ckpt = tmp_path / "tiny.pt"
     torch.save(state, ckpt)
-    monkeypatch.setitem(ADM_PRESETS, "tiny", {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__},
-                                              "file": "tiny_official.pt"})
+    monkeypatch.setitem(
+        ADM_PRESETS,
+        "tiny",
+        {**{k: v for k, v in cfg.items() if k in ADMConfig.__dataclass_fields__}, "file": "tiny_official.pt"},
+    )
     model = load_adm("tiny", ckpt)
     with torch.no_grad():
         out = model(data["x"], data["raw_timesteps"])
@@ -141,7 +146,9 @@ def test_imagenet_configs_point_at_the_adm_checkpoint_with_a_clear_error(method,
 
     from lit_vce.errors import MissingWeightsError
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "imagenet" / "methods" / f"{method}.yaml").read_text())
+    cfg = yaml.safe_load(
+        (Path(__file__).parents[1] / "configs" / "imagenet" / "methods" / f"{method}.yaml").read_text()
+    )
     spec = cfg["model"]["method"]
     module, _, name = spec["class_path"].rpartition(".")
     args = {**spec["init_args"], "robust_classifier": None} if method == "dvce" else spec["init_args"]

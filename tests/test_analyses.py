@@ -16,8 +16,11 @@ from lit_vce.objectives import Disagreement, NeuronActivation, ObjectiveContext
 def world():
     d = ShapesWorld("balanced", "test", 256)
     items = [d[i] for i in range(len(d))]
-    return (torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items]),
-            torch.tensor([it["background"] for it in items]))
+    return (
+        torch.stack([it["image"] for it in items]),
+        torch.tensor([it["label"] for it in items]),
+        torch.tensor([it["background"] for it in items]),
+    )
 
 
 def test_disagreement_scores_are_the_published_variants(world):
@@ -29,7 +32,9 @@ def test_disagreement_scores_are_the_published_variants(world):
         l1, l2 = f1(x), f2(x)
         p1, p2 = l1.softmax(1).gather(1, y[:, None])[:, 0], l2.softmax(1).gather(1, y[:, None])[:, 0]
         torch.testing.assert_close(Disagreement(f2, "confidence")(x, ctx), -(p1 - p2))
-        torch.testing.assert_close(Disagreement(f2, "log_confidence")(x, ctx), -(p1.log() - p2.log()), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            Disagreement(f2, "log_confidence")(x, ctx), -(p1.log() - p2.log()), rtol=1e-4, atol=1e-5
+        )
 
         def margin(logits):
             own = logits.gather(1, y[:, None])[:, 0]
@@ -80,8 +85,9 @@ def test_spurious_units_of_biased_track_the_background_and_of_robust_the_shape(w
 def test_spurious_cli_adds_the_watermark_factor_for_the_watermarked_classifier(tmp_path, capsys):
     from lit_vce.analyses.spurious import main as spurious_main
 
-    res = spurious_main(["--classifier", "watermarked", "--num-samples", "256", "--resamples", "200",
-                         "--out", str(tmp_path)])
+    res = spurious_main(
+        ["--classifier", "watermarked", "--num-samples", "256", "--resamples", "200", "--out", str(tmp_path)]
+    )
     assert res["regime"] == "watermark_balanced"
     assert res["mean_corr_watermark"] > 0.8 > res["mean_corr_shape"]
     lo, hi = res["intervals"]["mean_corr_watermark"]
@@ -89,8 +95,14 @@ def test_spurious_cli_adds_the_watermark_factor_for_the_watermarked_classifier(t
     assert "watermark == class" in capsys.readouterr().out
 
 
-SMALL = ["--model.method.init_args.num_steps", "4", "--model.method.init_args.outer_steps", "2",
-         "--model.method.init_args.num_cutouts", "1"]
+SMALL = [
+    "--model.method.init_args.num_steps",
+    "4",
+    "--model.method.init_args.outer_steps",
+    "2",
+    "--model.method.init_args.num_cutouts",
+    "1",
+]
 
 
 def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
@@ -101,7 +113,9 @@ def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
     main(["disagree", "--config", str(cfg), "--data.per_class", "1", "--writer.output_dir", str(out), *SMALL])
     res = json.loads((out / "results.json").read_text())
     assert res["stage"] == "analysis" and res["method"] == "digin-disagree" and res["n"] == 4
-    assert {"disagreement_rate", "class_confidence", "class_confidence_second", "background_without_shape"} <= set(res["metrics"])
+    assert {"disagreement_rate", "class_confidence", "class_confidence_second", "background_without_shape"} <= set(
+        res["metrics"]
+    )
     assert res["config"]["objective"].startswith("Disagreement(logit_margin")
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 4 and {r["class"] for r in rows} == {"0", "1", "2", "3"}
@@ -118,8 +132,20 @@ def test_neurons_on_real_images_keep_the_object_and_change_the_rest(tmp_path):
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "world" / "neurons.yaml"
     out = tmp_path / "neu"
-    main(["neurons", "--config", str(cfg), "--data.num_samples", "3", "--writer.output_dir", str(out),
-          "--model.method.init_args.null_text_steps", "3", *SMALL])
+    main(
+        [
+            "neurons",
+            "--config",
+            str(cfg),
+            "--data.num_samples",
+            "3",
+            "--writer.output_dir",
+            str(out),
+            "--model.method.init_args.null_text_steps",
+            "3",
+            *SMALL,
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "digin-neurons" and res["n"] == 3 and "activation" in res["metrics"]
     d = ShapesWorld("balanced", "test", 3)
@@ -141,8 +167,18 @@ def test_disagreement_summary_has_per_class_rates_and_order_free_intervals():
     for i in range(40):
         y = i % 4
         hit = (i // 4) % 2 == 0 if y == 0 else (i // 4) % 3 != 0  # class 0: 5 of 10 images, the others 6 of 10
-        rows.append({"sample_id": f"s{i:02d}", "class": y, "failure": "", "disagrees": hit, "class_conf": 0.9,
-                     "class_conf_second": 0.1, "oracle_shape": (y + 1) % 4 if hit else y, "oracle_background": y})
+        rows.append(
+            {
+                "sample_id": f"s{i:02d}",
+                "class": y,
+                "failure": "",
+                "disagrees": hit,
+                "class_conf": 0.9,
+                "class_conf_second": 0.1,
+                "oracle_shape": (y + 1) % 4 if hit else y,
+                "oracle_background": y,
+            }
+        )
     m = summarise("disagree", rows)
     per = {y: sum(1 for r in rows if r["class"] == y and r["disagrees"]) / 10 for y in range(4)}
     assert m["background_without_shape"] == pytest.approx(sum(per.values()) / 4)
@@ -154,5 +190,7 @@ def test_disagreement_summary_has_per_class_rates_and_order_free_intervals():
         lo, hi = ci[key]
         assert lo <= m[key] <= hi and hi > lo, key
     # a per-class rate rests on 10 images: its interval is wider than the overall one on 40
-    assert ci["background_without_shape_class1"][1] - ci["background_without_shape_class1"][0] > \
-        ci["background_without_shape"][1] - ci["background_without_shape"][0]
+    assert (
+        ci["background_without_shape_class1"][1] - ci["background_without_shape_class1"][0]
+        > ci["background_without_shape"][1] - ci["background_without_shape"][0]
+    )

@@ -22,19 +22,44 @@ def _world_items(n: int):
     dm = VCEDataModule(dataset="world", regime="balanced", split="test", num_samples=n, protocol="random")
     dm.setup("predict")
     items = [dm.dataset[i] for i in range(n)]
-    return (torch.stack([it["image"] for it in items]), [it["source"] for it in items], [it["target"] for it in items],
-            [it["sample_id"] for it in items])
+    return (
+        torch.stack([it["image"] for it in items]),
+        [it["source"] for it in items],
+        [it["target"] for it in items],
+        [it["sample_id"] for it in items],
+    )
 
 
 @pytest.mark.slow
 def test_explain_gives_the_bytes_predict_writes(tmp_path):
     images, sources, targets, ids = _world_items(3)
-    run_predict(["--config", "world/classifier_guidance", "--data.num_samples", "3", "--data.batch_size", "3",
-                 "--model.deterministic", "true", "--model.second_classifier", "null",
-                 *[a for k, v in FAST.items() for a in (f"--model.method.init_args.{k}", str(v))],
-                 "--writer.output_dir", str(tmp_path / "run")])
-    out = explain(images, targets, classifier="biased", method=ClassifierGuidance(**FAST), sources=sources, sample_ids=ids,
-                  deterministic=True, batch_size=2)
+    run_predict(
+        [
+            "--config",
+            "world/classifier_guidance",
+            "--data.num_samples",
+            "3",
+            "--data.batch_size",
+            "3",
+            "--model.deterministic",
+            "true",
+            "--model.second_classifier",
+            "null",
+            *[a for k, v in FAST.items() for a in (f"--model.method.init_args.{k}", str(v))],
+            "--writer.output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    out = explain(
+        images,
+        targets,
+        classifier="biased",
+        method=ClassifierGuidance(**FAST),
+        sources=sources,
+        sample_ids=ids,
+        deterministic=True,
+        batch_size=2,
+    )
     rows = {r["sample_id"]: r for r in csv.DictReader((tmp_path / "run" / "samples.csv").open())}
     for j, sid in enumerate(ids):
         saved = load_png(tmp_path / "run" / "counterfactuals" / f"{sample_key(sid)}.png")
@@ -49,7 +74,9 @@ def test_explain_by_name_with_class_names_raises_the_target_confidence(tmp_path)
     names = ["circle", "square", "triangle", "cross"]
     targets = [names[(s + 1) % 4] for s in sources]
     out = explain(images, targets, classifier="robust", method="classifier_guidance", sources=sources, **FAST)
-    assert out.counterfactuals.shape == images.shape and out.counterfactuals.min() >= 0 and out.counterfactuals.max() <= 1
+    assert (
+        out.counterfactuals.shape == images.shape and out.counterfactuals.min() >= 0 and out.counterfactuals.max() <= 1
+    )
     assert out.target.tolist() == [(s + 1) % 4 for s in sources]
     with torch.no_grad():
         from lit_vce.classifiers import load_classifier
@@ -86,11 +113,23 @@ def test_explain_reads_image_files(tmp_path):
     path = tmp_path / "x.png"
     Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
     a = explain([path], targets, classifier="robust", method=ClassifierGuidance(**FAST), sources=sources, metrics=False)
-    b = explain(quantize(images), targets, classifier="robust", method=ClassifierGuidance(**FAST), sources=sources,
-                metrics=False)
+    b = explain(
+        quantize(images),
+        targets,
+        classifier="robust",
+        method=ClassifierGuidance(**FAST),
+        sources=sources,
+        metrics=False,
+    )
     assert torch.equal(a.counterfactuals, b.counterfactuals)
-    c = explain([Image.open(path)], targets, classifier="robust", method=ClassifierGuidance(**FAST), sources=sources,
-                metrics=False)  # a PIL image is read as its file is
+    c = explain(
+        [Image.open(path)],
+        targets,
+        classifier="robust",
+        method=ClassifierGuidance(**FAST),
+        sources=sources,
+        metrics=False,
+    )  # a PIL image is read as its file is
     assert torch.equal(c.originals, a.originals) and torch.equal(c.counterfactuals, a.counterfactuals)
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"not a png")
@@ -118,20 +157,53 @@ def test_predict_and_explain_share_one_batch_path_with_masks_and_captions(tmp_pa
         m = Image.new("L", (40, 40), 0)
         m.paste(255, (8, 8, 32, 32))
         m.save(tmp_path / "masks" / cls / "a.png")
-    (tmp_path / "captions.csv").write_text("file,caption\ncircle/a.png,a red circle on a mat\nsquare/a.png,a green square\n")
+    (tmp_path / "captions.csv").write_text(
+        "file,caption\ncircle/a.png,a red circle on a mat\nsquare/a.png,a green square\n"
+    )
 
     def data():
-        return VCEDataModule("imagefolder", root=str(root), image_size=32, protocol="next", batch_size=2,
-                             captions=str(tmp_path / "captions.csv"), masks=str(tmp_path / "masks"), class_names=clf.class_names)
+        return VCEDataModule(
+            "imagefolder",
+            root=str(root),
+            image_size=32,
+            protocol="next",
+            batch_size=2,
+            captions=str(tmp_path / "captions.csv"),
+            masks=str(tmp_path / "masks"),
+            class_names=clf.class_names,
+        )
 
     def method():
-        return DiGIN(LatentDiffusion(str(folder), num_steps=4), num_steps=4, outer_steps=1, null_text_steps=1,
-                     num_cutouts=1, injection_fractions=(0.5,), blend_fractions=(0.5,), mask_source="batch")
+        return DiGIN(
+            LatentDiffusion(str(folder), num_steps=4),
+            num_steps=4,
+            outer_steps=1,
+            null_text_steps=1,
+            num_cutouts=1,
+            injection_fractions=(0.5,),
+            blend_fractions=(0.5,),
+            mask_source="batch",
+        )
 
-    module = VCEModule(classifier=clf, method=method(), fid_features="none", world_audit=False, lpips="off",
-                       deterministic=True, interval_resamples=0, fid_interval_resamples=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
-                        enable_model_summary=False, callbacks=[VCEPredictionWriter(str(tmp_path / "run"))])
+    module = VCEModule(
+        classifier=clf,
+        method=method(),
+        fid_features="none",
+        world_audit=False,
+        lpips="off",
+        deterministic=True,
+        interval_resamples=0,
+        fid_interval_resamples=0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        enable_model_summary=False,
+        callbacks=[VCEPredictionWriter(str(tmp_path / "run"))],
+    )
     dm = data()
     trainer.predict(module, dm, return_predictions=False)
     rows = {r["sample_id"]: r for r in csv.DictReader((tmp_path / "run" / "samples.csv").open())}
@@ -141,9 +213,18 @@ def test_predict_and_explain_share_one_batch_path_with_masks_and_captions(tmp_pa
     dm = data()
     dm.setup("predict")
     batch = collate([dm.dataset[i] for i in range(len(dm.dataset))])
-    out = explain(batch["image"], batch["target"], classifier=clf, method=method(), sources=batch["source"],
-                  sample_ids=batch["sample_id"], deterministic=True, masks=batch["mask"], captions=batch["caption"],
-                  metrics=False)
+    out = explain(
+        batch["image"],
+        batch["target"],
+        classifier=clf,
+        method=method(),
+        sources=batch["source"],
+        sample_ids=batch["sample_id"],
+        deterministic=True,
+        masks=batch["mask"],
+        captions=batch["caption"],
+        metrics=False,
+    )
     for j, sid in enumerate(batch["sample_id"]):
         saved = load_png(tmp_path / "run" / "counterfactuals" / f"{sample_key(sid)}.png")
         assert torch.equal(saved, out.counterfactuals[j]), sid

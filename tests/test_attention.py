@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from lit_vce.rngs import sample_rngs
-from lit_vce.diffusion.attention import AttentionInjection, AttentionRecorder, AttentionStore, find_tokens, token_alignment
+from lit_vce.diffusion.attention import (
+    AttentionInjection,
+    AttentionRecorder,
+    AttentionStore,
+    find_tokens,
+    token_alignment,
+)
 from lit_vce.diffusion import LatentDiffusion
 from lit_vce.methods import DiGIN, VCEBatch
 from lit_vce.methods.digin import switch_word
@@ -20,8 +26,8 @@ def _ids(*tokens, length=10):
 
 
 def test_token_alignment_maps_a_swapped_word_onto_the_source_word():
-    src = _ids(5, 6, 7, 8)          # "a photograph of cat"
-    tgt = _ids(5, 6, 7, 11, 12)     # "a photograph of <two-token word>"
+    src = _ids(5, 6, 7, 8)  # "a photograph of cat"
+    tgt = _ids(5, 6, 7, 11, 12)  # "a photograph of <two-token word>"
     mapper, own = token_alignment(src, tgt)
     assert mapper.shape == (10, 10)
     for j in range(4):  # start token and the common prefix: one to one
@@ -42,7 +48,10 @@ def test_token_alignment_maps_a_swapped_word_onto_the_source_word():
 
 
 def test_switch_word_replaces_whole_words_in_any_case():
-    assert switch_word("A golf ball on the Golf Ball course", "golf ball", "baseball") == "A baseball on the baseball course"
+    assert (
+        switch_word("A golf ball on the Golf Ball course", "golf ball", "baseball")
+        == "A baseball on the baseball course"
+    )
     assert switch_word("a catalogue", "cat", "dog") is None
     assert switch_word("a cat.", "cat", "dog") == "a dog."
 
@@ -54,8 +63,9 @@ def _batch(n=2, offset=1, captions=None):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_rngs(0, ids),
-                    captions=captions)
+    return VCEBatch(
+        torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_rngs(0, ids), captions=captions
+    )
 
 
 def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_conditional_half(tiny_sd):
@@ -66,11 +76,15 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     u = bb.null_condition(2)
     store = AttentionStore()
     rec = AttentionRecorder(2, store, 0, True)
-    torch.testing.assert_close(bb.eps(z, bb.timesteps[0], c, u, control=rec), bb.eps(z, bb.timesteps[0], c, u), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        bb.eps(z, bb.timesteps[0], c, u, control=rec), bb.eps(z, bb.timesteps[0], c, u), rtol=0, atol=1e-5
+    )
     assert len(store.maps[0]) == 4  # the tiny UNet's 4 cross-attention layers
     maps = {r: store.token_maps(r) for r in store.token_sums}
     assert all(m.shape == (2, 77, r, r) for r, m in maps.items()) and sum(store.token_counts.values()) == 4
-    torch.testing.assert_close(maps[min(maps)].sum(1), torch.ones(2, min(maps), min(maps)))  # head-averaged softmax rows
+    torch.testing.assert_close(
+        maps[min(maps)].sum(1), torch.ones(2, min(maps), min(maps))
+    )  # head-averaged softmax rows
     assert store.token_maps(1000).shape[-1] == max(maps)  # the closest recorded resolution
     # inject the maps of the "cat/dog" prompts into "zebra" prompts for sample 0 only
     seen = {}
@@ -87,8 +101,8 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     bb.eps(z, bb.timesteps[0], c2, u, control=spy)
     for layer, (before, after) in seen.items():
         torch.testing.assert_close(after[0], store.maps[0][layer][0])  # injected: the recorded map
-        torch.testing.assert_close(after[1], before[1])                # inactive sample: its own map
-        torch.testing.assert_close(after[2:], before[2:])              # unconditional half untouched
+        torch.testing.assert_close(after[1], before[1])  # inactive sample: its own map
+        torch.testing.assert_close(after[2:], before[2:])  # unconditional half untouched
         assert (before[0] - after[0]).abs().max() > 1e-4
     # sliced attention (installed before or after) still reaches the control
     sliced = LatentDiffusion(str(tiny_sd[0]), num_steps=4, attention_slicing=True)
@@ -100,7 +114,9 @@ def test_the_controlled_processor_is_exact_and_injection_replaces_only_the_condi
     with pytest.raises(ValueError, match="no cross-attention"):
         from lit_vce.diffusion import PixelDiffusion
 
-        PixelDiffusion("world", num_steps=4, guidance_scale=3.0).eps(torch.zeros(1, 3, 32, 32), 0, torch.zeros(1, 8), control=rec)
+        PixelDiffusion("world", num_steps=4, guidance_scale=3.0).eps(
+            torch.zeros(1, 3, 32, 32), 0, torch.zeros(1, 8), control=rec
+        )
 
 
 def _reconstruction(m, b, clf):
@@ -141,8 +157,16 @@ def test_attention_injection_keeps_what_it_should(tiny_sd):
 def test_digin_on_a_text_model_uses_captions_and_attention_masks(tiny_sd):
     folder, clf = tiny_sd
     bb = LatentDiffusion(str(folder), num_steps=4)
-    m = DiGIN(bb, num_steps=4, outer_steps=1, null_text_steps=1, num_cutouts=1, injection_fractions=(0.5,),
-              blend_fractions=(0.0, 0.5), mask_threshold=0.9)
+    m = DiGIN(
+        bb,
+        num_steps=4,
+        outer_steps=1,
+        null_text_steps=1,
+        num_cutouts=1,
+        injection_fractions=(0.5,),
+        blend_fractions=(0.0, 0.5),
+        mask_threshold=0.9,
+    )
     names = clf.class_names
     b = _batch()
     s_name, t_name = names[int(b.source[0])], names[int(b.target[0])]
@@ -175,16 +199,24 @@ def test_image_folder_captions_reach_the_batch(tmp_path):
     (tmp_path / "captions.csv").write_text("file,caption\ncat/a.png,a red cat on a mat\n")
     (tmp_path / "masks" / "cat").mkdir(parents=True)
     m = Image.new("L", (40, 40), 0)
-    m.paste(255, (0, 0, 20, 40))     # left half is the object
+    m.paste(255, (0, 0, 20, 40))  # left half is the object
     m.save(tmp_path / "masks" / "cat" / "a.png")
-    dm = VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, protocol="next",
-                       captions=str(tmp_path / "captions.csv"), masks=str(tmp_path / "masks"))
+    dm = VCEDataModule(
+        "imagefolder",
+        root=str(tmp_path / "img"),
+        image_size=32,
+        protocol="next",
+        captions=str(tmp_path / "captions.csv"),
+        masks=str(tmp_path / "masks"),
+    )
     dm.setup()
     batch = collate([dm.dataset[i] for i in range(len(dm.dataset))])
     assert batch["caption"] == ["a red cat on a mat", ""]
     mask = batch["mask"][0, 0]
     assert mask.shape == (32, 32) and mask[:, :16].all() and mask[:, 16:].sum() == 0
-    assert batch["error"][0] == "" and "no usable foreground mask" in batch["error"][1]  # dog has none: that sample fails
+    assert (
+        batch["error"][0] == "" and "no usable foreground mask" in batch["error"][1]
+    )  # dog has none: that sample fails
     (tmp_path / "masks" / "dog").mkdir()
     Image.new("L", (20, 20), 255).save(tmp_path / "masks" / "dog" / "a.png")
     assert "differs from the image" in dm.dataset[1]["error"]

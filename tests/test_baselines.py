@@ -19,8 +19,10 @@ def _bisection_lmo(x, w, eps, p):
     gamma = torch.where(wf > 0, 1 - xf, torch.where(wf < 0, xf, torch.zeros_like(xf)))
     out = []
     for g, a in zip(gamma, wf.abs()):
+
         def d_of(mu):
             return torch.minimum(g, (a / (p * mu)) ** (1 / (p - 1)))
+
         if (g**p).sum() <= eps**p:
             out.append(g)
             continue
@@ -47,8 +49,12 @@ def test_svce_frank_wolfe_vertex_is_the_exact_linear_maximiser(p):
         torch.testing.assert_close(d.double(), _bisection_lmo(x, w, eps, p), rtol=1e-4, atol=1e-6)
     # away from the box's faces the l2 vertex is eps * w / |w|
     mid, small = torch.full((2, 3, 4, 4), 0.5), torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(lp_box_lmo(mid, small, 0.1, 2.0), 0.1 * small / small.flatten(1).norm(dim=1).view(-1, 1, 1, 1),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        lp_box_lmo(mid, small, 0.1, 2.0),
+        0.1 * small / small.flatten(1).norm(dim=1).view(-1, 1, 1, 1),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 @pytest.mark.parametrize("attack,p", [("afw", 1.5), ("apgd", 2.0), ("apgd", 1.0)])
@@ -100,8 +106,9 @@ def test_the_l1_box_projection_is_the_euclidean_projection():
         torch.testing.assert_close(project_l1_box(x, d, eps), d, rtol=1e-5, atol=1e-6)
 
 
-def test_ace_changes_nothing_outside_its_mask_and_its_mask_is_the_official_recipe(tiny_diffusion, tiny_classifier,
-                                                                                     tiny_batch):
+def test_ace_changes_nothing_outside_its_mask_and_its_mask_is_the_official_recipe(
+    tiny_diffusion, tiny_classifier, tiny_batch
+):
     from lit_vce.methods.ace import ACE, change_mask
 
     x = torch.zeros(1, 3, 9, 9)
@@ -112,8 +119,16 @@ def test_ace_changes_nothing_outside_its_mask_and_its_mask_is_the_official_recip
     # 4 sign steps: each pixel moved by 0, 2 or 4 steps, so the normalised change is 0, 0.5 or 1
     ace = ACE(diffusion=tiny_diffusion("adm", 10), attack_steps=4, dilation=1, step_size=8 / 255, threshold=0.6)
     out = ace.generate(tiny_batch, tiny_classifier)
-    pre = ace.attack(VCEBatch(tiny_batch.images, tiny_batch.source, tiny_batch.target, tiny_batch.sample_ids,
-                              sample_rngs(0, tiny_batch.sample_ids)), tiny_classifier)
+    pre = ace.attack(
+        VCEBatch(
+            tiny_batch.images,
+            tiny_batch.source,
+            tiny_batch.target,
+            tiny_batch.sample_ids,
+            sample_rngs(0, tiny_batch.sample_ids),
+        ),
+        tiny_classifier,
+    )
     keep = (change_mask(tiny_batch.images, pre, 1) < 0.6).expand_as(pre)
     assert 0 < keep.float().mean() < 1  # the mask is neither empty nor everything
     assert torch.equal(out.images[keep], tiny_batch.images[keep])  # bit-exact outside the mask
@@ -123,7 +138,9 @@ def test_ace_changes_nothing_outside_its_mask_and_its_mask_is_the_official_recip
         ACE(diffusion=tiny_diffusion("ddim", 10))
 
 
-def test_dime_clean_estimate_is_an_unguided_denoise_and_its_cost_is_quadratic(tiny_diffusion, tiny_classifier, tiny_batch):
+def test_dime_clean_estimate_is_an_unguided_denoise_and_its_cost_is_quadratic(
+    tiny_diffusion, tiny_classifier, tiny_batch
+):
     from lit_vce.methods.dime import DiME
 
     d = tiny_diffusion("adm", 10)
@@ -136,8 +153,12 @@ def test_dime_clean_estimate_is_an_unguided_denoise_and_its_cost_is_quadratic(ti
     for t in range(5, -1, -1):
         with torch.no_grad():
             out = d.p_mean_variance(d.model_output(x, t, d.null_condition(4)), x, t)
-        x = out["mean"] if t == 0 else out["mean"] + torch.exp(0.5 * out["log_variance"]) * torch.stack(
-            [torch.randn(3, 16, 16, generator=g) for g in rngs])
+        x = (
+            out["mean"]
+            if t == 0
+            else out["mean"]
+            + torch.exp(0.5 * out["log_variance"]) * torch.stack([torch.randn(3, 16, 16, generator=g) for g in rngs])
+        )
     torch.testing.assert_close(ours, d.decode(x), rtol=0, atol=1e-6)
     res = DiME(diffusion=d, skip=0.5, scales=(8.0,)).generate(tiny_batch, tiny_classifier)
     # tau = 5 guided steps; after step k the nested denoise runs from respaced step 4 - k: 4 + 3 + 2 + 1 calls
@@ -205,8 +226,9 @@ def _perceptual_guidance(method_cls, state_key, tmp_path, tiny_diffusion, tiny_c
     return g_p - g_0, g, d.alpha_bar(5)
 
 
-def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(tmp_path, monkeypatch, tiny_diffusion,
-                                                                          tiny_classifier, tiny_batch):
+def test_dime_perceptual_term_loads_vgg_offline_and_enters_the_guidance(
+    tmp_path, monkeypatch, tiny_diffusion, tiny_classifier, tiny_batch
+):
     from lit_vce.errors import MissingWeightsError
     from lit_vce.methods.dime import DiME
 
@@ -248,8 +270,9 @@ def test_ldce_starts_from_a_posterior_sample_noised_one_ddim_step_above_as_its_c
         LDCE(diffusion=d, posterior="mode")
 
 
-def test_fastdime_perceptual_term_enters_the_guidance_unscaled_as_its_code(tmp_path, monkeypatch, tiny_diffusion,
-                                                                            tiny_classifier, tiny_batch):
+def test_fastdime_perceptual_term_enters_the_guidance_unscaled_as_its_code(
+    tmp_path, monkeypatch, tiny_diffusion, tiny_classifier, tiny_batch
+):
     """run_fastdime.sh's l_perc: dist_cond_fn adds grad(l_perc)(x_t) with scale_grads off (no 1 / sqrt(abar_t))."""
     from lit_vce.methods.fastdime import FastDiME
 

@@ -75,7 +75,7 @@ def test_robustbench_loads_local_checkpoint_offline(tmp_path):
         load_classifier(f"robustbench:{name}", model_dir=str(tmp_path))
     arch = model_dicts[BenchmarkDataset.imagenet][ThreatModel.Linf][name]["model"]()
     # robustbench checkpoints hold the bare network; the loader adds the normaliser prefix
-    state = {k[len("model."):]: v for k, v in arch.state_dict().items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in arch.state_dict().items() if k.startswith("model.")}
     path = tmp_path / "imagenet" / "Linf" / f"{name}.pt"
     path.parent.mkdir(parents=True)
     torch.save(state, path)
@@ -88,13 +88,20 @@ def test_robustbench_loads_local_checkpoint_offline(tmp_path):
 def test_openclip_zero_shot_classifier_offline(tmp_path):
     import open_clip
 
-    kw = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-              text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    kw = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     model = open_clip.create_model("ViT-B-32", pretrained=None, **kw)
     path = tmp_path / "tiny_clip.pt"
     torch.save(model.state_dict(), path)
-    clf = load_classifier(f"openclip:ViT-B-32/{path}", class_names=["cat", "dog", "zebra"], templates=[lambda c: f"a photo of a {c}."],
-                          model_kwargs=kw)
+    clf = load_classifier(
+        f"openclip:ViT-B-32/{path}",
+        class_names=["cat", "dog", "zebra"],
+        templates=[lambda c: f"a photo of a {c}."],
+        model_kwargs=kw,
+    )
     assert clf.num_classes == 3 and clf.input_size == 32
     logits, g = _grad_reaches_input(clf, 48)
     assert logits.shape == (2, 3) and g.abs().sum() > 0
@@ -132,7 +139,13 @@ def test_a_classifier_given_as_a_mapping_with_arguments(tmp_path):
 
     net = SmallCNN(num_outputs=3, width=8).eval()
     torch.save(net, tmp_path / "net.pt")
-    spec = {"spec": str(tmp_path / "net.pt"), "input_size": 32, "class_names": ["x", "y", "z"], "mean": None, "std": None}
+    spec = {
+        "spec": str(tmp_path / "net.pt"),
+        "input_size": 32,
+        "class_names": ["x", "y", "z"],
+        "mean": None,
+        "std": None,
+    }
     clf = load_classifier(spec)
     assert clf.class_names == ["x", "y", "z"] and clf.input_size == 32
     assert classifier_class_names(spec) == ["x", "y", "z"] and classifier_class_names("robust")[0] == "circle"

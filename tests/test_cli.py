@@ -67,14 +67,38 @@ def test_a_misspelt_method_suggests_the_registered_one(capsys):
 
 
 def test_a_missing_data_folder_is_one_line(capsys, tmp_path):
-    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--data.dataset", "imagefolder",
-                           "--data.root", str(tmp_path / "absent"), "--writer.output_dir", str(tmp_path / "run")])
+    line = _fails(
+        capsys,
+        [
+            "predict",
+            "--config",
+            "world/classifier_guidance",
+            "--data.dataset",
+            "imagefolder",
+            "--data.root",
+            str(tmp_path / "absent"),
+            "--writer.output_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert line.startswith("lit-vce predict: --data:") and "absent" in line
 
 
 def test_an_unknown_target_class_is_one_line(capsys, tmp_path):
-    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--data.protocol", "pairs",
-                           "--data.pairs", "[[0, 7]]", "--writer.output_dir", str(tmp_path / "run")])
+    line = _fails(
+        capsys,
+        [
+            "predict",
+            "--config",
+            "world/classifier_guidance",
+            "--data.protocol",
+            "pairs",
+            "--data.pairs",
+            "[[0, 7]]",
+            "--writer.output_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert line.startswith("lit-vce predict: --data:") and "unknown class id 7" in line
 
 
@@ -128,12 +152,32 @@ def test_fetch_builds_the_run_without_generating(capsys, tmp_path):
 def test_missing_weights_offline_are_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_VCE_OFFLINE", "1")
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "weights"))
-    line = _fails(capsys, ["fetch", "--config", "world/classifier_guidance", "--model.second_classifier",
-                           "robustbench:Salman2020Do_R18", "--writer.output_dir", str(tmp_path / "run")])
+    line = _fails(
+        capsys,
+        [
+            "fetch",
+            "--config",
+            "world/classifier_guidance",
+            "--model.second_classifier",
+            "robustbench:Salman2020Do_R18",
+            "--writer.output_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert line.startswith("lit-vce fetch: robustbench:Salman2020Do_R18:") and "Salman2020Do_R18.pt is missing" in line
 
 
 def test_a_setting_a_constructor_rejects_is_one_line(capsys, tmp_path):
-    line = _fails(capsys, ["predict", "--config", "world/classifier_guidance", "--model.fid_features", "bogus",
-                           "--writer.output_dir", str(tmp_path / "run")])
+    line = _fails(
+        capsys,
+        [
+            "predict",
+            "--config",
+            "world/classifier_guidance",
+            "--model.fid_features",
+            "bogus",
+            "--writer.output_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert line == "lit-vce predict: fid_features must be 'world', 'inception' or 'none'"

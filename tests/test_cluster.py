@@ -19,8 +19,16 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--config", "world/classifier_guidance", "--model.method.init_args.num_steps", "6", "--model.deterministic", "true",
-        "--model.second_classifier", "null"]
+FAST = [
+    "--config",
+    "world/classifier_guidance",
+    "--model.method.init_args.num_steps",
+    "6",
+    "--model.deterministic",
+    "true",
+    "--model.second_classifier",
+    "null",
+]
 
 
 def _pngs(d: Path) -> dict[str, np.ndarray]:
@@ -34,8 +42,11 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK",
-                                                                    "WORLD_SIZE", "RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK"))
+    }
     env.update(PYTHONWARNINGS="ignore", LIT_VCE_QUIET="1", **extra)
     return env
 
@@ -47,15 +58,39 @@ def _cli(*args) -> list[str]:
 @pytest.mark.slow
 def test_two_simulated_nodes_without_a_shared_filesystem_give_the_run_of_one_process(tmp_path):
     one = tmp_path / "one"
-    proc = subprocess.run(_cli("--data.num_samples", "5", "--data.batch_size", "5", "--writer.output_dir", str(one)),
-                          capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        _cli("--data.num_samples", "5", "--data.batch_size", "5", "--writer.output_dir", str(one)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     port = str(_free_port())
     nodes = [tmp_path / "node0", tmp_path / "node1"]  # each node's own disk
-    procs = [subprocess.Popen(_cli("--data.num_samples", "5", "--data.batch_size", "2", "--writer.output_dir", str(nodes[r]),
-                                   "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"),
-                              env=_env(NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            _cli(
+                "--data.num_samples",
+                "5",
+                "--data.batch_size",
+                "2",
+                "--writer.output_dir",
+                str(nodes[r]),
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.devices",
+                "1",
+                "--trainer.strategy",
+                "ddp",
+            ),
+            env=_env(NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -88,10 +123,29 @@ def _fake_srun(tmp_path: Path, record: bool) -> Path:
 
 def test_the_slurm_script_puts_the_users_arguments_first_and_the_slurm_layout_last(tmp_path):
     srun = _fake_srun(tmp_path, record=True)
-    env = _env(SRUN=str(srun), SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="4(x2)",
-               SLURM_CPUS_PER_TASK="8")
-    subprocess.run(["bash", str(ROOT / "scripts" / "slurm_predict.sh"), "--config", "imagenet/base", "--trainer.devices",
-                    "1", "--data.root", "rel/val"], cwd=tmp_path, env=env, check=True, timeout=60)
+    env = _env(
+        SRUN=str(srun),
+        SLURM_SUBMIT_DIR=str(ROOT),
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS_PER_NODE="4(x2)",
+        SLURM_CPUS_PER_TASK="8",
+    )
+    subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "slurm_predict.sh"),
+            "--config",
+            "imagenet/base",
+            "--trainer.devices",
+            "1",
+            "--data.root",
+            "rel/val",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=60,
+    )
     args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
     assert args[0] == str(ROOT / ".venv" / "bin" / "lit-vce") and args[1] == "predict"  # absolute, from the submit dir
     assert args[2:4] == ["--data.num_workers", "7"]  # cpus-per-task minus the main process, overridable after
@@ -107,26 +161,63 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     srun = _fake_srun(tmp_path, record=False)
     out = tmp_path / "run"
-    env = _env(PATH=f"{scontrol.parent}:{os.environ['PATH']}", SRUN=str(srun), SLURM_SUBMIT_DIR=str(ROOT),
-               LIT_VCE=str(Path(sys.executable).parent / "lit-vce"), SLURM_JOB_ID="4242", SLURM_JOB_NAME="lit-vce", SLURM_NTASKS="1",
-               SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0",
-               SLURM_NODELIST="localhost", SLURM_CPUS_PER_TASK="1", MASTER_PORT=str(_free_port()))
-    script = ["bash", str(ROOT / "scripts" / "slurm_predict.sh"), *FAST, "--data.num_samples", "6", "--data.batch_size", "2",
-              "--writer.output_dir", str(out), "--trainer.accelerator", "cpu"]
-    first = subprocess.run([*script, "--trainer.callbacks+=lit_vce.testing.PreemptAfterBatches"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    env = _env(
+        PATH=f"{scontrol.parent}:{os.environ['PATH']}",
+        SRUN=str(srun),
+        SLURM_SUBMIT_DIR=str(ROOT),
+        LIT_VCE=str(Path(sys.executable).parent / "lit-vce"),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="lit-vce",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODELIST="localhost",
+        SLURM_CPUS_PER_TASK="1",
+        MASTER_PORT=str(_free_port()),
+    )
+    script = [
+        "bash",
+        str(ROOT / "scripts" / "slurm_predict.sh"),
+        *FAST,
+        "--data.num_samples",
+        "6",
+        "--data.batch_size",
+        "2",
+        "--writer.output_dir",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    first = subprocess.run(
+        [*script, "--trainer.callbacks+=lit_vce.testing.PreemptAfterBatches"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode != 0 and "simulated preemption" in first.stderr
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     ckpts = list(out.glob("hpc_ckpt_*.ckpt"))
     assert len(ckpts) == 1 and ckpts[0].stat().st_size < 200_000  # no weights in it: progress is the run folder
     assert len(list((out / "samples").glob("*.json"))) == 2
-    second = subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # the requeued job
+    second = subprocess.run(
+        script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )  # the requeued job
     assert second.returncode == 0, second.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["n"] == 6 and results["resumed"] == 2
     ref = tmp_path / "ref"
-    proc = subprocess.run(_cli("--data.num_samples", "6", "--data.batch_size", "2", "--writer.output_dir", str(ref)),
-                          capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        _cli("--data.num_samples", "6", "--data.batch_size", "2", "--writer.output_dir", str(ref)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _pngs(out), _pngs(ref)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -149,6 +240,18 @@ def test_loggers_get_per_batch_and_final_values(tmp_path):
     assert (off / "results.json").is_file() and not (off / "logs").exists()
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
-    main(["predict", *FAST, "--data.num_samples", "2", "--writer.output_dir", str(tb), "--trainer.logger",
-          "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tb / "tb")])
+    main(
+        [
+            "predict",
+            *FAST,
+            "--data.num_samples",
+            "2",
+            "--writer.output_dir",
+            str(tb),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.save_dir",
+            str(tb / "tb"),
+        ]
+    )
     assert list((tb / "tb").rglob("events.out.tfevents.*"))

@@ -56,8 +56,17 @@ def test_stand_ins_count_what_the_method_runs_and_leave_its_output_alone():
 
 
 def test_cost_of_a_preset_run_counts_the_methods_steps_and_the_real_architectures(tmp_path, capsys):
-    report = estimate(["--config", "presets/ace-imagenet-zs", "--config", "imagenet/methods/dvce",
-                       "--model.method.init_args.num_steps", "20"], tflops=100.0)
+    report = estimate(
+        [
+            "--config",
+            "presets/ace-imagenet-zs",
+            "--config",
+            "imagenet/methods/dvce",
+            "--model.method.init_args.num_steps",
+            "20",
+        ],
+        tflops=100.0,
+    )
     nets = {n.network: n for n in report.networks}
     unet = nets["diffusion UNet adm:imagenet256_uncond"]
     explained, partner = nets["classifier timm:resnet50.tv_in1k"], nets["classifier robustbench:Salman2020Do_R50"]
@@ -75,8 +84,21 @@ def test_cost_of_a_preset_run_counts_the_methods_steps_and_the_real_architecture
     assert report.tflop_per_vce == pytest.approx(per_vce) and report.seconds_per_vce == pytest.approx(per_vce / 100)
     assert report.memory_gib > report.weights_gib > 2.0
     capsys.readouterr()
-    main(["cost", "--tflops", "100", "--json", str(tmp_path / "cost.json"), "--config", "presets/ace-imagenet-zs",
-          "--config", "imagenet/methods/svce", "--model.method.init_args.steps", "3"])
+    main(
+        [
+            "cost",
+            "--tflops",
+            "100",
+            "--json",
+            str(tmp_path / "cost.json"),
+            "--config",
+            "presets/ace-imagenet-zs",
+            "--config",
+            "imagenet/methods/svce",
+            "--model.method.init_args.steps",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert "svce at 256 px" in out and "GPU hours" in out and "classifier timm:resnet50.tv_in1k" in out
     data = json.loads((tmp_path / "cost.json").read_text())

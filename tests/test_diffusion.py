@@ -16,8 +16,14 @@ def test_ddim_step_is_diffusers_ddim_scheduler_exactly(tiny_sd):
     from diffusers import DDIMScheduler
 
     d = LatentDiffusion(str(tiny_sd[0]), num_steps=20)
-    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1)
+    ref = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     ref.set_timesteps(20)
     assert torch.equal(d.timesteps, ref.timesteps)
     torch.manual_seed(0)
@@ -71,8 +77,9 @@ def test_learned_variance_models_keep_the_conditional_variance_under_cfg(tiny_ad
 
     torch.manual_seed(0)
     net = ADMUNet(ADMConfig.preset("tiny", class_cond=True, num_classes=4, learn_sigma=True)).eval()
-    d = PixelDiffusion(unet=net, scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"}, sampler="adm",
-                       num_steps=10)
+    d = PixelDiffusion(
+        unet=net, scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"}, sampler="adm", num_steps=10
+    )
     assert d.class_conditional_only and d.learned_variance
     z = torch.randn(2, 3, d.image_size, d.image_size)
     out = d.model_output(z, 5, d.condition(torch.tensor([1, 3])))

@@ -21,8 +21,14 @@ def _world_batch(n=3, offset=1):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + offset) % 4, ids, sample_rngs(0, ids),
-                    torch.stack([it["mask"] for it in items]))
+    return VCEBatch(
+        torch.stack([it["image"] for it in items]),
+        y,
+        (y + offset) % 4,
+        ids,
+        sample_rngs(0, ids),
+        torch.stack([it["mask"] for it in items]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,10 @@ def test_null_text_inversion_reconstructs_better_than_ddim_inversion():
     cond = bb.condition(b.source)
     plain = bb.plain_inversion(z0, cond)
     null = bb.null_text_inversion(z0, cond, inner_steps=5)
-    assert null.reconstruction_error < 0.25 * plain.reconstruction_error, (null.reconstruction_error, plain.reconstruction_error)
+    assert null.reconstruction_error < 0.25 * plain.reconstruction_error, (
+        null.reconstruction_error,
+        plain.reconstruction_error,
+    )
 
 
 def test_digin_loss_falls_and_flips_the_robust_model(robust):
@@ -85,8 +94,15 @@ def test_checkpointing_gives_the_same_gradients(robust):
 
 def test_source_conditioning_for_all_steps_without_optimisation_reconstructs(robust):
     b = _world_batch(2)
-    m = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(1.0,), blend_fractions=(0.0,),
-              num_cutouts=2)
+    m = DiGIN(
+        "world",
+        outer_steps=0,
+        num_steps=6,
+        null_text_steps=3,
+        injection_fractions=(1.0,),
+        blend_fractions=(0.0,),
+        num_cutouts=2,
+    )
     out = m.generate(b, robust).images
     bb = m.diffusion
     z0, inv = m.invert(b.images, bb.condition(b.source))
@@ -96,8 +112,19 @@ def test_source_conditioning_for_all_steps_without_optimisation_reconstructs(rob
             z, x0 = bb.step(bb.eps(z, bb.timesteps[i], bb.condition(b.source), inv.uncond[i]), bb.timesteps[i], z)
     torch.testing.assert_close(out, bb.decode(x0), rtol=0, atol=1e-6)
     # and the class switch (no injection) changes the image
-    switched = DiGIN("world", outer_steps=0, num_steps=6, null_text_steps=3, injection_fractions=(0.0,),
-                     blend_fractions=(0.0,), num_cutouts=2).generate(b, robust).images
+    switched = (
+        DiGIN(
+            "world",
+            outer_steps=0,
+            num_steps=6,
+            null_text_steps=3,
+            injection_fractions=(0.0,),
+            blend_fractions=(0.0,),
+            num_cutouts=2,
+        )
+        .generate(b, robust)
+        .images
+    )
     assert (switched - out).abs().max() > 0.1
 
 
@@ -122,8 +149,15 @@ def test_a_nan_gradient_is_a_recorded_failure_not_a_crash(robust):
             return out
 
     b = _world_batch(2)
-    r = DiGIN("world", outer_steps=2, num_steps=4, null_text_steps=2, num_cutouts=1, injection_fractions=(0.0,),
-              blend_fractions=(0.0,)).generate(b, NaNOnSecond())
+    r = DiGIN(
+        "world",
+        outer_steps=2,
+        num_steps=4,
+        null_text_steps=2,
+        num_cutouts=1,
+        injection_fractions=(0.0,),
+        blend_fractions=(0.0,),
+    ).generate(b, NaNOnSecond())
     assert r.failure[0] is None and "non-finite gradient" in r.failure[1]
     assert torch.isfinite(r.images).all()
 
@@ -174,10 +208,29 @@ def test_digin_runs_through_lit_vce_predict(tmp_path, monkeypatch):
 
     cfg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "digin.yaml")
     out = tmp_path / "run"
-    main(["predict", "--config", cfg, "--data.num_samples", "2", "--data.batch_size", "2", "--model.classifier", "robust",
-          "--model.method.init_args.outer_steps", "1", "--model.method.init_args.num_steps", "4",
-          "--model.method.init_args.null_text_steps", "1", "--model.method.init_args.num_cutouts", "1",
-          "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            cfg,
+            "--data.num_samples",
+            "2",
+            "--data.batch_size",
+            "2",
+            "--model.classifier",
+            "robust",
+            "--model.method.init_args.outer_steps",
+            "1",
+            "--model.method.init_args.num_steps",
+            "4",
+            "--model.method.init_args.null_text_steps",
+            "1",
+            "--model.method.init_args.num_cutouts",
+            "1",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "digin" and res["n"] == 2 and "TargetCE" in res["config"]["method"]["objective"]
     import csv
@@ -185,7 +238,9 @@ def test_digin_runs_through_lit_vce_predict(tmp_path, monkeypatch):
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 2 and {"diag_injection_steps", "diag_best_iterate", "diag_mask_fraction"} <= set(rows[0])
     assert all(float(r["diag_mask_fraction"]) > 0 for r in rows)  # the world's masks were used
-    assert "DiGIN" in (out / "config.yaml").read_text() and not (tmp_path / "config.yaml").exists()  # in the run, not the cwd
+    assert (
+        "DiGIN" in (out / "config.yaml").read_text() and not (tmp_path / "config.yaml").exists()
+    )  # in the run, not the cwd
 
 
 def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
@@ -194,9 +249,28 @@ def test_the_gpu_timing_script_runs_its_tiny_cpu_path(tmp_path):
 
     out = tmp_path / "rows.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_digin_sd15.py"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtypes", "float32", "--steps", "3", "--outer", "1",
-                           "--null-text-steps", "2", "--cutouts", "2", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--tiny",
+            "--dtypes",
+            "float32",
+            "--steps",
+            "3",
+            "--outer",
+            "1",
+            "--null-text-steps",
+            "2",
+            "--cutouts",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["auto", "checkpoint_all"]
@@ -230,7 +304,9 @@ def test_lpips_regulariser_is_differentiable_and_composes(tmp_path, monkeypatch,
 
 
 def test_more_random_starts_never_start_worse(robust):
-    kw = dict(num_steps=4, outer_steps=0, num_cutouts=1, inversion="none", blend_fractions=(0.0,), injection_fractions=(0.0,))
+    kw = dict(
+        num_steps=4, outer_steps=0, num_cutouts=1, inversion="none", blend_fractions=(0.0,), injection_fractions=(0.0,)
+    )
     one = DiGIN("world", **kw).generate(_world_batch(4), robust).diagnostics
     many = DiGIN("world", num_starts=4, **kw).generate(_world_batch(4), robust).diagnostics
     assert (many["loss"] <= one["loss"] + 1e-6).all()  # start 0 is the single run's start
@@ -241,8 +317,14 @@ def test_more_random_starts_never_start_worse(robust):
         DiGIN("world", num_starts=0)
 
 
-SPEED_KW = dict(num_steps=6, num_cutouts=2, null_text_steps=3, outer_steps=2, blend_fractions=(0.0, 0.5),
-                injection_fractions=(0.0, 0.5))
+SPEED_KW = dict(
+    num_steps=6,
+    num_cutouts=2,
+    null_text_steps=3,
+    outer_steps=2,
+    blend_fractions=(0.0, 0.5),
+    injection_fractions=(0.0, 0.5),
+)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -260,7 +342,10 @@ def test_digin_holds_the_outputs_of_the_code_before_the_speedups(robust, checkpo
     assert torch.allclose(r.images, ref[f"ckpt{int(checkpointing)}"], atol=5e-3)
     assert torch.allclose(r.diagnostics["loss"], ref[f"loss{int(checkpointing)}"], rtol=1e-3)
     # the same choices: the best searched setting (its loss leads the next by far) and the best iterate
-    assert r.diagnostics["injection_steps"].tolist() == [0.0, 0.0] and r.diagnostics["blend_steps"].tolist() == [3.0, 3.0]
+    assert r.diagnostics["injection_steps"].tolist() == [0.0, 0.0] and r.diagnostics["blend_steps"].tolist() == [
+        3.0,
+        3.0,
+    ]
     assert r.diagnostics["best_iterate"].tolist() == [2.0, 2.0]
     with pytest.raises(ValueError, match="retired"):
         DiGIN("world", speedups=False)
@@ -285,13 +370,29 @@ def test_auto_checkpointing_checkpoints_only_what_the_budget_needs(robust):
 def test_settings_groups_equal_the_flat_names_of_earlier_releases(recwarn):
     from lit_vce.methods.digin import InversionSettings, MemorySettings, OptimisationSettings, SearchSettings
 
-    nested = DiGIN("world", num_steps=6, inversion=InversionSettings(method="ddim", null_text_steps=3),
-                   search=SearchSettings(blend_fractions=(0.0, 0.5), injection_fractions=(0.34,)),
-                   optimisation=OptimisationSettings(outer_steps=2, num_cutouts=2), memory=MemorySettings(inner_batch_size=2))
-    flat = DiGIN("world", num_steps=6, inversion="ddim", null_text_steps=3, blend_fractions=(0.0, 0.5),
-                 injection_fractions=(0.34,), outer_steps=2, num_cutouts=2, inner_batch_size=2)
+    nested = DiGIN(
+        "world",
+        num_steps=6,
+        inversion=InversionSettings(method="ddim", null_text_steps=3),
+        search=SearchSettings(blend_fractions=(0.0, 0.5), injection_fractions=(0.34,)),
+        optimisation=OptimisationSettings(outer_steps=2, num_cutouts=2),
+        memory=MemorySettings(inner_batch_size=2),
+    )
+    flat = DiGIN(
+        "world",
+        num_steps=6,
+        inversion="ddim",
+        null_text_steps=3,
+        blend_fractions=(0.0, 0.5),
+        injection_fractions=(0.34,),
+        outer_steps=2,
+        num_cutouts=2,
+        inner_batch_size=2,
+    )
     assert nested.describe() == flat.describe()
-    assert nested.describe()["inversion"] == "ddim" and nested.describe()["outer_steps"] == 2  # results keep the flat names
+    assert (
+        nested.describe()["inversion"] == "ddim" and nested.describe()["outer_steps"] == 2
+    )  # results keep the flat names
     assert flat.inner_batch_size == 2 and nested.optimisation == flat.optimisation
     assert any("outer_steps=...) is deprecated" in str(w.message) for w in recwarn)
     given = OptimisationSettings(outer_steps=3)
@@ -308,18 +409,47 @@ def test_the_command_line_and_yaml_accept_the_flat_names_for_one_release(tmp_pat
 
     from lit_vce.lightning.cli import resolve_method_names
 
-    args = resolve_method_names(["--config", "world/digin", "--model.method.init_args.outer_steps", "1",
-                                 "--model.method.init_args.inversion=none", "--model.method.init_args.optimisation.lr", "2"])
-    assert args[2:] == ["--model.method.init_args.optimisation.outer_steps", "1",
-                        "--model.method.init_args.inversion.method=none", "--model.method.init_args.optimisation.lr", "2"]
-    old = {"model": {"method": {"class_path": "lit_vce.methods.DiGIN",
-                                "init_args": {"outer_steps": 3, "speedups": True, "inversion": "ddim", "num_steps": 4,
-                                              "search": {"blend_fractions": [0.0]}}}}}
+    args = resolve_method_names(
+        [
+            "--config",
+            "world/digin",
+            "--model.method.init_args.outer_steps",
+            "1",
+            "--model.method.init_args.inversion=none",
+            "--model.method.init_args.optimisation.lr",
+            "2",
+        ]
+    )
+    assert args[2:] == [
+        "--model.method.init_args.optimisation.outer_steps",
+        "1",
+        "--model.method.init_args.inversion.method=none",
+        "--model.method.init_args.optimisation.lr",
+        "2",
+    ]
+    old = {
+        "model": {
+            "method": {
+                "class_path": "lit_vce.methods.DiGIN",
+                "init_args": {
+                    "outer_steps": 3,
+                    "speedups": True,
+                    "inversion": "ddim",
+                    "num_steps": 4,
+                    "search": {"blend_fractions": [0.0]},
+                },
+            }
+        }
+    }
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
     new = resolve_method_names(["--config", str(tmp_path / "old.yaml")])[1]
     init = yaml.safe_load(open(new))["model"]["method"]["init_args"]
-    assert init == {"num_steps": 4, "search": {"blend_fractions": [0.0]}, "optimisation": {"outer_steps": 3},
-                    "inversion": {"method": "ddim"}}
+    assert init == {
+        "num_steps": 4,
+        "search": {"blend_fractions": [0.0]},
+        "optimisation": {"outer_steps": 3},
+        "inversion": {"method": "ddim"},
+    }
     assert "deprecated flat names" in capsys.readouterr().err
 
 
@@ -330,7 +460,14 @@ def test_the_inversion_cache_inverts_each_image_once_for_all_its_targets(robust,
         b = _world_batch(1)
         ids = [f"{b.sample_ids[0]}->{t}" for t in range(1, 4)]
         y = b.source.repeat(3)
-        return VCEBatch(b.images.repeat(3, 1, 1, 1), y, (y + torch.arange(1, 4)) % 4, ids, sample_rngs(0, ids), b.mask.repeat(3, 1, 1, 1))
+        return VCEBatch(
+            b.images.repeat(3, 1, 1, 1),
+            y,
+            (y + torch.arange(1, 4)) % 4,
+            ids,
+            sample_rngs(0, ids),
+            b.mask.repeat(3, 1, 1, 1),
+        )
 
     # settings without a tie at any sample's minimum (see test_batch_composition_does_not_change_a_sample)
     kw = dict(num_steps=6, outer_steps=1, num_cutouts=2, blend_fractions=(0.0, 0.5), injection_fractions=(0.0, 0.3))

@@ -28,8 +28,14 @@ def _world(n=2):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     y = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), y, (y + 1) % 4, ids, sample_rngs(0, ids),
-                    torch.stack([it["mask"] for it in items]))
+    return VCEBatch(
+        torch.stack([it["image"] for it in items]),
+        y,
+        (y + 1) % 4,
+        ids,
+        sample_rngs(0, ids),
+        torch.stack([it["mask"] for it in items]),
+    )
 
 
 def test_schedule_fractions_are_the_official_threshold_schedules():
@@ -66,7 +72,9 @@ def test_null_text_schedule_matches_the_official_loop():
                 if loss.item() < 1e-5 + i * 2e-5:
                     break
             inner_used.append(j + 1)
-            torch.testing.assert_close(ours.uncond[i][k : k + 1], u.detach(), rtol=1e-3, atol=1e-4)  # batched vs single: float rounding
+            torch.testing.assert_close(
+                ours.uncond[i][k : k + 1], u.detach(), rtol=1e-3, atol=1e-4
+            )  # batched vs single: float rounding
             with torch.no_grad():
                 z, _ = bb.step(bb.eps(z, bb.timesteps[i], cond[k : k + 1], u.detach()), bb.timesteps[i], z)
         assert max(inner_used) > 1  # the schedule was exercised (not a trivial first-step stop)
@@ -74,10 +82,10 @@ def test_null_text_schedule_matches_the_official_loop():
 
 def test_attention_masks_follow_the_official_recipe():
     maps = torch.full((2, 6, 4, 4), 0.01)
-    maps[0, 3, 0:2, 0:2] = 1.0    # sample 0: the word (token 3) attends to the top-left
-    maps[0, 3, 3, 3] = 0.65        # one pixel at 0.65 of the maximum
-    maps[0, 4, 2:, 2:] = 5.0       # another token must not count
-    maps[1, 2] = 0.5               # sample 1: tokens 2 and 4, their mean counts
+    maps[0, 3, 0:2, 0:2] = 1.0  # sample 0: the word (token 3) attends to the top-left
+    maps[0, 3, 3, 3] = 0.65  # one pixel at 0.65 of the maximum
+    maps[0, 4, 2:, 2:] = 5.0  # another token must not count
+    maps[1, 2] = 0.5  # sample 1: tokens 2 and 4, their mean counts
     maps[1, 4, 1, 1] = 1.5
     m = attention_foreground(maps, [[3], [2, 4]], size=4, cutoff=0.3)  # same size: bicubic is the identity
     assert m.shape == (2, 1, 4, 4)
@@ -97,7 +105,11 @@ def test_mask_postprocessing_sizes_scale_with_resolution():
     out = postprocess_mask(mask)
     assert out[0, 0, 10, 10] < 1e-3
     # dilation 20 grows the square by 10 / 9 pixels per side, the 45 px blur softens the edge
-    assert out[0, 0, 250, 250] == pytest.approx(1.0, abs=1e-3) and out[0, 0, 250, 185] > 0.01 and out[0, 0, 250, 150] < 1e-3
+    assert (
+        out[0, 0, 250, 250] == pytest.approx(1.0, abs=1e-3)
+        and out[0, 0, 250, 185] > 0.01
+        and out[0, 0, 250, 150] < 1e-3
+    )
     edge = out[0, 0, 250, 170:200]
     assert ((edge > 0.05) & (edge < 0.95)).sum() > 10  # soft
     small = postprocess_mask(F.interpolate(mask, size=(64, 64), mode="area"))  # sizes / 8: 0, 2, 5 (odd), sigma 3.75
@@ -129,7 +141,9 @@ def test_digin_on_stable_diffusion_with_attention_masks_and_sam(tiny_sd, tiny_sa
     bb = LatentDiffusion(str(folder), num_steps=4)
     b = _world(2)
     b.mask = None
-    kw = dict(num_steps=4, outer_steps=0, null_text_steps=1, num_cutouts=2, injection_fractions=(0.5,), blend_fractions=(0.5,))
+    kw = dict(
+        num_steps=4, outer_steps=0, null_text_steps=1, num_cutouts=2, injection_fractions=(0.5,), blend_fractions=(0.5,)
+    )
     plain = DiGIN(bb, **kw).generate(b, clf)
     frac = plain.diagnostics["mask_fraction"]
     assert ((frac > 0) & (frac < 1)).all(), frac
@@ -152,11 +166,19 @@ def test_blending_replaces_the_inputs_of_the_first_steps_by_the_reconstruction()
         z_other = torch.randn_like(inv.latents[0])
         zero = torch.zeros(2, 1, 32, 32)
         for k in (1, 3):
-            out = m.run_trajectory(z_other, cond, cond, inv.uncond, blend_steps=torch.full((2,), k), templates=templates,
-                                   latent_mask=zero)[-1]
+            out = m.run_trajectory(
+                z_other, cond, cond, inv.uncond, blend_steps=torch.full((2,), k), templates=templates, latent_mask=zero
+            )[-1]
             torch.testing.assert_close(out, rec, rtol=0, atol=1e-5)
-        free = m.run_trajectory(z_other, cond, cond, inv.uncond, blend_steps=torch.zeros(2, dtype=torch.long),
-                                templates=templates, latent_mask=zero)[-1]
+        free = m.run_trajectory(
+            z_other,
+            cond,
+            cond,
+            inv.uncond,
+            blend_steps=torch.zeros(2, dtype=torch.long),
+            templates=templates,
+            latent_mask=zero,
+        )[-1]
     assert (free - rec).abs().max() > 0.1
 
 
@@ -184,10 +206,19 @@ def test_l2_regularisers_are_mean_squared_errors_with_soft_masks():
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     mask = torch.rand(2, 1, 8, 8)  # soft
-    ctx = ObjectiveContext(y, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long), mask=mask,
-                           latents=x[:, :2], original_latents=y[:, :2], latent_mask=mask)
+    ctx = ObjectiveContext(
+        y,
+        torch.zeros(2, dtype=torch.long),
+        torch.ones(2, dtype=torch.long),
+        mask=mask,
+        latents=x[:, :2],
+        original_latents=y[:, :2],
+        latent_mask=mask,
+    )
     torch.testing.assert_close(L2Distance().loss(x, ctx), F.mse_loss(x, y, reduction="none").flatten(1).mean(1))
-    torch.testing.assert_close(L2Distance("latent").loss(x, ctx), F.mse_loss(x[:, :2], y[:, :2], reduction="none").flatten(1).mean(1))
+    torch.testing.assert_close(
+        L2Distance("latent").loss(x, ctx), F.mse_loss(x[:, :2], y[:, :2], reduction="none").flatten(1).mean(1)
+    )
     # the official px_background_l2: mean((1 - m) * (x - y)^2), the mask applied once
     torch.testing.assert_close(BackgroundL2("pixel").loss(x, ctx), ((1 - mask) * (x - y) ** 2).flatten(1).mean(1))
 
@@ -226,6 +257,7 @@ def test_a_sam_hq_checkpoint_runs_as_dig_ins_predictor_call(tmp_path):
     entry = timm.models._registry._model_entrypoints["tiny_vit_5m_224"]
     ref = _tiny_sam_hq()
     from segment_anything_hq import SamPredictor
+
     torch.save(ref.state_dict(), tmp_path / "sam_hq_tiny.pth")
     sam = SamRefiner(str(tmp_path / "sam_hq_tiny.pth"))
     assert sam.backend == "sam_hq" and timm.models._registry._model_entrypoints["tiny_vit_5m_224"] is entry
@@ -234,8 +266,12 @@ def test_a_sam_hq_checkpoint_runs_as_dig_ins_predictor_call(tmp_path):
     pts = sam.points(soft[0], sample_rngs(0, ["a"])[0])
     predictor = SamPredictor(ref)
     predictor.set_image(((255 * images[0]).permute(1, 2, 0).numpy()).astype(np.uint8))
-    masks = {hq: predictor.predict(point_coords=pts.numpy(), point_labels=np.ones(len(pts)), box=None,
-                                   multimask_output=False, hq_token_only=hq)[0] for hq in (True, False)}
+    masks = {
+        hq: predictor.predict(
+            point_coords=pts.numpy(), point_labels=np.ones(len(pts)), box=None, multimask_output=False, hq_token_only=hq
+        )[0]
+        for hq in (True, False)
+    }
     assert not np.array_equal(masks[True], masks[False])  # the flag matters for this model
     assert out.shape == (1, 1, 40, 48) and np.array_equal(out[0].numpy(), masks[True].astype(np.float32))
     assert 0 < out.mean() < 1
@@ -256,12 +292,25 @@ def test_a_transformers_sam_hq_folder_predicts_with_the_hq_token_only(tmp_path):
 
     torch.manual_seed(0)
     cfg = SamHQConfig(
-        vision_config=SamHQVisionConfig(hidden_size=16, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1],
-                                        num_pos_feats=8, mlp_dim=32),
-        prompt_encoder_config=SamHQPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=SamHQMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                                   iou_head_hidden_dim=16, vit_dim=16))
+        vision_config=SamHQVisionConfig(
+            hidden_size=16,
+            output_channels=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            window_size=4,
+            global_attn_indexes=[1],
+            num_pos_feats=8,
+            mlp_dim=32,
+        ),
+        prompt_encoder_config=SamHQPromptEncoderConfig(
+            hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4
+        ),
+        mask_decoder_config=SamHQMaskDecoderConfig(
+            hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=16, vit_dim=16
+        ),
+    )
     model = SamHQModel(cfg).eval()
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
@@ -278,8 +327,9 @@ def test_a_transformers_sam_hq_folder_predicts_with_the_hq_token_only(tmp_path):
     by_flag = {}
     with torch.no_grad():
         for hq in (True, False):
-            logits = sam.model(pixel_values=x, input_points=p, input_labels=lab, multimask_output=False,
-                               hq_token_only=hq).pred_masks[:, 0, :1]
+            logits = sam.model(
+                pixel_values=x, input_points=p, input_labels=lab, multimask_output=False, hq_token_only=hq
+            ).pred_masks[:, 0, :1]
             by_flag[hq] = (F.interpolate(logits, size=(40, 48), mode="bilinear", align_corners=False)[0] > 0).float()
     assert not torch.equal(by_flag[True], by_flag[False])
     assert torch.equal(out[0], by_flag[True])

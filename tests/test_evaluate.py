@@ -22,8 +22,23 @@ CG = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "classifier
 def world_run(tmp_path_factory) -> Path:
     """A small predict run on the world (7 samples: uneven over 2 processes)."""
     out = tmp_path_factory.mktemp("eval") / "run"
-    main(["predict", "--config", CG, "--model.method.init_args.num_steps", "6", "--data.num_samples", "7",
-          "--data.batch_size", "4", "--writer.output_dir", str(out), "--model.second_classifier", "oracle"])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            "--model.method.init_args.num_steps",
+            "6",
+            "--data.num_samples",
+            "7",
+            "--data.batch_size",
+            "4",
+            "--writer.output_dir",
+            str(out),
+            "--model.second_classifier",
+            "oracle",
+        ]
+    )
     return out
 
 
@@ -69,7 +84,12 @@ def test_the_frechet_distance_matches_the_general_eigenvalue_route():
         a = torch.randn(n, 64, generator=g, dtype=torch.float64)
         b = 1.3 * torch.randn(n, 64, generator=g, dtype=torch.float64) + 0.2
         mu1, c1, mu2, c2 = a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)
-        ref = ((mu1 - mu2) ** 2).sum() + c1.trace() + c2.trace() - 2 * torch.linalg.eigvals(c1 @ c2).real.clamp_min(0).sqrt().sum()
+        ref = (
+            ((mu1 - mu2) ** 2).sum()
+            + c1.trace()
+            + c2.trace()
+            - 2 * torch.linalg.eigvals(c1 @ c2).real.clamp_min(0).sqrt().sum()
+        )
         assert float(frechet_distance(mu1, c1, mu2, c2)) == pytest.approx(float(ref), rel=1e-7)
         assert abs(float(frechet_distance(mu1, c1, mu1, c1))) < 1e-7 * float(c1.trace())
 
@@ -83,8 +103,24 @@ def test_two_processes_give_the_one_process_numbers_with_uneven_shards(world_run
     outs = {}
     for devices in (1, 2):
         out = tmp_path / f"p{devices}"
-        cmd = [sys.executable, "-m", "lit_vce.cli", "evaluate", str(world_run), "--out", str(out), "--accelerator", "cpu",
-               "--devices", str(devices), "--batch-size", "2", "--second-classifier", "oracle", "--world-audit"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lit_vce.cli",
+            "evaluate",
+            str(world_run),
+            "--out",
+            str(out),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            str(devices),
+            "--batch-size",
+            "2",
+            "--second-classifier",
+            "oracle",
+            "--world-audit",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[devices] = json.loads((out / "results.json").read_text())
@@ -135,8 +171,23 @@ def test_plain_folders_with_bad_samples_become_failure_rows(world_run, tmp_path)
     o, c, targets = _pair_folders(tmp_path, world_run)
     assert CLASS_NAMES[1] == "square"
     out = tmp_path / "ev"
-    main(["evaluate", "--originals", str(o), "--counterfactuals", str(c), "--targets", str(targets), "--classifier", "biased",
-          "--method", "elsewhere", "--out", str(out)])
+    main(
+        [
+            "evaluate",
+            "--originals",
+            str(o),
+            "--counterfactuals",
+            str(c),
+            "--targets",
+            str(targets),
+            "--classifier",
+            "biased",
+            "--method",
+            "elsewhere",
+            "--out",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     # the accounting rule: the 3 bad samples were attempted, failed and count as not flipped
     assert res["method"] == "elsewhere" and res["n"] == 7 and res["n_failed"] == 3
@@ -149,21 +200,37 @@ def test_plain_folders_with_bad_samples_become_failure_rows(world_run, tmp_path)
     assert not rows["img2.png"]["failure"]
 
 
-@pytest.mark.parametrize("csv_text, message", [
-    ("file,source,target\nimg0.png,0,9\n", "unknown to the classifier"),
-    ("file,source,target\n", "lists no samples"),
-    ("file,target\nimg0.png,1\n", "missing column"),
-    ("file,source,target\nimg0.png,0,zebra\n", "unknown target class 'zebra'"),
-    ("file,source,target\n../img0.png,0,1\n", "relative path"),
-])
+@pytest.mark.parametrize(
+    "csv_text, message",
+    [
+        ("file,source,target\nimg0.png,0,9\n", "unknown to the classifier"),
+        ("file,source,target\n", "lists no samples"),
+        ("file,target\nimg0.png,1\n", "missing column"),
+        ("file,source,target\nimg0.png,0,zebra\n", "unknown target class 'zebra'"),
+        ("file,source,target\n../img0.png,0,1\n", "relative path"),
+    ],
+)
 def test_bad_whole_input_is_a_clear_error_and_writes_nothing(world_run, tmp_path, capsys, csv_text, message):
     o, c, _ = _pair_folders(tmp_path, world_run)
     bad = tmp_path / "bad.csv"
     bad.write_text(csv_text)
     out = tmp_path / "ev"
     with pytest.raises(SystemExit) as e:
-        main(["evaluate", "--originals", str(o), "--counterfactuals", str(c), "--targets", str(bad), "--classifier", "biased",
-              "--out", str(out)])
+        main(
+            [
+                "evaluate",
+                "--originals",
+                str(o),
+                "--counterfactuals",
+                str(c),
+                "--targets",
+                str(bad),
+                "--classifier",
+                "biased",
+                "--out",
+                str(out),
+            ]
+        )
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
 
@@ -205,8 +272,14 @@ def test_inception_fid_uses_offline_weights_and_matches_torch_fidelity(tmp_path,
         fid.update(torch.stack([load_png(p) for p in sorted((tmp_path / side).glob("*.png"))]), real=real)
     with pytest.warns(UserWarning, match="rank-deficient"):
         ours = float(fid.compute())
-    ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), fid=True, cuda=False,
-                                           verbose=False, feature_extractor_weights_path=str(path))
+    ref = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "a"),
+        input2=str(tmp_path / "b"),
+        fid=True,
+        cuda=False,
+        verbose=False,
+        feature_extractor_weights_path=str(path),
+    )
     ref = ref["frechet_inception_distance"]
     assert ref > 1 and ours == pytest.approx(ref, rel=1e-4)
 
@@ -226,7 +299,10 @@ def test_latent_distances_and_declared_resolution(tmp_path, tiny_classifier):
         zx, zy = (vae.encode(v * 2 - 1).latent_dist.mean * vae.config.scaling_factor for v in (x, y))
     expect = (zy - zx).flatten(1).abs().sum(1)
     assert [r["latent_l1"] for r in rows] == pytest.approx(expect.tolist(), rel=1e-5)
-    up = [torch.nn.functional.interpolate(v, size=(32, 32), mode="bilinear", antialias=True, align_corners=False) for v in (x, y)]
+    up = [
+        torch.nn.functional.interpolate(v, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        for v in (x, y)
+    ]
     assert [r["l2"] for r in rows] == pytest.approx((up[1] - up[0]).flatten(1).norm(dim=1).tolist(), rel=1e-5)
     metrics, _, n = suite.compute()
     assert n == 3 and metrics["latent_l1"] == pytest.approx(float(expect.mean()), rel=1e-5)

@@ -18,7 +18,8 @@ def test_guidance_is_the_official_gradient_at_the_previous_x0(tiny_diffusion, ti
     x_t = torch.randn(4, 3, 16, 16)
     prev = torch.rand(4, 3, 16, 16)
     g = m.guidance(None, b, tiny_classifier, None, None, _step(x_t, torch.rand(4, 3, 16, 16), state={"x0": prev}))
-    # official: grads = d(-8 * logit_y)/dx at the previous x0 in [-1, 1] + 0.05 * d||z_t - x||_1/dz_t; mean -= var * grads
+    # official: grads = d(-8 * logit_y)/dx at the previous x0 in [-1, 1] + 0.05 * d||z_t - x||_1/dz_t;
+    # mean -= var * grads
     x_m = (prev * 2 - 1).requires_grad_(True)
     logit = tiny_classifier((x_m.clamp(-1, 1) + 1) / 2).gather(1, b.target[:, None]).sum()
     (d,) = torch.autograd.grad(-8.0 * logit, x_m)
@@ -47,7 +48,9 @@ def test_the_self_optimised_mask_puts_the_original_back_where_the_edit_is_small(
     torch.testing.assert_close(after[:, :, 4:8, 4:8], x_t[:, :, 4:8, 4:8])  # inside the mask: the new sample
     assert not torch.allclose(after[:, :, 12:, 12:], x_t[:, :, 12:, 12:])  # outside: the noised original
     last = m.post_step(x_t.clone(), _step(x_t, x0, index=3, next_t=None), b, {})
-    torch.testing.assert_close(last[:, :, 12:, 12:], b.images[:, :, 12:, 12:] * 2 - 1)  # the final sample: the clean original
+    torch.testing.assert_close(
+        last[:, :, 12:, 12:], b.images[:, :, 12:, 12:] * 2 - 1
+    )  # the final sample: the clean original
 
 
 def test_failed_samples_are_retried_with_the_next_scale(tiny_diffusion, tiny_classifier, tiny_batch):

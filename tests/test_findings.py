@@ -9,16 +9,23 @@ from lit_vce.cli import main
 
 def test_findings_runs_the_vce_configurations_on_all_three_classifiers_and_renders_the_table(tmp_path, capsys):
     out = tmp_path / "findings"
-    main(["findings", "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--configs", "svce",
-          "--no-disagree"])
+    main(
+        ["findings", "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--configs", "svce", "--no-disagree"]
+    )
     for clf in ("biased", "robust", "watermarked"):
         res = json.loads((out / "vce" / f"svce-{clf}" / "results.json").read_text())
         assert res["n"] == 4
     wm = json.loads((out / "vce" / "svce-watermarked" / "results.json").read_text())
     assert wm["config"]["data"]["regime"] == "watermark_balanced" and "watermark_only" in wm["audit"]
     findings = json.loads((out / "findings.json").read_text())["figures"]
-    assert {"vce_background_only_biased_svce", "vce_shape_changed_robust_svce", "vce_watermark_only_watermarked_svce",
-            "units_background_biased", "units_shape_robust", "units_watermark_watermarked"} <= set(findings)
+    assert {
+        "vce_background_only_biased_svce",
+        "vce_shape_changed_robust_svce",
+        "vce_watermark_only_watermarked_svce",
+        "units_background_biased",
+        "units_shape_robust",
+        "units_watermark_watermarked",
+    } <= set(findings)
     units = findings["units_background_biased"]
     assert units["met"] is True and units["interval"][0] < units["value"] < units["interval"][1]
     table = (out / "findings.md").read_text()

@@ -71,8 +71,15 @@ def test_nan_scale_through_the_api_fails_every_sample_and_flips_none():
 
     d = ShapesWorld("balanced", "test", 4)
     x = torch.stack([d[i]["image"] for i in range(4)])
-    out = explain(x, "square", classifier="biased", method="classifier_guidance", num_steps=4, scale=float("nan"),
-                  sources=[0, 0, 2, 3])
+    out = explain(
+        x,
+        "square",
+        classifier="biased",
+        method="classifier_guidance",
+        num_steps=4,
+        scale=float("nan"),
+        sources=[0, 0, 2, 3],
+    )
     assert out.n == 4 and out.n_failed == 4 and out.n_success == 0 and not out.success.any()
     assert out.metrics["flip_rate"] == 0  # was 0.75
     assert np.isnan(out.metrics["l2"]) and all("non-finite" in r["failure"] for r in out.rows)
@@ -125,7 +132,9 @@ def test_compare_states_the_pairs_each_metric_used(tmp_path, run8, capsys):
     for m in ("l1", "l2", "target_confidence"):
         assert r["metrics"][m]["n"] == 4  # measured over the 4 pairs both runs measured
     ev = json.loads((b / "evaluation" / "results.json").read_text())
-    assert r["metrics"]["flip_rate"]["mean_b"] == pytest.approx(ev["metrics"]["flip_rate"])  # the same as the leaderboard's
+    assert r["metrics"]["flip_rate"]["mean_b"] == pytest.approx(
+        ev["metrics"]["flip_rate"]
+    )  # the same as the leaderboard's
     text = format_comparison(r)
     assert "4 of them failed" in text and " N " in text.splitlines()[1]
 
@@ -142,8 +151,21 @@ def _cli(*args, quiet: bool = False):
 def test_a_killed_run_resumed_with_another_seed_is_refused_in_one_line_and_time_is_kept(tmp_path):
     out = tmp_path / "run"
     # 20 steps a sample: slow enough that the kill lands before the last one on a loaded machine
-    args = ["predict", "--config", CG, "--model.method.init_args.num_steps", "20", "--data.batch_size", "1",
-            "--data.num_samples", "8", "--writer.output_dir", str(out), "--model.second_classifier", "null"]
+    args = [
+        "predict",
+        "--config",
+        CG,
+        "--model.method.init_args.num_steps",
+        "20",
+        "--data.batch_size",
+        "1",
+        "--data.num_samples",
+        "8",
+        "--writer.output_dir",
+        str(out),
+        "--model.second_classifier",
+        "null",
+    ]
     proc = _cli(*args, quiet=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list((out / "samples").glob("*.json"))) < 3:
@@ -152,12 +174,19 @@ def test_a_killed_run_resumed_with_another_seed_is_refused_in_one_line_and_time_
     proc.wait()
     written = len(list((out / "samples").glob("*.json")))
     assert 3 <= written < 8 and not (out / "results.json").exists()
-    killed = {json.loads(p.read_text())["sample_id"]: json.loads(p.read_text())["seconds"] for p in (out / "samples").glob("*.json")}
+    killed = {
+        json.loads(p.read_text())["sample_id"]: json.loads(p.read_text())["seconds"]
+        for p in (out / "samples").glob("*.json")
+    }
     assert all(v > 0 for v in killed.values())
     assert json.loads((out / "run.json").read_text())["fingerprint"]["seed"] == 0  # before the first sample
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    refused = subprocess.run([sys.executable, "-m", "lit_vce.cli", *args, "--model.seed", "1"], capture_output=True,
-                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    refused = subprocess.run(
+        [sys.executable, "-m", "lit_vce.cli", *args, "--model.seed", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     err = [line for line in refused.stderr.splitlines() if line.startswith("lit-vce")]
     assert refused.returncode == 2 and len(err) == 1 and "seed (0 -> 1)" in err[0], refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr
@@ -201,8 +230,18 @@ def test_a_second_process_on_a_locked_folder_is_refused_and_a_dead_holders_lock_
 def test_two_processes_started_on_one_folder_one_runs_the_other_refuses(tmp_path):
     out = tmp_path / "run"
     # enough work (8 samples, 20 steps) that the first still holds the folder when the second claims it
-    args = ["predict", "--config", CG, *SMALL, "--data.num_samples", "8", "--model.method.init_args.num_steps", "20",
-            "--writer.output_dir", str(out)]
+    args = [
+        "predict",
+        "--config",
+        CG,
+        *SMALL,
+        "--data.num_samples",
+        "8",
+        "--model.method.init_args.num_steps",
+        "20",
+        "--writer.output_dir",
+        str(out),
+    ]
     first = _cli(*args)
     time.sleep(0.3)
     second = _cli(*args, "--model.seed", "1")
@@ -364,8 +403,11 @@ def test_openai_clip_weights_are_loaded_with_quickgelu(tmp_path, monkeypatch):
 
     from lit_vce.classifiers import load_classifier
 
-    kw = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-              text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    kw = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True, **kw).eval()
     path = tmp_path / "openclip" / "ViT-B-32" / "openai.pt"
@@ -373,8 +415,9 @@ def test_openai_clip_weights_are_loaded_with_quickgelu(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), path)
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path))
     names = ["cat", "dog", "zebra"]
-    clf = load_classifier("openclip:ViT-B-32/openai", class_names=names, templates=["a photo of a {}."], model_kwargs=kw,
-                          head_cache=False)
+    clf = load_classifier(
+        "openclip:ViT-B-32/openai", class_names=names, templates=["a photo of a {}."], model_kwargs=kw, head_cache=False
+    )
     acts = {type(m).__name__ for m in clf.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     gelu = open_clip.create_model("ViT-B-32", pretrained=None, **kw).eval()
@@ -389,8 +432,13 @@ def test_openai_clip_weights_are_loaded_with_quickgelu(tmp_path, monkeypatch):
     # a tag trained with GELU keeps GELU
     path2 = tmp_path / "openclip" / "ViT-B-32" / "laion2b_s34b_b79k.pt"
     torch.save(gelu.state_dict(), path2)
-    clf2 = load_classifier("openclip:ViT-B-32/laion2b_s34b_b79k", class_names=names, templates=["a photo of a {}."],
-                           model_kwargs=kw, head_cache=False)
+    clf2 = load_classifier(
+        "openclip:ViT-B-32/laion2b_s34b_b79k",
+        class_names=names,
+        templates=["a photo of a {}."],
+        model_kwargs=kw,
+        head_cache=False,
+    )
     assert "QuickGELU" not in {type(m).__name__ for m in clf2.modules()}
 
 
@@ -401,18 +449,37 @@ def test_imagenet_synset_folders_are_not_read_as_another_classifiers_classes(tmp
         (tmp_path / "img" / syn).mkdir(parents=True)
         Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "img" / syn / "a.png")
     with pytest.raises(SystemExit) as e:
-        main(["predict", "--config", CG, *SMALL, "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "img"),
-              "--data.image_size", "32", "--data.protocol", "next", "--writer.output_dir", str(tmp_path / "run")])
+        main(
+            [
+                "predict",
+                "--config",
+                CG,
+                *SMALL,
+                "--data.dataset",
+                "imagefolder",
+                "--data.root",
+                str(tmp_path / "img"),
+                "--data.image_size",
+                "32",
+                "--data.protocol",
+                "next",
+                "--writer.output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "ImageNet synsets" in err and "tench" in err and "circle" in err
 
 
 # --- 8. clear errors ----------------------------------------------------------------
-@pytest.mark.parametrize("images, kwargs, message", [
-    (torch.zeros(0, 3, 32, 32), {}, "nothing to explain"),
-    (None, {"batch_size": 0}, "batch_size must be a positive integer"),
-    ([torch.rand(3, 32)], {}, r"images\[0\]: expected \(3, H, W\)"),
-])
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        (torch.zeros(0, 3, 32, 32), {}, "nothing to explain"),
+        (None, {"batch_size": 0}, "batch_size must be a positive integer"),
+        ([torch.rand(3, 32)], {}, r"images\[0\]: expected \(3, H, W\)"),
+    ],
+)
 def test_explain_rejects_bad_input_in_one_clear_error(images, kwargs, message):
     from lit_vce import explain
 
@@ -424,8 +491,14 @@ def test_explain_rejects_bad_input_in_one_clear_error(images, kwargs, message):
 def test_explain_resizes_a_list_of_differently_sized_tensors():
     from lit_vce import explain
 
-    out = explain([torch.rand(3, 40, 48), torch.rand(3, 32, 32)], "square", classifier="biased", num_steps=2,
-                  sources=[0, 2], metrics=False)
+    out = explain(
+        [torch.rand(3, 40, 48), torch.rand(3, 32, 32)],
+        "square",
+        classifier="biased",
+        num_steps=2,
+        sources=[0, 2],
+        metrics=False,
+    )
     assert out.counterfactuals.shape == (2, 3, 32, 32) and out.n == 2
 
 

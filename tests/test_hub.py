@@ -29,11 +29,18 @@ def test_the_installed_timm_can_use_the_installed_hub():
 def _run_offline(code: str, cache: Path, tmp_path: Path, **env) -> dict:
     """Run ``code`` in a fresh interpreter with the hub offline and ``cache`` as its cache;
     the code prints one JSON line last."""
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home"),
-            "LIT_VCE_WEIGHTS_DIR": str(tmp_path / "weights"), **env}
+    full = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "LIT_VCE_WEIGHTS_DIR": str(tmp_path / "weights"),
+        **env,
+    }
     full.pop("TRANSFORMERS_CACHE", None)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -46,20 +53,26 @@ def test_timm_loads_an_hf_hub_model_from_the_cache_offline(tmp_path):
     model = timm.create_model("test_resnet", pretrained=False, num_classes=5)
     save_for_hf(model, str(tmp_path / "export"), model_config={"num_classes": 5})
     write_hf_cache(tmp_path / "cache", "lit-vce-test/tiny-resnet", tmp_path / "export")
-    out = _run_offline("""
+    out = _run_offline(
+        """
         import json, torch
         from lit_vce.classifiers import load_classifier
         clf = load_classifier("timm:hf-hub:lit-vce-test/tiny-resnet")
         w = clf.model.state_dict()
-        print(json.dumps({"name": clf.name, "k": clf.num_classes, "sum": float(sum(v.double().sum() for v in w.values()))}))
-    """, tmp_path / "cache", tmp_path)
+        total = float(sum(v.double().sum() for v in w.values()))
+        print(json.dumps({"name": clf.name, "k": clf.num_classes, "sum": total}))
+    """,
+        tmp_path / "cache",
+        tmp_path,
+    )
     assert out["name"] == "timm:hf-hub:lit-vce-test/tiny-resnet" and out["k"] == 5
     expected = float(sum(v.double().sum() for v in model.state_dict().values()))
     assert out["sum"] == pytest.approx(expected, rel=1e-9)  # the cached weights, not a fresh random init
 
 
 def test_timm_hub_miss_offline_names_the_cache(tmp_path):
-    out = _run_offline("""
+    out = _run_offline(
+        """
         import json
         from lit_vce.classifiers import load_classifier, MissingWeightsError
         try:
@@ -67,7 +80,10 @@ def test_timm_hub_miss_offline_names_the_cache(tmp_path):
             print(json.dumps({"raised": None}))
         except MissingWeightsError as e:
             print(json.dumps({"raised": str(e)}))
-    """, tmp_path / "cache", tmp_path)
+    """,
+        tmp_path / "cache",
+        tmp_path,
+    )
     assert out["raised"] and "offline and not cached" in out["raised"] and "Hugging Face cache" in out["raised"]
 
 
@@ -78,10 +94,15 @@ def test_openclip_loads_an_hf_hub_model_from_the_cache_and_caches_its_head(tmp_p
     from safetensors.torch import save_file
 
     cfg = get_model_config("ViT-B-32")
-    cfg.update(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    cfg.update(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None, **{k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")})
+    model = open_clip.create_model(
+        "ViT-B-32", pretrained=None, **{k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")}
+    )
     export = tmp_path / "export"
     export.mkdir()
     save_file(model.state_dict(), str(export / "open_clip_model.safetensors"))
@@ -92,7 +113,8 @@ def test_openclip_loads_an_hf_hub_model_from_the_cache_and_caches_its_head(tmp_p
         from pathlib import Path
         from lit_vce.classifiers import load_classifier
         t = time.perf_counter()
-        clf = load_classifier({"spec": "openclip:hf-hub:lit-vce-test/tiny-clip", "class_names": ["circle", "square", "star"],
+        clf = load_classifier({"spec": "openclip:hf-hub:lit-vce-test/tiny-clip",
+                               "class_names": ["circle", "square", "star"],
                                "templates": ["a photo of a {}.", "a drawing of a {}."]})
         x = torch.rand(2, 3, 32, 32)
         heads = sorted(str(p) for p in Path("%s").rglob("*.safetensors"))
@@ -105,7 +127,7 @@ def test_openclip_loads_an_hf_hub_model_from_the_cache_and_caches_its_head(tmp_p
     second = _run_offline(code, tmp_path / "cache", tmp_path)  # the head comes from disk: the same weights
     assert second["heads"] == first["heads"] and second["w"] == first["w"]
     # other class names: another head
-    from lit_vce.classifiers.loaders import zero_shot_head
+    from lit_vce.classifiers.openclip import zero_shot_head
 
     tok = open_clip.get_tokenizer("ViT-B-32")
     w = zero_shot_head(model, tok, ["circle", "square", "star"], ["a photo of a {}.", "a drawing of a {}."])
@@ -118,13 +140,17 @@ def test_diffusers_pipeline_loads_by_hub_id_from_the_cache_offline(tmp_path):
 
     folder = save_tiny_latent_diffusion(tmp_path / "sd")
     write_hf_cache(tmp_path / "cache", "lit-vce-test/tiny-sd", folder)
-    out = _run_offline("""
+    out = _run_offline(
+        """
         import json
         from lit_vce.diffusion import LatentDiffusion
         d = LatentDiffusion(model="lit-vce-test/tiny-sd", num_steps=2)
         print(json.dumps({"unet": float(sum(p.double().sum() for p in d.unet.parameters())),
                           "text": type(d.text_encoder).__name__}))
-    """, tmp_path / "cache", tmp_path)
+    """,
+        tmp_path / "cache",
+        tmp_path,
+    )
     from diffusers import UNet2DConditionModel
 
     ref = UNet2DConditionModel.from_pretrained(folder / "unet")
@@ -135,10 +161,16 @@ def test_diffusers_pipeline_loads_by_hub_id_from_the_cache_offline(tmp_path):
 
 
 def test_lit_vce_offline_puts_the_hub_offline(tmp_path):
-    out = _run_offline("""
+    out = _run_offline(
+        """
         import json, os
         import lit_vce
         import huggingface_hub.constants as c
         print(json.dumps({"env": os.environ.get("HF_HUB_OFFLINE"), "hub": bool(c.HF_HUB_OFFLINE)}))
-    """, tmp_path / "cache", tmp_path, LIT_VCE_OFFLINE="1", HF_HUB_OFFLINE="")
+    """,
+        tmp_path / "cache",
+        tmp_path,
+        LIT_VCE_OFFLINE="1",
+        HF_HUB_OFFLINE="",
+    )
     assert out == {"env": "1", "hub": True}

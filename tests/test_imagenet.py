@@ -85,22 +85,56 @@ def fake_imagenet(tmp_path_factory):
         (weights / "timm").mkdir(parents=True, exist_ok=True)
         save_file(timm.create_model(name, pretrained=False).state_dict(), str(weights / "timm" / f"{name}.safetensors"))
     save_random_inception_weights(weights / "inception" / "weights-inception-2015-12-05-6726825d.pth")
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=1001)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=1001,
+    )
     unet.save_pretrained(root / "adm_tiny")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "adm_tiny")
     return root
 
 
 def _predict_args(root: Path, protocol: str, out: Path, method: str = "classifier_guidance") -> list[str]:
-    return ["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
-            "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"),
-            "--data.root", str(root / "val"), "--data.image_size", "32", "--data.num_workers", "0", "--data.batch_size", "4",
-            "--data.images_per_class", "null", "--model.resolution", "32",
-            "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
-            "--model.method.init_args.diffusion", str(root / "adm_tiny"), "--model.method.init_args.num_steps", "4",
-            "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
+    return [
+        "predict",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "methods" / f"{method}.yaml"),
+        "--config",
+        str(CONFIGS / "protocols" / f"{protocol}.yaml"),
+        "--data.root",
+        str(root / "val"),
+        "--data.image_size",
+        "32",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.images_per_class",
+        "null",
+        "--model.resolution",
+        "32",
+        "--model.classifier",
+        "timm:test_vit",
+        "--model.second_classifier",
+        "timm:test_efficientnet",
+        "--model.method.init_args.diffusion",
+        str(root / "adm_tiny"),
+        "--model.method.init_args.num_steps",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--writer.output_dir",
+        str(out),
+    ]
 
 
 def test_fake_imagenet_predict_evaluate_leaderboard_end_to_end(fake_imagenet, tmp_path, monkeypatch):
@@ -156,8 +190,18 @@ def test_every_imagenet_method_and_protocol_config_composes(capsys):
     for method in names:
         for protocol in ("pairs", "ldce", "cluster", "misclassified"):
             with pytest.raises(SystemExit) as e:
-                main(["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
-                      "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"), "--print_config"])
+                main(
+                    [
+                        "predict",
+                        "--config",
+                        str(CONFIGS / "base.yaml"),
+                        "--config",
+                        str(CONFIGS / "methods" / f"{method}.yaml"),
+                        "--config",
+                        str(CONFIGS / "protocols" / f"{protocol}.yaml"),
+                        "--print_config",
+                    ]
+                )
             assert e.value.code == 0
             printed = capsys.readouterr().out
             assert f"protocol: {protocol}" in printed and f"lit_vce.methods.{names[method]}" in printed
@@ -165,31 +209,91 @@ def test_every_imagenet_method_and_protocol_config_composes(capsys):
 
 BASELINE_OVERRIDES = {  # tiny settings; everything else comes from the method's ImageNet config
     "svce": ["--model.method.init_args.steps", "2", "--model.method.init_args.eps", "5.0"],
-    "dime": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "4",
-             "--model.method.init_args.scales", "[8.0]", "--model.method.init_args.perceptual_weight", "0.0"],
-    "ace": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "10",
-            "--model.method.init_args.attack_steps", "1", "--model.method.init_args.dilation", "3",
-            "--data.image_size", "16"],
-    "fastdime": ["--model.method.init_args.diffusion", "{adm}", "--model.method.init_args.num_steps", "4",
-                 "--model.method.init_args.scales", "[8.0]", "--model.method.init_args.warmup", "1",
-                 "--model.method.init_args.perceptual_weight", "0.0"],
-    "ldce": ["--model.method.init_args.diffusion.init_args.model", "{sd}",
-             "--model.method.init_args.diffusion.init_args.num_steps", "4", "--model.method.init_args.strength", "0.5"],
+    "dime": [
+        "--model.method.init_args.diffusion",
+        "{adm}",
+        "--model.method.init_args.num_steps",
+        "4",
+        "--model.method.init_args.scales",
+        "[8.0]",
+        "--model.method.init_args.perceptual_weight",
+        "0.0",
+    ],
+    "ace": [
+        "--model.method.init_args.diffusion",
+        "{adm}",
+        "--model.method.init_args.num_steps",
+        "10",
+        "--model.method.init_args.attack_steps",
+        "1",
+        "--model.method.init_args.dilation",
+        "3",
+        "--data.image_size",
+        "16",
+    ],
+    "fastdime": [
+        "--model.method.init_args.diffusion",
+        "{adm}",
+        "--model.method.init_args.num_steps",
+        "4",
+        "--model.method.init_args.scales",
+        "[8.0]",
+        "--model.method.init_args.warmup",
+        "1",
+        "--model.method.init_args.perceptual_weight",
+        "0.0",
+    ],
+    "ldce": [
+        "--model.method.init_args.diffusion.init_args.model",
+        "{sd}",
+        "--model.method.init_args.diffusion.init_args.num_steps",
+        "4",
+        "--model.method.init_args.strength",
+        "0.5",
+    ],
 }
 
 
-@pytest.mark.parametrize("method,protocol", [("svce", "pairs"), ("dime", "misclassified"), ("ace", "pairs"),
-                                             ("ldce", "pairs"), ("fastdime", "pairs")])
-def test_the_baselines_imagenet_configs_compose_with_the_protocols(method, protocol, fake_imagenet, tiny_sd, tmp_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "method,protocol",
+    [("svce", "pairs"), ("dime", "misclassified"), ("ace", "pairs"), ("ldce", "pairs"), ("fastdime", "pairs")],
+)
+def test_the_baselines_imagenet_configs_compose_with_the_protocols(
+    method, protocol, fake_imagenet, tiny_sd, tmp_path, monkeypatch
+):
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_imagenet / "weights"))
     out = tmp_path / method
-    args = ["predict", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
-            "--config", str(CONFIGS / "protocols" / f"{protocol}.yaml"),
-            "--data.root", str(fake_imagenet / "val"), "--data.image_size", "32", "--data.num_workers", "0",
-            "--data.batch_size", "4", "--data.images_per_class", "null", "--model.resolution", "32",
-            "--model.classifier", "timm:test_vit", "--model.second_classifier", "timm:test_efficientnet",
-            "--model.fid_features", "none", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)]
+    args = [
+        "predict",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "methods" / f"{method}.yaml"),
+        "--config",
+        str(CONFIGS / "protocols" / f"{protocol}.yaml"),
+        "--data.root",
+        str(fake_imagenet / "val"),
+        "--data.image_size",
+        "32",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--data.images_per_class",
+        "null",
+        "--model.resolution",
+        "32",
+        "--model.classifier",
+        "timm:test_vit",
+        "--model.second_classifier",
+        "timm:test_efficientnet",
+        "--model.fid_features",
+        "none",
+        "--trainer.accelerator",
+        "cpu",
+        "--writer.output_dir",
+        str(out),
+    ]
     if method in ("dime", "ldce", "fastdime"):  # the configs' inner batch size is a memory knob for real models
         args += ["--model.method.init_args.inner_batch_size", "null"]
     args += [a.format(adm=fake_imagenet / "adm_tiny", sd=tiny_sd[0]) for a in BASELINE_OVERRIDES[method]]
@@ -204,12 +308,32 @@ def test_every_preset_composes_with_the_method_configs(capsys):
     from lit_vce.report.published import known_presets
 
     presets = known_presets()
-    assert {"ace-imagenet", "dvce-imagenet", "svce-imagenet", "ldce-imagenet", "digin-imagenet", "celeba-smile",
-            "celeba-age", "celebahq-smile", "celebahq-age"} <= set(presets)
-    pairs = [(p, "celeba/methods/dime" if p.startswith("celeba-") else "celebahq/methods/ace" if p.startswith("celebahq")
-              else "imagenet/methods/classifier_guidance") for p in presets]
-    pairs += [("ace-imagenet", f"imagenet/methods/{m}") for m in
-              ("ace", "dime", "fastdime", "dvce", "dvce_2023", "svce", "ldce", "digin", "classifier_guidance")]
+    assert {
+        "ace-imagenet",
+        "dvce-imagenet",
+        "svce-imagenet",
+        "ldce-imagenet",
+        "digin-imagenet",
+        "celeba-smile",
+        "celeba-age",
+        "celebahq-smile",
+        "celebahq-age",
+    } <= set(presets)
+    pairs = [
+        (
+            p,
+            "celeba/methods/dime"
+            if p.startswith("celeba-")
+            else "celebahq/methods/ace"
+            if p.startswith("celebahq")
+            else "imagenet/methods/classifier_guidance",
+        )
+        for p in presets
+    ]
+    pairs += [
+        ("ace-imagenet", f"imagenet/methods/{m}")
+        for m in ("ace", "dime", "fastdime", "dvce", "dvce_2023", "svce", "ldce", "digin", "classifier_guidance")
+    ]
     for preset, method in pairs:
         with pytest.raises(SystemExit) as e:
             main(["predict", "--config", f"presets/{preset}", "--config", method, "--print_config"])
@@ -228,19 +352,53 @@ def test_ace_imagenet_preset_end_to_end_beside_the_published_figures(fake_imagen
     weights = tmp_path / "weights"
     (weights / "timm").mkdir(parents=True)
     for name in ("test_vit", "test_efficientnet"):
-        (weights / "timm" / f"{name}.safetensors").symlink_to(fake_imagenet / "weights" / "timm" / f"{name}.safetensors")
+        (weights / "timm" / f"{name}.safetensors").symlink_to(
+            fake_imagenet / "weights" / "timm" / f"{name}.safetensors"
+        )
     (weights / "inception").symlink_to(fake_imagenet / "weights" / "inception")
     torch.manual_seed(0)
-    save_file(timm.create_model("resnet50.tv_in1k", pretrained=False).state_dict(), str(weights / "timm" / "resnet50.tv_in1k.safetensors"))
+    save_file(
+        timm.create_model("resnet50.tv_in1k", pretrained=False).state_dict(),
+        str(weights / "timm" / "resnet50.tv_in1k.safetensors"),
+    )
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(weights))
     runs = tmp_path / "runs"
     out = runs / "ace-zs"
-    main(["predict", "--config", "presets/ace-imagenet-zs", "--config", "imagenet/methods/ace",
-          "--data.root", str(fake_imagenet / "val"), "--data.image_size", "16", "--data.num_workers", "0",
-          "--data.batch_size", "4", "--model.resolution", "16", "--model.interval_resamples", "20",
-          "--model.fid_interval_resamples", "0", "--model.method.init_args.diffusion", str(fake_imagenet / "adm_tiny"),
-          "--model.method.init_args.num_steps", "10", "--model.method.init_args.attack_steps", "1",
-          "--model.method.init_args.dilation", "3", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            "presets/ace-imagenet-zs",
+            "--config",
+            "imagenet/methods/ace",
+            "--data.root",
+            str(fake_imagenet / "val"),
+            "--data.image_size",
+            "16",
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "4",
+            "--model.resolution",
+            "16",
+            "--model.interval_resamples",
+            "20",
+            "--model.fid_interval_resamples",
+            "0",
+            "--model.method.init_args.diffusion",
+            str(fake_imagenet / "adm_tiny"),
+            "--model.method.init_args.num_steps",
+            "10",
+            "--model.method.init_args.attack_steps",
+            "1",
+            "--model.method.init_args.dilation",
+            "3",
+            "--trainer.accelerator",
+            "cpu",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["metric_settings"]["preset"] == "ace-imagenet-zs" and res["protocol"] == "pairs"
     assert res["n"] == 7 and res["n_failed"] == 1  # zebra (3 + the corrupt one) -> sorrel, sorrel (3) -> zebra
@@ -289,7 +447,9 @@ def test_digin_protocol_follows_the_official_list_and_cluster_rule(full_val_fold
     with pytest.raises(ValueError, match="class 817, the folder has it as class 3"):
         assign_target("digin", 3, "x", 1000, index=idx)
     # a full val folder (1000 synset folders of 50 files): ImageFolder order
-    dm = VCEDataModule("imagefolder", root=str(full_val_folder), protocol="digin", image_size=8, batch_size=4, num_samples=None)
+    dm = VCEDataModule(
+        "imagefolder", root=str(full_val_folder), protocol="digin", image_size=8, batch_size=4, num_samples=None
+    )
     dm.setup("predict")
     explained = dm._data.entries
     want = [(i, s, t) for i, (s, ts) in sorted(table.items()) for t in ts]

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from lit_vce.metrics.literature import (MNAC, CorrelationDifference, attribute_changes, correlation_difference,
-                                        world_changes, world_readings, world_target_deltas)
+from lit_vce.metrics.literature import (
+    MNAC,
+    CorrelationDifference,
+    attribute_changes,
+    correlation_difference,
+    world_changes,
+    world_readings,
+    world_target_deltas,
+)
 
 
 def _ace_cd(cl_pred: np.ndarray, cf_pred: np.ndarray, query: int, corrs: np.ndarray) -> float:
@@ -55,7 +62,9 @@ def test_cd_equals_aces_formula_and_is_exact_when_split_across_processes():
     a.update(d[:17], d[:17, 2], torch.ones(17, dtype=torch.bool))
     b.update(d[17:], d[17:, 2], torch.ones(23, dtype=torch.bool))
     a.merge_state(b)  # what the DDP sum of states does
-    assert float(a.compute()) == pytest.approx(expected, abs=1e-12) and float(whole.compute()) == pytest.approx(expected, abs=1e-12)
+    assert float(a.compute()) == pytest.approx(expected, abs=1e-12) and float(whole.compute()) == pytest.approx(
+        expected, abs=1e-12
+    )
     # only successful counterfactuals count
     ok = torch.tensor(rng.random(40) > 0.3)
     part = CorrelationDifference(torch.tensor(corrs))
@@ -81,8 +90,12 @@ def _render(shape, bg, seed=3):
 def test_on_the_world_a_background_only_edit_changes_exactly_one_attribute(oracle):
     """Ground truth: the same shape (same colour, size and place) on another background."""
     orig = _render(0, 0)
-    cases = {"background only": (_render(0, 2), 1, [0, 1, 0]), "shape only": (_render(2, 0), 1, [1, 0, 0]),
-             "both": (_render(2, 2), 2, [1, 1, 0]), "none": (orig.clone(), 0, [0, 0, 0])}
+    cases = {
+        "background only": (_render(0, 2), 1, [0, 1, 0]),
+        "shape only": (_render(2, 0), 1, [1, 0, 0]),
+        "both": (_render(2, 2), 2, [1, 1, 0]),
+        "none": (orig.clone(), 0, [0, 0, 0]),
+    }
     before = world_readings(oracle, orig)
     assert before.tolist() == [[0, 0, -1]]
     for name, (cf, n_changed, deltas) in cases.items():
@@ -135,11 +148,19 @@ class _AceSimSiam(torch.nn.Module):
 
         self.encoder = torchvision.models.resnet50(num_classes=2048, zero_init_residual=True)
         prev = self.encoder.fc.weight.shape[1]
-        self.encoder.fc = nn.Sequential(nn.Linear(prev, prev, bias=False), nn.BatchNorm1d(prev), nn.ReLU(inplace=True),
-                                        nn.Linear(prev, prev, bias=False), nn.BatchNorm1d(prev), nn.ReLU(inplace=True),
-                                        self.encoder.fc, nn.BatchNorm1d(2048, affine=False))
-        self.predictor = nn.Sequential(nn.Linear(2048, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                       nn.Linear(512, 2048))
+        self.encoder.fc = nn.Sequential(
+            nn.Linear(prev, prev, bias=False),
+            nn.BatchNorm1d(prev),
+            nn.ReLU(inplace=True),
+            nn.Linear(prev, prev, bias=False),
+            nn.BatchNorm1d(prev),
+            nn.ReLU(inplace=True),
+            self.encoder.fc,
+            nn.BatchNorm1d(2048, affine=False),
+        )
+        self.predictor = nn.Sequential(
+            nn.Linear(2048, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, 2048)
+        )
 
     def forward(self, x1, x2):  # as ACE's: the cosine of the encoder's outputs
         return torch.nn.functional.cosine_similarity(self.encoder(x1), self.encoder(x2), dim=1)
@@ -165,7 +186,10 @@ def test_s3_loads_simsiams_checkpoint_and_equals_aces_similarity(tmp_path, monke
     torch.save({"epoch": 100, "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
     enc = load_simsiam()
     x, y = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
-    norm = lambda t: (t - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)  # noqa: E731
+    norm = lambda t: (  # noqa: E731
+        (t - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    )  # noqa: E731
     with torch.no_grad():
         expected = ref(norm(x), norm(y))
     got = cosine_similarity(enc, x, y)
@@ -234,8 +258,13 @@ def test_the_suite_computes_s3_when_asked_and_refuses_it_without_weights(tmp_pat
     torch.save({"state_dict": {f"module.{k}": v for k, v in _AceSimSiam().state_dict().items()}}, path)
     suite = build_suite(clf, fid_features="none", interval_resamples=100)
     origs = torch.cat([_render(s % 4, s % 4, s) for s in range(6)])
-    rows = suite.update(origs, origs.flip(-1), torch.tensor([s % 4 for s in range(6)]), torch.tensor([(s + 1) % 4 for s in range(6)]),
-                        [f"s{i}" for i in range(6)])
+    rows = suite.update(
+        origs,
+        origs.flip(-1),
+        torch.tensor([s % 4 for s in range(6)]),
+        torch.tensor([(s + 1) % 4 for s in range(6)]),
+        [f"s{i}" for i in range(6)],
+    )
     m, _, _ = suite.compute()
     correct = [r["s3"] for r in rows if r["pred_before"] == r["source"]]
     assert correct and m["s3"] == pytest.approx(np.mean(correct), abs=1e-6) and "s3" in suite.last_intervals
@@ -261,7 +290,9 @@ def test_sigma_l_is_the_mean_pairwise_lpips_vgg_of_each_samples_counterfactuals(
     with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
         lp.build_lpips(net="vgg")
     torch.manual_seed(0)
-    net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True).eval()  # the real heads on a random VGG-16 (no 528 MB file)
+    net = _LPIPS(
+        pretrained=True, net="vgg", pnet_rand=True
+    ).eval()  # the real heads on a random VGG-16 (no 528 MB file)
     monkeypatch.setattr(lp, "_lpips_net", lambda n="alex": lp.LPIPSDistance(net) if n == "vgg" else None)
     (tmp_path / "w" / "lpips" / "checkpoints").mkdir(parents=True)
     (tmp_path / "w" / "lpips" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"found")
@@ -270,9 +301,25 @@ def test_sigma_l_is_the_mean_pairwise_lpips_vgg_of_each_samples_counterfactuals(
     runs = []
     for seed in (0, 1, 2):
         out = tmp_path / f"seed{seed}"
-        main(["predict", "--config", cfg, "--model.method.init_args.num_steps", "4", "--data.num_samples", "4",
-              "--data.batch_size", "4", "--model.seed", str(seed), "--model.second_classifier", "null",
-              "--writer.output_dir", str(out)])
+        main(
+            [
+                "predict",
+                "--config",
+                cfg,
+                "--model.method.init_args.num_steps",
+                "4",
+                "--data.num_samples",
+                "4",
+                "--data.batch_size",
+                "4",
+                "--model.seed",
+                str(seed),
+                "--model.second_classifier",
+                "null",
+                "--writer.output_dir",
+                str(out),
+            ]
+        )
         runs.append(out)
     # one sample fails in the last run: left out of sigma_L
     rec = sorted((runs[2] / "samples").glob("*.json"))[0]
@@ -306,18 +353,24 @@ def test_dime_and_fastdime_noise_one_step_above_the_first_guided_step_as_their_c
     from lit_vce.testing import world_batch
 
     kwargs = {"sampler": "adm"} if name == "classifier_guidance" else {}
-    m = load_method(name, num_steps=10, skip=0.7, **({"scales": (8.0,)} if name != "classifier_guidance" else {}), **kwargs)
+    m = load_method(
+        name, num_steps=10, skip=0.7, **({"scales": (8.0,)} if name != "classifier_guidance" else {}), **kwargs
+    )
     d = m.diffusion
     seen = {}
     real_noise, real_pmv = d.add_noise, d.p_mean_variance
     monkeypatch.setattr(d, "add_noise", lambda z, n, t: (seen.setdefault("noise", int(t)), real_noise(z, n, t))[1])
-    monkeypatch.setattr(d, "p_mean_variance", lambda out, z, t: (seen.setdefault("first", int(t)), real_pmv(out, z, t))[1])
+    monkeypatch.setattr(
+        d, "p_mean_variance", lambda out, z, t: (seen.setdefault("first", int(t)), real_pmv(out, z, t))[1]
+    )
     m.generate(world_batch(1), load_classifier("robust"))
     first = int(d.timesteps[m.start_index()])
     assert seen["first"] == first and seen["noise"] == int(d.timesteps[m.start_index() - offset])
     assert m.describe()["noise_offset"] == offset
     if offset:
-        assert seen["noise"] == first + 1  # the respaced index above: 'start_step' where the loop starts at start_step - 1
+        assert (
+            seen["noise"] == first + 1
+        )  # the respaced index above: 'start_step' where the loop starts at start_step - 1
 
 
 def test_cd_of_fewer_than_two_successes_has_no_interval():

@@ -83,6 +83,7 @@ def test_the_contract_check_names_what_a_broken_method_breaks():
     assert "does not depend on the batch" in str(err.value)
 
     with pytest.raises(TypeError, match="overrides generate"):
+
         class Old(VCEMethod):  # noqa: F841  (the old interface is refused when the class is made)
             def generate(self, batch, classifier):
                 return CounterfactualResult(batch.images)
@@ -197,7 +198,9 @@ def test_describe_records_every_constructor_argument_without_a_hand_kept_list(ti
     assert d["sampler"] == "adm" and d["num_steps"] == 10  # what the built model runs, not the unused defaults
     assert DVCE(diffusion=tiny_diffusion("adm", 10), robust_classifier=None).describe()["robust_classifier"] is None
     g = DiGIN(diffusion=tiny_diffusion("ddim", 5), num_steps=5, l1_weight=0.5)
-    assert g.describe()["objective"] == "1*TargetCE + 25*BackgroundL2(latent) + 250*BackgroundL2(pixel) + 0.5*L1Distance"
+    assert (
+        g.describe()["objective"] == "1*TargetCE + 25*BackgroundL2(latent) + 250*BackgroundL2(pixel) + 0.5*L1Distance"
+    )
     assert g.describe()["injection"] == "conditioning"  # "auto" resolved
     g.inversion.method = "none"  # changed after construction (as the analyses do): recorded as it runs
     assert g.describe()["inversion"] == "none" and g.describe()["diffusion"]["guidance_scale"] == 3.0

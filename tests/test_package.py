@@ -24,10 +24,27 @@ def wheel(tmp_path_factory) -> Path:
     installed setuptools builds it offline)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    ignore = shutil.ignore_patterns(".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+    )
     shutil.copytree(ROOT, src, ignore=ignore, symlinks=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (whl,) = (tmp / "dist").glob("lit_vce-*.whl")
     return whl
@@ -50,24 +67,52 @@ def test_an_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     # reuse this environment's dependencies (a path entry: its .pth files, among them
     # this checkout's editable install, are not processed)
-    site = Path(subprocess.check_output([str(env_dir / "bin" / "python"), "-c",
-                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+    )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     py = env_dir / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(LIT_VCE_OFFLINE="1", LIT_VCE_QUIET="1")
-    where = subprocess.check_output([str(py), "-c", "import lit_vce; print(lit_vce.__file__)"], cwd=work, env=env, text=True)
+    where = subprocess.check_output(
+        [str(py), "-c", "import lit_vce; print(lit_vce.__file__)"], cwd=work, env=env, text=True
+    )
     assert Path(where.strip()).is_relative_to(env_dir), where  # the wheel's copy, not the checkout
-    listed = subprocess.run([str(env_dir / "bin" / "lit-vce"), "configs"], cwd=work, env=env, capture_output=True, text=True)
+    listed = subprocess.run(
+        [str(env_dir / "bin" / "lit-vce"), "configs"], cwd=work, env=env, capture_output=True, text=True
+    )
     assert listed.returncode == 0 and "world/dvce" in listed.stdout and str(env_dir) in listed.stdout
-    demo = subprocess.run([str(env_dir / "bin" / "lit-vce"), "demo", "--num-samples", "2", "--batch-size", "2", "--methods",
-                           "classifier_guidance", "--classifiers", "biased", "--no-analyses", "--out", "out"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    demo = subprocess.run(
+        [
+            str(env_dir / "bin" / "lit-vce"),
+            "demo",
+            "--num-samples",
+            "2",
+            "--batch-size",
+            "2",
+            "--methods",
+            "classifier_guidance",
+            "--classifiers",
+            "biased",
+            "--no-analyses",
+            "--out",
+            "out",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
     results = json.loads((work / "out" / "classifier_guidance-biased" / "results.json").read_text())
     assert results["n"] == 2 and (work / "out" / "leaderboard.md").is_file()
@@ -92,8 +137,11 @@ def _import_graph():
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                base = (
+                    ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".")
+                    if node.level
                     else node.module
+                )
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
             else:
                 continue
@@ -158,7 +206,10 @@ def test_the_commands_without_a_model_start_without_lightnings_cli_or_torch():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom lit_vce.cli import main\nfor cmd in (['--help'], ['configs']):\n    try:\n        main(cmd)\n"
-             "    except SystemExit:\n        pass\nprint('MODULES', 'torch' in sys.modules, 'lightning.pytorch.cli' in sys.modules)")
+    probe = (
+        "import sys\nfrom lit_vce.cli import main\nfor cmd in (['--help'], ['configs']):\n    try:\n        main(cmd)\n"
+        "    except SystemExit:\n        pass\nprint('MODULES', 'torch' in sys.modules, 'lightning.pytorch.cli' in "
+        "sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "MODULES False False"

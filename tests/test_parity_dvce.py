@@ -59,8 +59,13 @@ def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     data = load_file(str(path))
     adm = ADMUNet(ADMConfig.from_dict(cfg)).eval().requires_grad_(False)
     adm.load_state_dict({k[11:]: v for k, v in data.items() if k.startswith("state_dict.")})
-    gen = PixelDiffusion(unet=adm, scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"},
-                         sampler="adm", num_steps=200, clip_sample=False)
+    gen = PixelDiffusion(
+        unet=adm,
+        scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "linear"},
+        sampler="adm",
+        num_steps=200,
+        clip_sample=False,
+    )
     torch.manual_seed(3)
     explained = ImageClassifier(SmallCNN(width=8), 32, ["a", "b", "c", "d"], name="explained")
     robust = ImageClassifier(SmallCNN(width=8), 32, ["a", "b", "c", "d"], name="robust")
@@ -90,5 +95,9 @@ def test_one_dvce_step_matches_the_official_recipe(tiny_classifier):
     g_lp = 0.15 * eps_norm * lp / lp.norm(dim=1, keepdim=True)
     expected = (g_cls - g_lp).view_as(x_t)
     assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
-    assert torch.allclose(gen.respaced.condition_mean(out, grad), o["mean"].detach() + o["variance"].detach() * expected,
-                          rtol=1e-5, atol=1e-6)
+    assert torch.allclose(
+        gen.respaced.condition_mean(out, grad),
+        o["mean"].detach() + o["variance"].detach() * expected,
+        rtol=1e-5,
+        atol=1e-6,
+    )

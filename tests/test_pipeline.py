@@ -68,10 +68,18 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
 
 
 def test_inference_mode_trainer_is_refused_with_a_clear_message(tmp_path):
-    module = VCEModule(classifier="robust", method=ClassifierGuidance(num_steps=4), fid_features="none", world_audit=False)
+    module = VCEModule(
+        classifier="robust", method=ClassifierGuidance(num_steps=4), fid_features="none", world_audit=False
+    )
     dm = VCEDataModule(num_samples=2, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=True,
-                        callbacks=[VCEPredictionWriter(str(tmp_path))])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        inference_mode=True,
+        callbacks=[VCEPredictionWriter(str(tmp_path))],
+    )
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         trainer.predict(module, dm, return_predictions=False)
 
@@ -97,8 +105,14 @@ def test_corrupt_image_is_a_recorded_failure_and_the_run_continues(tmp_path):
     out = tmp_path / "run"
     module = VCEModule(classifier=_two_class_classifier(), method=ClassifierGuidance(num_steps=4), world_audit=False)
     dm = VCEDataModule(dataset="imagefolder", root=str(root), image_size=32, protocol="next", batch_size=3)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
-                        callbacks=[VCEPredictionWriter(str(out))])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        callbacks=[VCEPredictionWriter(str(out))],
+    )
     trainer.predict(module, dm, return_predictions=False)
     rows = {r["sample_id"]: r for r in (json.loads(p.read_text()) for p in (out / "samples").glob("*.json"))}
     assert len(rows) == 5
@@ -123,8 +137,14 @@ def test_bad_classes_stop_before_any_work(tmp_path):
     out = tmp_path / "run"
     module = VCEModule(classifier=_two_class_classifier(), method=ClassifierGuidance(num_steps=4), world_audit=False)
     dm = VCEDataModule(dataset="imagefolder", root=str(root), image_size=32, protocol="next")
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, inference_mode=False,
-                        callbacks=[VCEPredictionWriter(str(out))])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        callbacks=[VCEPredictionWriter(str(out))],
+    )
     with pytest.raises(ValueError, match=r"class ids \[2\] are unknown"):
         trainer.predict(module, dm, return_predictions=False)
     assert not list((out / "samples").glob("*.json"))
@@ -137,9 +157,26 @@ def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path):
     runs = {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
-        cmd = [sys.executable, "-m", "lit_vce.cli", "predict", "--config", CG, "--model.method.init_args.num_steps", "6",
-               "--data.num_samples", "5", "--data.batch_size", "2" if devices == 2 else "5",
-               "--writer.output_dir", str(out), "--trainer.devices", str(devices), "--model.deterministic", "true"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lit_vce.cli",
+            "predict",
+            "--config",
+            CG,
+            "--model.method.init_args.num_steps",
+            "6",
+            "--data.num_samples",
+            "5",
+            "--data.batch_size",
+            "2" if devices == 2 else "5",
+            "--writer.output_dir",
+            str(out),
+            "--trainer.devices",
+            str(devices),
+            "--model.deterministic",
+            "true",
+        ]
         if devices == 2:
             cmd += ["--trainer.strategy", "ddp"]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -182,8 +219,15 @@ def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
     from lit_vce.demo import run_demo
 
     out = tmp_path / "demo"
-    table = run_demo(out, num_samples=4, batch_size=4, methods=("classifier_guidance",), classifiers=("biased", "robust"),
-                     extra=["--model.method.init_args.num_steps", "4"], analyses=False)
+    table = run_demo(
+        out,
+        num_samples=4,
+        batch_size=4,
+        methods=("classifier_guidance",),
+        classifiers=("biased", "robust"),
+        extra=["--model.method.init_args.num_steps", "4"],
+        analyses=False,
+    )
     assert table.count("| classifier_guidance |") == 2
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard.tex", "report.html"):
         assert (out / name).is_file(), name
@@ -195,9 +239,25 @@ def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
 
 def test_predict_takes_a_registered_method_name_and_rejects_empty_runs(tmp_path):
     out = tmp_path / "byname"
-    main(["predict", "--config", CG, "--model.method", "fastdime", "--model.method.init_args.num_steps", "10",
-          "--model.method.init_args.warmup", "1", "--data.num_samples", "2", "--data.batch_size", "2",
-          "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            "--model.method",
+            "fastdime",
+            "--model.method.init_args.num_steps",
+            "10",
+            "--model.method.init_args.warmup",
+            "1",
+            "--data.num_samples",
+            "2",
+            "--data.batch_size",
+            "2",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "fastdime" and res["n"] == 2
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
@@ -220,13 +280,30 @@ def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path, ca
     first = json.loads((out / "results.json").read_text())
     table = list(csv.DictReader((out / "samples.csv").open()))
     # generation time is the sum of the per-sample seconds as written
-    assert first["attempts"] == 1 and first["wall_time_total_s"] == pytest.approx(sum(float(r["seconds"]) for r in table), abs=1e-3)
+    assert first["attempts"] == 1 and first["wall_time_total_s"] == pytest.approx(
+        sum(float(r["seconds"]) for r in table), abs=1e-3
+    )
     assert first["s_per_img"] == pytest.approx(first["wall_time_total_s"] / 6, abs=1e-3)
-    before = {p: p.read_bytes() for p in (out / "config.yaml", out / "logs" / "metrics.csv", out / "run.json", out / "results.json")}
+    before = {
+        p: p.read_bytes()
+        for p in (out / "config.yaml", out / "logs" / "metrics.csv", out / "run.json", out / "results.json")
+    }
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3",
-              "--model.method.init_args.scale", "5.0"])
+        main(
+            [
+                "predict",
+                "--config",
+                CG,
+                *FAST,
+                "--writer.output_dir",
+                str(out),
+                "--model.seed",
+                "3",
+                "--model.method.init_args.scale",
+                "5.0",
+            ]
+        )
     # one line, exit 2, nothing touched
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
@@ -234,13 +311,39 @@ def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path, ca
     assert {p: p.read_bytes() for p in before} == before
     assert not (out / ".lock").exists()
     # more samples and another batch size are the same run: resumed, times add up
-    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--data.num_samples", "8", "--data.batch_size", "3"])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            *FAST,
+            "--writer.output_dir",
+            str(out),
+            "--data.num_samples",
+            "8",
+            "--data.batch_size",
+            "3",
+        ]
+    )
     grown = json.loads((out / "results.json").read_text())
     assert grown["n"] == 8 and grown["resumed"] == 6 and grown["attempts"] == 2
     table = list(csv.DictReader((out / "samples.csv").open()))
     assert grown["wall_time_total_s"] == pytest.approx(sum(float(r["seconds"]) for r in table), abs=1e-3)
     assert grown["wall_time_total_s"] > first["wall_time_total_s"]
-    main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.seed", "3", "--writer.resume", "force"])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            *FAST,
+            "--writer.output_dir",
+            str(out),
+            "--model.seed",
+            "3",
+            "--writer.resume",
+            "force",
+        ]
+    )
     forced = json.loads((out / "results.json").read_text())
     assert forced["attempts"] == 3 and any("--writer.resume force" in w for w in forced["warnings"])
 
@@ -281,7 +384,8 @@ def test_a_run_of_an_older_version_resumes_when_only_none_valued_options_differ(
 def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_path):
     from lit_vce.data.world import ShapesWorld
 
-    # world images in folders named by their shape, in an order unlike the classifier's (circle, square, triangle, cross)
+    # world images in folders named by their shape, in an order unlike the classifier's
+    # (circle, square, triangle, cross)
     d = ShapesWorld("balanced", "test", 12)
     names = ("circle", "square", "triangle", "cross")
     for i in range(12):
@@ -289,16 +393,37 @@ def test_class_name_folders_are_mapped_to_the_classifiers_classes_by_name(tmp_pa
         folder = tmp_path / "img" / names[it["label"]].upper()  # case does not matter
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((it["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(folder / f"{i}.png")
-    dm = VCEDataModule("imagefolder", root=str(tmp_path / "img"), image_size=32, protocol="next", class_names=list(names))
+    dm = VCEDataModule(
+        "imagefolder", root=str(tmp_path / "img"), image_size=32, protocol="next", class_names=list(names)
+    )
     dm.setup()
     base = dm._data.base
-    assert {rel.split("/")[0]: lab for rel, lab, _ in base.items} == {n.upper(): i for i, n in enumerate(names)
-                                                                        if (tmp_path / "img" / n.upper()).is_dir()}
+    assert {rel.split("/")[0]: lab for rel, lab, _ in base.items} == {
+        n.upper(): i for i, n in enumerate(names) if (tmp_path / "img" / n.upper()).is_dir()
+    }
     # through the CLI: the classifier's names reach the data, and robust reads the true shapes
     out = tmp_path / "run"
-    main(["predict", "--config", CG, "--model.classifier", "robust", "--data.dataset", "imagefolder", "--data.root",
-          str(tmp_path / "img"), "--data.image_size", "32", "--data.num_samples", "12", "--model.method.init_args.num_steps", "4",
-          "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            "--model.classifier",
+            "robust",
+            "--data.dataset",
+            "imagefolder",
+            "--data.root",
+            str(tmp_path / "img"),
+            "--data.image_size",
+            "32",
+            "--data.num_samples",
+            "12",
+            "--model.method.init_args.num_steps",
+            "4",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["audit"] is None  # the world audit runs only on world data
     rows = list(__import__("csv").DictReader((out / "samples.csv").open()))
@@ -320,13 +445,28 @@ def test_results_record_the_resolved_cli_config(tmp_path):
     assert res["versions"]["lit_vce"] and res["git_sha"]
 
 
-@pytest.mark.parametrize("spec", ["class_path: FastDiME", "class_path: fastdime", "class_path: lit_vce.methods.fastdime.FastDiME"])
+@pytest.mark.parametrize(
+    "spec", ["class_path: FastDiME", "class_path: fastdime", "class_path: lit_vce.methods.fastdime.FastDiME"]
+)
 def test_a_yaml_config_names_a_method_by_class_name_registered_name_or_path(tmp_path, spec):
     cfg = tmp_path / "m.yaml"
     cfg.write_text(f"model:\n  method:\n    {spec}\n    init_args:\n      num_steps: 10\n      warmup: 1\n")
     out = tmp_path / "run"
-    main(["predict", "--config", CG, "--config", str(cfg), "--data.num_samples", "2", "--data.batch_size", "2",
-          "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            CG,
+            "--config",
+            str(cfg),
+            "--data.num_samples",
+            "2",
+            "--data.batch_size",
+            "2",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "fastdime" and results["config"]["method"]["warmup"] == 1
 
@@ -357,8 +497,11 @@ def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_ev
     monkeypatch.setattr("lit_vce.report.html.write_report", lambda *a, **k: tmp_path / "report.html")
 
     def images(run_calls):
-        return {Path(a[a.index("--writer.output_dir") + 1]).name: int(a[a.index("--data.num_samples") + 1])
-                for a in run_calls if a[0] == "--config"}  # predict runs (analysis calls start with their name)
+        return {
+            Path(a[a.index("--writer.output_dir") + 1]).name: int(a[a.index("--data.num_samples") + 1])
+            for a in run_calls
+            if a[0] == "--config"
+        }  # predict runs (analysis calls start with their name)
 
     (tmp_path / "quick").mkdir()
     (tmp_path / "full").mkdir()

@@ -42,8 +42,9 @@ def test_a_method_file_in_the_package_registers_without_editing_other_files():
     assert METHODS.get("fastdime") is FastDiME
 
 
-def test_an_installed_package_registers_through_the_entry_point_group(tmp_path, monkeypatch, tiny_diffusion, tiny_classifier,
-                                                                       tiny_batch, capsys):
+def test_an_installed_package_registers_through_the_entry_point_group(
+    tmp_path, monkeypatch, tiny_diffusion, tiny_classifier, tiny_batch, capsys
+):
     (tmp_path / "lvce_plugin").mkdir()
     (tmp_path / "lvce_plugin" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
     info = tmp_path / "lvce_plugin-0.1.dist-info"
@@ -94,17 +95,16 @@ def test_hooks_see_every_step_and_post_step_can_change_the_sample(tiny_diffusion
 
 
 def test_the_readmes_add_a_method_example_works_as_written(tiny_diffusion, tiny_classifier, tiny_batch):
-    """The code block under "Adding a method" in the README, run verbatim: it registers, builds
+    """The first code block of docs/adding-a-method.md, run verbatim: it registers, builds
     from its test arguments, steers the images and records its settings."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("### Adding a method", 1)[1]
+    section = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {"__name__": "readme_example"}
     try:
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/adding-a-method.md", "exec"), namespace)
         cls = METHODS.get("my_guidance")
         method = cls(diffusion=tiny_diffusion("ddim", cls.test_kwargs()["num_steps"]), scale=cls.test_kwargs()["scale"])
         out = method.generate(tiny_batch, tiny_classifier)
@@ -114,7 +114,7 @@ def test_the_readmes_add_a_method_example_works_as_written(tiny_diffusion, tiny_
         from lit_vce.testing import check_method
 
         check = re.search(r"```python\n(from lit_vce.testing import check_method.*?)```", section, re.S).group(1)
-        exec(compile(check, "README.md", "exec"), namespace)  # the README's contract check, as written
+        exec(compile(check, "docs/adding-a-method.md", "exec"), namespace)  # its contract check, as written
         assert "the same seeds give the same bytes" in check_method(cls)
     finally:
         METHODS._items.pop("my_guidance", None)

@@ -31,10 +31,15 @@ def preset_weights(tmp_path_factory):
         save_file(timm.create_model(name, pretrained=False).state_dict(), str(w / "timm" / f"{name}.safetensors"))
     # the robustness library's layout: the model under module.model., its normaliser and attacker beside it
     sd = torchvision.models.resnet50().state_dict()
-    blob = {"model": {**{f"module.model.{k}": v for k, v in sd.items()},
-                      **{f"module.attacker.model.{k}": v for k, v in sd.items()},
-                      "module.normalizer.new_mean": torch.zeros(3, 1, 1), "module.normalizer.new_std": torch.ones(3, 1, 1)},
-            "epoch": 0}
+    blob = {
+        "model": {
+            **{f"module.model.{k}": v for k, v in sd.items()},
+            **{f"module.attacker.model.{k}": v for k, v in sd.items()},
+            "module.normalizer.new_mean": torch.zeros(3, 1, 1),
+            "module.normalizer.new_std": torch.ones(3, 1, 1),
+        },
+        "epoch": 0,
+    }
     torch.save(blob, w / "robustness" / "madry_ft.pt")
     save_random_inception_weights(w / "inception" / "weights-inception-2015-12-05-6726825d.pth")
     return w
@@ -57,11 +62,39 @@ def test_every_imagenet_preset_runs_end_to_end(preset, preset_weights, full_val_
 
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(preset_weights))
     out = tmp_path / preset
-    main(["predict", "--config", f"presets/{preset}", "--config", "imagenet/methods/svce",
-          "--data.root", str(full_val_folder), "--data.image_size", "64", "--data.num_samples", "2",
-          "--data.num_workers", "0", "--data.batch_size", "2", "--model.resolution", "64",
-          "--model.method.init_args.steps", "2", "--model.interval_resamples", "10", "--model.fid_interval_resamples", "0",
-          "--model.s3", "off", "--trainer.accelerator", "cpu", "--writer.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            f"presets/{preset}",
+            "--config",
+            "imagenet/methods/svce",
+            "--data.root",
+            str(full_val_folder),
+            "--data.image_size",
+            "64",
+            "--data.num_samples",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "2",
+            "--model.resolution",
+            "64",
+            "--model.method.init_args.steps",
+            "2",
+            "--model.interval_resamples",
+            "10",
+            "--model.fid_interval_resamples",
+            "0",
+            "--model.s3",
+            "off",
+            "--trainer.accelerator",
+            "cpu",
+            "--writer.output_dir",
+            str(out),
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     spec, preprocessing = PRESETS[preset]
     assert res["n"] == 2 and res["n_failed"] == 0 and res["config"]["metric_settings"]["preset"] == preset

@@ -52,7 +52,9 @@ def fake_faces(tmp_path_factory):
     for i, n in enumerate(names):
         _face(celeba / "img_align_celeba" / n, i)
     rows = [f"{n} " + " ".join(str(v) for v in _labels(i)) for i, n in enumerate(names)]
-    (celeba / "list_attr_celeba.txt").write_text(f"{len(names)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
+    (celeba / "list_attr_celeba.txt").write_text(
+        f"{len(names)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n"
+    )
     parts = [0] * 6 + [1] * 4 + [2] * 2
     (celeba / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, parts)))
     (celeba / "img_align_celeba" / names[7]).write_bytes(b"\xff\xd8\xff\xe0 truncated")  # a val image, corrupt
@@ -61,11 +63,16 @@ def fake_faces(tmp_path_factory):
     for k in range(6):
         _face(hq / "CelebA-HQ-img" / f"{k}.jpg", 50 + k, size=(300, 300))
     hq_rows = [f"{k}.jpg  " + " ".join(str(v) for v in _labels(20 + k)) for k in range(6)]
-    (hq / "CelebAMask-HQ-attribute-anno.txt").write_text("6\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(hq_rows) + "\n")
+    (hq / "CelebAMask-HQ-attribute-anno.txt").write_text(
+        "6\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(hq_rows) + "\n"
+    )
     (hq / "CelebA-HQ-to-CelebA-mapping.txt").write_text(
-        "idx         orig_idx  orig_file\n" + "".join(f"{k}  {k}  {names[k * 2]}\n" for k in range(6)))
+        "idx         orig_idx  orig_file\n" + "".join(f"{k}  {k}  {names[k * 2]}\n" for k in range(6))
+    )
     with (hq / "list_eval_partition.csv").open("w") as f:  # the CSV layout of DiME's and ACE's loaders
-        f.write("image_id,partition\n" + "".join(f"{n},{p}\n" for n, p in zip(names, [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 0, 0])))
+        f.write(
+            "image_id,partition\n" + "".join(f"{n},{p}\n" for n, p in zip(names, [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 0, 0]))
+        )
 
     weights = root / "weights"
     save_random_face_classifier(weights / "celeba" / "classifier.pth", layout="dime")
@@ -73,7 +80,9 @@ def fake_faces(tmp_path_factory):
     save_random_oracle("celeba", weights / "celeba" / "oracle.pth")
     save_random_oracle("celebahq", weights / "celebahq" / "oracle.pth", seed=1)
     torch.manual_seed(2)
-    arrays = {k: v.numpy() for k, v in VGGFace2ResNet50().net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    arrays = {
+        k: v.numpy() for k, v in VGGFace2ResNet50().net.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
     (weights / "vggface2").mkdir(parents=True)
     (weights / "vggface2" / "resnet50_ft_weight.pkl").write_bytes(pickle.dumps(arrays))
     save_random_inception_weights(weights / "inception" / "weights-inception-2015-12-05-6726825d.pth")
@@ -81,9 +90,16 @@ def fake_faces(tmp_path_factory):
 
     from lit_vce.world.models import SCHEDULER_CONFIG
 
-    unet = UNet2DModel(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     unet.save_pretrained(root / "ddpm_tiny")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "ddpm_tiny")
     return root
@@ -106,8 +122,9 @@ def test_celeba_reads_both_layouts_and_the_papers_partitions(fake_faces, tmp_pat
         w.writerow(["image_id", *CELEBA_ATTRIBUTES])
         for i in range(12):
             w.writerow([f"{i + 1:06d}.jpg", *_labels(i)])
-    (csv_root / "list_eval_partition.csv").write_text("image_id,partition\n" + "".join(
-        f"{i + 1:06d}.jpg,{p}\n" for i, p in enumerate([0] * 6 + [1] * 4 + [2] * 2)))
+    (csv_root / "list_eval_partition.csv").write_text(
+        "image_id,partition\n" + "".join(f"{i + 1:06d}.jpg,{p}\n" for i, p in enumerate([0] * 6 + [1] * 4 + [2] * 2))
+    )
     _, labels2, parts2 = read_annotations(csv_root)
     assert torch.equal(labels, labels2) and parts == parts2
     # CelebA-HQ: the partition is the CelebA original's (through the mapping file); ACE explains test
@@ -130,9 +147,18 @@ def test_cd_correlations_are_aces_over_the_training_partition(fake_faces):
 def _caffe_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
     """The Caffe-named ResNet-50 trunk written from the official layer list (BTE/STEEX's
     Resnet50_128 / Resnet50_ft_dag forward), straight on the checkpoint's keys."""
+
     def bn(h, name):
-        return F.batch_norm(h, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                            sd[f"{name}.bias"], False, 0.0, 1e-5)
+        return F.batch_norm(
+            h,
+            sd[f"{name}.running_mean"],
+            sd[f"{name}.running_var"],
+            sd[f"{name}.weight"],
+            sd[f"{name}.bias"],
+            False,
+            0.0,
+            1e-5,
+        )
 
     h = F.relu(bn(F.conv2d(x, sd["conv1_7x7_s2.weight"], stride=2, padding=3), "conv1_7x7_s2_bn"))
     h = F.max_pool2d(h, 3, 2, 0, ceil_mode=True)
@@ -159,13 +185,15 @@ def test_the_attribute_oracles_match_the_official_forward(kind, fake_faces):
     with torch.no_grad():
         if kind == "celeba":  # Resnet50_128.forward: (x+1)/2, RGB->BGR, minus mean/255, bicubic 224, 128-d, Linear
             sd, head = blob["feat_extract"], blob["classifier"]
-            d = ((official_in + 1) / 2)[:, [2, 1, 0]] - torch.tensor([131.0912, 103.8827, 91.4953]).view(1, 3, 1, 1) / 255
+            d = ((official_in + 1) / 2)[:, [2, 1, 0]] - torch.tensor([131.0912, 103.8827, 91.4953]).view(
+                1, 3, 1, 1
+            ) / 255
             d = F.interpolate(d, size=(224, 224), mode="bicubic", align_corners=False)
             f = F.conv2d(_caffe_forward(sd, d), sd["feat_extract.weight"]).flatten(1)
         else:  # OracleResnet: bicubic 224 of the [-1, 1] image, pooled 2048-d, Linear
             full = blob["model_state_dict"]
-            sd = {k[len("feat_extract."):]: v for k, v in full.items() if k.startswith("feat_extract.")}
-            head = {k[len("classifier."):]: v for k, v in full.items() if k.startswith("classifier.")}
+            sd = {k[len("feat_extract.") :]: v for k, v in full.items() if k.startswith("feat_extract.")}
+            head = {k[len("classifier.") :]: v for k, v in full.items() if k.startswith("classifier.")}
             d = F.interpolate(official_in, size=(224, 224), mode="bicubic", align_corners=False)
             f = _caffe_forward(sd, d).flatten(1)
         expected = torch.sigmoid(f @ head["weight"].T + head["bias"])
@@ -205,8 +233,11 @@ def test_preprocessing_options_decide_which_pixels_reach_the_classifier():
             return x.mean((2, 3))
 
     x = torch.rand(1, 3, 256, 256, requires_grad=True)
-    for mode, shape, border_grad in (("resize_crop", (1, 3, 224, 224), False), ("resize", (1, 3, 224, 224), True),
-                                     ("none", (1, 3, 256, 256), True)):
+    for mode, shape, border_grad in (
+        ("resize_crop", (1, 3, 224, 224), False),
+        ("resize", (1, 3, 224, 224), True),
+        ("none", (1, 3, 256, 256), True),
+    ):
         clf = ImageClassifier(Probe(), 224, ["a", "b", "c"], resize_size=256, preprocessing=mode)
         (g,) = torch.autograd.grad(clf(x).sum(), x)
         assert seen["shape"] == shape, mode
@@ -215,27 +246,64 @@ def test_preprocessing_options_decide_which_pixels_reach_the_classifier():
         ImageClassifier(Probe(), 224, ["a"], preprocessing="crop")
 
 
-FACE_TINY = ["--model.method.init_args.diffusion", "{ddpm}", "--model.method.init_args.num_steps", "4",
-             "--model.method.init_args.scales", "[8.0]", "--model.method.init_args.perceptual_weight", "0.0",
-             "--model.method.init_args.inner_batch_size", "null",
-             "--data.image_size", "64", "--data.num_workers", "0", "--data.batch_size", "4",
-             "--model.interval_resamples", "20", "--model.fid_interval_resamples", "0", "--trainer.accelerator", "cpu"]
+FACE_TINY = [
+    "--model.method.init_args.diffusion",
+    "{ddpm}",
+    "--model.method.init_args.num_steps",
+    "4",
+    "--model.method.init_args.scales",
+    "[8.0]",
+    "--model.method.init_args.perceptual_weight",
+    "0.0",
+    "--model.method.init_args.inner_batch_size",
+    "null",
+    "--data.image_size",
+    "64",
+    "--data.num_workers",
+    "0",
+    "--data.batch_size",
+    "4",
+    "--model.interval_resamples",
+    "20",
+    "--model.fid_interval_resamples",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+]
 
 
-@pytest.mark.parametrize("preset,method", [("celeba-smile", "celeba/methods/dime"), ("celebahq-age", "celebahq/methods/fastdime"),
-                                           ("celeba-age", "celeba/methods/fastdime"), ("celebahq-smile", "celebahq/methods/dime")])
+@pytest.mark.parametrize(
+    "preset,method",
+    [
+        ("celeba-smile", "celeba/methods/dime"),
+        ("celebahq-age", "celebahq/methods/fastdime"),
+        ("celeba-age", "celeba/methods/fastdime"),
+        ("celebahq-smile", "celebahq/methods/dime"),
+    ],
+)
 def test_celeba_presets_run_end_to_end_with_the_literature_metrics(preset, method, fake_faces, tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_faces / "weights"))
     ds = preset.split("-")[0]
     out = tmp_path / preset
-    args = ["predict", "--config", f"presets/{preset}", "--config", method, "--data.root", str(fake_faces / ds),
-            "--writer.output_dir", str(out)] + [a.format(ddpm=fake_faces / "ddpm_tiny") for a in FACE_TINY]
+    args = [
+        "predict",
+        "--config",
+        f"presets/{preset}",
+        "--config",
+        method,
+        "--data.root",
+        str(fake_faces / ds),
+        "--writer.output_dir",
+        str(out),
+    ] + [a.format(ddpm=fake_faces / "ddpm_tiny") for a in FACE_TINY]
     if "fastdime" in method:
         args += ["--model.method.init_args.warmup", "1"]
     main(args)
     res = json.loads((out / "results.json").read_text())
     rows = list(csv.DictReader((out / "samples.csv").open()))
-    n_images = 4 if ds == "celeba" else 3  # the partition's images; each listed with both targets, the prediction's dropped
+    n_images = (
+        4 if ds == "celeba" else 3
+    )  # the partition's images; each listed with both targets, the prediction's dropped
     assert res["n"] == n_images and res["config"]["not_selected"] == n_images and len(rows) == n_images
     for r in rows:
         if not r["failure"]:
@@ -266,8 +334,21 @@ def test_celeba_presets_run_end_to_end_with_the_literature_metrics(preset, metho
 def test_a_face_oracle_needs_celeba_data(fake_faces, tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(fake_faces / "weights"))
     with pytest.raises(SystemExit) as e:
-        main(["predict", "--config", "world/classifier_guidance", "--model.attribute_oracle", "celeba",
-              "--data.num_samples", "2", "--writer.output_dir", str(tmp_path / "x"), "--trainer.accelerator", "cpu"])
+        main(
+            [
+                "predict",
+                "--config",
+                "world/classifier_guidance",
+                "--model.attribute_oracle",
+                "celeba",
+                "--data.num_samples",
+                "2",
+                "--writer.output_dir",
+                str(tmp_path / "x"),
+                "--trainer.accelerator",
+                "cpu",
+            ]
+        )
     assert e.value.code != 0
 
 
@@ -285,18 +366,40 @@ def test_reproduce_script_runs_a_preset_evaluates_and_sets_it_beside_the_paper(f
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, LIT_VCE_WEIGHTS_DIR=str(fake_faces / "weights"), OUT=str(tmp_path / "out"),
-               LIT_VCE_BIN=str(Path(sys.executable).parent / "lit-vce"), LIT_VCE_QUIET="1")
+    env = dict(
+        os.environ,
+        LIT_VCE_WEIGHTS_DIR=str(fake_faces / "weights"),
+        OUT=str(tmp_path / "out"),
+        LIT_VCE_BIN=str(Path(sys.executable).parent / "lit-vce"),
+        LIT_VCE_QUIET="1",
+    )
     flags = [a.format(ddpm=fake_faces / "ddpm_tiny") for a in FACE_TINY] + ["--model.method.init_args.warmup", "1"]
-    done = subprocess.run(["bash", str(repo / "scripts" / "reproduce.sh"), "celebahq-age", "fastdime",
-                           "--data.root", str(fake_faces / "celebahq"), *flags],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            "bash",
+            str(repo / "scripts" / "reproduce.sh"),
+            "celebahq-age",
+            "fastdime",
+            "--data.root",
+            str(fake_faces / "celebahq"),
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "out" / "celebahq-age" / "fastdime"
     assert (run / "results.json").is_file() and (run / "evaluation" / "results.json").is_file()
     table = (tmp_path / "out" / "published-celebahq-age.md").read_text()
     assert "| celebahq-age | fastdime | ours (" in table and "| celebahq-age | ace | published † [1]" in table
     assert "5.31" in table and "3.21" not in table
-    bad = subprocess.run(["bash", str(repo / "scripts" / "reproduce.sh"), "celebahq-age", "svce"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        ["bash", str(repo / "scripts" / "reproduce.sh"), "celebahq-age", "svce"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no method config celebahq/methods/svce" in bad.stderr

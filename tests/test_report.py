@@ -8,9 +8,19 @@ from lit_vce.report.results import RunResults, build_results
 
 
 def _write(root, name, fr, l1):
-    res = build_results(run_name=name, method=name, classifier="c", n=10, n_success=int(fr * 10), n_failed=0,
-                        metrics={"flip_rate": fr, "target_confidence": fr, "l1": l1, "l2": 1.0}, seed=0, wall_time_s=1.0,
-                        sample_ids_hash="h", config={})
+    res = build_results(
+        run_name=name,
+        method=name,
+        classifier="c",
+        n=10,
+        n_success=int(fr * 10),
+        n_failed=0,
+        metrics={"flip_rate": fr, "target_confidence": fr, "l1": l1, "l2": 1.0},
+        seed=0,
+        wall_time_s=1.0,
+        sample_ids_hash="h",
+        config={},
+    )
     (root / name).mkdir()
     (root / name / "results.json").write_text(json.dumps(res))
 
@@ -30,8 +40,19 @@ def test_leaderboard_sorts_by_the_declared_direction(tmp_path, capsys):
 
 def test_results_schema_rejects_missing_metrics_and_unknown_fields(tmp_path):
     with pytest.raises(ValueError, match="metrics.target_confidence is missing"):
-        build_results(run_name="x", method="x", classifier="c", n=1, n_success=0, n_failed=0, metrics={"flip_rate": 0.0},
-                      seed=0, wall_time_s=0.0, sample_ids_hash="h", config={})
+        build_results(
+            run_name="x",
+            method="x",
+            classifier="c",
+            n=1,
+            n_success=0,
+            n_failed=0,
+            metrics={"flip_rate": 0.0},
+            seed=0,
+            wall_time_s=0.0,
+            sample_ids_hash="h",
+            config={},
+        )
     _write(tmp_path, "ok", 0.5, 1.0)
     data = json.loads((tmp_path / "ok" / "results.json").read_text())
     assert {"versions", "git_sha", "hardware", "wall_time_s", "seed"} <= set(data)
@@ -48,7 +69,8 @@ def _browser() -> str | None:
     import shutil
 
     found = os.environ.get("LIT_VCE_BROWSER") or next(
-        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
     if found is None and os.environ.get("LIT_VCE_REQUIRE_BROWSER") == "1":
         pytest.fail("LIT_VCE_REQUIRE_BROWSER=1 but no chromium found (apt-get install chromium)")
     return found
@@ -61,8 +83,21 @@ def two_runs(tmp_path_factory):
     cg = str(Path(__file__).resolve().parents[1] / "configs" / "world" / "classifier_guidance.yaml")
     root = tmp_path_factory.mktemp("report")
     for clf in ("biased", "robust"):
-        main(["predict", "--config", cg, "--model.classifier", clf, "--model.method.init_args.num_steps", "6",
-              "--data.num_samples", "6", "--writer.output_dir", str(root / f"cg-{clf}")])
+        main(
+            [
+                "predict",
+                "--config",
+                cg,
+                "--model.classifier",
+                clf,
+                "--model.method.init_args.num_steps",
+                "6",
+                "--data.num_samples",
+                "6",
+                "--writer.output_dir",
+                str(root / f"cg-{clf}"),
+            ]
+        )
     return root
 
 
@@ -82,9 +117,20 @@ def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
     browser = _browser()
     if browser is None:
         pytest.skip("no chromium on this machine (CI installs it; LIT_VCE_REQUIRE_BROWSER=1 makes this a failure)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000", "--dump-dom", out.resolve().as_uri()]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        out.resolve().as_uri(),
+    ]
     dom = subprocess.run([browser, *flags], capture_output=True, text=True, timeout=120).stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[-2000:]
@@ -109,7 +155,10 @@ def test_leaderboard_html_and_latex_mark_the_best_value_per_direction(two_runs):
     for r in results:
         lo, hi = r.intervals["l2"]
         assert lo <= r.metrics["l2"] <= hi
-        assert f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in html and f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in tex
+        assert (
+            f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in html
+            and f"{r.metrics['l2']:.3f} [{lo:.3f}, {hi:.3f}]" in tex
+        )
     from lit_vce.report.html import Run, plot_flip_rate_vs_l2
 
     svg = plot_flip_rate_vs_l2([Run(two_runs / n) for n in ("cg-biased", "cg-robust")])
@@ -127,8 +176,12 @@ def test_evaluation_results_replace_inline_ones_in_the_leaderboard(two_runs):
 def test_report_ranks_successful_samples_in_the_metric_direction():
     from lit_vce.report.html import rank_samples
 
-    rows = [{"sample_id": str(i), "l2": str(v), "cout": str(-v), "success": str(s), "failure": f}
-            for i, (v, s, f) in enumerate([(5, True, ""), (1, True, ""), (3, True, ""), (0.5, False, ""), (0.1, True, "nan")])]
+    rows = [
+        {"sample_id": str(i), "l2": str(v), "cout": str(-v), "success": str(s), "failure": f}
+        for i, (v, s, f) in enumerate(
+            [(5, True, ""), (1, True, ""), (3, True, ""), (0.5, False, ""), (0.1, True, "nan")]
+        )
+    ]
     g = rank_samples(rows, "l2", 1)
     assert [r["sample_id"] for r in g["best"]] == ["1"] and [r["sample_id"] for r in g["worst"]] == ["0"]
     assert [r["sample_id"] for r in rank_samples(rows, "cout", 1)["best"]] == ["1"]

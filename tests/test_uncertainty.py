@@ -16,7 +16,13 @@ from lit_vce.metrics.vce import fid_from_features, frechet_distance
 def test_fid_from_features_equals_the_covariance_formula_in_sample_or_feature_space(n1, n2, d):
     g = torch.Generator().manual_seed(0)
     real = torch.randn(n1, d, generator=g, dtype=torch.float64)
-    fake = 0.5 + 1.3 * torch.randn(n2, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    fake = (
+        0.5
+        + 1.3
+        * torch.randn(n2, d, generator=g, dtype=torch.float64)
+        @ torch.randn(d, d, generator=g, dtype=torch.float64)
+        / d**0.5
+    )
     ref = frechet_distance(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T))
     # with n < d the d x d route sums square roots of ~1e-15 rounding eigenvalues (about 1e-8
     # relative here); the sample-space route has none of them
@@ -60,7 +66,7 @@ def test_suite_intervals_contain_the_figures_and_do_not_depend_on_batch_order():
     for order in (list(range(40)), list(range(39, -1, -1))):
         suite = VCEMetrics(clf, features="world", resamples=500, fid_resamples=40)
         for lo in range(0, 40, 16):  # batches of 16, in two orders
-            idx = order[lo:lo + 16]
+            idx = order[lo : lo + 16]
             suite.update(x[idx], cf[idx], src[idx], tgt[idx], [ids[i] for i in idx])
         with pytest.warns(UserWarning):
             m, _, _ = suite.compute()
@@ -107,11 +113,20 @@ def test_compare_runs_pairs_by_sample_id_and_the_cli_reports_it(tmp_path, capsys
 
     g = torch.Generator().manual_seed(5)
     base = torch.rand(51, generator=g)
-    rows_a = [{"sample_id": f"s{i}", "success": str(i % 5 != 0), "l2": f"{float(base[i]) + 0.3:.6f}", "failure": ""}
-              for i in range(50)]
+    rows_a = [
+        {"sample_id": f"s{i}", "success": str(i % 5 != 0), "l2": f"{float(base[i]) + 0.3:.6f}", "failure": ""}
+        for i in range(50)
+    ]
     # B: another order, one sample more, a failed sample (empty l2) and closer counterfactuals
-    rows_b = [{"sample_id": f"s{i}", "success": str(i % 2 == 0 and i != 4), "l2": "" if i == 4 else f"{float(base[i]):.6f}",
-               "failure": "boom" if i == 4 else ""} for i in range(50, -1, -1)]
+    rows_b = [
+        {
+            "sample_id": f"s{i}",
+            "success": str(i % 2 == 0 and i != 4),
+            "l2": "" if i == 4 else f"{float(base[i]):.6f}",
+            "failure": "boom" if i == 4 else "",
+        }
+        for i in range(50, -1, -1)
+    ]
     _table(tmp_path / "a", rows_a)
     _table(tmp_path / "b", rows_b)
     r = compare_runs(tmp_path / "a", tmp_path / "b", resamples=2000)
@@ -147,13 +162,16 @@ def test_the_audit_reads_watermark_only_edits_with_intervals():
     src = torch.tensor([d[i]["label"] for i in range(n)])
     mark = [d[i]["watermark"] for i in range(n)]
     # a target that is neither the shape nor the pattern (watermarked reads the pattern)
-    tgt = torch.tensor([next(t for t in ((y + k) % 4 for k in (1, 2, 3)) if t != m) for y, m in zip(src.tolist(), mark)])
+    tgt = torch.tensor(
+        [next(t for t in ((y + k) % 4 for k in (1, 2, 3)) if t != m) for y, m in zip(src.tolist(), mark)]
+    )
     cfs = []
     for i in range(n):
         s = sample_item(0, "watermark_balanced", "test", i)
         t = int(tgt[i])
-        edit = add_watermark(s, t) if i % 2 == 0 else add_watermark(
-            render(t, s.background, np.random.default_rng(i)), t)
+        edit = (
+            add_watermark(s, t) if i % 2 == 0 else add_watermark(render(t, s.background, np.random.default_rng(i)), t)
+        )
         cfs.append(torch.from_numpy(edit.image).permute(2, 0, 1))
     cf = torch.stack(cfs)
     suite = VCEMetrics(load_classifier("watermarked"), features=None, audit=True, resamples=500)

@@ -28,8 +28,10 @@ def _recording_family(name: str, **kwargs):
     log = os.environ.get("LIT_VCE_TEST_BUILD_LOG")
     if log:
         with open(log, "a") as f:
-            f.write(f"{os.environ.get('NODE_RANK', '0')} {os.environ.get('LOCAL_RANK', '0')} {weights.phase()} "
-                    f"{int(hub.HF_HUB_OFFLINE)}\n")
+            f.write(
+                f"{os.environ.get('NODE_RANK', '0')} {os.environ.get('LOCAL_RANK', '0')} {weights.phase()} "
+                f"{int(hub.HF_HUB_OFFLINE)}\n"
+            )
     return load_world_classifier(name, **kwargs)
 
 
@@ -67,7 +69,10 @@ def test_a_cache_only_process_never_downloads_a_missing_robustbench_checkpoint(t
 
     monkeypatch.delenv("LIT_VCE_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with weights.cache_only(), pytest.raises(MissingWeightsError, match="Salman2020Do_R18.pt is missing .*prepare_data"):
+    with (
+        weights.cache_only(),
+        pytest.raises(MissingWeightsError, match="Salman2020Do_R18.pt is missing .*prepare_data"),
+    ):
         load_classifier("robustbench:Salman2020Do_R18", model_dir=str(tmp_path))
 
 
@@ -110,8 +115,9 @@ def test_the_cli_defers_the_method_to_prepare_data_and_fetch_builds_it(capsys):
     from lit_vce.lightning.module import VCEModule
 
     args = resolve_method_names(["--config", "world/dvce", "--model.method.init_args.num_steps", "3"])
-    cli = VCECLI(VCEModule, VCEDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, run=False,
-                 seed_everything_default=False)
+    cli = VCECLI(
+        VCEModule, VCEDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, run=False, seed_everything_default=False
+    )
     assert cli.model.method is None and cli.config.model.method.class_path == "lit_vce.methods.DVCE"
     cli.model.prepare_data()
     assert type(cli.model.method).__name__ == "DVCE" and cli.model.method.describe()["num_steps"] == 3
@@ -130,9 +136,12 @@ def _plugin(tmp_path: Path) -> Path:
     (how another package would), so the CLI's processes have it."""
     site = tmp_path / "site"
     (site / "lit_vce_rectest-0.dist-info").mkdir(parents=True)
-    (site / "lit_vce_rectest-0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: lit_vce_rectest\nVersion: 0\n")
+    (site / "lit_vce_rectest-0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lit_vce_rectest\nVersion: 0\n"
+    )
     (site / "lit_vce_rectest-0.dist-info" / "entry_points.txt").write_text(
-        "[lit_vce.classifiers]\nrectest = test_weights:_recording_family\n")
+        "[lit_vce.classifiers]\nrectest = test_weights:_recording_family\n"
+    )
     return site
 
 
@@ -141,17 +150,59 @@ def _plugin(tmp_path: Path) -> Path:
 def test_two_simulated_nodes_fetch_on_one_process_per_node_or_one_in_all(tmp_path, per_node):
     site = _plugin(tmp_path)
     log = tmp_path / "builds.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK",
-                                                                    "WORLD_SIZE", "RANK", "HF_HUB_OFFLINE",
-                                                                    "LIT_VCE_OFFLINE"))}
-    env.update(PYTHONWARNINGS="ignore", LIT_VCE_QUIET="1", LIT_VCE_TEST_BUILD_LOG=str(log), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join([str(site), str(Path(__file__).parent)]))
-    cmd = [sys.executable, "-m", "lit_vce.cli", "predict", "--config", "world/classifier_guidance",
-           "--model.method.init_args.num_steps", "2", "--model.classifier", "rectest:robust", "--model.second_classifier", "null",
-           "--model.fid_features", "none", "--model.fetch_per_node", str(per_node).lower(), "--data.num_samples", "2",
-           "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
-    procs = [subprocess.Popen([*cmd, "--writer.output_dir", str(tmp_path / f"node{r}")], env={**env, "NODE_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "HF_HUB_OFFLINE", "LIT_VCE_OFFLINE")
+        )
+    }
+    env.update(
+        PYTHONWARNINGS="ignore",
+        LIT_VCE_QUIET="1",
+        LIT_VCE_TEST_BUILD_LOG=str(log),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        PYTHONPATH=os.pathsep.join([str(site), str(Path(__file__).parent)]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_vce.cli",
+        "predict",
+        "--config",
+        "world/classifier_guidance",
+        "--model.method.init_args.num_steps",
+        "2",
+        "--model.classifier",
+        "rectest:robust",
+        "--model.second_classifier",
+        "null",
+        "--model.fid_features",
+        "none",
+        "--model.fetch_per_node",
+        str(per_node).lower(),
+        "--data.num_samples",
+        "2",
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--writer.output_dir", str(tmp_path / f"node{r}")],
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

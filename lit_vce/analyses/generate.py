@@ -39,8 +39,22 @@ from ..methods.digin import DiGIN, InversionSettings, OptimisationSettings, Sear
 from ..objectives import SCORE_VARIANTS, Disagreement, NeuronActivation
 
 ANALYSIS_FIELDS = [
-    "sample_id", "class", "pred", "conf", "class_conf", "pred_second", "class_conf_second", "disagrees", "unit",
-    "activation", "activation_before", "oracle_shape", "oracle_background", "loss", "failure", "seconds",
+    "sample_id",
+    "class",
+    "pred",
+    "conf",
+    "class_conf",
+    "pred_second",
+    "class_conf_second",
+    "disagrees",
+    "unit",
+    "activation",
+    "activation_before",
+    "oracle_shape",
+    "oracle_background",
+    "loss",
+    "failure",
+    "seconds",
 ]
 
 
@@ -69,8 +83,16 @@ class GenerationDataModule(L.LightningDataModule):
         batch_size, num_workers: loader settings.
     """
 
-    def __init__(self, classes: list[int] | None = None, per_class: int = 8, image_size: int = 32, source: str = "random",
-                 num_samples: int = 16, batch_size: int = 16, num_workers: int = 0):
+    def __init__(
+        self,
+        classes: list[int] | None = None,
+        per_class: int = 8,
+        image_size: int = 32,
+        source: str = "random",
+        num_samples: int = 16,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if source not in ("random", "world"):
             raise ValueError("source must be 'random' or 'world'")
@@ -85,8 +107,13 @@ class GenerationDataModule(L.LightningDataModule):
         if h.source == "random":
             for y in h.classes if h.classes is not None else range(4):
                 for k in range(h.per_class):
-                    items.append({"image": torch.zeros(3, h.image_size, h.image_size), "label": int(y),
-                                  "sample_id": f"class{int(y)}-{k:04d}"})
+                    items.append(
+                        {
+                            "image": torch.zeros(3, h.image_size, h.image_size),
+                            "label": int(y),
+                            "sample_id": f"class{int(y)}-{k:04d}",
+                        }
+                    )
         else:
             from ..data.world import ShapesWorld
 
@@ -94,15 +121,27 @@ class GenerationDataModule(L.LightningDataModule):
             for i in range(len(world)):
                 it = world[i]
                 if h.classes is None or it["label"] in h.classes:
-                    items.append({"image": it["image"], "label": int(it["label"]), "sample_id": it["sample_id"], "mask": it["mask"]})
+                    items.append(
+                        {
+                            "image": it["image"],
+                            "label": int(it["label"]),
+                            "sample_id": it["sample_id"],
+                            "mask": it["mask"],
+                        }
+                    )
         if not items:
             raise ValueError("nothing to generate (check classes / num_samples)")
         self._data = _Requests(items)
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._data, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
-                          collate_fn=collate)
+        return DataLoader(
+            self._data,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+        )
 
 
 class AnalysisModule(StageModule):
@@ -122,11 +161,24 @@ class AnalysisModule(StageModule):
         fetch_per_node: see :class:`~lit_vce.lightning.module.VCEModule`.
     """
 
-    def __init__(self, analysis: str = "disagree", classifier: str = "biased", method: DiGIN | None = None,
-                 second_classifier: str | None = "robust", variant: str = "confidence", unit: int = 0,
-                 layer: str | None = None, sign: float = 1.0, act_weight: float = 1.0, class_weight: float = 0.0,
-                 freeze_object: bool = True, world_audit: bool = True, seed: int = 0, run_name: str | None = None,
-                 fetch_per_node: bool = True):
+    def __init__(
+        self,
+        analysis: str = "disagree",
+        classifier: str = "biased",
+        method: DiGIN | None = None,
+        second_classifier: str | None = "robust",
+        variant: str = "confidence",
+        unit: int = 0,
+        layer: str | None = None,
+        sign: float = 1.0,
+        act_weight: float = 1.0,
+        class_weight: float = 0.0,
+        freeze_object: bool = True,
+        world_audit: bool = True,
+        seed: int = 0,
+        run_name: str | None = None,
+        fetch_per_node: bool = True,
+    ):
         super().__init__(fetch_per_node)
         if analysis not in ("disagree", "neurons"):
             raise ValueError("analysis must be 'disagree' or 'neurons'")
@@ -161,14 +213,18 @@ class AnalysisModule(StageModule):
         if self.method_factory is not None:
             self.method = self.method_factory()
         if self.method is None:
-            self.method = DiGIN(inversion=InversionSettings(method="none"), optimisation=OptimisationSettings(outer_steps=10),
-                                search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()))
+            self.method = DiGIN(
+                inversion=InversionSettings(method="none"),
+                optimisation=OptimisationSettings(outer_steps=10),
+                search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()),
+            )
         if self.analysis == "disagree":
             self.method.objective = Disagreement(self.second, self.variant)
         else:
             self.method.objective = NeuronActivation(self.classifier, self.unit, *self._objective_args)
         self.run_name = self._run_name or f"{self.analysis}-{self.classifier.name}" + (
-            f"-vs-{self.second.name}" if self.second is not None else "")
+            f"-vs-{self.second.name}" if self.second is not None else ""
+        )
         if self.world_audit:
             from ..world.models import load_world_network
 
@@ -184,8 +240,14 @@ class AnalysisModule(StageModule):
         data = dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else {}
         for k in ("batch_size", "num_workers", "num_samples"):
             data.pop(k, None)
-        return {"seed": self.seed, "analysis": self.analysis, "classifiers": [str(s) for s in self._specs],
-                "method": self.method.describe(), "objective": self.method.objective.describe(), "data": data}
+        return {
+            "seed": self.seed,
+            "analysis": self.analysis,
+            "classifiers": [str(s) for s in self._specs],
+            "method": self.method.describe(),
+            "objective": self.method.objective.describe(),
+            "data": data,
+        }
 
     def on_predict_start(self) -> None:
         self.require_autograd("the analyses")
@@ -241,14 +303,26 @@ class AnalysisModule(StageModule):
             shape, bg = s_logits.argmax(1), b_logits.argmax(1)
         for i, sid in enumerate(ids):
             y = int(labels[i])
-            row = {"sample_id": sid, "class": y, "pred": int(p1[i].argmax()), "conf": round(float(p1[i].max()), 6),
-                   "class_conf": round(float(p1[i, y]), 6), "failure": result.failure[i] or "", "seconds": round(seconds, 4),
-                   "loss": round(float(result.diagnostics["loss"][i]), 6)}
+            row = {
+                "sample_id": sid,
+                "class": y,
+                "pred": int(p1[i].argmax()),
+                "conf": round(float(p1[i].max()), 6),
+                "class_conf": round(float(p1[i, y]), 6),
+                "failure": result.failure[i] or "",
+                "seconds": round(seconds, 4),
+                "loss": round(float(result.diagnostics["loss"][i]), 6),
+            }
             if p2 is not None:
-                row.update(pred_second=int(p2[i].argmax()), class_conf_second=round(float(p2[i, y]), 6),
-                           disagrees=bool(int(p1[i].argmax()) == y and int(p2[i].argmax()) != y))
+                row.update(
+                    pred_second=int(p2[i].argmax()),
+                    class_conf_second=round(float(p2[i, y]), 6),
+                    disagrees=bool(int(p1[i].argmax()) == y and int(p2[i].argmax()) != y),
+                )
             if act is not None:
-                row.update(unit=self.unit, activation=round(float(act[i]), 6), activation_before=round(float(act0[i]), 6))
+                row.update(
+                    unit=self.unit, activation=round(float(act[i]), 6), activation_before=round(float(act0[i]), 6)
+                )
             if shape is not None:
                 row.update(oracle_shape=int(shape[i]), oracle_background=int(bg[i]))
             rows.append(row)
@@ -270,14 +344,30 @@ class AnalysisModule(StageModule):
         self.final_results = {"metrics": metrics, "n": len(rows), "wall_time_s": wall}
         if writer is not None and self.trainer.is_global_zero:
             results = self.results(
-                rows, metrics, len(rows), f"digin-{self.analysis}", wall_time_s=wall,
-                n_success=sum(1 for r in rows if not r["failure"] and (r.get("disagrees") or self.analysis == "neurons")),
-                config={"analysis": self.analysis, "objective": self.method.objective.describe(), "method": self.method.describe(),
-                        "second_classifier": getattr(self.second, "name", None), "variant": self.variant, "unit": self.unit,
-                        "data": dict(self.trainer.datamodule.hparams)}, intervals=intervals)
+                rows,
+                metrics,
+                len(rows),
+                f"digin-{self.analysis}",
+                wall_time_s=wall,
+                n_success=sum(
+                    1 for r in rows if not r["failure"] and (r.get("disagrees") or self.analysis == "neurons")
+                ),
+                config={
+                    "analysis": self.analysis,
+                    "objective": self.method.objective.describe(),
+                    "method": self.method.describe(),
+                    "second_classifier": getattr(self.second, "name", None),
+                    "variant": self.variant,
+                    "unit": self.unit,
+                    "data": dict(self.trainer.datamodule.hparams),
+                },
+                intervals=intervals,
+            )
             self.finalize(writer.output_dir, rows, results)
-            print(f"{self.run_name}: {len(rows)} images; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                                       if isinstance(v, float)))
+            print(
+                f"{self.run_name}: {len(rows)} images; "
+                + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+            )
 
 
 def summarise(analysis: str, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -317,7 +407,8 @@ def _indicators(analysis: str, rows: list[dict[str, Any]]) -> dict[str, list[flo
         out["background_without_shape"] = [float(b and not s) for b, s in zip(bg, sh)]
         for y in sorted({int(r["class"]) for r in ok}):
             out[f"background_without_shape_class{y}"] = [
-                float(b and not s) if int(r["class"]) == y else float("nan") for b, s, r in zip(bg, sh, ok)]
+                float(b and not s) if int(r["class"]) == y else float("nan") for b, s, r in zip(bg, sh, ok)
+            ]
     return out
 
 

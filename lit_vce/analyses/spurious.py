@@ -32,8 +32,13 @@ from ..objectives import find_layer
 
 
 @torch.no_grad()
-def penultimate(classifier: nn.Module, images: torch.Tensor, layer: str | None = None, batch_size: int = 256,
-                ablate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def penultimate(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    layer: str | None = None,
+    batch_size: int = 256,
+    ablate: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(activations at the input of ``layer`` (default: the last linear), logits); with
     ``ablate=k`` unit k is set to 0 there."""
     module = find_layer(classifier, layer)
@@ -84,9 +89,16 @@ def _mean_corr_interval(acts: torch.Tensor, indicators: torch.Tensor, resamples:
 
 
 @torch.no_grad()
-def spurious_units(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   factors: dict[str, torch.Tensor] | None = None, top: int = 3, layer: str | None = None,
-                   resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def spurious_units(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    factors: dict[str, torch.Tensor] | None = None,
+    top: int = 3,
+    layer: str | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Per class: the ``top`` units by logit contribution, their correlations with each
     factor's "== class" indicator, and the p(class) drop when each is ablated.
 
@@ -107,8 +119,11 @@ def spurious_units(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
         right = of_y & (logits.argmax(1) == y)
         entries = []
         for k in units:
-            e: dict[str, Any] = {"unit": k, "contribution": float(contrib[k]),
-                                 "share_of_logit": float(contrib[k] / contrib.clamp_min(0).sum().clamp_min(1e-12))}
+            e: dict[str, Any] = {
+                "unit": k,
+                "contribution": float(contrib[k]),
+                "share_of_logit": float(contrib[k] / contrib.clamp_min(0).sum().clamp_min(1e-12)),
+            }
             for name, values in (factors or {}).items():
                 e[f"corr_{name}"] = _corr(acts[:, k], (values == y).float())
             if right.any():
@@ -139,9 +154,13 @@ def _visualise(classifier, result: dict[str, Any], out: Path, per_unit: int, out
     tiles = []
     for y, entries in result["classes"].items():
         unit = entries[0]["unit"]
-        m = DiGIN("world", inversion=InversionSettings(method="none"), search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()),
-                  optimisation=OptimisationSettings(outer_steps=outer_steps, num_cutouts=4, lr=0.05),
-                  objective=NeuronActivation(classifier, unit, class_weight=0.0))
+        m = DiGIN(
+            "world",
+            inversion=InversionSettings(method="none"),
+            search=SearchSettings(blend_fractions=(0.0,), injection_fractions=()),
+            optimisation=OptimisationSettings(outer_steps=outer_steps, num_cutouts=4, lr=0.05),
+            objective=NeuronActivation(classifier, unit, class_weight=0.0),
+        )
         ids = [f"unit{unit}-class{y}-{i}" for i in range(per_unit)]
         labels = torch.full((per_unit,), int(y))
         batch = VCEBatch(torch.zeros(per_unit, 3, 32, 32), labels, labels, ids, sample_rngs(seed, ids))
@@ -159,13 +178,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ..classifiers import load_classifier
     from ..data.world import ShapesWorld
 
-    p = argparse.ArgumentParser(prog="lit-vce spurious", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default="biased",
-                   help="a world classifier (biased, robust, oracle, watermarked) or any spec")
+    p = argparse.ArgumentParser(
+        prog="lit-vce spurious", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--classifier", default="biased", help="a world classifier (biased, robust, oracle, watermarked) or any spec"
+    )
     p.add_argument("--num-samples", type=int, default=1024, help="world test images")
-    p.add_argument("--regime", default=None, choices=["balanced", "watermark_balanced"],
-                   help="test images: balanced, or watermark_balanced (the watermark pattern independent of the class, "
-                        "a factor of its own); default: watermark_balanced for watermarked, else balanced")
+    p.add_argument(
+        "--regime",
+        default=None,
+        choices=["balanced", "watermark_balanced"],
+        help="test images: balanced, or watermark_balanced (the watermark pattern independent of the class, "
+        "a factor of its own); default: watermark_balanced for watermarked, else balanced",
+    )
     p.add_argument("--top", type=int, default=3, help="units per class")
     p.add_argument("--layer", default=None, help="a named linear layer (default: the last)")
     p.add_argument("--visualise", type=int, default=0, help="DiG-IN images of each class's top unit (0: none)")
@@ -191,13 +217,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["visualisation"] = str(_visualise(clf, result, out, a.visualise, a.outer_steps, a.seed))
     (out / "spurious.json").write_text(json.dumps(result, indent=2) + "\n")
     ci = result["intervals"]
-    print(f"{a.classifier} on {regime} test images: top-{a.top} units per class; mean correlation with "
-          + ", ".join(f"{f} == class {result[f'mean_corr_{f}']:.3f} [{ci[f'mean_corr_{f}'][0]:.3f}, "
-                      f"{ci[f'mean_corr_{f}'][1]:.3f}]" for f in factors))
+    print(
+        f"{a.classifier} on {regime} test images: top-{a.top} units per class; mean correlation with "
+        + ", ".join(
+            f"{f} == class {result[f'mean_corr_{f}']:.3f} [{ci[f'mean_corr_{f}'][0]:.3f}, "
+            f"{ci[f'mean_corr_{f}'][1]:.3f}]"
+            for f in factors
+        )
+    )
     for y, es in result["classes"].items():
-        print(f"  class {y}: " + "; ".join(
-            f"unit {e['unit']} (share {e['share_of_logit']:.2f}, "
-            + ", ".join(f"corr {f} {e[f'corr_{f}']:.2f}" for f in factors)
-            + f", drop {e.get('confidence_drop', float('nan')):.3f})" for e in es))
+        print(
+            f"  class {y}: "
+            + "; ".join(
+                f"unit {e['unit']} (share {e['share_of_logit']:.2f}, "
+                + ", ".join(f"corr {f} {e[f'corr_{f}']:.2f}" for f in factors)
+                + f", drop {e.get('confidence_drop', float('nan')):.3f})"
+                for e in es
+            )
+        )
     print(f"written to {out / 'spurious.json'}")
     return result

@@ -98,13 +98,20 @@ class ImageClassifier(nn.Module):
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]
         if self.preprocessing == "resize" and (h, w) != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode=self.interpolation,
-                                   align_corners=False, antialias=self.input_size < min(h, w))
+            images = F.interpolate(
+                images,
+                size=(self.input_size, self.input_size),
+                mode=self.interpolation,
+                align_corners=False,
+                antialias=self.input_size < min(h, w),
+            )
         elif self.preprocessing == "resize_crop" and (h, w) != (self.input_size, self.input_size):
             scale = self.resize_size / min(h, w)
             size = (max(self.input_size, round(h * scale)), max(self.input_size, round(w * scale)))
             if size != (h, w):
-                images = F.interpolate(images, size=size, mode=self.interpolation, align_corners=False, antialias=scale < 1)
+                images = F.interpolate(
+                    images, size=size, mode=self.interpolation, align_corners=False, antialias=scale < 1
+                )
             top = (images.shape[-2] - self.input_size) // 2
             left = (images.shape[-1] - self.input_size) // 2
             images = images[..., top : top + self.input_size, left : left + self.input_size]
@@ -119,5 +126,7 @@ class ImageClassifier(nn.Module):
         return logits / self.temperature if self.temperature != 1.0 else logits
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}, "
-                f"preprocessing={self.preprocessing!r}")
+        return (
+            f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}, "
+            f"preprocessing={self.preprocessing!r}"
+        )

@@ -83,18 +83,25 @@ def load_face_classifier(dataset: str, name: str, checkpoint: str | None = None,
         raise UnknownNameError(f"{dataset}:{name}: {e}") from None
     path = Path(checkpoint) if checkpoint else weights_dir() / dataset / "classifier.pth"
     if not path.is_file():
-        raise MissingWeightsError(f"{dataset}:{name}: {path} is missing (the paper's DenseNet-121 classifier.pth; "
-                                  "checkpoint=<file> or $LIT_VCE_WEIGHTS_DIR sets where)")
+        raise MissingWeightsError(
+            f"{dataset}:{name}: {path} is missing (the paper's DenseNet-121 classifier.pth; "
+            "checkpoint=<file> or $LIT_VCE_WEIGHTS_DIR sets where)"
+        )
     model = AttributeDenseNet(k)
     try:
         model.load_state_dict(_state_dict(path))
     except RuntimeError as e:
         raise MissingWeightsError(f"{path}: not a CelebA DenseNet-121 with 40 attributes ({str(e)[:200]})") from None
     kwargs.setdefault("preprocessing", "none")
-    return ImageClassifier(model, kwargs.pop("input_size", DATASET_SIZES[dataset]),
-                           [f"not {CELEBA_ATTRIBUTES[k]}", CELEBA_ATTRIBUTES[k]],
-                           mean=kwargs.pop("mean", (0.5, 0.5, 0.5)), std=kwargs.pop("std", (0.5, 0.5, 0.5)),
-                           name=f"{dataset}:{CELEBA_ATTRIBUTES[k]}", **kwargs)
+    return ImageClassifier(
+        model,
+        kwargs.pop("input_size", DATASET_SIZES[dataset]),
+        [f"not {CELEBA_ATTRIBUTES[k]}", CELEBA_ATTRIBUTES[k]],
+        mean=kwargs.pop("mean", (0.5, 0.5, 0.5)),
+        std=kwargs.pop("std", (0.5, 0.5, 0.5)),
+        name=f"{dataset}:{CELEBA_ATTRIBUTES[k]}",
+        **kwargs,
+    )
 
 
 @CLASSIFIER_FAMILIES.register("celeba")
@@ -116,8 +123,10 @@ def save_random_face_classifier(path: str | Path, layout: str = "dime", seed: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "dime":
-        blob = {"feat_extract": {f"feat_extract.{k}": v for k, v in model.feat_extract.state_dict().items()},
-                "classifier": model.classifier.state_dict()}
+        blob = {
+            "feat_extract": {f"feat_extract.{k}": v for k, v in model.feat_extract.state_dict().items()},
+            "classifier": model.classifier.state_dict(),
+        }
     elif layout == "steex":
         sd = {f"feat_extract.feat_extract.{k}": v for k, v in model.feat_extract.state_dict().items()}
         sd.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})

@@ -31,10 +31,12 @@ def robustness_state_dict(blob) -> dict[str, torch.Tensor]:
         raise ValueError("no state dict under 'model' or 'state_dict'")
     out = {}
     for k, v in sd.items():
-        key = k[len("module."):] if k.startswith("module.") else k
+        key = k[len("module.") :] if k.startswith("module.") else k
         if key.startswith("model."):
-            out[key[len("model."):]] = v
-    return out or {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith(("attacker.", "normalizer."))}
+            out[key[len("model.") :]] = v
+    return out or {
+        k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith(("attacker.", "normalizer."))
+    }
 
 
 @CLASSIFIER_FAMILIES.register("robustness")
@@ -47,8 +49,10 @@ def load_robustness(name: str, **kwargs) -> ImageClassifier:
 
     path = Path(name) if Path(name).is_absolute() or Path(name).is_file() else weights_dir() / "robustness" / name
     if not path.is_file():
-        raise MissingWeightsError(f"robustness:{name}: {path} is missing (a robustness-library ResNet-50 checkpoint, e.g. "
-                                  "the DVCE authors' Madry + FT from MadryFT.zip)")
+        raise MissingWeightsError(
+            f"robustness:{name}: {path} is missing (a robustness-library ResNet-50 checkpoint, e.g. "
+            "the DVCE authors' Madry + FT from MadryFT.zip)"
+        )
     try:
         state = robustness_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         model = torchvision.models.resnet50()
@@ -57,5 +61,12 @@ def load_robustness(name: str, **kwargs) -> ImageClassifier:
         raise MissingWeightsError(f"{path}: not a robustness-library ResNet-50 checkpoint ({str(e)[:200]})") from None
     kwargs.setdefault("resize_size", 256)
     kwargs.setdefault("interpolation", "bilinear")
-    return ImageClassifier(model, kwargs.pop("input_size", 224), imagenet_class_names(), mean=IMAGENET_MEAN,
-                           std=IMAGENET_STD, name=f"robustness:{name}", **kwargs)
+    return ImageClassifier(
+        model,
+        kwargs.pop("input_size", 224),
+        imagenet_class_names(),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        name=f"robustness:{name}",
+        **kwargs,
+    )

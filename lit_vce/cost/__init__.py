@@ -109,7 +109,8 @@ class CostReport:
 
     @property
     def memory_checkpointed_gib(self) -> float:
-        """With every differentiated call checkpointed: the weights + the largest single evaluation's activations x batch."""
+        """With every differentiated call checkpointed: the weights + the largest single
+        evaluation's activations x batch."""
         acts = max(((n.activations_mib or 0.0) for n in self.networks if n.grad_calls), default=0.0) * self.batch_size
         return self.weights_gib + acts / 1024
 
@@ -121,31 +122,57 @@ class CostReport:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(tflop_per_vce=self.tflop_per_vce, seconds_per_vce=self.seconds_per_vce, memory_gib=self.memory_gib,
-                 memory_checkpointed_gib=self.memory_checkpointed_gib,
-                 seconds_checkpointed_per_vce=self.seconds_checkpointed_per_vce)
+        d.update(
+            tflop_per_vce=self.tflop_per_vce,
+            seconds_per_vce=self.seconds_per_vce,
+            memory_gib=self.memory_gib,
+            memory_checkpointed_gib=self.memory_checkpointed_gib,
+            seconds_checkpointed_per_vce=self.seconds_checkpointed_per_vce,
+        )
         if self.num_vces:
             d["gpu_hours"] = self.seconds_per_vce * self.num_vces / 3600
         return d
 
     def render(self) -> str:
-        rows = [("| network | calls / VCE | differentiated | held at once | GFLOP fwd | GFLOP bwd | params (M) | "
-                 "act. MiB / eval | TFLOP / VCE |"), "|---|---|---|---|---|---|---|---|---|"]
+        rows = [
+            (
+                "| network | calls / VCE | differentiated | held at once | GFLOP fwd | GFLOP bwd | params (M) | "
+                "act. MiB / eval | TFLOP / VCE |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
 
         def f(v, p=1):
             return "?" if v is None else f"{v:,.{p}f}"
 
         for n in self.networks:
             per_vce = None if n.gflops_per_vce is None else n.gflops_per_vce / 1e3
-            rows.append(f"| {n.network} | {n.calls:,.1f} | {n.grad_calls:,.1f} | {n.live:,.1f} | {f(n.gflops_forward)} | "
-                        f"{f(n.gflops_backward)} | {f(n.params_m)} | {f(n.activations_mib)} | {f(per_vce, 2)} |")
-        out = [f"{self.method} at {self.image_size} px, batch {self.batch_size}:", "", *rows, "",
-               (f"per VCE: {_num(self.tflop_per_vce)} TFLOP -> {_num(self.seconds_per_vce)} s at {self.tflops:g} TFLOP/s "
-                "sustained (an assumption: --tflops)"),
-               (f"memory at batch {self.batch_size}: about {self.memory_gib:,.1f} GiB (float32 weights "
-                f"{self.weights_gib:,.1f} GiB + the activations every differentiated evaluation holds until its backward pass)"),
-               (f"with gradient checkpointing (where the method offers it): about {self.memory_checkpointed_gib:,.1f} GiB "
-                f"and {_num(self.seconds_checkpointed_per_vce)} s per VCE (one more forward per differentiated evaluation)")]
+            rows.append(
+                f"| {n.network} | {n.calls:,.1f} | {n.grad_calls:,.1f} | {n.live:,.1f} | {f(n.gflops_forward)} | "
+                f"{f(n.gflops_backward)} | {f(n.params_m)} | {f(n.activations_mib)} | {f(per_vce, 2)} |"
+            )
+        out = [
+            f"{self.method} at {self.image_size} px, batch {self.batch_size}:",
+            "",
+            *rows,
+            "",
+            (
+                f"per VCE: {_num(self.tflop_per_vce)} TFLOP -> {_num(self.seconds_per_vce)} s at {self.tflops:g} "
+                "TFLOP/s "
+                "sustained (an assumption: --tflops)"
+            ),
+            (
+                f"memory at batch {self.batch_size}: about {self.memory_gib:,.1f} GiB (float32 weights "
+                f"{self.weights_gib:,.1f} GiB + the activations every differentiated evaluation holds until its "
+                "backward pass)"
+            ),
+            (
+                f"with gradient checkpointing (where the method offers it): about {self.memory_checkpointed_gib:,.1f} "
+                "GiB "
+                f"and {_num(self.seconds_checkpointed_per_vce)} s per VCE (one more forward per differentiated "
+                "evaluation)"
+            ),
+        ]
         if self.num_vces:
             h = self.seconds_per_vce * self.num_vces / 3600
             out.append(f"the preset's {self.num_vces:,} VCEs: {_num(h)} GPU hours")
@@ -194,18 +221,31 @@ def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | No
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     stand = _StandIns()
     with stand.patched():
-        argv = resolve_method_names(list(args)) + ["--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                                                   "--trainer.logger", "false"]
-        cli = VCECLI(VCEModule, VCEDataModule, args=argv, run=False, save_config_callback=None,
-                     seed_everything_default=False)
+        argv = resolve_method_names(list(args)) + [
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.logger",
+            "false",
+        ]
+        cli = VCECLI(
+            VCEModule, VCEDataModule, args=argv, run=False, save_config_callback=None, seed_everything_default=False
+        )
         module = cli.model
         classifier = stand.load_classifier(module._classifier_arg)
         method = module.method_factory() if module.method_factory is not None else module.method
         method.setup(torch.device("cpu"))
         data = dict(cli.datamodule.hparams)
         ids = ["cost-0", "cost-1"]
-        batch = VCEBatch(torch.rand(2, 3, STAND_IN_SIZE, STAND_IN_SIZE), torch.tensor([0, 0]), torch.tensor([1, 1]), ids,
-                         sample_rngs(0, ids), captions=["a photograph of a class 0"] * 2)
+        batch = VCEBatch(
+            torch.rand(2, 3, STAND_IN_SIZE, STAND_IN_SIZE),
+            torch.tensor([0, 0]),
+            torch.tensor([1, 1]),
+            ids,
+            sample_rngs(0, ids),
+            captions=["a photograph of a class 0"] * 2,
+        )
         with torch.autograd.graph.saved_tensors_hooks(stand.tracker.pack, stand.tracker.unpack):
             method.generate(batch, classifier)
     image_size = int(data.get("image_size") or STAND_IN_SIZE)
@@ -225,28 +265,54 @@ def estimate(args: list[str], tflops: float = DEFAULT_TFLOPS, num_vces: int | No
         gf, gb, pm, act, note = real_costs(role, image_size)
         if note:
             notes.append(note)
-        merged[key] = NetworkCost(role.network, c.calls / 2, c.grad_calls / 2, _held(c), gf, gb, pm, act,
-                                  recomputed=bool(c.grad_calls) and not c.per_image)
+        merged[key] = NetworkCost(
+            role.network,
+            c.calls / 2,
+            c.grad_calls / 2,
+            _held(c),
+            gf,
+            gb,
+            pm,
+            act,
+            recomputed=bool(c.grad_calls) and not c.per_image,
+        )
         if merged[key].recomputed:
-            notes.append(f"{role.network}: checkpointed by the method; its forward is counted once more per backward pass")
+            notes.append(
+                f"{role.network}: checkpointed by the method; its forward is counted once more per backward pass"
+            )
     networks = list(merged.values())
-    notes.append("call counts are the worst case: the stand-in classifier never flips, so every retry and every "
-                 "step of a method that stops at the first flip runs")
-    return CostReport(method.name, image_size, int(data.get("batch_size") or 1), networks, float(tflops),
-                      num_vces if num_vces else expected_vces(data), notes)
+    notes.append(
+        "call counts are the worst case: the stand-in classifier never flips, so every retry and every "
+        "step of a method that stops at the first flip runs"
+    )
+    return CostReport(
+        method.name,
+        image_size,
+        int(data.get("batch_size") or 1),
+        networks,
+        float(tflops),
+        num_vces if num_vces else expected_vces(data),
+        notes,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """``lit-vce cost [--tflops R] [--num-vces N] [--json FILE] <predict arguments>``."""
-    p = argparse.ArgumentParser(prog="lit-vce cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="lit-vce cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="sustained TFLOP/s of the GPU (an assumption)")
-    p.add_argument("--num-vces", type=int, default=None, help="VCEs of the run (default: the preset's protocol, when known)")
+    p.add_argument(
+        "--num-vces", type=int, default=None, help="VCEs of the run (default: the preset's protocol, when known)"
+    )
     p.add_argument("--json", default=None, help="also write the estimate as JSON to this file")
     known, rest = p.parse_known_args(argv)
     if known.tflops <= 0:
         p.error("--tflops must be > 0")
     if not rest:
-        p.error("give the run's predict arguments, e.g. --config presets/ace-imagenet-zs --config imagenet/methods/dvce")
+        p.error(
+            "give the run's predict arguments, e.g. --config presets/ace-imagenet-zs --config imagenet/methods/dvce"
+        )
     report = estimate(rest, known.tflops, known.num_vces)
     print(report.render())
     if known.json:

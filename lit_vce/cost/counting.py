@@ -147,9 +147,20 @@ class _StandIns:
         if name is None:
             raise ValueError(f"cannot tell the ADM architecture of {checkpoint}; give adm:<preset>")
         cfg = ADMConfig.preset(name, **overrides)
-        tiny = ADMUNet(ADMConfig.preset(name, **{**overrides, "image_size": STAND_IN_SIZE, "num_channels": 32,
-                                                 "num_res_blocks": 1, "num_heads": 1, "num_head_channels": -1,
-                                                 "attention_resolutions": "8"}))
+        tiny = ADMUNet(
+            ADMConfig.preset(
+                name,
+                **{
+                    **overrides,
+                    "image_size": STAND_IN_SIZE,
+                    "num_channels": 32,
+                    "num_res_blocks": 1,
+                    "num_heads": 1,
+                    "num_head_channels": -1,
+                    "attention_resolutions": "8",
+                },
+            )
+        )
         self._add(tiny, f"diffusion UNet adm:{name}", "adm", cfg)
         return tiny
 
@@ -168,7 +179,13 @@ class _StandIns:
         if isinstance(spec, ImageClassifier):
             return spec
         name = spec.get("spec", "") if isinstance(spec, dict) else str(spec)
-        k = 2 if name.split(":", 1)[0] in ("celeba", "celebahq") else 4 if name in ("biased", "robust", "watermarked") else 1000
+        k = (
+            2
+            if name.split(":", 1)[0] in ("celeba", "celebahq")
+            else 4
+            if name in ("biased", "robust", "watermarked")
+            else 1000
+        )
         clf = ImageClassifier(_NeverFlips(k), STAND_IN_SIZE, [f"class {i}" for i in range(k)], name=name)
         self._add(clf, f"classifier {name}", "classifier", spec)
         return clf
@@ -187,8 +204,11 @@ class _StandIns:
         from ..diffusion import adm, latent
 
         original = loaders.load_classifier
-        targets = [(adm, "load_adm", self.load_adm), (latent, "load_latent_components", self.load_latent_components),
-                   (objectives, "load_vgg19_features", self.load_vgg19_features)]
+        targets = [
+            (adm, "load_adm", self.load_adm),
+            (latent, "load_latent_components", self.load_latent_components),
+            (objectives, "load_vgg19_features", self.load_vgg19_features),
+        ]
         # every module of the package that bound load_classifier by name
         for mod in [m for k, m in sys.modules.items() if k.startswith("lit_vce") and m is not None]:
             for attr, fn in list(vars(mod).items()):
@@ -202,5 +222,3 @@ class _StandIns:
         finally:
             for m, a, f in saved:
                 setattr(m, a, f)
-
-

@@ -48,7 +48,11 @@ def _classifier_arch(spec: Any, image_size: int) -> tuple[Any, int, str]:
         arch = arg.split("@")[0]
         cfg = timm.models.get_pretrained_cfg(arch)
         size = int(cfg.input_size[-1]) if cfg is not None else 224
-        return (lambda: timm.create_model(arch, pretrained=False)), (image_size if preprocessing == "none" else size), ""
+        return (
+            (lambda: timm.create_model(arch, pretrained=False)),
+            (image_size if preprocessing == "none" else size),
+            "",
+        )
     if family in ("robustbench", "robustness"):
         import torchvision
 
@@ -85,19 +89,42 @@ def real_costs(role: _Role, image_size: int) -> tuple[float | None, float | None
 
             lat = image_size // 8
             if role.kind == "sd_unet":
-                return (*_measure(lambda: sd15_unet(image_size), lambda: (torch.randn(1, 4, lat, lat, requires_grad=True),
-                                                                         torch.tensor([500]), torch.randn(1, 77, 768))), "")
+                return (
+                    *_measure(
+                        lambda: sd15_unet(image_size),
+                        lambda: (
+                            torch.randn(1, 4, lat, lat, requires_grad=True),
+                            torch.tensor([500]),
+                            torch.randn(1, 77, 768),
+                        ),
+                    ),
+                    "",
+                )
             if role.kind == "sd_vae_decoder":
-                return (*_measure(lambda: sd15_vae(image_size).decoder,
-                                  lambda: (torch.randn(1, 4, lat, lat, requires_grad=True),)), "")
-            return (*_measure(lambda: sd15_vae(image_size).encoder,
-                              lambda: (torch.randn(1, 3, image_size, image_size, requires_grad=True),)), "")
+                return (
+                    *_measure(
+                        lambda: sd15_vae(image_size).decoder, lambda: (torch.randn(1, 4, lat, lat, requires_grad=True),)
+                    ),
+                    "",
+                )
+            return (
+                *_measure(
+                    lambda: sd15_vae(image_size).encoder,
+                    lambda: (torch.randn(1, 3, image_size, image_size, requires_grad=True),),
+                ),
+                "",
+            )
         if role.kind == "vgg19":
             import torchvision
 
             layers = role.spec
-            return (*_measure(lambda: torchvision.models.vgg19().features[:layers],
-                              lambda: (torch.randn(1, 3, image_size, image_size, requires_grad=True),)), "")
+            return (
+                *_measure(
+                    lambda: torchvision.models.vgg19().features[:layers],
+                    lambda: (torch.randn(1, 3, image_size, image_size, requires_grad=True),),
+                ),
+                "",
+            )
         if role.kind == "classifier":
             build, size, note = _classifier_arch(role.spec, image_size)
             if build is None:
@@ -106,5 +133,3 @@ def real_costs(role: _Role, image_size: int) -> tuple[float | None, float | None
     except Exception as e:  # an architecture that cannot run on the meta device is reported, not guessed
         return None, None, None, None, f"{role.network}: not measured ({type(e).__name__}: {e})"
     return None, None, None, None, f"{role.network}: unknown kind"
-
-

@@ -5,4 +5,11 @@ from .imagenet import ImageFolderDataset, imagenet_class_names
 from .protocols import IMAGENET_HARD_PAIRS, PROTOCOLS
 from .world import ShapesWorld
 
-__all__ = ["VCEDataModule", "ImageFolderDataset", "ShapesWorld", "imagenet_class_names", "IMAGENET_HARD_PAIRS", "PROTOCOLS"]
+__all__ = [
+    "VCEDataModule",
+    "ImageFolderDataset",
+    "ShapesWorld",
+    "imagenet_class_names",
+    "IMAGENET_HARD_PAIRS",
+    "PROTOCOLS",
+]

@@ -136,13 +136,22 @@ class VCEDataModule(L.LightningDataModule):
         else:
             from .imagenet import ImageFolderDataset
 
-            base = ImageFolderDataset(h.root, image_size=h.image_size, images_per_class=h.images_per_class, captions=h.captions,
-                                      masks=h.masks, class_names=h.class_names, class_index=h.class_index)
+            base = ImageFolderDataset(
+                h.root,
+                image_size=h.image_size,
+                images_per_class=h.images_per_class,
+                captions=h.captions,
+                masks=h.masks,
+                class_names=h.class_names,
+                class_index=h.class_index,
+            )
             labels = [(i, lab, rel, index) for i, (rel, lab, index) in enumerate(base.items)]
             names = base.classes
             if h.protocol in INDEXED and not base.full_imagenet:
-                raise ValueError(f"protocol {h.protocol!r} needs the full ImageNet val folder (1000 synset folders, 50 images "
-                                 "each): its images and targets are listed by image index")
+                raise ValueError(
+                    f"protocol {h.protocol!r} needs the full ImageNet val folder (1000 synset folders, 50 images "
+                    "each): its images and targets are listed by image index"
+                )
         num_classes = h.num_classes or len(names)
         validate_protocol(h.protocol, num_classes, h.target, h.pairs)
         entries = []
@@ -182,8 +191,11 @@ class VCEDataModule(L.LightningDataModule):
             from .celeba import attribute_correlations, attribute_index
 
             q = attribute_index(h.attribute)
-            self._attribute_info = {"query": q, "correlations": attribute_correlations(h.root, q, hq=h.dataset == "celebahq"),
-                                    "cd_dataset": f"{h.dataset} training partition labels"}
+            self._attribute_info = {
+                "query": q,
+                "correlations": attribute_correlations(h.root, q, hq=h.dataset == "celebahq"),
+                "cd_dataset": f"{h.dataset} training partition labels",
+            }
         return self._attribute_info
 
     @property
@@ -191,8 +203,9 @@ class VCEDataModule(L.LightningDataModule):
         """Whether the protocol picks images and sources by the explained classifier, per batch."""
         return self.hparams.protocol in CLASSIFIER_PROTOCOLS
 
-    def select(self, images: torch.Tensor, source: torch.Tensor, classifier,
-               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(
+        self, images: torch.Tensor, source: torch.Tensor, classifier, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The protocol's classifier-dependent part for a batch: (keep (N,) bool, source (N,));
         see :func:`lit_vce.data.protocols.select_by_classifier`."""
         return select_by_classifier(self.hparams.protocol, images, source, classifier, target)
@@ -203,8 +216,13 @@ class VCEDataModule(L.LightningDataModule):
         return self._data
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
-                          collate_fn=collate)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+        )
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def imagenet_class_names() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def closest_classes() -> dict[int, list[int]]:
     """Class index -> its 4 WordNet-closest other classes (LCH similarity), closest first."""
-    return {int(k): [int(x) for x in v] for k, v in yaml.safe_load((ASSETS / "synset_closest_idx.yaml").read_text()).items()}
+    return {
+        int(k): [int(x) for x in v] for k, v in yaml.safe_load((ASSETS / "synset_closest_idx.yaml").read_text()).items()
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,7 +112,11 @@ def wordnet_clusters() -> list[tuple[str, tuple[int, ...]]]:
         found = classes_below(node)
         if lo <= len(found) <= hi:
             by_set.setdefault(found, node)
-    maximal = [(node, s) for s, node in by_set.items() if not any(s < t for t in by_set) and depth_of(node) >= CLUSTER_MIN_DEPTH]
+    maximal = [
+        (node, s)
+        for s, node in by_set.items()
+        if not any(s < t for t in by_set) and depth_of(node) >= CLUSTER_MIN_DEPTH
+    ]
     return sorted((node, tuple(sorted(s))) for node, s in maximal)
 
 
@@ -157,7 +163,9 @@ def resize_crop(x: torch.Tensor, size: int | None, mask: bool = False) -> torch.
             if mask:
                 x = F.interpolate(x[None], size=(nh, nw), mode="nearest")[0]
             else:
-                x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+                x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(
+                    0, 1
+                )
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, top : top + size, left : left + size]
     if mask:
@@ -193,9 +201,11 @@ def folder_labels_by_name(folders: list[str], class_names: list[str], root: Path
     unknown = [f for f in folders if _norm(f) not in index]
     if unknown:
         shown = ", ".join(repr(n) for n in class_names[:8])
-        raise ValueError(f"class folder(s) {unknown[:5]} under {root} name no class of the classifier "
-                         f"({len(class_names)} classes: {shown}{', ...' if len(class_names) > 8 else ''}); rename them, "
-                         "use ImageNet synset ids, or --data.class_index sorted for the sorted folder order")
+        raise ValueError(
+            f"class folder(s) {unknown[:5]} under {root} name no class of the classifier "
+            f"({len(class_names)} classes: {shown}{', ...' if len(class_names) > 8 else ''}); rename them, "
+            "use ImageNet synset ids, or --data.class_index sorted for the sorted folder order"
+        )
     return [index[_norm(f)] for f in folders]
 
 
@@ -227,9 +237,17 @@ class ImageFolderDataset(Dataset):
             cropped like the image. A missing or unreadable mask fails that sample.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 256, images_per_class: int | None = None,
-                 classes: list[int] | None = None, class_index: str = "auto", captions: str | Path | None = None,
-                 masks: str | Path | None = None, class_names: list[str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 256,
+        images_per_class: int | None = None,
+        classes: list[int] | None = None,
+        class_index: str = "auto",
+        captions: str | Path | None = None,
+        masks: str | Path | None = None,
+        class_names: list[str] | None = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -246,13 +264,17 @@ class ImageFolderDataset(Dataset):
             # (ImageNet ids read as another classifier's classes would explain a tench as a circle)
             names = imagenet_class_names()
             try:
-                label_of = folder_labels_by_name([names[synsets[f]] for f in self.class_folders], list(class_names), self.root)
+                label_of = folder_labels_by_name(
+                    [names[synsets[f]] for f in self.class_folders], list(class_names), self.root
+                )
             except ValueError:
                 shown = ", ".join(f"{f} ({names[synsets[f]]})" for f in self.class_folders[:4])
-                raise ValueError(f"the class folders under {self.root} are ImageNet synsets ({shown}"
-                                 f"{', ...' if len(self.class_folders) > 4 else ''}), but the classifier has other classes "
-                                 f"({', '.join(map(repr, list(class_names)[:6]))}{', ...' if len(class_names) > 6 else ''}): "
-                                 "explain them with an ImageNet classifier") from None
+                raise ValueError(
+                    f"the class folders under {self.root} are ImageNet synsets ({shown}"
+                    f"{', ...' if len(self.class_folders) > 4 else ''}), but the classifier has other classes "
+                    f"({', '.join(map(repr, list(class_names)[:6]))}{', ...' if len(class_names) > 6 else ''}): "
+                    "explain them with an ImageNet classifier"
+                ) from None
             self.imagenet_labels, self.named_labels = False, True
         elif self.imagenet_labels:
             label_of = [synsets[f] for f in self.class_folders]

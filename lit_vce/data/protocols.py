@@ -32,7 +32,18 @@ import torch
 
 from ..rngs import sample_seed
 
-PROTOCOLS = ("fixed", "pairs", "wordnet_closest", "ldce", "digin", "cluster", "misclassified", "flip_prediction", "random", "next")
+PROTOCOLS = (
+    "fixed",
+    "pairs",
+    "wordnet_closest",
+    "ldce",
+    "digin",
+    "cluster",
+    "misclassified",
+    "flip_prediction",
+    "random",
+    "next",
+)
 #: protocols whose selection depends on the explained classifier (applied per batch: :func:`select_by_classifier`)
 CLASSIFIER_PROTOCOLS = ("misclassified", "flip_prediction")
 IMAGENET_ONLY = ("wordnet_closest", "ldce", "digin", "cluster")
@@ -42,7 +53,9 @@ INDEXED = ("ldce", "digin")
 IMAGENET_HARD_PAIRS = [[340, 339], [339, 340], [293, 286], [286, 293], [285, 283], [283, 285]]
 
 
-def validate_protocol(protocol: str, num_classes: int, target: int | None = None, pairs: Sequence[Sequence[int]] | None = None) -> None:
+def validate_protocol(
+    protocol: str, num_classes: int, target: int | None = None, pairs: Sequence[Sequence[int]] | None = None
+) -> None:
     """Raise a clear ``ValueError`` for a protocol that cannot run (before any work)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown target protocol {protocol!r}; choose one of {PROTOCOLS}")
@@ -96,7 +109,9 @@ def assign_target(
         from .imagenet import ldce_val_targets
 
         if index is None or index not in ldce_val_targets():
-            raise ValueError(f"protocol 'ldce' has no target for image index {index} (it needs the 50,000-image val folder)")
+            raise ValueError(
+                f"protocol 'ldce' has no target for image index {index} (it needs the 50,000-image val folder)"
+            )
         return [ldce_val_targets()[index]]
     if protocol == "digin":
         from .imagenet import digin_vce_targets
@@ -105,8 +120,10 @@ def assign_target(
             return []
         start, targets = digin_vce_targets()[index]
         if start != source:
-            raise ValueError(f"protocol 'digin' lists val image {index} as class {start}, the folder has it as class {source}: "
-                             "give the ImageNet val folder in synset subfolders (ImageFolder order)")
+            raise ValueError(
+                f"protocol 'digin' lists val image {index} as class {start}, the folder has it as class {source}: "
+                "give the ImageNet val folder in synset subfolders (ImageFolder order)"
+            )
         return targets
     if protocol == "cluster":
         from .imagenet import cluster_targets
@@ -125,8 +142,9 @@ def assign_target(
 
 
 @torch.no_grad()
-def select_by_classifier(protocol: str, images: torch.Tensor, source: torch.Tensor, classifier,
-                         target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_by_classifier(
+    protocol: str, images: torch.Tensor, source: torch.Tensor, classifier, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of a protocol that needs the explained classifier, for a batch of images:
     (keep (N,) bool, source (N,)). ``misclassified`` keeps the images the classifier gets
     wrong, with its prediction as the source (the target stays the true label);

@@ -160,7 +160,9 @@ def add_watermark(sample: WorldSample, watermark: int) -> WorldSample:
     img[:WATERMARK_SIZE, :WATERMARK_SIZE] = watermark_pattern(watermark)[..., None]
     mask = sample.mask.copy()
     mask[:WATERMARK_SIZE, :WATERMARK_SIZE] = False  # the patch hides the shape where they overlap
-    return WorldSample(img, mask, sample.shape, sample.background, sample.colour, sample.centre, sample.radius, watermark)
+    return WorldSample(
+        img, mask, sample.shape, sample.background, sample.colour, sample.centre, sample.radius, watermark
+    )
 
 
 def _patch(images: torch.Tensor) -> torch.Tensor:
@@ -235,7 +237,9 @@ class ShapesWorld(Dataset):
             (watermark regime) equals the class.
     """
 
-    def __init__(self, regime: str = "balanced", split: str = "test", size: int = 1024, seed: int = 0, bias: float = 0.98):
+    def __init__(
+        self, regime: str = "balanced", split: str = "test", size: int = 1024, seed: int = 0, bias: float = 0.98
+    ):
         if regime not in REGIMES:
             raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
         if split not in SPLITS:

@@ -29,25 +29,79 @@ from torch import nn
 # The published ImageNet configurations (guided-diffusion's README flags) and
 # the file names of their checkpoints.
 ADM_PRESETS: dict[str, dict] = {
-    "imagenet64_cond": dict(image_size=64, num_channels=192, num_res_blocks=3, num_head_channels=64, class_cond=True,
-                            use_new_attention_order=True, noise_schedule="cosine", file="64x64_diffusion.pt"),
-    "imagenet128_cond": dict(image_size=128, num_channels=256, num_res_blocks=2, num_heads=4, num_head_channels=-1,
-                             class_cond=True, file="128x128_diffusion.pt"),
-    "imagenet256_uncond": dict(image_size=256, num_channels=256, num_res_blocks=2, num_head_channels=64, class_cond=False,
-                               file="256x256_diffusion_uncond.pt"),
-    "imagenet256_cond": dict(image_size=256, num_channels=256, num_res_blocks=2, num_head_channels=64, class_cond=True,
-                             file="256x256_diffusion.pt"),
+    "imagenet64_cond": dict(
+        image_size=64,
+        num_channels=192,
+        num_res_blocks=3,
+        num_head_channels=64,
+        class_cond=True,
+        use_new_attention_order=True,
+        noise_schedule="cosine",
+        file="64x64_diffusion.pt",
+    ),
+    "imagenet128_cond": dict(
+        image_size=128,
+        num_channels=256,
+        num_res_blocks=2,
+        num_heads=4,
+        num_head_channels=-1,
+        class_cond=True,
+        file="128x128_diffusion.pt",
+    ),
+    "imagenet256_uncond": dict(
+        image_size=256,
+        num_channels=256,
+        num_res_blocks=2,
+        num_head_channels=64,
+        class_cond=False,
+        file="256x256_diffusion_uncond.pt",
+    ),
+    "imagenet256_cond": dict(
+        image_size=256,
+        num_channels=256,
+        num_res_blocks=2,
+        num_head_channels=64,
+        class_cond=True,
+        file="256x256_diffusion.pt",
+    ),
     # DiME's and ACE's CelebA DDPM (their scripts' MODEL_FLAGS: 500 steps, 128 channels, 4 heads) and
     # ACE's CelebA-HQ DDPM (celebahq-attack.sh); the file names are ours: put the authors' files there
-    "celeba128": dict(image_size=128, num_channels=128, num_res_blocks=2, num_heads=4, num_head_channels=-1,
-                      class_cond=False, diffusion_steps=500, file="ddpm-celeba.pt"),
-    "celebahq256": dict(image_size=256, num_channels=128, num_res_blocks=2, num_head_channels=64, class_cond=False,
-                        diffusion_steps=500, file="ddpm-celebahq.pt"),
-    "imagenet512_cond": dict(image_size=512, num_channels=256, num_res_blocks=2, num_head_channels=64, class_cond=True,
-                             file="512x512_diffusion.pt"),
+    "celeba128": dict(
+        image_size=128,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_head_channels=-1,
+        class_cond=False,
+        diffusion_steps=500,
+        file="ddpm-celeba.pt",
+    ),
+    "celebahq256": dict(
+        image_size=256,
+        num_channels=128,
+        num_res_blocks=2,
+        num_head_channels=64,
+        class_cond=False,
+        diffusion_steps=500,
+        file="ddpm-celebahq.pt",
+    ),
+    "imagenet512_cond": dict(
+        image_size=512,
+        num_channels=256,
+        num_res_blocks=2,
+        num_head_channels=64,
+        class_cond=True,
+        file="512x512_diffusion.pt",
+    ),
 }
 
-_DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+_DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
 
 
 @dataclass
@@ -76,7 +130,9 @@ class ADMConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "ADMConfig":
         known = set(cls.__dataclass_fields__) - {"extra"}
-        return cls(**{k: v for k, v in cfg.items() if k in known}, extra={k: v for k, v in cfg.items() if k not in known})
+        return cls(
+            **{k: v for k, v in cfg.items() if k in known}, extra={k: v for k, v in cfg.items() if k not in known}
+        )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ADMConfig":
@@ -136,15 +192,26 @@ class Resample(nn.Module):
 class ResBlock(nn.Module):
     """Residual block conditioned on the embedding; resampling inside the block when ``up``/``down``."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool, up: bool = False,
-                 down: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        scale_shift: bool,
+        up: bool = False,
+        down: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.resample = Resample(channels, up=up, use_conv=False) if (up or down) else None
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
-        self.out_layers = nn.Sequential(_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            _norm(out_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -254,7 +321,9 @@ class ADMUNet(nn.Module):
                 if ds in att:
                     layers.append(self._attn(ch, heads_up))
                 if level and i == config.num_res_blocks:
-                    layers.append(self._res(ch, ch, up=True) if config.resblock_updown else Resample(ch, up=True, use_conv=True))
+                    layers.append(
+                        self._res(ch, ch, up=True) if config.resblock_updown else Resample(ch, up=True, use_conv=True)
+                    )
                     ds //= 2
                 self.output_blocks.append(_Sequential(layers))
         out_ch = 6 if config.learn_sigma else 3
@@ -299,7 +368,10 @@ def resolve_adm_checkpoint(preset: str | None, checkpoint: str | Path | None) ->
         if preset is None:
             raise ValueError("give an ADM preset or a checkpoint path")
         checkpoint = weights_dir() / "adm" / ADM_PRESETS[preset]["file"]
-        hint = f"put OpenAI's guided-diffusion checkpoint {ADM_PRESETS[preset]['file']} there ($LIT_VCE_WEIGHTS_DIR sets the folder)"
+        hint = (
+            f"put OpenAI's guided-diffusion checkpoint {ADM_PRESETS[preset]['file']} there "
+            "($LIT_VCE_WEIGHTS_DIR sets the folder)"
+        )
     else:
         hint = "check the path"
     path = Path(checkpoint).expanduser()
@@ -323,7 +395,9 @@ def load_adm(preset: str | None = None, checkpoint: str | Path | None = None, **
     if preset is None and checkpoint is not None:
         preset = preset_for_file(checkpoint)
         if preset is None:
-            raise ValueError(f"cannot tell the architecture of {checkpoint}: give an ADM preset ({sorted(ADM_PRESETS)})")
+            raise ValueError(
+                f"cannot tell the architecture of {checkpoint}: give an ADM preset ({sorted(ADM_PRESETS)})"
+            )
     path = resolve_adm_checkpoint(preset, checkpoint)
     model = ADMUNet(ADMConfig.preset(preset, **overrides))
     if path.suffix == ".safetensors":
@@ -337,6 +411,8 @@ def load_adm(preset: str | None = None, checkpoint: str | Path | None = None, **
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{path} does not fit ADM preset {preset!r} {overrides or ''}: {str(e)[:500]}") from e
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit ADM preset {preset!r} {overrides or ''}: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{path} does not fit ADM preset {preset!r} {overrides or ''}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     return model.eval().requires_grad_(False)

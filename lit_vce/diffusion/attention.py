@@ -58,8 +58,9 @@ def token_alignment(source_ids: list[int], target_ids: list[int]) -> tuple[torch
     # the unpadded lengths decide the suffix: compare from each sequence's end-of-text on
     suf = 0
     src_end, tgt_end = _content_end(source_ids), _content_end(target_ids)
-    while (suf < src_end - pre and suf < tgt_end - pre
-           and source_ids[src_end - 1 - suf] == target_ids[tgt_end - 1 - suf]):
+    while (
+        suf < src_end - pre and suf < tgt_end - pre and source_ids[src_end - 1 - suf] == target_ids[tgt_end - 1 - suf]
+    ):
         suf += 1
     mapper = torch.zeros(ls, lt)
     own = torch.zeros(lt, dtype=torch.bool)
@@ -189,8 +190,16 @@ class ControlledAttention:
     def __init__(self, name: str, base):
         self.name, self.base = name, base
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 control: AttentionControl | None = None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        control: AttentionControl | None = None,
+        **kwargs,
+    ):
         if control is None or encoder_hidden_states is None:
             if temb is not None:  # not every processor takes temb (e.g. the sliced one)
                 kwargs["temb"] = temb
@@ -228,5 +237,6 @@ def install_attention_control(unet) -> None:
     procs = unet.attn_processors
     if all(isinstance(p, ControlledAttention) for p in procs.values()):
         return
-    unet.set_attn_processor({name: p if isinstance(p, ControlledAttention) else ControlledAttention(name, p)
-                             for name, p in procs.items()})
+    unet.set_attn_processor(
+        {name: p if isinstance(p, ControlledAttention) else ControlledAttention(name, p) for name, p in procs.items()}
+    )

@@ -28,10 +28,10 @@ randomness comes from per-sample ``rngs`` (:mod:`lit_vce.rngs`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..imageops import resize_to  # noqa: F401  (imported from here by the models)
 from ..provenance import RecordsInitArgs
 from ..rngs import per_sample_randn
 from .inversion import Inversion
@@ -84,8 +84,16 @@ class Diffusion(nn.Module, RecordsInitArgs):
     #: whether :meth:`condition` takes prompts (else class labels)
     text_conditioned = False
 
-    def __init__(self, scheduler_config: dict, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0,
-                 clip_sample: bool = False, gradient_checkpointing: bool = False, learned_variance: bool = False):
+    def __init__(
+        self,
+        scheduler_config: dict,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 1.0,
+        clip_sample: bool = False,
+        gradient_checkpointing: bool = False,
+        learned_variance: bool = False,
+    ):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -93,8 +101,10 @@ class Diffusion(nn.Module, RecordsInitArgs):
             raise ValueError("num_steps must be >= 1")
         cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
         if cfg.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"only eps-prediction models are supported, this schedule has prediction_type="
-                             f"{cfg['prediction_type']!r}")
+            raise ValueError(
+                f"only eps-prediction models are supported, this schedule has prediction_type="
+                f"{cfg['prediction_type']!r}"
+            )
         self.scheduler_config = cfg
         self.sampler, self.num_steps = sampler, int(num_steps)
         self.guidance_scale, self.clip_sample = float(guidance_scale), bool(clip_sample)
@@ -103,15 +113,18 @@ class Diffusion(nn.Module, RecordsInitArgs):
         if sampler == "adm":
             from .gaussian import RespacedDiffusion
 
-            self.respaced = RespacedDiffusion(betas_from_config(cfg), str(self.num_steps),
-                                              "learned_range" if learned_variance else "fixed_small")
+            self.respaced = RespacedDiffusion(
+                betas_from_config(cfg), str(self.num_steps), "learned_range" if learned_variance else "fixed_small"
+            )
         else:
             from diffusers import DDIMScheduler, DDPMScheduler
 
             if sampler == "ddim":  # from_config ignores keys of other scheduler classes (variance_type)
                 self.scheduler = DDIMScheduler.from_config(_diffusers_config(cfg, self.clip_sample))
             else:
-                self.scheduler = DDPMScheduler.from_config({**cfg, "clip_sample": self.clip_sample, "variance_type": "fixed_small"})
+                self.scheduler = DDPMScheduler.from_config(
+                    {**cfg, "clip_sample": self.clip_sample, "variance_type": "fixed_small"}
+                )
             self.scheduler.set_timesteps(self.num_steps)
         self._inverse = None
 
@@ -139,7 +152,9 @@ class Diffusion(nn.Module, RecordsInitArgs):
 
     def null_condition(self, n: int) -> torch.Tensor:
         """The unconditional input of ``n`` samples (classifier-free guidance, null-text inversion)."""
-        raise ValueError(f"{type(self).__name__} has no unconditional input, so classifier-free guidance is unavailable")
+        raise ValueError(
+            f"{type(self).__name__} has no unconditional input, so classifier-free guidance is unavailable"
+        )
 
     @property
     def has_null_condition(self) -> bool:
@@ -190,8 +205,16 @@ class Diffusion(nn.Module, RecordsInitArgs):
             return _checkpoint(self._forward, z, tt, cond, control, use_reentrant=False)
         return self._forward(z, tt, cond, control)
 
-    def model_output(self, z: torch.Tensor, t, cond=None, uncond=None, scale: float | None = None,
-                     control=None, checkpoint: bool | None = None) -> torch.Tensor:
+    def model_output(
+        self,
+        z: torch.Tensor,
+        t,
+        cond=None,
+        uncond=None,
+        scale: float | None = None,
+        control=None,
+        checkpoint: bool | None = None,
+    ) -> torch.Tensor:
         """The raw model output at timestep ``t`` (eps, plus the variance channels of
         learned-variance models). With ``uncond`` and a scale other than 1 (default
         :attr:`guidance_scale`), classifier-free guidance mixes the eps channels in one
@@ -211,8 +234,16 @@ class Diffusion(nn.Module, RecordsInitArgs):
         mixed = u_out[:, :ch] + s * (c_out[:, :ch] - u_out[:, :ch])
         return mixed if both.shape[1] == ch else torch.cat([mixed, c_out[:, ch:]], 1)
 
-    def eps(self, z: torch.Tensor, t, cond=None, uncond=None, scale: float | None = None, control=None,
-            checkpoint: bool | None = None) -> torch.Tensor:
+    def eps(
+        self,
+        z: torch.Tensor,
+        t,
+        cond=None,
+        uncond=None,
+        scale: float | None = None,
+        control=None,
+        checkpoint: bool | None = None,
+    ) -> torch.Tensor:
         """The (guided) noise prediction: :meth:`model_output` without variance channels."""
         return self.model_output(z, t, cond, uncond, scale, control, checkpoint)[:, : z.shape[1]]
 
@@ -222,16 +253,19 @@ class Diffusion(nn.Module, RecordsInitArgs):
         return self.decode(z)
 
     # --- steps -------------------------------------------------------------------------------
-    def step(self, eps: torch.Tensor, t, z: torch.Tensor, rngs: list[torch.Generator] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, eps: torch.Tensor, t, z: torch.Tensor, rngs: list[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One reverse step from the noise prediction at ``t``: (the next sample, the step's
         x0-prediction, clipped when ``clip_sample``). ``ddim`` is deterministic and
         differentiable; ancestral noise is drawn from one generator per sample.
         (Learned-variance models step through :meth:`p_mean_variance` and :meth:`p_sample`.)"""
         if self.respaced is not None:
             if self.learned_variance:
-                raise ValueError("the adm sampler of a learned-variance model steps from the full model output "
-                                 "(p_mean_variance + p_sample), not from eps alone")
+                raise ValueError(
+                    "the adm sampler of a learned-variance model steps from the full model output "
+                    "(p_mean_variance + p_sample), not from eps alone"
+                )
             out = self.p_mean_variance(eps, z, t)
             return self.p_sample(out["mean"], out["log_variance"], t, rngs), out["pred_xstart"]
         if self.sampler == "ddim":
@@ -250,7 +284,9 @@ class Diffusion(nn.Module, RecordsInitArgs):
         """``adm`` sampler: the mean shifted by variance times a guidance gradient (Sohl-Dickstein)."""
         return self.respaced.condition_mean(out, gradient)
 
-    def p_sample(self, mean: torch.Tensor, log_variance: torch.Tensor, t, rngs: list[torch.Generator] | None) -> torch.Tensor:
+    def p_sample(
+        self, mean: torch.Tensor, log_variance: torch.Tensor, t, rngs: list[torch.Generator] | None
+    ) -> torch.Tensor:
         """``adm`` sampler: the ancestral step from a (possibly guided) mean, noise per sample."""
         if int(t) == 0:
             return mean
@@ -300,7 +336,9 @@ class Diffusion(nn.Module, RecordsInitArgs):
 
         return ddim_inversion(self, z0, cond)
 
-    def null_text_inversion(self, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, **kwargs) -> Inversion:
+    def null_text_inversion(
+        self, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, **kwargs
+    ) -> Inversion:
         """Null-text inversion: :func:`lit_vce.diffusion.inversion.null_text_inversion`."""
         from .inversion import null_text_inversion
 
@@ -311,10 +349,3 @@ class Diffusion(nn.Module, RecordsInitArgs):
         from .inversion import plain_inversion
 
         return plain_inversion(self, z0, cond, scale)
-
-
-def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``images`` resized (bilinear, antialiased) to ``size`` x ``size`` when they differ."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -33,11 +33,14 @@ def linear_betas(num_steps: int) -> torch.Tensor:
 
 def cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
     """The cosine schedule (Nichol & Dhariwal 2021; diffusers' ``squaredcos_cap_v2``), float64."""
+
     def abar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return torch.tensor([min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)],
+        dtype=torch.float64,
+    )
 
 
 def named_betas(schedule: str, num_steps: int) -> torch.Tensor:
@@ -60,7 +63,7 @@ def space_timesteps(num_timesteps: int, spacing: str | int | list[int]) -> list[
     if isinstance(spacing, int):
         spacing = str(spacing)
     if isinstance(spacing, str) and spacing.startswith("ddim"):
-        want = int(spacing[len("ddim"):])
+        want = int(spacing[len("ddim") :])
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == want:
                 return list(range(0, num_timesteps, stride))
@@ -120,7 +123,11 @@ class RespacedDiffusion:
     @staticmethod
     def _at(table: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
         """``table[i]`` as a float32 scalar on ``like``'s device (the official cast), in ``like``'s dtype."""
-        return table[i].float().to(like.device).to(like.dtype) if like.dtype != torch.float32 else table[i].float().to(like.device)
+        return (
+            table[i].float().to(like.device).to(like.dtype)
+            if like.dtype != torch.float32
+            else table[i].float().to(like.device)
+        )
 
     def model_timestep(self, i: int) -> float:
         """The model's timestep input at respaced index ``i`` (on the 1000-step scale)."""
@@ -128,15 +135,22 @@ class RespacedDiffusion:
 
     def q_sample(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
         """Noise ``x0`` to respaced index ``i``."""
-        return self._at(self.alphas_cumprod.sqrt(), i, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), i, x0) * noise
+        return (
+            self._at(self.alphas_cumprod.sqrt(), i, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), i, x0) * noise
+        )
 
     def predict_xstart(self, x_t: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
-        return self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
+        return (
+            self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t
+            - self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
+        )
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
         return self._at(self.posterior_mean_coef1, i, x_t) * x0 + self._at(self.posterior_mean_coef2, i, x_t) * x_t
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, i: int, clip_denoised: bool = False) -> dict:
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, i: int, clip_denoised: bool = False
+    ) -> dict:
         """Mean, variance, log variance, x0 and eps of p(x_{i-1} | x_i) from the model output at index ``i``."""
         c = x_t.shape[1]
         if self.variance == "learned_range":
@@ -160,7 +174,13 @@ class RespacedDiffusion:
         x0 = self.predict_xstart(x_t, eps, i)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        return {"mean": self.posterior_mean(x0, x_t, i), "variance": var, "log_variance": log_var, "pred_xstart": x0, "eps": eps}
+        return {
+            "mean": self.posterior_mean(x0, x_t, i),
+            "variance": var,
+            "log_variance": log_var,
+            "pred_xstart": x0,
+            "eps": eps,
+        }
 
     @staticmethod
     def condition_mean(out: dict, gradient: torch.Tensor) -> torch.Tensor:

@@ -42,13 +42,20 @@ class Inversion:
             return None if xs is None else [x[pick] for x in xs]
 
         errors = None if self.errors is None else self.errors[pick.to(self.errors.device)]
-        return Inversion(take(self.latents), take(self.uncond), None if errors is None else float(errors.mean()),
-                         take(self.trajectory), None, errors)
+        return Inversion(
+            take(self.latents),
+            take(self.uncond),
+            None if errors is None else float(errors.mean()),
+            take(self.trajectory),
+            None,
+            errors,
+        )
 
     @staticmethod
     def concat(parts: list["Inversion"], order: list[int]) -> "Inversion":
         """The inverse of :meth:`select`: ``parts`` hold the samples ``order`` lists, in turn;
         the result has them at their positions (``store`` only when one part is the batch)."""
+
         def cat(xs_list):
             if any(xs is None for xs in xs_list):
                 return None
@@ -57,8 +64,14 @@ class Inversion:
         inverse = torch.argsort(torch.tensor(order)).to(parts[0].latents[0].device)
         errors = None if any(p.errors is None for p in parts) else torch.cat([p.errors for p in parts])[inverse.cpu()]
         store = parts[0].store if len(parts) == 1 else None
-        return Inversion(cat([p.latents for p in parts]), cat([p.uncond for p in parts]),
-                         None if errors is None else float(errors.mean()), cat([p.trajectory for p in parts]), store, errors)
+        return Inversion(
+            cat([p.latents for p in parts]),
+            cat([p.uncond for p in parts]),
+            None if errors is None else float(errors.mean()),
+            cat([p.trajectory for p in parts]),
+            store,
+            errors,
+        )
 
 
 @torch.no_grad()
@@ -73,9 +86,18 @@ def ddim_inversion(d, z0: torch.Tensor, cond) -> list[torch.Tensor]:
     return out[::-1]
 
 
-def null_text_inversion(d, z0: torch.Tensor, cond, inner_steps: int = 10, lr: float = 1e-2, tol: float = 1e-5,
-                        scale: float | None = None, checkpoint: bool | None = None,
-                        reuse_conditional: bool = False, control=None) -> Inversion:
+def null_text_inversion(
+    d,
+    z0: torch.Tensor,
+    cond,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    tol: float = 1e-5,
+    scale: float | None = None,
+    checkpoint: bool | None = None,
+    reuse_conditional: bool = False,
+    control=None,
+) -> Inversion:
     """DDIM inversion, then per-step unconditional embeddings optimised (Adam) so that
     the CFG trajectory from z_T retraces the inverted latents (Mokady et al., 2023).
 

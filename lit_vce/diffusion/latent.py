@@ -32,8 +32,10 @@ def load_latent_components(model: str, dtype: torch.dtype):
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     except (OSError, ValueError) as e:
-        raise MissingWeightsError(f"cannot load the latent diffusion model {model!r} (a diffusers Stable Diffusion "
-                                  f"folder or hub id with unet/, vae/, text_encoder/, tokenizer/, scheduler/): {e}") from e
+        raise MissingWeightsError(
+            f"cannot load the latent diffusion model {model!r} (a diffusers Stable Diffusion "
+            f"folder or hub id with unet/, vae/, text_encoder/, tokenizer/, scheduler/): {e}"
+        ) from e
     local = Path(model) / "scheduler" / "scheduler_config.json"
     if local.is_file():
         cfg = json.loads(local.read_text())
@@ -60,9 +62,21 @@ class LatentDiffusion(Diffusion):
     supports_attention_control = True
     text_conditioned = True
 
-    def __init__(self, model: str | None = None, sampler: str = "ddim", num_steps: int = 20, guidance_scale: float = 3.0,
-                 dtype: str = "float32", gradient_checkpointing: bool = False, attention_slicing: bool = False, unet=None,
-                 vae=None, text_encoder=None, tokenizer=None, scheduler_config: dict | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        sampler: str = "ddim",
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        attention_slicing: bool = False,
+        unet=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        scheduler_config: dict | None = None,
+    ):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         torch_dtype = _DTYPES[dtype]
@@ -111,8 +125,13 @@ class LatentDiffusion(Diffusion):
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Padded token ids (N, L) of ``prompts``, as the text encoder sees them."""
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     @torch.no_grad()
     def condition(self, prompts: list[str]) -> torch.Tensor:
@@ -133,4 +152,6 @@ class LatentDiffusion(Diffusion):
 
             install_attention_control(self.unet)  # idempotent; also after processors were replaced (e.g. slicing)
             kwargs = {"control": control}
-        return self.unet(z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_), cross_attention_kwargs=kwargs).sample.float()
+        return self.unet(
+            z.to(self.dtype_), t, encoder_hidden_states=cond.to(self.dtype_), cross_attention_kwargs=kwargs
+        ).sample.float()

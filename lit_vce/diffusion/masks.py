@@ -26,7 +26,9 @@ import torch.nn.functional as F
 OFFICIAL_POSTPROCESSING = (3, 20, 45, 30.0)
 
 
-def attention_foreground(token_maps: torch.Tensor, tokens: list[list[int]], size: int, cutoff: float = 0.3) -> torch.Tensor:
+def attention_foreground(
+    token_maps: torch.Tensor, tokens: list[list[int]], size: int, cutoff: float = 0.3
+) -> torch.Tensor:
     """Soft foreground masks (n, 1, size, size) from each sample's tokens' maps (n, L, r, r).
 
     A sample without tokens gets an all-ones mask (everything foreground: nothing is blended).
@@ -59,8 +61,9 @@ def _erode(x: torch.Tensor, k: int) -> torch.Tensor:
     return -_dilate(-x, k)
 
 
-def postprocess_mask(mask: torch.Tensor, erosion: int = 3, dilation: int = 20, blur: int = 45, sigma: float = 30.0,
-                     reference: int = 512) -> torch.Tensor:
+def postprocess_mask(
+    mask: torch.Tensor, erosion: int = 3, dilation: int = 20, blur: int = 45, sigma: float = 30.0, reference: int = 512
+) -> torch.Tensor:
     """Erosion, dilation and Gaussian blur of (n, 1, H, W) masks; sizes given at ``reference``
     pixels and scaled to H (a blur kernel stays odd)."""
     from torchvision.transforms.functional import gaussian_blur
@@ -76,7 +79,9 @@ def postprocess_mask(mask: torch.Tensor, erosion: int = 3, dilation: int = 20, b
 
 def latent_mask_from_pixels(mask: torch.Tensor, size: int) -> torch.Tensor:
     """The pixel mask resized to the latent size (bilinear with antialiasing, as torchvision's resize)."""
-    return F.interpolate(mask.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(mask.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(
+        0, 1
+    )
 
 
 def _import_sam_hq():
@@ -92,8 +97,15 @@ def _import_sam_hq():
     import copy
 
     # the registry's dicts and sets (and the sets inside its defaultdicts, which registering extends)
-    saved = {k: copy.deepcopy(v) if isinstance(v, __import__("collections").defaultdict) else copy.copy(v)
-             for k, v in vars(reg).items() if k.startswith(("_model", "_module"))} if reg else {}
+    saved = (
+        {
+            k: copy.deepcopy(v) if isinstance(v, __import__("collections").defaultdict) else copy.copy(v)
+            for k, v in vars(reg).items()
+            if k.startswith(("_model", "_module"))
+        }
+        if reg
+        else {}
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -101,8 +113,10 @@ def _import_sam_hq():
     except ImportError as e:
         from ..errors import MissingWeightsError
 
-        raise MissingWeightsError("a .pth Segment Anything checkpoint is run with SAM-HQ's own code, as DiG-IN's: "
-                                  "pip install 'lit_vce[samhq]' (segment-anything-hq)") from e
+        raise MissingWeightsError(
+            "a .pth Segment Anything checkpoint is run with SAM-HQ's own code, as DiG-IN's: "
+            "pip install 'lit_vce[samhq]' (segment-anything-hq)"
+        ) from e
     finally:
         for k, v in saved.items():
             setattr(reg, k, v)
@@ -127,8 +141,13 @@ def build_sam_hq(state_dict: dict[str, torch.Tensor]):
     head_dim = state_dict["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
     tokens = 1024 // 16  # SAM's input size over its patch size: a global block's relative positions span it
     glob = [i for i in blocks if state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * tokens - 1]
-    model = _build_sam(encoder_embed_dim=dim, encoder_depth=len(blocks), encoder_num_heads=dim // head_dim,
-                       encoder_global_attn_indexes=glob, checkpoint=None)
+    model = _build_sam(
+        encoder_embed_dim=dim,
+        encoder_depth=len(blocks),
+        encoder_num_heads=dim // head_dim,
+        encoder_global_attn_indexes=glob,
+        checkpoint=None,
+    )
     model.load_state_dict(state_dict, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -176,8 +195,10 @@ class SamRefiner(torch.nn.Module):
 
         if spec.endswith((".pth", ".pt")):
             if not Path(spec).is_file():
-                raise MissingWeightsError(f"SAM-HQ checkpoint {spec} not found (DiG-IN uses sam_hq_vit_h.pth from the "
-                                          "SAM-HQ repository); or set sam_model=None to skip the refinement")
+                raise MissingWeightsError(
+                    f"SAM-HQ checkpoint {spec} not found (DiG-IN uses sam_hq_vit_h.pth from the "
+                    "SAM-HQ repository); or set sam_model=None to skip the refinement"
+                )
             state = torch.load(spec, map_location="cpu", weights_only=True)
             try:
                 return build_sam_hq(state.get("model", state) if isinstance(state, dict) else state)
@@ -188,10 +209,12 @@ class SamRefiner(torch.nn.Module):
         try:
             model = AutoModel.from_pretrained(spec)
         except (OSError, ValueError) as e:
-            raise MissingWeightsError(f"Segment Anything model {spec!r} could not be loaded ({type(e).__name__}); give a "
-                                      "SAM-HQ .pth checkpoint, a folder saved by SamModel/SamHQModel.save_pretrained "
-                                      "(e.g. a download of facebook/sam-vit-huge) or set sam_model=None to skip the "
-                                      "refinement") from e
+            raise MissingWeightsError(
+                f"Segment Anything model {spec!r} could not be loaded ({type(e).__name__}); give a "
+                "SAM-HQ .pth checkpoint, a folder saved by SamModel/SamHQModel.save_pretrained "
+                "(e.g. a download of facebook/sam-vit-huge) or set sam_model=None to skip the "
+                "refinement"
+            ) from e
         if type(model).__name__ not in ("SamModel", "SamHQModel"):
             raise MissingWeightsError(f"{spec!r} holds a {type(model).__name__}, not a Segment Anything model")
         return model
@@ -210,8 +233,13 @@ class SamRefiner(torch.nn.Module):
         """SAM-HQ's predictor, as DiG-IN's ``sam_segmentation``: (1, H, W) binary mask."""
         predictor = _import_sam_hq().SamPredictor(self.model)  # a Sam given as an object: its package, imported safely
         predictor.set_image((255 * image.float().clamp(0, 1)).permute(1, 2, 0).cpu().numpy().astype("uint8"))
-        masks, _, _ = predictor.predict(point_coords=pts.numpy(), point_labels=torch.ones(len(pts)).numpy(),
-                                        box=None, multimask_output=False, hq_token_only=True)
+        masks, _, _ = predictor.predict(
+            point_coords=pts.numpy(),
+            point_labels=torch.ones(len(pts)).numpy(),
+            box=None,
+            multimask_output=False,
+            hq_token_only=True,
+        )
         return torch.from_numpy(masks).float()
 
     def _predict_transformers(self, image: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
@@ -222,12 +250,19 @@ class SamRefiner(torch.nn.Module):
         p = (pts * torch.tensor([size / w, size / h]))[None, None].to(x.device)  # (1, 1, k, 2)
         lab = torch.ones(1, 1, len(pts), dtype=torch.long, device=x.device)
         extra = {"hq_token_only": True} if type(self.model).__name__ == "SamHQModel" else {}
-        pred = self.model(pixel_values=x.to(self.model.dtype), input_points=p, input_labels=lab,
-                          multimask_output=False, **extra).pred_masks[:, 0, :1].float()  # (1, 1, h', w') logits
+        pred = (
+            self.model(
+                pixel_values=x.to(self.model.dtype), input_points=p, input_labels=lab, multimask_output=False, **extra
+            )
+            .pred_masks[:, 0, :1]
+            .float()
+        )  # (1, 1, h', w') logits
         return (F.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)[0] > 0).float()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, rngs: list[torch.Generator] | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor, rngs: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         """Refined binary masks (n, 1, H, W) for images in [0, 1] and their soft masks."""
         out = masks.clone().float()
         predict = self._predict_sam_hq if self.backend == "sam_hq" else self._predict_transformers

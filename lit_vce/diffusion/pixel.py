@@ -36,7 +36,7 @@ def _adm_spec(model: str) -> tuple[str | None, str | None] | None:
     from .adm import preset_for_file
 
     if model.startswith("adm:"):
-        preset, _, path = model[len("adm:"):].partition("@")
+        preset, _, path = model[len("adm:") :].partition("@")
         return preset, path or None
     if model.endswith((".pt", ".pth")) and preset_for_file(model):
         return preset_for_file(model), model
@@ -55,15 +55,23 @@ def load_pixel_model(model: str, adm_overrides: dict | None = None) -> tuple[nn.
         from .adm import load_adm
 
         net = load_adm(adm[0], adm[1], **(adm_overrides or {}))
-        return net, {"num_train_timesteps": net.config.diffusion_steps, "beta_schedule": net.config.noise_schedule}, None
+        return (
+            net,
+            {"num_train_timesteps": net.config.diffusion_steps, "beta_schedule": net.config.noise_schedule},
+            None,
+        )
     from diffusers import UNet2DModel
 
     root = Path(model)
     if not root.is_dir():
-        raise FileNotFoundError(f"diffusion model {root} does not exist (expected a UNet2DModel.save_pretrained folder, "
-                                "'adm:<preset>' or an ADM checkpoint file)")
+        raise FileNotFoundError(
+            f"diffusion model {root} does not exist (expected a UNet2DModel.save_pretrained folder, "
+            "'adm:<preset>' or an ADM checkpoint file)"
+        )
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    sched = next((p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None)
+    sched = next(
+        (p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json") if p.is_file()), None
+    )
     if sched is None:
         raise FileNotFoundError(f"no scheduler_config.json in {root} or {root / 'scheduler'}")
     cfg = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
@@ -100,9 +108,19 @@ class PixelDiffusion(Diffusion):
             ``{"num_channels": 128}`` for a checkpoint of one's own).
     """
 
-    def __init__(self, model: str = "world", sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0,
-                 clip_sample: bool = True, gradient_checkpointing: bool = False, null_class: int | None = None,
-                 unet: nn.Module | None = None, scheduler_config: dict | None = None, adm_overrides: dict | None = None):
+    def __init__(
+        self,
+        model: str = "world",
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 1.0,
+        clip_sample: bool = True,
+        gradient_checkpointing: bool = False,
+        null_class: int | None = None,
+        unet: nn.Module | None = None,
+        scheduler_config: dict | None = None,
+        adm_overrides: dict | None = None,
+    ):
         from .adm import ADMUNet
 
         default_null = None
@@ -119,7 +137,9 @@ class PixelDiffusion(Diffusion):
         else:
             classes, learned = unet.config.num_class_embeds, unet.config.out_channels == 2 * unet.config.in_channels
             size = unet.config.sample_size
-        super().__init__(scheduler_config, sampler, num_steps, guidance_scale, clip_sample, gradient_checkpointing, learned)
+        super().__init__(
+            scheduler_config, sampler, num_steps, guidance_scale, clip_sample, gradient_checkpointing, learned
+        )
         self.null_class = default_null if null_class is None else int(null_class)
         if self.null_class is not None and self.is_adm:
             raise ValueError("ADM models have no null class")

@@ -114,7 +114,9 @@ class VCECLI(LightningCLI):
         if method is not None:
             self.model.method_factory = functools.partial(_instantiate_method, method, type(self.model))
         out = cfg["writer"]["output_dir"]
-        if cfg["trainer"].get("default_root_dir") is None:  # hpc (requeue) checkpoints go to the run folder, not the cwd
+        if (
+            cfg["trainer"].get("default_root_dir") is None
+        ):  # hpc (requeue) checkpoints go to the run folder, not the cwd
             self.trainer._default_root_dir = str(out)
         if cfg["trainer"].get("logger") is None:  # the default: metrics.csv in the run folder
             self.trainer.loggers = [run_logger(str(out))]
@@ -207,10 +209,16 @@ def _warn_moved(cls, moved: list[str], where: str) -> None:
         import warnings
 
         aliases = cls.setting_aliases
-        warnings.warn(f"{where}: {cls.__name__}'s flat setting(s) {', '.join(moved)} are deprecated; use "
-                      + ", ".join(aliases[k] for k in moved), DeprecationWarning, stacklevel=3)
-        print(f"note: {where}: deprecated flat names {', '.join(moved)} read as "
-              + ", ".join(aliases[k] for k in moved), file=sys.stderr)
+        warnings.warn(
+            f"{where}: {cls.__name__}'s flat setting(s) {', '.join(moved)} are deprecated; use "
+            + ", ".join(aliases[k] for k in moved),
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        print(
+            f"note: {where}: deprecated flat names {', '.join(moved)} read as " + ", ".join(aliases[k] for k in moved),
+            file=sys.stderr,
+        )
 
 
 def _resolve_config_file(path: str) -> str:
@@ -292,15 +300,21 @@ def resolve_method_names(argv: list[str]) -> list[str]:
             from ..errors import UnknownNameError, suggest
             from ..registry import METHODS
 
-            raise UnknownNameError(f"{key} {value}: no such method{suggest(value, METHODS.names())} "
-                                   f"(`lit-vce methods` lists {', '.join(METHODS.names())})")
+            raise UnknownNameError(
+                f"{key} {value}: no such method{suggest(value, METHODS.names())} "
+                f"(`lit-vce methods` lists {', '.join(METHODS.names())})"
+            )
         else:
             if key in keys:
                 cls = _method_class(value) or cls
             for prefix in ("--model.method.init_args.", "--model.method."):
-                name = key[len(prefix):] if key.startswith(prefix) else None
-                if name and cls is not None and name in (getattr(cls, "setting_aliases", None) or {}) \
-                        and not value.lstrip().startswith("{"):
+                name = key[len(prefix) :] if key.startswith(prefix) else None
+                if (
+                    name
+                    and cls is not None
+                    and name in (getattr(cls, "setting_aliases", None) or {})
+                    and not value.lstrip().startswith("{")
+                ):
                     target = cls.setting_aliases[name]
                     _warn_moved(cls, [name], "command line")
                     out[i] = f"--model.method.init_args.{target}" + (f"={value}" if eq else "")
@@ -324,8 +338,14 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     argv = resolve_method_names(list(sys.argv[2:] if args is None else args))
     cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
-    cli(AnalysisModule, GenerationDataModule, args=["predict", *argv], trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=RunConfig, seed_everything_default=False)
+    cli(
+        AnalysisModule,
+        GenerationDataModule,
+        args=["predict", *argv],
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfig,
+        seed_everything_default=False,
+    )
 
 
 def run_predict(args: list[str] | None, run: bool = True) -> None:
@@ -339,8 +359,13 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     args = resolve_method_names(list(sys.argv[2:] if args is None else args))
     cli = VCECLI(
-        VCEModule, VCEDataModule, args=["predict", *args] if run else args, trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=RunConfig, seed_everything_default=False, run=run,
+        VCEModule,
+        VCEDataModule,
+        args=["predict", *args] if run else args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=RunConfig,
+        seed_everything_default=False,
+        run=run,
     )
     if not run:
         cli.model.prepare_data()  # what a run's fetching process does: build everything, downloading what is missing

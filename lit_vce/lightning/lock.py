@@ -56,8 +56,13 @@ class RunLock:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
     def _record(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": self.token,
+        }
 
     def holder(self) -> dict[str, Any] | None:
         """The current holder's record (None: no lock; ``{}``: a lock being written or unreadable)."""
@@ -104,10 +109,16 @@ class RunLock:
                 if time.monotonic() < deadline:
                     time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
                     continue
-                who = f"process {rec.get('pid')} on {rec.get('host')} (since {rec.get('started')})" if rec else "another process"
+                who = (
+                    f"process {rec.get('pid')} on {rec.get('host')} (since {rec.get('started')})"
+                    if rec
+                    else "another process"
+                )
                 raise RunFolderLocked(
                     f"{self.folder} is in use by {who}: one run writes into a folder at a time. Use another "
-                    f"--writer.output_dir, wait for it (--writer.lock_wait SECONDS), or delete {self.path} if that process is gone")
+                    f"--writer.output_dir, wait for it (--writer.lock_wait SECONDS), or delete {self.path} if that "
+                    "process is gone"
+                )
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
             self.held = True

@@ -32,10 +32,11 @@ from ..methods.base import VCEBatch, VCEMethod, check_domain
 from ..metrics.accounting import NONFINITE_IMAGE
 from ..metrics.build import build_suite
 from ..io import quantize
+from .finish import FinishMixin
 from .stage import StageModule
 
 
-class VCEModule(StageModule):
+class VCEModule(FinishMixin, StageModule):
     """Counterfactual generation as a prediction stage.
 
     Args:
@@ -60,7 +61,7 @@ class VCEModule(StageModule):
             concurrently as the process had threads; same bytes) and deterministic
             cuDNN. Without it, outputs
             differ only by float rounding between batch compositions, which a
-            long guided trajectory can amplify (see README, Determinism).
+            long guided trajectory can amplify (see docs/clusters.md, Determinism).
         inception_weights: a local file of the Inception FID weights.
         resolution: L1/L2 are computed at this square resolution (None: native;
             256 is the ImageNet convention).
@@ -135,17 +136,36 @@ class VCEModule(StageModule):
         self.deterministic = bool(deterministic)
         self._run_name = run_name
         # what `lit-vce evaluate RUN` reuses unless told otherwise
-        self.metric_settings = {"fid_features": fid_features, "second_classifier": second_classifier if isinstance(
-            second_classifier, str) else None, "world_audit": bool(world_audit), "resolution": resolution, "lpips": lpips,
-            "autoencoder": autoencoder if isinstance(autoencoder, str) else None, "s3": s3,
-            "face_verification": face_verification, "lpips_net": lpips_net, "attribute_oracle": attribute_oracle,
-            "preset": preset}
-        self._suite_args = dict(fid_features=fid_features, inception_weights=inception_weights,
-                                second_classifier=second_classifier, lpips=lpips, world_audit=world_audit,
-                                resolution=resolution, autoencoder=autoencoder, seed=self.seed, lpips_weights=lpips_weights,
-                                interval_resamples=interval_resamples, fid_interval_resamples=fid_interval_resamples,
-                                s3=s3, face_verification=face_verification, lpips_net=lpips_net,
-                                attribute_oracle=attribute_oracle)
+        self.metric_settings = {
+            "fid_features": fid_features,
+            "second_classifier": second_classifier if isinstance(second_classifier, str) else None,
+            "world_audit": bool(world_audit),
+            "resolution": resolution,
+            "lpips": lpips,
+            "autoencoder": autoencoder if isinstance(autoencoder, str) else None,
+            "s3": s3,
+            "face_verification": face_verification,
+            "lpips_net": lpips_net,
+            "attribute_oracle": attribute_oracle,
+            "preset": preset,
+        }
+        self._suite_args = dict(
+            fid_features=fid_features,
+            inception_weights=inception_weights,
+            second_classifier=second_classifier,
+            lpips=lpips,
+            world_audit=world_audit,
+            resolution=resolution,
+            autoencoder=autoencoder,
+            seed=self.seed,
+            lpips_weights=lpips_weights,
+            interval_resamples=interval_resamples,
+            fid_interval_resamples=fid_interval_resamples,
+            s3=s3,
+            face_verification=face_verification,
+            lpips_net=lpips_net,
+            attribute_oracle=attribute_oracle,
+        )
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
         self._pins = contextlib.ExitStack()  # deterministic_kernels for the run
@@ -194,7 +214,9 @@ class VCEModule(StageModule):
         self.method.setup(self.device)
         writer = self.writer()
         if writer is not None and writer.done_ids():
-            self.print(f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped")
+            self.print(
+                f"resuming: {len(writer.done_ids())} samples already finished in {writer.output_dir} will be skipped"
+            )
 
     def _attach_attributes(self, dm) -> None:
         """The face-attribute oracle's query and CD correlations, from the data (stored with the results)."""
@@ -205,28 +227,18 @@ class VCEModule(StageModule):
         if info is None or info() is None:
             from ..errors import ConfigError
 
-            raise ConfigError(f"attribute_oracle {self.metric_settings['attribute_oracle']!r} reads CelebA's attributes: "
-                              "it needs --data.dataset celeba or celebahq")
+            raise ConfigError(
+                f"attribute_oracle {self.metric_settings['attribute_oracle']!r} reads CelebA's attributes: "
+                "it needs --data.dataset celeba or celebahq"
+            )
         from ..metrics.oracle import OracleAttributes
 
         attributes = info()
-        self.metrics.set_attributes(OracleAttributes(oracle, attributes["query"], attributes["correlations"],
-                                                     attributes["cd_dataset"]))
+        self.metrics.set_attributes(
+            OracleAttributes(oracle, attributes["query"], attributes["correlations"], attributes["cd_dataset"])
+        )
         self.metrics.pending_oracle = None
         self.metric_settings["attributes"] = attributes
-
-    @staticmethod
-    def _cli_config(writer) -> dict[str, Any] | None:
-        """The resolved LightningCLI config as run (``config.yaml`` in the run folder), when there is one."""
-        path = writer.output_dir / "config.yaml"
-        if not path.is_file():
-            return None
-        import yaml
-
-        try:
-            return yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            return None
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides a sample's output: seed, classifier, method settings and the data
@@ -251,13 +263,16 @@ class VCEModule(StageModule):
 
         bad = sorted({c for p in pairs for c in p if not 0 <= c < k})
         if bad:
-            raise ConfigError(f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})")
+            raise ConfigError(
+                f"class ids {bad} are unknown to classifier {self.classifier.name!r} (classes 0..{k - 1})"
+            )
         if not self._selects:  # the rule of explain() and evaluate as well
             from ..metrics.accounting import check_distinct_targets
 
             pairs = sorted(set(pairs))
-            check_distinct_targets([s for s, _ in pairs], [t for _, t in pairs], [f"class {s}" for s, _ in pairs],
-                                   what="class pairs")
+            check_distinct_targets(
+                [s for s, _ in pairs], [t for _, t in pairs], [f"class {s}" for s, _ in pairs], what="class pairs"
+            )
 
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -280,7 +295,9 @@ class VCEModule(StageModule):
         todo = [i for i in new if not errors[i]]
         if self._selects and todo:  # the data's protocol picks images and sources by the classifier
             idx = torch.tensor(todo, device=source.device)
-            keep, new_source = self.trainer.datamodule.select(quantize(images[todo]), source[idx], self.classifier, target[idx])
+            keep, new_source = self.trainer.datamodule.select(
+                quantize(images[todo]), source[idx], self.classifier, target[idx]
+            )
             source = source.clone()
             source[idx] = new_source
             self._counts["not_selected"] += len(todo) - int(keep.sum())
@@ -289,15 +306,19 @@ class VCEModule(StageModule):
         if self._selects and unreadable:  # an image listed with alternative targets fails once, not once per target
             from ..data.protocols import keep_unreadable
 
-            kept = [i for i in unreadable if keep_unreadable(self.trainer.datamodule.hparams.protocol, int(source[i]),
-                                                             int(target[i]))]
+            kept = [
+                i
+                for i in unreadable
+                if keep_unreadable(self.trainer.datamodule.hparams.protocol, int(source[i]), int(target[i]))
+            ]
             self._counts["not_selected"] += len(unreadable) - len(kept)
             self._seen.update(ids[i] for i in unreadable if i not in kept)
             unreadable = kept
         if unreadable:
             idx = torch.tensor(unreadable, device=source.device)
-            for row in self.metrics.update_failed(source[idx], target[idx], [ids[i] for i in unreadable],
-                                                  [errors[i] for i in unreadable]):
+            for row in self.metrics.update_failed(
+                source[idx], target[idx], [ids[i] for i in unreadable], [errors[i] for i in unreadable]
+            ):
                 rows.append(dict(self._row(row, 0.0), has_image=False))
         self._seen.update(ids[i] for i in unreadable)
         if not todo:
@@ -310,7 +331,9 @@ class VCEModule(StageModule):
         captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
         vb = VCEBatch(x, src, tgt, sub_ids, sample_rngs(self.seed, sub_ids, device=x.device), mask, captions)
         # the path explain() takes as well
-        result, scored = explain_batch(self.method, self.classifier, vb, self.metrics, self.deterministic, self._threads)
+        result, scored = explain_batch(
+            self.method, self.classifier, vb, self.metrics, self.deterministic, self._threads
+        )
         cf = quantize(result.images.detach())
         xq = quantize(x)
         seconds = (time.perf_counter() - t_start) / max(len(todo), 1)
@@ -322,15 +345,23 @@ class VCEModule(StageModule):
         self._counts["failed"] += sum(1 for r in rows if r["failure"])
         self._counts["new"] += len(todo)
         self._batches += 1
-        done = rows[len(rows) - len(todo):]
-        self.log_values({"batch/flip_rate": sum(bool(r.get("success")) for r in done) / len(done),
-                         "batch/s_per_img": seconds, "samples/new": self._counts["new"]}, step=self._batches)
+        done = rows[len(rows) - len(todo) :]
+        self.log_values(
+            {
+                "batch/flip_rate": sum(bool(r.get("success")) for r in done) / len(done),
+                "batch/s_per_img": seconds,
+                "samples/new": self._counts["new"],
+            },
+            step=self._batches,
+        )
         # rows of unreadable images come first; keep images aligned with their rows
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
         return {"new_rows": rows, "counterfactuals": torch.cat([pad, cf]), "originals": torch.cat([pad, xq])}
 
-    def _reenter_finished(self, ids: list[str], images: torch.Tensor, source: torch.Tensor, errors: list[str]) -> list[int]:
+    def _reenter_finished(
+        self, ids: list[str], images: torch.Tensor, source: torch.Tensor, errors: list[str]
+    ) -> list[int]:
         """Positions of the batch's samples finished by an earlier run, whose saved files
         (verified against their sha256) re-enter the metrics as they are; a sample whose
         files are missing or changed is forgotten, so it is generated again."""
@@ -349,64 +380,24 @@ class VCEModule(StageModule):
             src_i = torch.tensor([int(row["source"])], device=source.device)
             tgt_i = torch.tensor([int(row["target"])], device=source.device)
             if row.get("failure"):
-                self.metrics.update_failed(src_i, tgt_i, [s], [row["failure"]],
-                                           originals=quantize(images[i : i + 1]) if not errors[i] else None)
+                self.metrics.update_failed(
+                    src_i,
+                    tgt_i,
+                    [s],
+                    [row["failure"]],
+                    originals=quantize(images[i : i + 1]) if not errors[i] else None,
+                )
             else:
                 self.metrics.update(quantize(images[i : i + 1]), cf.to(images)[None], src_i, tgt_i, [s])
         return old
 
     def _row(self, values: dict[str, Any], seconds: float) -> dict[str, Any]:
         row = dict(values)
-        row.update(method=self.method.name, seed=self.seed, seconds=round(float(seconds), 4),
-                   failure=values.get("failure") or "")
+        row.update(
+            method=self.method.name,
+            seed=self.seed,
+            seconds=round(float(seconds), 4),
+            failure=values.get("failure") or "",
+        )
         row["success"] = bool(row.get("success")) and not row["failure"]
         return row
-
-    # --- the end ---------------------------------------------------------------
-    def on_predict_epoch_end(self) -> None:
-        # compute() is a collective: every rank calls it, in the same order
-        metrics, audit, n = self.metrics.compute()
-        counts = torch.tensor([self._counts[k] for k in ("skipped", "failed", "new", "not_selected")], device=self.device)
-        counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum").long().tolist()
-        self.trainer.strategy.barrier()
-        wall = time.perf_counter() - self._t0
-        self.final_results = {"metrics": metrics, "audit": audit, "n": n, "counts": counts, "wall_time_s": wall}
-        writer = self.writer()
-        if writer is not None:
-            from .writer import gather_run_rows
-
-            # the rows of the samples this run covers (a folder may hold more: a larger earlier run)
-            rows = gather_run_rows(writer, self.trainer, self._seen)  # a collective: every rank
-            if self.trainer.is_global_zero:
-                self._finalize(writer, rows, metrics, audit, n, counts, wall)
-        self.log_values({f"final/{k}": v for k, v in {**metrics, **(audit or {}), "s_per_img": wall / max(counts[2], 1),
-                                                       "wall_time_s": wall}.items()}, step=self._batches + 1)
-        self.close_loggers()
-        self.metrics.reset()
-
-    def _finalize(self, writer, rows, metrics, audit, n, counts, wall) -> None:
-        dm = self.trainer.datamodule
-        results = self.results(
-            rows, metrics, n, self.method.name, wall_time_s=wall, audit=audit, resumed=counts[0],
-            config={"method": self.method.describe(), "metrics": self.metrics.describe(), "metric_settings": self.metric_settings,
-                    "classifier": self.classifier_config,
-                    "deterministic": self.deterministic, "data": dict(dm.hparams) if dm is not None else {},
-                    "cli": self._cli_config(writer), "precision": str(self.trainer.precision),
-                    "dtype": str(next(self.classifier.parameters(), torch.empty(0)).dtype),
-                    "not_selected": counts[3]},
-            protocol=dm.hparams.get("protocol") if dm is not None else None,
-            dataset=dm.hparams.get("dataset") if dm is not None else None,
-        )
-        record = writer.run_record or {}
-        results["attempts"] = int(record.get("attempts", 1))
-        if record.get("forced"):
-            results["warnings"].append("samples of more than one configuration (--writer.resume force)")
-        outside = len(writer.done_ids()) - len(rows)
-        if outside > 0:
-            self.print(f"{outside} other finished samples in {writer.output_dir} are not part of this run (not counted)")
-        self.finalize(writer.output_dir, rows, results)
-        skipped = f", {counts[0]} skipped (already done)" if counts[0] else ""
-        if self._selects:
-            skipped += f", {counts[3]} not selected by the protocol"
-        self.print(f"{self.run_name}: {counts[2]} new samples{skipped}, {counts[1]} failed; flip rate {metrics['flip_rate']:.3f}; "
-                   f"results in {writer.output_dir / 'results.json'}")

@@ -80,8 +80,10 @@ class PairDataset(Dataset):
         """The samples of a run folder written by ``lit-vce predict``."""
         run = Path(run_dir)
         if not (run / "samples").is_dir():
-            raise FileNotFoundError(f"{run} is not a predict run folder (no samples/ inside); for plain folders use "
-                                    "--originals/--counterfactuals/--targets")
+            raise FileNotFoundError(
+                f"{run} is not a predict run folder (no samples/ inside); for plain folders use "
+                "--originals/--counterfactuals/--targets"
+            )
         entries = []
         for p in sorted((run / "samples").glob("*.json")):
             try:
@@ -90,21 +92,44 @@ class PairDataset(Dataset):
             except (json.JSONDecodeError, KeyError, OSError) as e:
                 raise ValueError(f"unreadable sample record {p}: {e}") from e
             key = sample_key(sid)
-            entries.append({"sample_id": sid, "source": int(row["source"]), "target": int(row["target"]),
-                            "original": run / "originals" / f"{key}.png", "counterfactual": run / "counterfactuals" / f"{key}.png",
-                            "failure": row.get("failure") or "", "method": row.get("method"),
-                            "sha256": row.get("files") or {}, "seconds": row.get("seconds")})
+            entries.append(
+                {
+                    "sample_id": sid,
+                    "source": int(row["source"]),
+                    "target": int(row["target"]),
+                    "original": run / "originals" / f"{key}.png",
+                    "counterfactual": run / "counterfactuals" / f"{key}.png",
+                    "failure": row.get("failure") or "",
+                    "method": row.get("method"),
+                    "sha256": row.get("files") or {},
+                    "seconds": row.get("seconds"),
+                }
+            )
         known = {sample_key(e["sample_id"]) for e in entries}
         for png in sorted((run / "counterfactuals").glob("*.png")):
             if png.stem not in known:  # an image without its record: listed as a failure, not dropped
-                entries.append({"sample_id": f"(no metadata) {png.stem}", "source": -1, "target": -1, "original": png,
-                                "counterfactual": png, "failure": f"sample metadata samples/{png.stem}.json is missing"})
+                entries.append(
+                    {
+                        "sample_id": f"(no metadata) {png.stem}",
+                        "source": -1,
+                        "target": -1,
+                        "original": png,
+                        "counterfactual": png,
+                        "failure": f"sample metadata samples/{png.stem}.json is missing",
+                    }
+                )
         entries.sort(key=lambda e: e["sample_id"])
         return cls(entries, image_size, all_may_fail=True)
 
     @classmethod
-    def from_folders(cls, originals: str | Path, counterfactuals: str | Path, targets_csv: str | Path,
-                     image_size: int | None = None, class_names: list[str] | None = None) -> PairDataset:
+    def from_folders(
+        cls,
+        originals: str | Path,
+        counterfactuals: str | Path,
+        targets_csv: str | Path,
+        image_size: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> PairDataset:
         """Pairs ``originals/<file>`` and ``counterfactuals/<file>`` listed in a CSV with
         columns ``file``, ``source``, ``target`` (ids, or names from ``class_names``) and
         optionally ``sample_id``."""
@@ -131,16 +156,25 @@ class PairDataset(Dataset):
             except ValueError:
                 if value in lookup:
                     return lookup[value]
-                raise ValueError(f"{t} line {line}: unknown {col} class {value!r} (not an id, not a class name)") from None
+                raise ValueError(
+                    f"{t} line {line}: unknown {col} class {value!r} (not an id, not a class name)"
+                ) from None
 
         entries = []
         for line, r in enumerate(rows, start=2):
             rel = r["file"].strip()
             if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ValueError(f"{t} line {line}: 'file' must be a relative path inside both folders, got {rel!r}")
-            entries.append({"sample_id": (r.get("sample_id") or "").strip() or rel, "source": cls_id(r["source"], line, "source"),
-                            "target": cls_id(r["target"], line, "target"), "original": o / rel, "counterfactual": c / rel,
-                            "failure": ""})
+            entries.append(
+                {
+                    "sample_id": (r.get("sample_id") or "").strip() or rel,
+                    "source": cls_id(r["source"], line, "source"),
+                    "target": cls_id(r["target"], line, "target"),
+                    "original": o / rel,
+                    "counterfactual": c / rel,
+                    "failure": "",
+                }
+            )
         return cls(entries, image_size)
 
     # --- checks and items ------------------------------------------------------
@@ -149,8 +183,15 @@ class PairDataset(Dataset):
         or a target equals its source (the rule of predict and explain() as well)."""
         from ..metrics.accounting import check_distinct_targets
 
-        bad = sorted({v for e in self.entries if not e.get("failure") for v in (e["source"], e["target"])
-                      if not 0 <= v < num_classes})
+        bad = sorted(
+            {
+                v
+                for e in self.entries
+                if not e.get("failure")
+                for v in (e["source"], e["target"])
+                if not 0 <= v < num_classes
+            }
+        )
         if bad:
             raise ValueError(f"class ids {bad[:10]} are unknown to the classifier (classes 0..{num_classes - 1})")
         live = [e for e in self.entries if not e.get("failure")]
@@ -165,8 +206,13 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         e = self.entries[i]
         h, w = self.shape
-        item = {"sample_id": e["sample_id"], "source": e["source"], "target": e["target"], "error": e.get("failure") or "",
-                "seconds": float(e["seconds"]) if isinstance(e.get("seconds"), (int, float)) else float("nan")}
+        item = {
+            "sample_id": e["sample_id"],
+            "source": e["source"],
+            "target": e["target"],
+            "error": e.get("failure") or "",
+            "seconds": float(e["seconds"]) if isinstance(e.get("seconds"), (int, float)) else float("nan"),
+        }
         images: dict[str, torch.Tensor] = {}
         problems: dict[str, str] = {}
         for side in ("original", "counterfactual"):
@@ -192,7 +238,9 @@ class PairDataset(Dataset):
         for side in list(images):
             sz = tuple(images[side].shape[-2:])
             if sz != (h, w):
-                problems.setdefault(side, f"size {sz[0]}x{sz[1]} differs from the other images' {h}x{w} (set image_size to resize)")
+                problems.setdefault(
+                    side, f"size {sz[0]}x{sz[1]} differs from the other images' {h}x{w} (set image_size to resize)"
+                )
                 del images[side]
         if not item["error"] and problems:
             item["error"] = problems.get("counterfactual") or problems["original"]
@@ -201,5 +249,3 @@ class PairDataset(Dataset):
         item["original"] = images.get("original", torch.zeros(3, h, w))
         item["counterfactual"] = images["counterfactual"] if not item["error"] else torch.zeros(3, h, w)
         return item
-
-

@@ -129,8 +129,11 @@ class StageModule(L.LightningModule):
 
         if self._trainer is None or not self.trainer.loggers or not self.trainer.is_global_zero:
             return
-        clean = {k: float(v) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        clean = {
+            k: float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        }
         for logger in self.trainer.loggers:
             logger.log_metrics(clean, step=step)
 
@@ -144,8 +147,17 @@ class StageModule(L.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{what} needs autograd: build the Trainer with inference_mode=False")
 
-    def results(self, rows: list[dict[str, Any]], metrics: dict[str, Any], n: int, method: str, config: dict[str, Any],
-                wall_time_s: float, n_success: int | None = None, **fields: Any) -> dict[str, Any]:
+    def results(
+        self,
+        rows: list[dict[str, Any]],
+        metrics: dict[str, Any],
+        n: int,
+        method: str,
+        config: dict[str, Any],
+        wall_time_s: float,
+        n_success: int | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
         """The validated ``results.json`` of ``rows`` (sorted by sample id); ``fields`` are
         further :class:`~lit_vce.report.results.RunResults` fields (audit, protocol, ...).
         The metric suite's intervals (``self.metrics.last_intervals``) of the metrics and the
@@ -162,25 +174,49 @@ class StageModule(L.LightningModule):
             fields["intervals"] = {k: v for k, v in suite.last_intervals.items() if k in shown}
         counts = count_rows(rows)
         if self.stage != "analysis" and n != counts["n"]:
-            raise RuntimeError(f"{self.run_name}: the metrics cover {n} samples but the run has {counts['n']} rows; "
-                               "refusing to write results that mix two sample sets")
+            raise RuntimeError(
+                f"{self.run_name}: the metrics cover {n} samples but the run has {counts['n']} rows; "
+                "refusing to write results that mix two sample sets"
+            )
         warnings = list(fields.pop("warnings", []))
         note = failure_note(counts["n"], counts["n_failed"])
         if note:
             warnings.insert(0, note)
-        seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float, str)) and str(r["seconds"]) != ""]
+        seconds = [
+            float(r["seconds"])
+            for r in rows
+            if isinstance(r.get("seconds"), (int, float, str)) and str(r["seconds"]) != ""
+        ]
         if seconds and "wall_time_total_s" not in fields:
             # generation time summed per sample as written (a killed attempt's samples included)
             fields["wall_time_total_s"] = round(sum(seconds), 3)
             fields["s_per_img"] = round(sum(seconds) / max(len(rows), 1), 4)
         return build_results(
-            run_name=self.run_name, method=method, classifier=self.classifier_spec, n=n,
-            n_success=counts["n_success"] if n_success is None else n_success, n_failed=counts["n_failed"],
-            metrics=metrics, seed=self.seed, wall_time_s=wall_time_s, sample_ids_hash=ids_hash(rows), config=config,
-            world_size=self.trainer.world_size, stage=self.stage, warnings=warnings, **fields)
+            run_name=self.run_name,
+            method=method,
+            classifier=self.classifier_spec,
+            n=n,
+            n_success=counts["n_success"] if n_success is None else n_success,
+            n_failed=counts["n_failed"],
+            metrics=metrics,
+            seed=self.seed,
+            wall_time_s=wall_time_s,
+            sample_ids_hash=ids_hash(rows),
+            config=config,
+            world_size=self.trainer.world_size,
+            stage=self.stage,
+            warnings=warnings,
+            **fields,
+        )
 
-    def finalize(self, out_dir: str | Path, rows: list[dict[str, Any]], results: dict[str, Any],
-                 fields: list[str] | None = None, grid: bool = True) -> Path:
+    def finalize(
+        self,
+        out_dir: str | Path,
+        rows: list[dict[str, Any]],
+        results: dict[str, Any],
+        fields: list[str] | None = None,
+        grid: bool = True,
+    ) -> Path:
         """Write ``samples.csv`` (through the writer, with its diagnostics columns, when the
         rows are the writer's; else with ``fields``), ``results.json`` and, with ``grid``,
         ``grid.png``; atomically, each file whole or not at all. Returns the results' path."""

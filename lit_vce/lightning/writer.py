@@ -25,14 +25,44 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..errors import ConfigError, LitVCEError
-from ..io import (atomic_write_bytes, load_png, quantize, remove_stray_temporaries, sample_key, save_png, to_uint8,  # noqa: F401
-                  verify_file, write_json, write_rows_csv)
+from ..io import (
+    atomic_write_bytes,
+    load_png,
+    remove_stray_temporaries,
+    sample_key,
+    save_png,
+    to_uint8,  # noqa: F401
+    verify_file,
+    write_json,
+    write_rows_csv,
+)
 
 ROW_FIELDS = [
-    "sample_id", "source", "target", "pred_before", "conf_before", "pred_after", "conf_after", "target_conf_before",
-    "target_conf_after", "success", "success_independent", "l1", "l2", "l1_per_value", "lpips", "latent_l1", "latent_l2",
-    "cout", "attributes_changed", "s3", "face_similarity",
-    "failure", "method", "seed", "seconds",
+    "sample_id",
+    "source",
+    "target",
+    "pred_before",
+    "conf_before",
+    "pred_after",
+    "conf_after",
+    "target_conf_before",
+    "target_conf_after",
+    "success",
+    "success_independent",
+    "l1",
+    "l2",
+    "l1_per_value",
+    "lpips",
+    "latent_l1",
+    "latent_l2",
+    "cout",
+    "attributes_changed",
+    "s3",
+    "face_similarity",
+    "failure",
+    "method",
+    "seed",
+    "seconds",
 ]
 
 
@@ -46,7 +76,9 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in parts for r in part]
 
 
-def gather_run_rows(writer: "VCEPredictionWriter", trainer, keep: set[str] | None = None) -> list[dict[str, Any]] | None:
+def gather_run_rows(
+    writer: "VCEPredictionWriter", trainer, keep: set[str] | None = None
+) -> list[dict[str, Any]] | None:
     """The whole run's rows on global rank 0 (``None`` on the other ranks), sorted by
     sample id: a collective, so no shared filesystem is needed for them.
 
@@ -86,8 +118,14 @@ class VCEPredictionWriter(BasePredictionWriter):
             (0: refuse at once).
     """
 
-    def __init__(self, output_dir: str = "runs/vce", save_originals: bool = True, fields: list[str] | None = None,
-                 resume: str = "auto", lock_wait: float = 0.0):
+    def __init__(
+        self,
+        output_dir: str = "runs/vce",
+        save_originals: bool = True,
+        fields: list[str] | None = None,
+        resume: str = "auto",
+        lock_wait: float = 0.0,
+    ):
         super().__init__(write_interval="batch")
         if resume not in ("auto", "force"):
             raise ValueError("resume must be 'auto' (only into a run of the same configuration) or 'force'")
@@ -211,12 +249,16 @@ class VCEPredictionWriter(BasePredictionWriter):
         self._claimed = False
 
     # --- writing ---------------------------------------------------------------
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if not prediction:
             return
         self.write_samples(prediction["new_rows"], prediction["counterfactuals"], prediction["originals"])
 
-    def write_samples(self, rows: list[dict[str, Any]], counterfactuals: torch.Tensor | None, originals: torch.Tensor | None) -> None:
+    def write_samples(
+        self, rows: list[dict[str, Any]], counterfactuals: torch.Tensor | None, originals: torch.Tensor | None
+    ) -> None:
         """Per row: the counterfactual and original PNGs (when the row has them), then the
         record with their sha256 and the run's fingerprint hash (written last)."""
         cf = to_uint8(counterfactuals) if counterfactuals is not None and len(rows) else None
@@ -279,6 +321,7 @@ def canonical_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
     Likewise a setting a method retired (``retired_settings``: DiG-IN's ``speedups``) is dropped
     where it was recorded at the value that remains.
     """
+
     def drop(v):
         return {k: drop(x) for k, x in v.items() if x is not None} if isinstance(v, dict) else v
 
@@ -317,9 +360,11 @@ def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any] | None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         old = {}
         if writer.done_ids() and writer.resume != "force":
-            raise ConfigError(f"{path} is unreadable ({e}): the configuration of the {len(writer.done_ids())} samples in "
-                              f"{writer.output_dir} cannot be checked. Use another --writer.output_dir, or --writer.resume "
-                              "force to mix them anyway") from None
+            raise ConfigError(
+                f"{path} is unreadable ({e}): the configuration of the {len(writer.done_ids())} samples in "
+                f"{writer.output_dir} cannot be checked. Use another --writer.output_dir, or --writer.resume "
+                "force to mix them anyway"
+            ) from None
     if fingerprint is None:
         return {**old, "fingerprint": None, "fingerprint_hash": None}
     fp = canonical_fingerprint(fingerprint)
@@ -349,11 +394,17 @@ def check_resume(writer: VCEPredictionWriter, fingerprint: dict[str, Any] | None
                 shown = f"{foreign[None]} of them without a record of their configuration (no run.json)"
             else:
                 shown = f"{sum(foreign.values())} of them made under another configuration than run.json records"
-            raise ConfigError(f"{writer.output_dir} holds {len(done)} samples of a run with another configuration: "
-                              f"{shown}. Use another --writer.output_dir, or --writer.resume force to mix them anyway")
+            raise ConfigError(
+                f"{writer.output_dir} holds {len(done)} samples of a run with another configuration: "
+                f"{shown}. Use another --writer.output_dir, or --writer.resume force to mix them anyway"
+            )
         forced = forced or bool(foreign)
-    out = {"fingerprint": fp, "fingerprint_hash": h, "attempts": int(old.get("attempts", 0)) if done else 0,
-           "forced": forced}
+    out = {
+        "fingerprint": fp,
+        "fingerprint_hash": h,
+        "attempts": int(old.get("attempts", 0)) if done else 0,
+        "forced": forced,
+    }
     if same - {h}:
         out["equivalent_hashes"] = sorted(same - {h})
     return out

@@ -17,4 +17,13 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["VCEMethod", "VCEBatch", "CounterfactualResult", "PerStepGuidance", "Step", "ClassifierGuidance", "DVCE", "DiGIN"]
+__all__ = [
+    "VCEMethod",
+    "VCEBatch",
+    "CounterfactualResult",
+    "PerStepGuidance",
+    "Step",
+    "ClassifierGuidance",
+    "DVCE",
+    "DiGIN",
+]

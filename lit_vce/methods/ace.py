@@ -68,10 +68,22 @@ class ACE(VCEMethod):
     #: the sampler a prebuilt diffusion model must run (the registry-driven tests build one)
     diffusion_sampler = "adm"
 
-    def __init__(self, diffusion: Diffusion | str = "world", num_steps: int = 25, tau_fraction: float = 0.2,
-                 attack_steps: int = 100, step_size: float = 1 / 255, eps: float = 1.0, norm: str = "linf",
-                 l1_weight: float = 0.001, l2_weight: float = 0.0, dilation: int = 15, threshold: float = 0.15,
-                 stochastic: bool = True, gradient_checkpointing: bool = True):
+    def __init__(
+        self,
+        diffusion: Diffusion | str = "world",
+        num_steps: int = 25,
+        tau_fraction: float = 0.2,
+        attack_steps: int = 100,
+        step_size: float = 1 / 255,
+        eps: float = 1.0,
+        norm: str = "linf",
+        l1_weight: float = 0.001,
+        l2_weight: float = 0.0,
+        dilation: int = 15,
+        threshold: float = 0.15,
+        stochastic: bool = True,
+        gradient_checkpointing: bool = True,
+    ):
         super().__init__()
         if norm not in ("linf", "l2"):
             raise ValueError("norm must be 'linf' or 'l2'")
@@ -80,7 +92,9 @@ class ACE(VCEMethod):
         if isinstance(diffusion, str):
             diffusion = PixelDiffusion(diffusion, sampler="adm", num_steps=num_steps, clip_sample=True)
         if diffusion.sampler != "adm" or not isinstance(diffusion, PixelDiffusion):
-            raise ValueError("ACE runs a pixel diffusion model with guided-diffusion's ancestral sampler (sampler='adm')")
+            raise ValueError(
+                "ACE runs a pixel diffusion model with guided-diffusion's ancestral sampler (sampler='adm')"
+            )
         diffusion.clip_sample, diffusion.gradient_checkpointing = True, bool(gradient_checkpointing)
         self.diffusion = diffusion
         self.tau = max(1, int(tau_fraction * diffusion.num_steps))
@@ -147,6 +161,8 @@ class ACE(VCEMethod):
             edited = self.diffusion.decode(self.denoise(pre, batch, keep))
             images = keep * x + (1 - keep) * edited
             pre_probs = classifier(pre).softmax(1)
-        diag = {"pre_explanation_target_confidence": pre_probs.gather(1, batch.target[:, None]).squeeze(1),
-                "mask_fraction": (1 - keep).flatten(1).mean(1)}
+        diag = {
+            "pre_explanation_target_confidence": pre_probs.gather(1, batch.target[:, None]).squeeze(1),
+            "mask_fraction": (1 - keep).flatten(1).mean(1),
+        }
         return CounterfactualResult(images, diag)

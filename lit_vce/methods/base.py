@@ -112,8 +112,10 @@ class VCEMethod(nn.Module, RecordsInitArgs):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "generate" in cls.__dict__:
-            raise TypeError(f"{cls.__name__} overrides generate(), the harness's template: implement "
-                            "counterfactuals(batch, classifier) instead (see lit_vce.methods.base.VCEMethod)")
+            raise TypeError(
+                f"{cls.__name__} overrides generate(), the harness's template: implement "
+                "counterfactuals(batch, classifier) instead (see lit_vce.methods.base.VCEMethod)"
+            )
         if cls.resolution not in ("model", "exact", "input"):
             raise TypeError(f"{cls.__name__}.resolution must be 'model', 'exact' or 'input', got {cls.resolution!r}")
 
@@ -156,10 +158,14 @@ class VCEMethod(nn.Module, RecordsInitArgs):
             sub = batch if len(todo) == len(batch) else select_batch(batch, todo)
             part = method._at_input_resolution(sub, classifier)
             for k, i in enumerate(todo):
-                out[i] = CounterfactualResult(part.images[k : k + 1],
-                                              {**{key: v[k : k + 1] for key, v in part.diagnostics.items()},
-                                               **{key: torch.tensor([float(v)]) for key, v in labels.items()}},
-                                              [part.failure[k]])
+                out[i] = CounterfactualResult(
+                    part.images[k : k + 1],
+                    {
+                        **{key: v[k : k + 1] for key, v in part.diagnostics.items()},
+                        **{key: torch.tensor([float(v)]) for key, v in labels.items()},
+                    },
+                    [part.failure[k]],
+                )
             if j + 1 == len(tries):
                 break
             with torch.no_grad():
@@ -181,14 +187,18 @@ class VCEMethod(nn.Module, RecordsInitArgs):
         size = self.model_resolution() if self.resolution != "input" else None
         if size is not None and size_in != (size, size):
             if self.resolution == "exact":
-                raise ValueError(f"{self.name} works at its diffusion model's resolution ({size} px), got "
-                                 f"{size_in[0]}x{size_in[1]} images: set the data's image size to {size}")
+                raise ValueError(
+                    f"{self.name} works at its diffusion model's resolution ({size} px), got "
+                    f"{size_in[0]}x{size_in[1]} images: set the data's image size to {size}"
+                )
             batch = at_resolution(batch, size)
         result = self.counterfactuals(batch, classifier)
         check_result(self, batch, result)
         images = result.images
         if tuple(images.shape[-2:]) != size_in:
-            images = F.interpolate(images, size=size_in, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+            images = F.interpolate(images, size=size_in, mode="bilinear", antialias=True, align_corners=False).clamp(
+                0, 1
+            )
         finite = torch.isfinite(images).flatten(1).all(1)
         failure = [f if f else (None if bool(ok) else "non-finite output") for f, ok in zip(result.failure, finite)]
         failed = torch.tensor([f is not None for f in failure], device=images.device)
@@ -218,7 +228,7 @@ class VCEMethod(nn.Module, RecordsInitArgs):
 
 def at_resolution(batch: VCEBatch, size: int) -> VCEBatch:
     """``batch`` with its images (and foreground masks, nearest) resized to ``size`` px."""
-    from ..diffusion.base import resize_to
+    from ..imageops import resize_to
 
     images = resize_to(batch.images, size)
     mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
@@ -229,7 +239,9 @@ def check_result(method: VCEMethod, batch: VCEBatch, result: CounterfactualResul
     """Refuse a step output that breaks the contract, naming the method and what is wrong."""
     n, problems = len(batch), []
     if not isinstance(result, CounterfactualResult):
-        raise TypeError(f"{method.name}: counterfactuals() must return a CounterfactualResult, got {type(result).__name__}")
+        raise TypeError(
+            f"{method.name}: counterfactuals() must return a CounterfactualResult, got {type(result).__name__}"
+        )
     if tuple(result.images.shape) != tuple(batch.images.shape):
         problems.append(f"images of shape {tuple(result.images.shape)} for a batch of {tuple(batch.images.shape)}")
     for key, value in result.diagnostics.items():
@@ -250,9 +262,15 @@ def split_batch(batch: VCEBatch, size: int) -> list[VCEBatch]:
 def select_batch(batch: VCEBatch, idx: list[int]) -> VCEBatch:
     """The samples at positions ``idx`` (rngs travel with their samples), e.g. to retry some."""
     pick = torch.tensor(idx, dtype=torch.long, device=batch.images.device)
-    return VCEBatch(batch.images[pick], batch.source[pick], batch.target[pick], [batch.sample_ids[i] for i in idx],
-                    [batch.rngs[i] for i in idx], None if batch.mask is None else batch.mask[pick],
-                    None if batch.captions is None else [batch.captions[i] for i in idx])
+    return VCEBatch(
+        batch.images[pick],
+        batch.source[pick],
+        batch.target[pick],
+        [batch.sample_ids[i] for i in idx],
+        [batch.rngs[i] for i in idx],
+        None if batch.mask is None else batch.mask[pick],
+        None if batch.captions is None else [batch.captions[i] for i in idx],
+    )
 
 
 def concat_results(parts: list[CounterfactualResult]) -> CounterfactualResult:
@@ -265,7 +283,9 @@ def concat_results(parts: list[CounterfactualResult]) -> CounterfactualResult:
     )
 
 
-def generate_one_by_one(method: VCEMethod, batch: VCEBatch, classifier: nn.Module, workers: int = 1) -> CounterfactualResult:
+def generate_one_by_one(
+    method: VCEMethod, batch: VCEBatch, classifier: nn.Module, workers: int = 1
+) -> CounterfactualResult:
     """``method.generate`` one sample at a time (deterministic runs): with one intra-op CPU
     thread (the caller pins it) a sample's bytes do not depend on the batch it came in.
 
@@ -318,7 +338,10 @@ def check_domain(method: VCEMethod, classifier: nn.Module, image_size: tuple[int
 
         name = getattr(method, "name", "method")
         shipped = (config_root() / "imagenet" / "methods" / f"{name}.yaml").is_file()
-        fix = (f"--config imagenet/methods/{name} for ImageNet" if shipped else "a model of this domain") + \
-            " (or set --model.method.init_args.diffusion / robust_classifier)"
-        raise ConfigError(f"{name}: {' and '.join(problems)}, but the data are {h}x{w} images for "
-                          f"{getattr(classifier, 'name', 'the classifier')} ({k} classes): use {fix}")
+        fix = (
+            f"--config imagenet/methods/{name} for ImageNet" if shipped else "a model of this domain"
+        ) + " (or set --model.method.init_args.diffusion / robust_classifier)"
+        raise ConfigError(
+            f"{name}: {' and '.join(problems)}, but the data are {h}x{w} images for "
+            f"{getattr(classifier, 'name', 'the classifier')} ({k} classes): use {fix}"
+        )

@@ -31,9 +31,14 @@ class ClassifierGuidance(PerStepGuidance):
         **kwargs: sampler settings of :class:`PerStepGuidance`.
     """
 
-
-    def __init__(self, scale: float = 30.0, l1_weight: float = 30.0, normalize: bool = False,
-                 objective: Objective | None = None, **kwargs):
+    def __init__(
+        self,
+        scale: float = 30.0,
+        l1_weight: float = 30.0,
+        normalize: bool = False,
+        objective: Objective | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.scale, self.l1_weight, self.normalize = scale, l1_weight, normalize
         self.objective = objective if objective is not None else scale * TargetCE() + l1_weight * L1Distance()

@@ -48,14 +48,34 @@ class DiME(PerStepGuidance):
             x0 clipped).
     """
 
-
-    def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
-                 max_inner_steps: int | None = None, perceptual_weight: float = 0.0, perceptual_layer: int = 18,
-                 perceptual_weights: str | None = None, sampler: str = "adm", num_steps: int = 200, skip: float = 0.7,
-                 through_unet: bool = False, output: str = "sample", clip_sample: bool = True, noise_offset: int = 1,
-                 **kwargs):
-        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
-                         clip_sample=clip_sample, noise_offset=noise_offset, **kwargs)
+    def __init__(
+        self,
+        scales: tuple[float, ...] = (8.0, 10.0, 15.0),
+        l1_weight: float = 0.05,
+        use_logits: bool = True,
+        max_inner_steps: int | None = None,
+        perceptual_weight: float = 0.0,
+        perceptual_layer: int = 18,
+        perceptual_weights: str | None = None,
+        sampler: str = "adm",
+        num_steps: int = 200,
+        skip: float = 0.7,
+        through_unet: bool = False,
+        output: str = "sample",
+        clip_sample: bool = True,
+        noise_offset: int = 1,
+        **kwargs,
+    ):
+        super().__init__(
+            sampler=sampler,
+            num_steps=num_steps,
+            skip=skip,
+            through_unet=through_unet,
+            output=output,
+            clip_sample=clip_sample,
+            noise_offset=noise_offset,
+            **kwargs,
+        )
         if self.diffusion.sampler != "adm":
             raise ValueError("DiME runs guided-diffusion's ancestral sampler (sampler='adm')")
         if max_inner_steps is not None and max_inner_steps < 1:

@@ -64,7 +64,6 @@ class DVCE(PerStepGuidance):
             ``adm`` sampler, 200 steps, skip half, no clipping).
     """
 
-
     def __init__(
         self,
         robust_classifier: str | ImageClassifier | None = "robust",
@@ -85,8 +84,11 @@ class DVCE(PerStepGuidance):
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle
         self.distance_through_unet = distance_through_unet
-        self.objective = objective if objective is not None else (
-            classifier_weight * TargetCE() + distance_weight * L1Distance(reduction="sum"))
+        self.objective = (
+            objective
+            if objective is not None
+            else (classifier_weight * TargetCE() + distance_weight * L1Distance(reduction="sum"))
+        )
 
     @classmethod
     def test_kwargs(cls) -> dict:
@@ -109,7 +111,9 @@ class DVCE(PerStepGuidance):
         return views
 
     def guidance(self, x0, batch, classifier, eps, to_xt, step):
-        ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier, batch.mask, views=self._views(batch))
+        ctx = ObjectiveContext(
+            batch.images, batch.source, batch.target, classifier, batch.mask, views=self._views(batch)
+        )
         total = 0
         for weight, term in self.objective.weighted_terms():
             g = ascent(term, x0, ctx)

@@ -47,13 +47,34 @@ class FastDiME(PerStepGuidance):
         **kwargs: sampler settings (defaults: ``adm`` sampler, 200 steps, 60 guided).
     """
 
-
-    def __init__(self, scales: tuple[float, ...] = (8.0, 10.0, 15.0), l1_weight: float = 0.05, use_logits: bool = True,
-                 warmup: int = 30, dilation: int = 5, threshold: float = 0.15, sampler: str = "adm", num_steps: int = 200,
-                 skip: float = 0.7, through_unet: bool = False, output: str = "sample", noise_offset: int = 1,
-                 perceptual_weight: float = 0.0, perceptual_layer: int = 18, perceptual_weights: str | None = None, **kwargs):
-        super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, through_unet=through_unet, output=output,
-                         noise_offset=noise_offset, **kwargs)
+    def __init__(
+        self,
+        scales: tuple[float, ...] = (8.0, 10.0, 15.0),
+        l1_weight: float = 0.05,
+        use_logits: bool = True,
+        warmup: int = 30,
+        dilation: int = 5,
+        threshold: float = 0.15,
+        sampler: str = "adm",
+        num_steps: int = 200,
+        skip: float = 0.7,
+        through_unet: bool = False,
+        output: str = "sample",
+        noise_offset: int = 1,
+        perceptual_weight: float = 0.0,
+        perceptual_layer: int = 18,
+        perceptual_weights: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            sampler=sampler,
+            num_steps=num_steps,
+            skip=skip,
+            through_unet=through_unet,
+            output=output,
+            noise_offset=noise_offset,
+            **kwargs,
+        )
         self.perceptual_weight = float(perceptual_weight)
         self.perceptual = VGGPerceptual(perceptual_layer, perceptual_weights) if self.perceptual_weight else None
         if dilation % 2 != 1:

@@ -130,7 +130,9 @@ class PerStepGuidance(VCEMethod):
         self.through_unet, self.inner_batch_size = through_unet, inner_batch_size
         self.output = ("x0" if diffusion.sampler == "adm" else "sample") if output == "auto" else output
         if not 0 <= int(noise_offset) <= self.start_index():
-            raise ValueError(f"noise_offset must be in [0, {self.start_index()}] (the steps skipped above the first guided one)")
+            raise ValueError(
+                f"noise_offset must be in [0, {self.start_index()}] (the steps skipped above the first guided one)"
+            )
         self.noise_offset = int(noise_offset)
 
     @classmethod
@@ -138,7 +140,9 @@ class PerStepGuidance(VCEMethod):
         return {"num_steps": 10}
 
     # --- the method-specific part --------------------------------------------
-    def guidance(self, x0: torch.Tensor, batch: VCEBatch, classifier, eps: torch.Tensor, to_xt, step: Step) -> torch.Tensor:
+    def guidance(
+        self, x0: torch.Tensor, batch: VCEBatch, classifier, eps: torch.Tensor, to_xt, step: Step
+    ) -> torch.Tensor:
         """The ascent direction on x_t (same shape as ``x0``).
 
         ``x0`` is the x0-prediction as an image in [0, 1] (part of the autograd
@@ -178,7 +182,7 @@ class PerStepGuidance(VCEMethod):
         """The guided reverse process from the noised batch (at the model's resolution)."""
         d = self.diffusion
         n = len(batch)
-        steps = d.timesteps[self.start_index():]
+        steps = d.timesteps[self.start_index() :]
         t_noise = d.timesteps[self.start_index() - self.noise_offset]  # DiME's code: one step above the first guided
         z0 = self.encode_start(batch)
         x_t = d.add_noise(z0, per_sample_randn(z0.shape[1:], batch.rngs).to(z0), int(t_noise))
@@ -188,8 +192,16 @@ class PerStepGuidance(VCEMethod):
         state: dict = {}
         for k, t in enumerate(steps):
             t = int(t)
-            step = Step(k, t, int(steps[k + 1]) if k + 1 < len(steps) else None, x_t.detach(), None, d.alpha_bar(t),
-                        len(steps), state)
+            step = Step(
+                k,
+                t,
+                int(steps[k + 1]) if k + 1 < len(steps) else None,
+                x_t.detach(),
+                None,
+                d.alpha_bar(t),
+                len(steps),
+                state,
+            )
             out, grad = self._guided_step(step, batch, classifier, conds)
             finite = torch.isfinite(grad).flatten(1).all(1)
             for i in torch.nonzero(~finite & ok).flatten().tolist():
@@ -231,6 +243,7 @@ class PerStepGuidance(VCEMethod):
                 return vjp(_img0, _xt, v) if self.through_unet else v * 0.5 / d.alpha_bar(t).sqrt().to(v)
 
             step.x0 = img0.detach()
-            grad = self.guidance(img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps,
-                                 to_xt, step)
+            grad = self.guidance(
+                img0 if self.through_unet else img0.detach().requires_grad_(True), batch, classifier, eps, to_xt, step
+            )
         return {k: v.detach() for k, v in out.items()}, grad

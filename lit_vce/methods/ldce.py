@@ -34,7 +34,9 @@ from .guided import PerStepGuidance, Step
 from .parts import rescale_to
 
 
-def consensus_filter(implicit: torch.Tensor, score: torch.Tensor, angle_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+def consensus_filter(
+    implicit: torch.Tensor, score: torch.Tensor, angle_deg: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``score`` with the spatial positions zeroed where its channel vector is more than
     ``angle_deg`` away from ``implicit``'s (LDCE's consensus guidance); also the kept
     positions (N, 1, H, W) as a float mask."""
@@ -68,27 +70,48 @@ class LDCE(PerStepGuidance):
             no clipping, the final sample).
     """
 
-
-    def __init__(self, classifier_weight: float = 2.3, distance_weight: float = 0.3, consensus_angle: float = 45.0,
-                 guidance_scale: float = 3.0, strength: float = 0.382, objective: Objective | None = None,
-                 prompt: str = "a photo of a {}.", class_names: list[str] | None = None, sampler: str = "ddim",
-                 num_steps: int = 500, clip_sample: bool = False, posterior: str = "sample", noise_offset: int = 1,
-                 **kwargs):
+    def __init__(
+        self,
+        classifier_weight: float = 2.3,
+        distance_weight: float = 0.3,
+        consensus_angle: float = 45.0,
+        guidance_scale: float = 3.0,
+        strength: float = 0.382,
+        objective: Objective | None = None,
+        prompt: str = "a photo of a {}.",
+        class_names: list[str] | None = None,
+        sampler: str = "ddim",
+        num_steps: int = 500,
+        clip_sample: bool = False,
+        posterior: str = "sample",
+        noise_offset: int = 1,
+        **kwargs,
+    ):
         if not 0 < strength <= 1:
             raise ValueError("strength must be in (0, 1]")
         if posterior not in ("sample", "mean"):
             raise ValueError(f"posterior must be 'sample' (the code's) or 'mean', got {posterior!r}")
         self.posterior = posterior
         kwargs.setdefault("output", "sample")
-        super().__init__(sampler=sampler, num_steps=num_steps, skip=1 - strength, clip_sample=clip_sample,
-                         through_unet=True, noise_offset=noise_offset, **kwargs)
+        super().__init__(
+            sampler=sampler,
+            num_steps=num_steps,
+            skip=1 - strength,
+            clip_sample=clip_sample,
+            through_unet=True,
+            noise_offset=noise_offset,
+            **kwargs,
+        )
         if self.conditioning != "none" or not self.diffusion.has_null_condition:
             raise ValueError("LDCE needs a conditional model with an unconditional input, stepped unconditionally")
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.consensus_angle, self.guidance_scale, self.strength = consensus_angle, guidance_scale, strength
         self.prompt, self.class_names = prompt, class_names
-        self.objective = objective if objective is not None else (
-            classifier_weight * TargetCE() + distance_weight * L1Distance(reduction="sum"))
+        self.objective = (
+            objective
+            if objective is not None
+            else (classifier_weight * TargetCE() + distance_weight * L1Distance(reduction="sum"))
+        )
 
     @classmethod
     def test_kwargs(cls) -> dict:
@@ -99,7 +122,7 @@ class LDCE(PerStepGuidance):
         vae = getattr(d, "vae", None)
         if self.posterior == "mean" or vae is None:
             return d.encode(batch.images)
-        from ..diffusion.base import resize_to
+        from ..imageops import resize_to
         from ..rngs import per_sample_randn
 
         images = resize_to(batch.images, d.image_size)
@@ -113,7 +136,9 @@ class LDCE(PerStepGuidance):
             return d.condition(batch.target)
         names = self.class_names or list(getattr(classifier, "class_names", []))
         if not names:
-            raise ValueError("a text-conditioned model needs class names (class_names=... or a classifier with class_names)")
+            raise ValueError(
+                "a text-conditioned model needs class names (class_names=... or a classifier with class_names)"
+            )
         return d.condition([self.prompt.format(names[int(c)]) for c in batch.target])
 
     def guidance(self, x0, batch, classifier, eps, to_xt, step: Step):
@@ -131,8 +156,9 @@ class LDCE(PerStepGuidance):
             if term.uses_classifier:
                 score, kept = consensus_filter(implicit, score, self.consensus_angle)
                 diag = step.state.setdefault("diagnostics", {})
-                diag["consensus_fraction"] = diag.get("consensus_fraction", 0) + kept.flatten(1).mean(1) / step.num_steps
+                diag["consensus_fraction"] = (
+                    diag.get("consensus_fraction", 0) + kept.flatten(1).mean(1) / step.num_steps
+                )
             total = total + weight * rescale_to(score, implicit)
         # the sampler steps with eps - sqrt(1 - abar) * g, which is e_u + scale * total for this g
         return -self.guidance_scale * total / sq
-

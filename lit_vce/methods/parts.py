@@ -67,7 +67,9 @@ def ascent(objective, x0: torch.Tensor, ctx) -> torch.Tensor:
     return g
 
 
-def objective_guidance(objective, x0: torch.Tensor, ctx, to_xt, rescale_like: torch.Tensor | None = None) -> torch.Tensor:
+def objective_guidance(
+    objective, x0: torch.Tensor, ctx, to_xt, rescale_like: torch.Tensor | None = None
+) -> torch.Tensor:
     """The guidance of an objective on x_t: ``to_xt`` of its ascent direction at ``x0``; with
     ``rescale_like``, each weighted term's direction is rescaled to that tensor's per-sample
     norm before its weight is applied (DVCE's normalisation to the noise prediction)."""
@@ -152,7 +154,9 @@ def random_affine_perspective(
     mapped = pts @ h.transpose(1, 2)
     grid = (mapped[..., :2] / mapped[..., 2:].clamp_min(1e-8)).view(N * n, H, W, 2).to(dt)
     if include_clean:
-        ident = F.affine_grid(torch.eye(2, 3, dtype=dt, device=dev)[None].expand(N, 2, 3), (N, C, H, W), align_corners=False)
+        ident = F.affine_grid(
+            torch.eye(2, 3, dtype=dt, device=dev)[None].expand(N, 2, 3), (N, C, H, W), align_corners=False
+        )
         grid = grid.view(N, n, H, W, 2).clone()
         grid[:, 0] = ident
         grid = grid.view(N * n, H, W, 2)

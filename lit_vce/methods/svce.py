@@ -121,8 +121,15 @@ class SVCE(VCEMethod):
 
     supports_concurrency = True
 
-    def __init__(self, eps: float = 150.0, p: float = 1.5, steps: int = 75, attack: str = "afw", momentum: float = 0.0,
-                 rho: float = 0.75):
+    def __init__(
+        self,
+        eps: float = 150.0,
+        p: float = 1.5,
+        steps: int = 75,
+        attack: str = "afw",
+        momentum: float = 0.0,
+        rho: float = 0.75,
+    ):
         super().__init__()
         if attack not in ("afw", "apgd"):
             raise ValueError("attack must be 'afw' or 'apgd'")
@@ -155,7 +162,9 @@ class SVCE(VCEMethod):
             return (x + lp_box_lmo(x, r, self.eps, self.p)).clamp(0, 1)
         if self.p == 1:
             return x + project_l1_box(x, r, self.eps)
-        return project_l2_box(x, x + self.eps * r / r.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.eps)
+        return project_l2_box(
+            x, x + self.eps * r / r.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.eps
+        )
 
     def _move(self, i: int, x, x_adv, prev, grad, run: dict) -> torch.Tensor:
         """One iterate from ``x_adv``: the Frank-Wolfe step, or Auto-PGD's l2 (momentum 0.75)
@@ -183,7 +192,9 @@ class SVCE(VCEMethod):
             sparsity = (best - x).flatten(1).ne(0).sum(1).to(run["step"])
             reset = sparsity / run["sparsity"] < 0.95
             run["topk"], run["sparsity"] = sparsity / sparsity.new_tensor(x[0].numel()) / 1.5, sparsity
-            run["step"] = torch.where(reset, torch.full_like(run["step"], full), run["step"] / 1.5).clamp(full / 10, full)
+            run["step"] = torch.where(reset, torch.full_like(run["step"], full), run["step"] / 1.5).clamp(
+                full / 10, full
+            )
             return reset
         k = run["k"]
         rises = sum((history[i - j] > history[i - j - 1]).float() for j in range(k))
@@ -202,10 +213,15 @@ class SVCE(VCEMethod):
         best, best_grad = x_adv.clone(), grad.clone()
         l1 = self.attack == "apgd" and self.p == 1
         first = 0.75 if self.attack == "afw" else (1.0 if l1 else 2.0) * self.eps
-        run = {"step": torch.full((n,), first, device=x.device), "best_value": value.clone(), "last_best": value.clone(),
-               "reduced": torch.ones(n, dtype=torch.bool, device=x.device), "topk": torch.full((n,), 0.2, device=x.device),
-               "sparsity": torch.full((n,), float(x[0].numel()), device=x.device),
-               "k": max(int((0.04 if l1 else 0.22) * self.steps), 1)}
+        run = {
+            "step": torch.full((n,), first, device=x.device),
+            "best_value": value.clone(),
+            "last_best": value.clone(),
+            "reduced": torch.ones(n, dtype=torch.bool, device=x.device),
+            "topk": torch.full((n,), 0.2, device=x.device),
+            "sparsity": torch.full((n,), float(x[0].numel()), device=x.device),
+            "k": max(int((0.04 if l1 else 0.22) * self.steps), 1),
+        }
         history, counter, prev = torch.zeros(self.steps, n, device=x.device), 0, x_adv
         for i in range(self.steps):
             prev, x_adv = x_adv, self._move(i, x, x_adv, prev, grad, run).detach()

@@ -3,8 +3,18 @@
 The names below load :mod:`lit_vce.metrics.vce` on first use, so that a submodule without
 torch (``accounting``'s counting rules, read by the leaderboard) imports without it."""
 
-__all__ = ["COUT", "SplitFID", "cout_scores", "FlipRate", "TargetConfidence", "LpDistance", "FeatureFID", "WorldAudit",
-           "WorldFeatures", "frechet_distance"]
+__all__ = [
+    "COUT",
+    "SplitFID",
+    "cout_scores",
+    "FlipRate",
+    "TargetConfidence",
+    "LpDistance",
+    "FeatureFID",
+    "WorldAudit",
+    "WorldFeatures",
+    "frechet_distance",
+]
 
 
 def __getattr__(name):

@@ -52,10 +52,17 @@ def merge_failures(*lists: list[str | None]) -> list[str]:
     return [next((f for f in fs if f), "") for fs in zip(*lists)]
 
 
-def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, source: torch.Tensor,
-                target: torch.Tensor, sample_ids: list[str], failures: list[str | None] | None = None,
-                diagnostics: dict[str, torch.Tensor] | None = None,
-                original_ok: list[bool] | None = None) -> list[dict[str, Any]]:
+def score_batch(
+    suite,
+    originals: torch.Tensor,
+    counterfactuals: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    sample_ids: list[str],
+    failures: list[str | None] | None = None,
+    diagnostics: dict[str, torch.Tensor] | None = None,
+    original_ok: list[bool] | None = None,
+) -> list[dict[str, Any]]:
     """The one place where a batch of attempted samples enters the metrics.
 
     ``originals`` are quantised images, ``counterfactuals`` the method's output as it
@@ -73,14 +80,18 @@ def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, s
 
     n = len(sample_ids)
     # before quantising: clamping would turn inf into a valid pixel value
-    failures = merge_failures(list(failures) if failures is not None else [None] * n, nonfinite_failures(counterfactuals))
+    failures = merge_failures(
+        list(failures) if failures is not None else [None] * n, nonfinite_failures(counterfactuals)
+    )
     counterfactuals = quantize(counterfactuals.detach())
     bad = [i for i, f in enumerate(failures) if f]
     good = [i for i, f in enumerate(failures) if not f]
     rows: list[dict[str, Any] | None] = [None] * n
     if good:
         idx = torch.tensor(good, device=counterfactuals.device)
-        measured = suite.update(originals[idx], counterfactuals[idx], source[idx], target[idx], [sample_ids[i] for i in good])
+        measured = suite.update(
+            originals[idx], counterfactuals[idx], source[idx], target[idx], [sample_ids[i] for i in good]
+        )
         for i, row in zip(good, measured):
             rows[i] = row
     finite = torch.isfinite(originals.detach().flatten(1)).all(1).tolist()
@@ -89,8 +100,13 @@ def score_batch(suite, originals: torch.Tensor, counterfactuals: torch.Tensor, s
         if not group:
             continue
         idx = torch.tensor(group, device=counterfactuals.device)
-        failed = suite.update_failed(source[idx], target[idx], [sample_ids[i] for i in group], [failures[i] for i in group],
-                                     originals=originals[idx] if with_original else None)
+        failed = suite.update_failed(
+            source[idx],
+            target[idx],
+            [sample_ids[i] for i in group],
+            [failures[i] for i in group],
+            originals=originals[idx] if with_original else None,
+        )
         for i, row in zip(group, failed):
             rows[i] = row
     out = []
@@ -116,10 +132,19 @@ def plain_rows(clf, cf, src, tgt, ids, failures, diagnostics) -> list[dict[str, 
         logits = clf(quantize(torch.nan_to_num(cf)))
     rows = []
     for i, (s, a, b) in enumerate(zip(ids, src, tgt)):
-        fail = failures[i] or ("" if bool(torch.isfinite(logits[i]).all()) else "non-finite logits from the classifier on the counterfactual")
+        fail = failures[i] or (
+            ""
+            if bool(torch.isfinite(logits[i]).all())
+            else "non-finite logits from the classifier on the counterfactual"
+        )
         p = logits[i].softmax(0)
-        row = {"sample_id": s, "source": int(a), "target": int(b), "failure": fail,
-               "success": not fail and bool(p.argmax() == b)}
+        row = {
+            "sample_id": s,
+            "source": int(a),
+            "target": int(b),
+            "failure": fail,
+            "success": not fail and bool(p.argmax() == b),
+        }
         if not fail:
             row["target_conf_after"] = float(p[b])
         row["diagnostics"] = {k: float(d[i]) for k, d in diagnostics.items()}
@@ -151,12 +176,16 @@ def check_counts(n: int, n_success: int, n_failed: int, flip_rate: float | None 
     if min(n, n_success, n_failed) < 0:
         raise ValueError(f"{where}: counts must be non-negative (n={n}, n_success={n_success}, n_failed={n_failed})")
     if n_success + n_failed > n:
-        raise ValueError(f"{where}: n_success ({n_success}) + n_failed ({n_failed}) exceed n ({n}): "
-                         "the figures do not come from the same samples")
+        raise ValueError(
+            f"{where}: n_success ({n_success}) + n_failed ({n_failed}) exceed n ({n}): "
+            "the figures do not come from the same samples"
+        )
     if flip_rate is not None and n > 0 and isinstance(flip_rate, (int, float)) and math.isfinite(flip_rate):
         if flip_rate > 1 - n_failed / n + 1e-9:
-            raise ValueError(f"{where}: flip rate {flip_rate:.4f} exceeds 1 - n_failed/n = {1 - n_failed / n:.4f}: "
-                             "a failed sample was counted as flipped")
+            raise ValueError(
+                f"{where}: flip rate {flip_rate:.4f} exceeds 1 - n_failed/n = {1 - n_failed / n:.4f}: "
+                "a failed sample was counted as flipped"
+            )
         if abs(flip_rate * n - n_success) > 1e-6 * max(n, 1) + 1e-9:
             raise ValueError(f"{where}: flip rate {flip_rate:.4f} over n={n} is not n_success={n_success}")
 
@@ -177,4 +206,6 @@ def check_distinct_targets(sources, targets, labels=None, what: str = "samples")
     same = [lab for lab, s, t in zip(labels, sources, targets) if s == t]
     if same:
         shown = ", ".join(map(str, same[:10])) + (" ..." if len(same) > 10 else "")
-        raise ConfigError(f"target equals source for {len(same)} {what} ({shown}): a counterfactual needs a different target")
+        raise ConfigError(
+            f"target equals source for {len(same)} {what} ({shown}): a counterfactual needs a different target"
+        )

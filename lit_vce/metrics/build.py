@@ -62,8 +62,11 @@ def build_suite(
     face_encoder = load_vggface2() if face_verification == "on" else None
     sel = check_metrics(metrics)  # what is not selected is not loaded either
     lpips = lpips if "lpips" in sel else "off"
-    lp = build_lpips(lpips_weights, net=lpips_net) if lpips == "on" or (
-        lpips == "auto" and lpips_available(lpips_weights, net=lpips_net)) else None
+    lp = (
+        build_lpips(lpips_weights, net=lpips_net)
+        if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights, net=lpips_net))
+        else None
+    )
     if attribute_oracle not in ("off", "celeba", "celebahq"):
         raise ValueError(f"attribute_oracle must be 'off', 'celeba' or 'celebahq', got {attribute_oracle!r}")
     oracle = reader = None
@@ -72,17 +75,33 @@ def build_suite(
 
         oracle = load_attribute_oracle(attribute_oracle)  # fails here, before any work, when oracle.pth is missing
         if attributes:
-            reader = OracleAttributes(oracle, attributes["query"], attributes.get("correlations"),
-                                      attributes.get("cd_dataset"))
+            reader = OracleAttributes(
+                oracle, attributes["query"], attributes.get("correlations"), attributes.get("cd_dataset")
+            )
     second = second_classifier if "independent" in sel else None
     second = load_classifier(second) if isinstance(second, str) else second
     features = fid_features if ("fid" in sel or "sfid" in sel) else None
-    # CD compares with the attribute correlations of the data the classifier learned from (ACE: CelebA's training partition)
+    # CD compares with the attribute correlations of the data the classifier learned from
+    # (ACE: CelebA's training partition)
     cd_regime = {"biased": "biased", "watermarked": "watermark"}.get(getattr(classifier, "name", ""), "balanced")
-    suite = VCEMetrics(classifier, features=features, inception_weights=inception_weights, second_classifier=second, cd_regime=cd_regime,
-                      lpips=lp, audit=world_audit, resolution=resolution, autoencoder=autoencoder if "latent" in sel else None,
-                      seed=seed, metrics=sorted(sel), resamples=interval_resamples, fid_resamples=fid_interval_resamples,
-                      s3_encoder=s3_encoder, face_encoder=face_encoder, attribute_oracle=reader)
+    suite = VCEMetrics(
+        classifier,
+        features=features,
+        inception_weights=inception_weights,
+        second_classifier=second,
+        cd_regime=cd_regime,
+        lpips=lp,
+        audit=world_audit,
+        resolution=resolution,
+        autoencoder=autoencoder if "latent" in sel else None,
+        seed=seed,
+        metrics=sorted(sel),
+        resamples=interval_resamples,
+        fid_resamples=fid_interval_resamples,
+        s3_encoder=s3_encoder,
+        face_encoder=face_encoder,
+        attribute_oracle=reader,
+    )
     suite.pending_oracle = oracle if reader is None else None
     suite.lpips_net = lpips_net if lp is not None else None
     return suite

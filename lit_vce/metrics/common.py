@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 
-from ..diffusion.base import resize_to as resize_square
-
-
-def resize_to(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
-    """Square ``resolution`` x ``resolution`` images (bilinear, antialiased, clamped to [0, 1]);
-    unchanged when None or already there."""
-    if resolution is None or images.shape[-2:] == (resolution, resolution):
-        return images
-    return resize_square(images, resolution).clamp(0, 1)
+from ..imageops import resize_to  # noqa: F401  (imported from here)
 
 
 #: the metrics that can be left out (``metrics=[...]``, ``lit-vce evaluate --metrics``); validity
@@ -27,6 +18,8 @@ def check_metrics(metrics) -> frozenset[str]:
     names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     bad = sorted(set(names) - set(OPTIONAL_METRICS))
     if bad:
-        raise ValueError(f"unknown metric(s) {', '.join(bad)}: choose from {', '.join(OPTIONAL_METRICS)} "
-                         "(flip rates, confidences and L1/L2 are always computed)")
+        raise ValueError(
+            f"unknown metric(s) {', '.join(bad)}: choose from {', '.join(OPTIONAL_METRICS)} "
+            "(flip rates, confidences and L1/L2 are always computed)"
+        )
     return frozenset(names)

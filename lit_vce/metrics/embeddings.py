@@ -51,9 +51,16 @@ class SimSiamEncoder(nn.Module):
 
         enc = torchvision.models.resnet50(num_classes=dim, zero_init_residual=True)
         prev = enc.fc.weight.shape[1]
-        enc.fc = nn.Sequential(nn.Linear(prev, prev, bias=False), nn.BatchNorm1d(prev), nn.ReLU(inplace=True),
-                               nn.Linear(prev, prev, bias=False), nn.BatchNorm1d(prev), nn.ReLU(inplace=True),
-                               enc.fc, nn.BatchNorm1d(dim, affine=False))
+        enc.fc = nn.Sequential(
+            nn.Linear(prev, prev, bias=False),
+            nn.BatchNorm1d(prev),
+            nn.ReLU(inplace=True),
+            nn.Linear(prev, prev, bias=False),
+            nn.BatchNorm1d(prev),
+            nn.ReLU(inplace=True),
+            enc.fc,
+            nn.BatchNorm1d(dim, affine=False),
+        )
         self.encoder = enc
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -70,7 +77,7 @@ def load_simsiam(path: str | Path | None = None) -> SimSiamEncoder:
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise MissingWeightsError(f"{p}: not a SimSiam checkpoint (no state_dict)")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     enc = {k: v for k, v in state.items() if k.startswith("encoder.")}
     model = SimSiamEncoder()
     missing, unexpected = model.load_state_dict(enc, strict=False)
@@ -95,8 +102,9 @@ class VGGFace2ResNet50(nn.Module):
         h, w = images.shape[-2:]
         s = 224 / min(h, w)
         if (h, w) != (round(h * s), round(w * s)):
-            images = F.interpolate(images, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False,
-                                   antialias=True)
+            images = F.interpolate(
+                images, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False, antialias=True
+            )
         x = (images.clamp(0, 1) * 255).round().flip(1)  # uint8 values, BGR
         return x - self.mean_bgr
 
@@ -107,9 +115,15 @@ class VGGFace2ResNet50(nn.Module):
 class _NumpyOnly(pickle.Unpickler):
     """Unpickles dicts of numpy arrays, nothing else (the Caffe-converted VGGFace2 weights)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:

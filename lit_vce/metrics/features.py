@@ -45,7 +45,9 @@ def find_inception_weights(weights_path: str | Path | None = None) -> Path | Non
     if weights_path is not None:
         p = Path(weights_path).expanduser()
         if not p.is_file():
-            raise MissingWeightsError(f"Inception weights file {p} does not exist (expected torch-fidelity's {INCEPTION_FILE})")
+            raise MissingWeightsError(
+                f"Inception weights file {p} does not exist (expected torch-fidelity's {INCEPTION_FILE})"
+            )
         return p
     return next((p for p in inception_weight_locations() if p.is_file()), None)
 
@@ -67,17 +69,23 @@ class InceptionFeatures(nn.Module):
         path = find_inception_weights(weights_path)
         if path is None:
             where = weights_dir() / "inception" / INCEPTION_FILE
-            hint = (f"download {INCEPTION_URL} and put it at {where}, or point $LIT_VCE_INCEPTION_WEIGHTS "
-                    "(or the config key inception_weights) to it")
+            hint = (
+                f"download {INCEPTION_URL} and put it at {where}, or point $LIT_VCE_INCEPTION_WEIGHTS "
+                "(or the config key inception_weights) to it"
+            )
             if not may_download():
                 raise MissingWeightsError(f"Inception FID: no local weights ({no_download_reason()}); {hint}")
             try:
                 torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False)
             except Exception as e:  # download errors come in many types
-                raise MissingWeightsError(f"Inception FID: could not download the weights ({type(e).__name__}: {e}); {hint}") from e
+                raise MissingWeightsError(
+                    f"Inception FID: could not download the weights ({type(e).__name__}: {e}); {hint}"
+                ) from e
             path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         self.weights_path = str(path)
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        )
         # channels-last convolutions: 1.25x faster on CPU, features within 1e-6 relative of the default layout
         self.net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
@@ -122,12 +130,13 @@ class LatentEncoder(nn.Module):
 
             from ..errors import MissingWeightsError
 
-            path, sub = (autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, ""))
+            path, sub = autoencoder.rsplit(":", 1) if ":" in autoencoder else (autoencoder, "")
             try:
                 autoencoder = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
             except (OSError, ValueError) as e:
-                raise MissingWeightsError(f"latent distances: cannot load the autoencoder {path!r}"
-                                          f"{f' (subfolder {sub})' if sub else ''}: {e}") from e
+                raise MissingWeightsError(
+                    f"latent distances: cannot load the autoencoder {path!r}{f' (subfolder {sub})' if sub else ''}: {e}"
+                ) from e
         self.vae = autoencoder.eval().requires_grad_(False)
         self.scaling = float(getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0) or 1.0)
 

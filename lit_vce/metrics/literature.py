@@ -34,8 +34,9 @@ from torchmetrics import Metric
 from .vce import _SumMean
 
 
-def attribute_changes(decisions_before: torch.Tensor, decisions_after: torch.Tensor,
-                      groups: list[list[int]] | None = None) -> torch.Tensor:
+def attribute_changes(
+    decisions_before: torch.Tensor, decisions_after: torch.Tensor, groups: list[list[int]] | None = None
+) -> torch.Tensor:
     """Per sample, the number of attributes whose decision differs (N,), float64.
 
     ``decisions_*`` are (N, A) booleans (probabilities > 0.5, as ACE thresholds);
@@ -182,12 +183,22 @@ class WorldAttributes:
         return world_target_deltas(before, after, target)
 
     def describe(self) -> dict:
-        return {"attributes": list(WORLD_ATTRIBUTES), "reader": "world oracle + watermark pixels",
-                "cd_dataset": f"world {self.regime} train (4096 images)"}
+        return {
+            "attributes": list(WORLD_ATTRIBUTES),
+            "reader": "world oracle + watermark pixels",
+            "cd_dataset": f"world {self.regime} train (4096 images)",
+        }
 
 
-def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch.Tensor, resamples: int, seed: int,
-                level: float, query: int = 0) -> list[float]:
+def cd_interval(
+    deltas: torch.Tensor,
+    success: torch.Tensor,
+    dataset_corr: torch.Tensor,
+    resamples: int,
+    seed: int,
+    level: float,
+    query: int = 0,
+) -> list[float]:
     """The percentile bootstrap interval of CD over samples (:mod:`lit_vce.metrics.uncertainty`):
     each resample's CD from its successful samples' sums (a resample with fewer than two
     is left out)."""
@@ -203,8 +214,14 @@ def cd_interval(deltas: torch.Tensor, success: torch.Tensor, dataset_corr: torch
     d, q = deltas.double(), deltas[:, query].double()
     sn, sx, sxx = w.sum(1), w @ d, w @ (d * d)
     sq, sqq, sxq = w @ q, w @ (q * q), w @ (d * q[:, None])
-    values = torch.stack([_cd_from_sums(sn[r], sx[r], sxx[r], sq[r], sqq[r], sxq[r], dataset_corr) if sn[r] >= 2
-                          else torch.tensor(float("nan"), dtype=torch.float64) for r in range(resamples)])
+    values = torch.stack(
+        [
+            _cd_from_sums(sn[r], sx[r], sxx[r], sq[r], sqq[r], sxq[r], dataset_corr)
+            if sn[r] >= 2
+            else torch.tensor(float("nan"), dtype=torch.float64)
+            for r in range(resamples)
+        ]
+    )
     return percentile_interval(values, level)
 
 
@@ -231,7 +248,9 @@ class AttributeMetrics(torch.nn.Module):
         self.mnac.update(changes, success)
         if self.cd is not None:
             self.cd.update(deltas, deltas[:, a.query], success)
-        self.samples.update(keys, torch.cat([success.double()[:, None], changes[:, None], deltas], 1).to(original.device))
+        self.samples.update(
+            keys, torch.cat([success.double()[:, None], changes[:, None], deltas], 1).to(original.device)
+        )
         return changes
 
     def update_failed(self, keys: torch.Tensor) -> None:
@@ -257,6 +276,7 @@ class AttributeMetrics(torch.nn.Module):
         ok = torch.nan_to_num(lit[:, 0])
         out = {"mnac": mean_interval(torch.nan_to_num(lit[:, 1]), resamples, seed, level, weights=ok)}
         if self.cd is not None:
-            out["cd"] = cd_interval(torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, resamples, seed, level,
-                                    query=self.reader.query)
+            out["cd"] = cd_interval(
+                torch.nan_to_num(lit[:, 2:]), ok, self.cd.dataset_corr, resamples, seed, level, query=self.reader.query
+            )
         return out

@@ -37,7 +37,9 @@ def _explicit(weights_path: str | Path | None, net: str = "alex") -> Path | None
         return None
     p = Path(value).expanduser()
     if not p.is_file():
-        raise MissingWeightsError(f"LPIPS backbone weights {p} do not exist (expected torchvision's {BACKBONE_FILES[net]})")
+        raise MissingWeightsError(
+            f"LPIPS backbone weights {p} do not exist (expected torchvision's {BACKBONE_FILES[net]})"
+        )
     return p
 
 
@@ -80,8 +82,12 @@ class LPIPSDistance(_SumMean):
         """LPIPS of each pair (no state change)."""
         return self.net(counterfactual.float(), original.float(), normalize=True).reshape(len(original))
 
-    def update(self, counterfactual: torch.Tensor | None = None, original: torch.Tensor | None = None,
-               values: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        counterfactual: torch.Tensor | None = None,
+        original: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> None:
         self._add(values if values is not None else self.per_sample(counterfactual, original))
 
 
@@ -108,12 +114,16 @@ def build_lpips(weights_path: str | Path | None = None, net: str = "alex") -> LP
         if (root / "checkpoints" / file).is_file():
             with _hub_dir(root):
                 return _lpips_net(net)
-    hint = (f"put {file} (torchvision's {'AlexNet' if net == 'alex' else 'VGG-16'} weights) in "
-            f"{weights_dir() / 'lpips' / 'checkpoints'}" + (", or point $LIT_VCE_LPIPS_WEIGHTS (config key lpips_weights) "
-                                                            "to it" if net == "alex" else ""))
+    hint = (
+        f"put {file} (torchvision's {'AlexNet' if net == 'alex' else 'VGG-16'} weights) in "
+        f"{weights_dir() / 'lpips' / 'checkpoints'}"
+        + (", or point $LIT_VCE_LPIPS_WEIGHTS (config key lpips_weights) to it" if net == "alex" else "")
+    )
     if not may_download():
         raise MissingWeightsError(f"LPIPS: no local backbone weights ({no_download_reason()}); {hint}")
     try:
         return _lpips_net(net)
     except Exception as e:  # download errors come in many types
-        raise MissingWeightsError(f"LPIPS: could not download the {net} backbone ({type(e).__name__}: {e}); {hint}") from e
+        raise MissingWeightsError(
+            f"LPIPS: could not download the {net} backbone ({type(e).__name__}: {e}); {hint}"
+        ) from e

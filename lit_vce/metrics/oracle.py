@@ -120,8 +120,8 @@ def load_attribute_oracle(kind: str, path: str | Path | None = None) -> Attribut
             oracle.project.weight.data.copy_(trunk.pop("feat_extract.weight"))
         else:
             sd = blob["model_state_dict"]
-            trunk = {k[len("feat_extract."):]: v for k, v in sd.items() if k.startswith("feat_extract.")}
-            head = {k[len("classifier."):]: v for k, v in sd.items() if k.startswith("classifier.")}
+            trunk = {k[len("feat_extract.") :]: v for k, v in sd.items() if k.startswith("feat_extract.")}
+            head = {k[len("classifier.") :]: v for k, v in sd.items() if k.startswith("classifier.")}
         own = oracle.trunk.state_dict()
         state = _trunk_state(trunk, p)
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -188,8 +188,12 @@ class OracleAttributes:
     def describe(self) -> dict:
         from ..data.celeba import CELEBA_ATTRIBUTES
 
-        return {"attributes": "CelebA's 40", "reader": f"ACE's {self.oracle.kind} oracle.pth, decision > 0.5",
-                "query": CELEBA_ATTRIBUTES[self.query], "cd_dataset": self.cd_dataset}
+        return {
+            "attributes": "CelebA's 40",
+            "reader": f"ACE's {self.oracle.kind} oracle.pth, decision > 0.5",
+            "query": CELEBA_ATTRIBUTES[self.query],
+            "cd_dataset": self.cd_dataset,
+        }
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> torch.Tensor:

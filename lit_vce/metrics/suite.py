@@ -38,9 +38,19 @@ from ..rngs import sample_seed
 from .common import OPTIONAL_METRICS, check_metrics, resize_to  # noqa: F401 (imported from here)
 from .embeddings import S3, FaceVerification, cosine_similarity
 from .features import LatentEncoder, build_features
-from .uncertainty import FID_RESAMPLES, LEVEL, RESAMPLES, SampleValues, column_intervals, ratio_intervals
-from .vce import (COUT, FeatureFID, FlipRate, SplitFID, TargetConfidence, WorldAudit, _SumMean, cout_scores,
-                  lp_per_sample)
+from .summary import AUDIT_COLUMNS, SummaryMixin
+from .uncertainty import FID_RESAMPLES, RESAMPLES, SampleValues
+from .vce import (
+    COUT,
+    FeatureFID,
+    FlipRate,
+    SplitFID,
+    TargetConfidence,
+    WorldAudit,
+    _SumMean,
+    cout_scores,
+    lp_per_sample,
+)
 
 
 class PerSampleMean(_SumMean):
@@ -54,10 +64,9 @@ class PerSampleMean(_SumMean):
 
 #: per-sample values kept for the audit's intervals: success (of an original not already read as
 #: the target), then WorldAudit's flags
-AUDIT_COLUMNS = ("success", "shape_changed", "background_only", "watermark_only")
 
 
-class VCEMetrics(nn.Module):
+class VCEMetrics(SummaryMixin, nn.Module):
     """The metric suite of one (method, classifier, protocol, dataset) run.
 
     Args:
@@ -128,7 +137,9 @@ class VCEMetrics(nn.Module):
         if second_classifier is not None:
             k1, k2 = getattr(classifier, "num_classes", None), getattr(second_classifier, "num_classes", None)
             if k1 is not None and k2 is not None and k1 != k2:
-                raise ValueError(f"second_classifier has {k2} classes, the explained one {k1}: they must share the label space")
+                raise ValueError(
+                    f"second_classifier has {k2} classes, the explained one {k1}: they must share the label space"
+                )
             self.flip_rate_independent, self.target_confidence_independent = FlipRate(), TargetConfidence()
         self.encoder = LatentEncoder(autoencoder) if autoencoder is not None else None
         if self.encoder is not None:
@@ -150,14 +161,29 @@ class VCEMetrics(nn.Module):
         from .literature import WorldAttributes
 
         self.literature = None
-        self.set_attributes(WorldAttributes(self.audit.oracle, cd_regime) if self.audit is not None else attribute_oracle)
+        self.set_attributes(
+            WorldAttributes(self.audit.oracle, cd_regime) if self.audit is not None else attribute_oracle
+        )
         self.samples = SampleValues()  # per-sample values for the intervals, in the order of _columns
         self.audit_samples = SampleValues()  # per-sample success and audit flags, in the order of AUDIT_COLUMNS
-        self._columns = ["flip_rate", "untargeted_flip_rate", "untargeted_flip_rate_prediction", "target_confidence",
-                         "source_correct", "l1", "l2", "l1_per_value"] + (["cout"] if "cout" in sel else []) + \
-            (["lpips"] if lpips is not None else []) + (["latent_l1", "latent_l2"] if self.encoder is not None else []) + \
-            (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else []) + \
-            (["s3"] if s3_encoder is not None else []) + (["face_similarity"] if face_encoder is not None else [])
+        self._columns = (
+            [
+                "flip_rate",
+                "untargeted_flip_rate",
+                "untargeted_flip_rate_prediction",
+                "target_confidence",
+                "source_correct",
+                "l1",
+                "l2",
+                "l1_per_value",
+            ]
+            + (["cout"] if "cout" in sel else [])
+            + (["lpips"] if lpips is not None else [])
+            + (["latent_l1", "latent_l2"] if self.encoder is not None else [])
+            + (["flip_rate_independent", "target_confidence_independent"] if second_classifier is not None else [])
+            + (["s3"] if s3_encoder is not None else [])
+            + (["face_similarity"] if face_encoder is not None else [])
+        )
 
     def set_attributes(self, reader) -> None:
         """MNAC and CD read by ``reader`` (:class:`~lit_vce.metrics.literature.WorldAttributes`,
@@ -177,12 +203,20 @@ class VCEMetrics(nn.Module):
         if self.features is None:
             return None
         return {"InceptionFeatures": "inception-v3-2048", "WorldFeatures": "world-oracle-128"}.get(
-            type(self.features).__name__, type(self.features).__name__)
+            type(self.features).__name__, type(self.features).__name__
+        )
 
     @torch.no_grad()
-    def update(self, original: torch.Tensor, counterfactual: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
-               sample_ids: list[str], logits_before: torch.Tensor | None = None,
-               logits_after: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    def update(
+        self,
+        original: torch.Tensor,
+        counterfactual: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        sample_ids: list[str],
+        logits_before: torch.Tensor | None = None,
+        logits_after: torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
         """Add a batch (images in [0, 1], same shape); returns one dict of per-sample values per image.
 
         A sample on which the classifier gives NaN or infinite logits (on the
@@ -191,7 +225,9 @@ class VCEMetrics(nn.Module):
         of every measured figure (:mod:`lit_vce.metrics.accounting`).
         """
         if original.shape != counterfactual.shape:
-            raise ValueError(f"originals {tuple(original.shape)} and counterfactuals {tuple(counterfactual.shape)} differ in shape")
+            raise ValueError(
+                f"originals {tuple(original.shape)} and counterfactuals {tuple(counterfactual.shape)} differ in shape"
+            )
         before = self.classifier(original) if logits_before is None else logits_before
         after = self.classifier(counterfactual) if logits_after is None else logits_after
         ok_b, ok_a = torch.isfinite(before).all(1), torch.isfinite(after).all(1)
@@ -199,17 +235,40 @@ class VCEMetrics(nn.Module):
             return self._update(original, counterfactual, source, target, sample_ids, before, after)
         keep = torch.nonzero(ok_b & ok_a).flatten()
         drop = torch.nonzero(~(ok_b & ok_a)).flatten()
-        kept = iter(self._update(original[keep], counterfactual[keep], source[keep], target[keep],
-                                 [sample_ids[i] for i in keep.tolist()], before[keep], after[keep]) if len(keep) else [])
-        reasons = [f"non-finite logits from the classifier on {'the original' if not ok_b[i] else 'the counterfactual'}"
-                   for i in drop.tolist()]
-        failed = iter(self.update_failed(source[drop], target[drop], [sample_ids[i] for i in drop.tolist()], reasons,
-                                         logits_before=before[drop]))
+        kept = iter(
+            self._update(
+                original[keep],
+                counterfactual[keep],
+                source[keep],
+                target[keep],
+                [sample_ids[i] for i in keep.tolist()],
+                before[keep],
+                after[keep],
+            )
+            if len(keep)
+            else []
+        )
+        reasons = [
+            f"non-finite logits from the classifier on {'the original' if not ok_b[i] else 'the counterfactual'}"
+            for i in drop.tolist()
+        ]
+        failed = iter(
+            self.update_failed(
+                source[drop], target[drop], [sample_ids[i] for i in drop.tolist()], reasons, logits_before=before[drop]
+            )
+        )
         return [next(kept) if ok_b[i] and ok_a[i] else next(failed) for i in range(len(sample_ids))]
 
     @torch.no_grad()
-    def update_failed(self, source: torch.Tensor, target: torch.Tensor, sample_ids: list[str], reasons: list[str],
-                      originals: torch.Tensor | None = None, logits_before: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    def update_failed(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        sample_ids: list[str],
+        reasons: list[str],
+        originals: torch.Tensor | None = None,
+        logits_before: torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
         """Add attempted samples that failed (:mod:`lit_vce.metrics.accounting`): each counts
         as not flipped in every flip rate and enters no measured figure. With the originals
         (or their logits), a correctly classified original also counts, as not flipped, in
@@ -219,7 +278,10 @@ class VCEMetrics(nn.Module):
         k = len(sample_ids)
         if len(reasons) != k or any(not r for r in reasons):
             raise ValueError("update_failed needs one non-empty reason per sample")
-        rows = [failure_row(s, int(a), int(b), r) for s, a, b, r in zip(sample_ids, source.tolist(), target.tolist(), reasons)]
+        rows = [
+            failure_row(s, int(a), int(b), r)
+            for s, a, b, r in zip(sample_ids, source.tolist(), target.tolist(), reasons)
+        ]
         if k == 0:
             return rows
         dev = source.device
@@ -237,12 +299,18 @@ class VCEMetrics(nn.Module):
             correct = torch.where(finite, is_correct.double(), correct)
             self.flip_rate_source_correct._add(zeros[is_correct])
         nan = torch.full((k,), float("nan"), dtype=torch.float64, device=dev)
-        col = {"flip_rate": zeros, "untargeted_flip_rate": zeros, "untargeted_flip_rate_prediction": zeros,
-               "source_correct": correct, "flip_rate_independent": zeros}
+        col = {
+            "flip_rate": zeros,
+            "untargeted_flip_rate": zeros,
+            "untargeted_flip_rate_prediction": zeros,
+            "source_correct": correct,
+            "flip_rate_independent": zeros,
+        }
         self.samples.update(self._keys(sample_ids, dev), torch.stack([col.get(c, nan) for c in self._columns], 1))
         if self.audit is not None:  # not a flipped VCE: in no audit ratio, but kept so the rows stay aligned
-            self.audit_samples.update(self._keys(sample_ids, dev), torch.stack(
-                [zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1))
+            self.audit_samples.update(
+                self._keys(sample_ids, dev), torch.stack([zeros] + [nan for _ in AUDIT_COLUMNS[1:]], 1)
+            )
         if self.literature is not None:
             self.literature.update_failed(self._keys(sample_ids, dev))
         return rows
@@ -277,19 +345,32 @@ class VCEMetrics(nn.Module):
             audit_flags = self.audit.read(counterfactual, source, target, original)
             flipped = success & (before.argmax(1) != target)  # an original already read as the target needs no edit
             self.audit.update(counterfactual, source, target, flipped, flags=audit_flags)
-            self.audit_samples.update(self._keys(sample_ids, original.device), torch.stack(
-                [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1))
+            self.audit_samples.update(
+                self._keys(sample_ids, original.device),
+                torch.stack(
+                    [flipped.double()] + [audit_flags[c].double().to(original.device) for c in AUDIT_COLUMNS[1:]], 1
+                ),
+            )
         if self.literature is not None:
-            changes = self.literature.update(original, counterfactual, target, success, self._keys(sample_ids, original.device))
+            changes = self.literature.update(
+                original, counterfactual, target, success, self._keys(sample_ids, original.device)
+            )
         pb, pa = before.softmax(1), after.softmax(1)
-        col = {"flip_rate": success, "untargeted_flip_rate": after.argmax(1) != source,
-               "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
-               "target_confidence": pa.gather(1, target[:, None]).squeeze(1), "source_correct": correct, **per}
+        col = {
+            "flip_rate": success,
+            "untargeted_flip_rate": after.argmax(1) != source,
+            "untargeted_flip_rate_prediction": after.argmax(1) != before.argmax(1),
+            "target_confidence": pa.gather(1, target[:, None]).squeeze(1),
+            "source_correct": correct,
+            **per,
+        }
         if self.second is not None:
             col["flip_rate_independent"] = success_ind
             col["target_confidence_independent"] = second.softmax(1).gather(1, target[:, None]).squeeze(1)
-        self.samples.update(self._keys(sample_ids, original.device),
-                            torch.stack([col[c].double().to(original.device) for c in self._columns], 1))
+        self.samples.update(
+            self._keys(sample_ids, original.device),
+            torch.stack([col[c].double().to(original.device) for c in self._columns], 1),
+        )
         extra = {"success_independent": success_ind.tolist() if success_ind is not None else None}
         if self.attributes is not None:
             extra["attributes_changed"] = [int(c) for c in changes.tolist()]
@@ -326,11 +407,16 @@ class VCEMetrics(nn.Module):
         for i, sid in enumerate(sample_ids):
             t = int(target[i])
             row: dict[str, Any] = {
-                "sample_id": sid, "source": int(source[i]), "target": t,
-                "pred_before": int(pb[i].argmax()), "conf_before": round(float(pb[i].max()), 6),
+                "sample_id": sid,
+                "source": int(source[i]),
+                "target": t,
+                "pred_before": int(pb[i].argmax()),
+                "conf_before": round(float(pb[i].max()), 6),
                 "target_conf_before": round(float(pb[i, t]), 6),
-                "pred_after": int(pa[i].argmax()), "conf_after": round(float(pa[i].max()), 6),
-                "target_conf_after": round(float(pa[i, t]), 6), "success": bool(success[i]),
+                "pred_after": int(pa[i].argmax()),
+                "conf_after": round(float(pa[i].max()), 6),
+                "target_conf_after": round(float(pa[i, t]), 6),
+                "success": bool(success[i]),
             }
             for k, v in per.items():
                 row[k] = round(float(v[i]), 6)
@@ -348,98 +434,3 @@ class VCEMetrics(nn.Module):
     @staticmethod
     def _keys(sample_ids: list[str], device) -> torch.Tensor:
         return torch.tensor([sample_seed(0, s) for s in sample_ids], dtype=torch.long, device=device)
-
-    def _intervals(self, m: dict[str, Any]) -> dict[str, list[float]]:
-        """95 % bootstrap intervals of the figures in ``m`` (inside ``compute``: states synced)."""
-        out: dict[str, list[float]] = {}
-        if self.resamples > 0:
-            _, values = self.samples.compute()
-            if values.numel():
-                out.update(column_intervals(values, self._columns, m, self.resamples, self.seed, LEVEL))
-        if self.audit is not None and self.resamples > 0:
-            _, flags = self.audit_samples.compute()
-            if flags.numel():  # ratios over the successful VCEs (of watermarked originals)
-                out.update(ratio_intervals(flags, AUDIT_COLUMNS, self.resamples, self.seed, LEVEL))
-        if self.literature is not None and self.resamples > 0 and "mnac" in m:
-            out.update(self.literature.intervals(self.resamples, self.seed, LEVEL))
-        if self.features is not None and self.fid_resamples > 0 and ("fid" in m or "sfid" in m):
-            self.sfid.compute()  # a collective; cached when sFID was just computed; sets sfid.synced
-            figures = {k: m[k] for k in ("fid", "fid_successful", "sfid", "sfid_successful", "sfid_within") if k in m}
-            out.update(self.sfid.bootstrap(figures, self.fid_resamples, self.seed, LEVEL))
-        return {k: [round(float(x), 6) if math.isfinite(x) else float("nan") for x in v] for k, v in out.items()}
-
-    def compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
-        """(metrics, audit, N): a collective under DDP (call it on every rank, in the same order).
-        Also sets ``last_intervals`` (see the module docstring)."""
-        import warnings
-
-        with warnings.catch_warnings():
-            # a run whose every sample failed never updates the measured figures: they are NaN, as stated
-            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            return self._compute()
-
-    def _compute(self) -> tuple[dict[str, float | int], dict[str, float | int] | None, int]:
-        m: dict[str, float | int] = {
-            "flip_rate": float(self.flip_rate.compute()),
-            "untargeted_flip_rate": float(self.untargeted_flip_rate.compute()),
-            "untargeted_flip_rate_prediction": float(self.untargeted_flip_rate_prediction.compute()),
-            "target_confidence": float(self.target_confidence.compute()),
-            "flip_rate_source_correct": float(self.flip_rate_source_correct.compute()),
-            "n_source_correct": self.flip_rate_source_correct.n_used,
-            "l1": float(self.l1.compute()),
-            "l2": float(self.l2.compute()),
-            "l1_per_value": float(self.l1_per_value.compute()),
-        }
-        if "cout" in self.selected:
-            m["cout"] = float(self.cout.compute())
-            m["cout_source_correct"] = float(self.cout_source_correct.compute())
-        if self.s3 is not None:
-            m["s3"] = float(self.s3.compute())
-        if self.face is not None:
-            m.update(self.face.compute())
-        n = self.flip_rate.n_used  # the global N, recorded while states were synced
-        if self.lpips is not None:
-            m["lpips"] = float(self.lpips.compute())
-        if self.encoder is not None:
-            m["latent_l1"], m["latent_l2"] = float(self.latent_l1.compute()), float(self.latent_l2.compute())
-        if self.second is not None:
-            m["flip_rate_independent"] = float(self.flip_rate_independent.compute())
-            m["target_confidence_independent"] = float(self.target_confidence_independent.compute())
-        if self.features is not None and "fid" in self.selected:
-            m["fid"] = float(self.fid.compute())
-            m["fid_n"] = self.fid.n_used
-            m["fid_successful"] = float(self.fid_successful.compute())
-            m["fid_successful_n"] = self.fid_successful.n_fake  # successful counterfactuals
-            m["fid_successful_n_originals"] = self.fid_successful.n_real  # all originals
-        if self.features is not None and "sfid" in self.selected:
-            sfid_all, sfid_successful, sfid_within = self.sfid.compute()
-            m["sfid"], m["sfid_n"] = float(sfid_all), self.sfid.n_used
-            m["sfid_successful"] = float(sfid_successful)
-            m["sfid_within"] = float(sfid_within)  # LDCE's table2: each half against itself
-        audit = None
-        if self.audit is not None:
-            audit = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in self.audit.compute().items()}
-        if self.literature is not None:
-            m.update(self.literature.compute())
-        m = {k: (v if not (isinstance(v, float) and math.isinf(v)) else float("nan")) for k, v in m.items()}
-        self.last_intervals = self._intervals(m)
-        return m, audit, n
-
-    def reset(self) -> None:
-        from torchmetrics import Metric
-
-        for mod in self.modules():
-            if isinstance(mod, Metric):
-                mod.reset()
-
-    def describe(self) -> dict[str, Any]:
-        """The settings stored with the results."""
-        return {"features": self.feature_name, "resolution": self.resolution, "lpips": self.lpips is not None,
-                "lpips_net": getattr(self, "lpips_net", "alex") if self.lpips is not None else None,
-                "latent": self.encoder is not None, "second_classifier": getattr(self.second, "name", None) if self.second is not None else None,
-                "cout_steps": self.cout.steps, "metrics": sorted(self.selected),
-                "attributes": self.attributes.describe() if self.attributes is not None else None,
-                "s3": "SimSiam ResNet-50 (ACE)" if self.s3 is not None else None,
-                "face_verification": "VGGFace2 ResNet-50, threshold 0.5 (ACE, DiME)" if self.face is not None else None,
-                "intervals": {"level": LEVEL, "method": "percentile bootstrap over samples", "resamples": self.resamples,
-                              "fid_resamples": self.fid_resamples, "seed": self.seed}}

@@ -53,8 +53,13 @@ def percentile_interval(values: torch.Tensor, level: float = LEVEL, center: floa
     return [lo, hi]
 
 
-def mean_interval(values: torch.Tensor, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
-                  weights: torch.Tensor | None = None) -> list[float]:
+def mean_interval(
+    values: torch.Tensor,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+    weights: torch.Tensor | None = None,
+) -> list[float]:
     """Interval of the mean of per-sample ``values`` (N,); with 0/1 ``weights``, of the mean
     over the samples whose weight is 1 (a ratio, e.g. the flip rate of correctly classified
     sources), resampling all N."""
@@ -95,8 +100,9 @@ class SampleValues(Metric):
         return keys[order], values[order]
 
 
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, seed: int = 0,
-                     level: float = LEVEL) -> dict[str, float | bool | int]:
+def paired_bootstrap(
+    a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, seed: int = 0, level: float = LEVEL
+) -> dict[str, float | bool | int]:
     """Whether two runs on the same samples differ in the mean of a per-sample value.
 
     ``a`` and ``b`` (N,) are aligned by sample. The per-sample differences ``a - b`` are
@@ -111,9 +117,12 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, s
     keep = torch.isfinite(a) & torch.isfinite(b)
     d = (a - b)[keep]
     n = d.numel()
-    out: dict[str, float | bool | int] = {"n": n, "mean_a": float(a[keep].mean()) if n else math.nan,
-                                          "mean_b": float(b[keep].mean()) if n else math.nan,
-                                          "difference": float(d.mean()) if n else math.nan}
+    out: dict[str, float | bool | int] = {
+        "n": n,
+        "mean_a": float(a[keep].mean()) if n else math.nan,
+        "mean_b": float(b[keep].mean()) if n else math.nan,
+        "difference": float(d.mean()) if n else math.nan,
+    }
     if n < 2:
         return {**out, "interval": [math.nan, math.nan], "p_value": math.nan, "significant": False}
     means = d[resample_indices(n, resamples, seed)].mean(1)
@@ -126,8 +135,9 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, s
     return {**out, "interval": [lo, hi], "p_value": p, "significant": bool(lo > 0 or hi < 0)}
 
 
-def column_intervals(values: torch.Tensor, columns, figures, resamples: int, seed: int = 0,
-                     level: float = LEVEL) -> dict[str, list[float]]:
+def column_intervals(
+    values: torch.Tensor, columns, figures, resamples: int, seed: int = 0, level: float = LEVEL
+) -> dict[str, list[float]]:
     """Intervals of the suite's per-sample figures from its sample table ``values`` (N, columns):
     each column in ``figures`` over the samples that have it (NaN: a failed sample), the
     flip rate, S3 and COUT over correctly classified originals, FVA and FS over the successes."""
@@ -136,10 +146,14 @@ def column_intervals(values: torch.Tensor, columns, figures, resamples: int, see
     for name, v in col.items():
         if name in figures and name not in ("source_correct", "s3"):
             has = torch.isfinite(v)  # measured figures leave failed samples out (NaN)
-            out[name] = mean_interval(v, resamples, seed, level) if bool(has.all()) else \
-                mean_interval(torch.nan_to_num(v), resamples, seed, level, weights=has.double())
-    out["flip_rate_source_correct"] = mean_interval(col["flip_rate"], resamples, seed, level,
-                                                    weights=torch.nan_to_num(col["source_correct"]))
+            out[name] = (
+                mean_interval(v, resamples, seed, level)
+                if bool(has.all())
+                else mean_interval(torch.nan_to_num(v), resamples, seed, level, weights=has.double())
+            )
+    out["flip_rate_source_correct"] = mean_interval(
+        col["flip_rate"], resamples, seed, level, weights=torch.nan_to_num(col["source_correct"])
+    )
     for name, weight in (("s3", col["source_correct"]), ("fva", col["flip_rate"]), ("fs", col["flip_rate"])):
         source = col.get("s3" if name == "s3" else "face_similarity")
         if name in figures and source is not None:
@@ -152,8 +166,9 @@ def column_intervals(values: torch.Tensor, columns, figures, resamples: int, see
     return out
 
 
-def ratio_intervals(flags: torch.Tensor, columns, resamples: int, seed: int = 0,
-                    level: float = LEVEL) -> dict[str, list[float]]:
+def ratio_intervals(
+    flags: torch.Tensor, columns, resamples: int, seed: int = 0, level: float = LEVEL
+) -> dict[str, list[float]]:
     """Intervals of ratios over the successes: ``flags[:, 0]`` is success, each other column a
     per-sample flag (NaN where it does not apply, e.g. an original without a watermark)."""
     out: dict[str, list[float]] = {}
@@ -161,5 +176,7 @@ def ratio_intervals(flags: torch.Tensor, columns, resamples: int, seed: int = 0,
     for j, c in enumerate(columns[1:], 1):
         has = torch.isfinite(flags[:, j])
         if bool(has.any()):
-            out[c] = mean_interval(torch.nan_to_num(flags[:, j]), resamples, seed, level, weights=success * has.double())
+            out[c] = mean_interval(
+                torch.nan_to_num(flags[:, j]), resamples, seed, level, weights=success * has.double()
+            )
     return out

@@ -73,8 +73,14 @@ def read_samples(run: str | Path) -> dict[str, dict[str, str]]:
         return {row["sample_id"]: row for row in csv.DictReader(f)}
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, metrics: list[str] | None = None, resamples: int = 10000,
-                 seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+def compare_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    metrics: list[str] | None = None,
+    resamples: int = 10000,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, Any]:
     """Paired comparison of ``run_a`` and ``run_b`` (run folders or ``samples.csv`` files).
 
     Returns ``{"n_a", "n_b", "n_paired", "metrics": {name: paired_bootstrap(...)}}`` for each
@@ -98,10 +104,21 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metrics: list[str] | None
     if missing:
         raise ValueError(f"metric(s) {missing} are not in both runs' samples.csv")
     ca, cb = count_rows([_row(a[i]) for i in ids]), count_rows([_row(b[i]) for i in ids])
-    out: dict[str, Any] = {"run_a": str(run_a), "run_b": str(run_b), "n_a": len(a), "n_b": len(b), "n_paired": len(ids),
-                           "n_failed_a": ca["n_failed"], "n_failed_b": cb["n_failed"],
-                           "n_success_a": ca["n_success"], "n_success_b": cb["n_success"],
-                           "level": level, "resamples": resamples, "seed": seed, "metrics": {}}
+    out: dict[str, Any] = {
+        "run_a": str(run_a),
+        "run_b": str(run_b),
+        "n_a": len(a),
+        "n_b": len(b),
+        "n_paired": len(ids),
+        "n_failed_a": ca["n_failed"],
+        "n_failed_b": cb["n_failed"],
+        "n_success_a": ca["n_success"],
+        "n_success_b": cb["n_success"],
+        "level": level,
+        "resamples": resamples,
+        "seed": seed,
+        "metrics": {},
+    }
     for m in metrics:
         col = PER_SAMPLE_COLUMNS[m]
         va = torch.tensor([_value(a[i].get(col)) for i in ids], dtype=torch.float64)
@@ -124,24 +141,33 @@ def format_comparison(result: dict[str, Any]) -> str:
         k = result.get(f"n_failed_{side}", 0)
         return f", {k} of them failed (!)" if k else ""
 
-    lines = [f"A = {result['run_a']} ({result['n_a']} samples), B = {result['run_b']} ({result['n_b']}); "
-             f"{result['n_paired']} samples in both (A: {result.get('n_success_a', '?')} flipped{failed('a')}; "
-             f"B: {result.get('n_success_b', '?')} flipped{failed('b')}); paired bootstrap ({result['resamples']} resamples, "
-             f"{100 * result['level']:.0f} % intervals). A failed sample counts as not flipped and is left out of the "
-             "measured metrics; N: the pairs each metric used",
-             f"{'metric':24s} {'N':>6s} {'A':>10s} {'B':>10s} {'A - B':>10s} {'interval':>24s} {'p':>8s}  differ?"]
+    lines = [
+        f"A = {result['run_a']} ({result['n_a']} samples), B = {result['run_b']} ({result['n_b']}); "
+        f"{result['n_paired']} samples in both (A: {result.get('n_success_a', '?')} flipped{failed('a')}; "
+        f"B: {result.get('n_success_b', '?')} flipped{failed('b')}); paired bootstrap ({result['resamples']} "
+        "resamples, "
+        f"{100 * result['level']:.0f} % intervals). A failed sample counts as not flipped and is left out of the "
+        "measured metrics; N: the pairs each metric used",
+        f"{'metric':24s} {'N':>6s} {'A':>10s} {'B':>10s} {'A - B':>10s} {'interval':>24s} {'p':>8s}  differ?",
+    ]
     for m, r in result["metrics"].items():
         lo, hi = r["interval"]
-        lines.append(f"{m:24s} {r['n']:6d} {r['mean_a']:10.4f} {r['mean_b']:10.4f} {r['difference']:10.4f} "
-                     f"{f'[{lo:.4f}, {hi:.4f}]':>24s} {r['p_value']:8.4f}  {'yes' if r['significant'] else 'no'}")
+        lines.append(
+            f"{m:24s} {r['n']:6d} {r['mean_a']:10.4f} {r['mean_b']:10.4f} {r['difference']:10.4f} "
+            f"{f'[{lo:.4f}, {hi:.4f}]':>24s} {r['p_value']:8.4f}  {'yes' if r['significant'] else 'no'}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="lit-vce compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="lit-vce compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_a")
     p.add_argument("run_b")
-    p.add_argument("--metrics", nargs="*", default=None, help=f"default: every one both have ({', '.join(PER_SAMPLE_COLUMNS)})")
+    p.add_argument(
+        "--metrics", nargs="*", default=None, help=f"default: every one both have ({', '.join(PER_SAMPLE_COLUMNS)})"
+    )
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the comparison to this file")

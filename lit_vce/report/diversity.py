@@ -25,8 +25,9 @@ import torch
 from ..metrics.uncertainty import LEVEL, RESAMPLES, mean_interval
 
 
-def sigma_l(runs: list[str | Path], net: str = "vgg", batch_size: int = 16, lpips_weights: str | None = None,
-            seed: int = 0) -> dict[str, Any]:
+def sigma_l(
+    runs: list[str | Path], net: str = "vgg", batch_size: int = 16, lpips_weights: str | None = None, seed: int = 0
+) -> dict[str, Any]:
     """σ_L of run folders (see the module docstring); returns ``sigma_l``, its 95 % interval,
     ``n_runs``, ``n_samples`` (explained by every run) and ``n_excluded`` (failed in a run,
     or missing from one), and per-sample values."""
@@ -56,13 +57,22 @@ def sigma_l(runs: list[str | Path], net: str = "vgg", batch_size: int = 16, lpip
         pairs = [lp.per_sample(images[i], images[j]) for i, j in itertools.combinations(range(len(folders)), 2)]
         values.append(torch.stack(pairs).double().mean(0))
     v = torch.cat(values)
-    return {"sigma_l": float(v.mean()), "interval": mean_interval(v, RESAMPLES, seed, LEVEL), "n_runs": len(folders),
-            "n_samples": len(ids), "n_excluded": len(every) - len(ids), "net": net,
-            "runs": [str(f.folder) for f in folders], "per_sample": dict(zip(ids, v.tolist()))}
+    return {
+        "sigma_l": float(v.mean()),
+        "interval": mean_interval(v, RESAMPLES, seed, LEVEL),
+        "n_runs": len(folders),
+        "n_samples": len(ids),
+        "n_excluded": len(every) - len(ids),
+        "net": net,
+        "runs": [str(f.folder) for f in folders],
+        "per_sample": dict(zip(ids, v.tolist())),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="lit-vce diversity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="lit-vce diversity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", help="run folders of one method with different seeds")
     p.add_argument("--net", default="vgg", choices=["vgg", "alex"], help="LPIPS network (vgg: DiME's and ACE's)")
     p.add_argument("--lpips-weights", default=None, help="the backbone's torchvision checkpoint (else looked up)")
@@ -76,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, LitVCEError) as e:
         p.exit(2, f"lit-vce diversity: {e}\n")
     lo, hi = out["interval"]
-    print(f"sigma_L ({out['net']}) {out['sigma_l']:.4f} [{lo:.4f}, {hi:.4f}] over {out['n_samples']} samples explained by "
-          f"all {out['n_runs']} runs ({out['n_excluded']} left out: failed or missing in a run)")
+    print(
+        f"sigma_L ({out['net']}) {out['sigma_l']:.4f} [{lo:.4f}, {hi:.4f}] over {out['n_samples']} samples explained "
+        "by "
+        f"all {out['n_runs']} runs ({out['n_excluded']} left out: failed or missing in a run)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -23,16 +23,23 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..io import load_png, sample_key, save_png, to_uint8
 from .leaderboard import SORT_SCRIPT, TABLE_CSS, html_table
+from .plots import PALETTE, _float, plot_flip_rate_vs_l2, plot_validity_curves  # noqa: F401  (PALETTE: part of this module's API)
 from .results import RunResults
 
-HIGHER_IS_BETTER = {"l1": False, "l2": False, "lpips": False, "latent_l1": False, "latent_l2": False, "cout": True,
-                    "target_conf_after": True, "conf_after": True}
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+HIGHER_IS_BETTER = {
+    "l1": False,
+    "l2": False,
+    "lpips": False,
+    "latent_l1": False,
+    "latent_l2": False,
+    "cout": True,
+    "target_conf_after": True,
+    "conf_after": True,
+}
 
 CHECK_SCRIPT = """
 window.addEventListener('load', () => {
@@ -42,7 +49,9 @@ window.addEventListener('load', () => {
 });
 """
 
-CSS = TABLE_CSS + """
+CSS = (
+    TABLE_CSS
+    + """
 h2 { margin-top: 2em; border-bottom: 2px solid #444; }
 .triples { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 0; text-align: center; font-size: 12px; }
@@ -53,6 +62,7 @@ table.side td { text-align: center; }
 table.side img { width: 80px; height: 80px; image-rendering: pixelated; }
 .fail { color: #a00; }
 """
+)
 
 
 class Run:
@@ -126,7 +136,11 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             folders.append(p)
         else:
             found = sorted({q.parent for q in p.rglob("results.json") if q.parent.name != "evaluation"})
-            found = [f for f in found if (f / "counterfactuals").is_dir() and _stage(f / "results.json") not in (None, "analysis")]
+            found = [
+                f
+                for f in found
+                if (f / "counterfactuals").is_dir() and _stage(f / "results.json") not in (None, "analysis")
+            ]
             if not found:
                 raise FileNotFoundError(f"no run folders (with a valid results.json and counterfactuals/) under {p}")
             folders += found
@@ -176,16 +190,11 @@ def _analysis_section(folder: Path, assets: _Assets, limit: int = 16) -> str:
             cap.append(f"oracle: shape {r['oracle_shape']}, bg {r['oracle_background']}")
         figs.append(f"<figure>{imgs}<figcaption>{html.escape(' · '.join(cap))}</figcaption></figure>")
     metrics = " · ".join(f"<b>{html.escape(k)}</b> {v:.3g}" for k, v in res.metrics.items() if isinstance(v, float))
-    return (f"<h2>{html.escape(res.run_name)} <small>({html.escape(str(folder))})</small></h2>"
-            f"<p>Objective: <code>{html.escape(str(res.config.get('objective')))}</code>; N {res.n}. {metrics}</p>"
-            f"<div class='triples'>{''.join(figs)}</div>")
-
-
-def _float(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
+    return (
+        f"<h2>{html.escape(res.run_name)} <small>({html.escape(str(folder))})</small></h2>"
+        f"<p>Objective: <code>{html.escape(str(res.config.get('objective')))}</code>; N {res.n}. {metrics}</p>"
+        f"<div class='triples'>{''.join(figs)}</div>"
+    )
 
 
 def rank_samples(rows: list[dict[str, Any]], metric: str, k: int) -> dict[str, list[dict[str, Any]]]:
@@ -231,77 +240,14 @@ def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
     stem = f"{run.slug}-{sample_key(row['sample_id'])}"
     srcs = [assets.save(f"{stem}-o", x), assets.save(f"{stem}-c", y), assets.save(f"{stem}-d", difference_map(x, y))]
     ok = "✓" if str(row.get("success")) == "True" else "✗"
-    caption = (f"{html.escape(row['sample_id'])}<br>{row['source']}→{row['target']} {ok} · "
-               f"{metric} {_float(row.get(metric)):.3g} · p(target) {_float(row.get('target_conf_after')):.2f}")
-    imgs = "".join(f"<img src='{s}' alt='{a}' title='{a}'>" for s, a in zip(srcs, ("original", "counterfactual", "difference")))
+    caption = (
+        f"{html.escape(row['sample_id'])}<br>{row['source']}→{row['target']} {ok} · "
+        f"{metric} {_float(row.get(metric)):.3g} · p(target) {_float(row.get('target_conf_after')):.2f}"
+    )
+    imgs = "".join(
+        f"<img src='{s}' alt='{a}' title='{a}'>" for s, a in zip(srcs, ("original", "counterfactual", "difference"))
+    )
     return f"<figure>{imgs}<figcaption>{caption}</figcaption></figure>"
-
-
-def _svg_axes(w, h, pad, xlab, ylab, xmax, ymax, xticks, yticks) -> list[str]:
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-size='11' font-family='sans-serif'>",
-           f"<line x1='{pad}' y1='{h - pad}' x2='{w - 10}' y2='{h - pad}' stroke='#333'/>",
-           f"<line x1='{pad}' y1='10' x2='{pad}' y2='{h - pad}' stroke='#333'/>",
-           f"<text x='{(w + pad) / 2}' y='{h - 8}' text-anchor='middle'>{html.escape(xlab)}</text>",
-           f"<text x='12' y='{(h - pad) / 2}' transform='rotate(-90 12 {(h - pad) / 2})' text-anchor='middle'>{html.escape(ylab)}</text>"]
-    for t in xticks:
-        x = pad + t / xmax * (w - pad - 10)
-        out.append(f"<text x='{x:.1f}' y='{h - pad + 14}' text-anchor='middle'>{t:.3g}</text>")
-    for t in yticks:
-        y = h - pad - t / ymax * (h - pad - 10)
-        out.append(f"<text x='{pad - 4}' y='{y + 4:.1f}' text-anchor='end'>{t:.3g}</text>")
-        out.append(f"<line x1='{pad}' y1='{y:.1f}' x2='{w - 10}' y2='{y:.1f}' stroke='#eee'/>")
-    return out
-
-
-def plot_flip_rate_vs_l2(runs: list[Run], w: int = 420, h: int = 300, pad: int = 46) -> str:
-    """SVG scatter: one point per run (mean L2, flip rate), with the 95 % intervals of both
-    (from ``results.json``) as error bars."""
-    pts = []
-    for r in runs:
-        m, ci = r.results.metrics, r.results.intervals or {}
-        pts.append((m.get("l2", math.nan), m.get("flip_rate", math.nan), r.label, ci.get("l2"), ci.get("flip_rate")))
-    pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
-    xs = [p[0] for p in pts] + [c[1] for p in pts if (c := p[3]) and math.isfinite(c[1])]
-    xmax = max(xs + [1e-6]) * 1.15
-    out = _svg_axes(w, h, pad, "mean L2 ↓", "flip rate ↑", xmax, 1.0, np.linspace(0, xmax, 5)[1:], [0, 0.25, 0.5, 0.75, 1.0])
-    px = lambda x: pad + x / xmax * (w - pad - 10)  # noqa: E731
-    py = lambda y: h - pad - y * (h - pad - 10)  # noqa: E731
-    for i, (x, y, label, cx_ci, cy_ci) in enumerate(pts):
-        cx, cy = px(x), py(y)
-        col = PALETTE[i % len(PALETTE)]
-        if cx_ci and all(math.isfinite(v) for v in cx_ci):
-            out.append(f"<line class='ci' x1='{px(cx_ci[0]):.1f}' y1='{cy:.1f}' x2='{px(cx_ci[1]):.1f}' y2='{cy:.1f}' "
-                       f"stroke='{col}' stroke-width='1.5'/>")
-        if cy_ci and all(math.isfinite(v) for v in cy_ci):
-            out.append(f"<line class='ci' x1='{cx:.1f}' y1='{py(cy_ci[0]):.1f}' x2='{cx:.1f}' y2='{py(cy_ci[1]):.1f}' "
-                       f"stroke='{col}' stroke-width='1.5'/>")
-        out.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='6' fill='{col}'><title>{html.escape(label)}</title></circle>")
-        # a legend rather than inline labels: runs often sit on top of each other
-        out.append(f"<text x='{pad + 8}' y='{h - pad - 8 - 14 * (len(pts) - 1 - i)}' fill='{col}'>● {html.escape(label)}</text>")
-    return "\n".join(out + ["</svg>"])
-
-
-def plot_validity_curves(runs: list[Run], w: int = 420, h: int = 300, pad: int = 46) -> str:
-    """SVG: per run, the fraction of all samples that are successful with per-sample L2 <= x."""
-    curves = []
-    for r in runs:
-        n = len(r.rows)
-        l2 = sorted(_float(x["l2"]) for x in r.rows if str(x.get("success")) == "True" and not math.isnan(_float(x.get("l2"))))
-        if n:
-            curves.append((r.label, l2, n))
-    xmax = max([c[1][-1] for c in curves if c[1]] + [1e-6]) * 1.05
-    out = _svg_axes(w, h, pad, "L2 budget", "valid within budget", xmax, 1.0, np.linspace(0, xmax, 5)[1:], [0, 0.25, 0.5, 0.75, 1.0])
-    for i, (label, l2, n) in enumerate(curves):
-        col = PALETTE[i % len(PALETTE)]
-        pts, frac = [(0.0, 0.0)], 0.0
-        for j, v in enumerate(l2, start=1):
-            pts += [(v, frac), (v, j / n)]
-            frac = j / n
-        pts.append((xmax, frac))
-        path = " ".join(f"{pad + x / xmax * (w - pad - 10):.1f},{h - pad - y * (h - pad - 10):.1f}" for x, y in pts)
-        out.append(f"<polyline points='{path}' fill='none' stroke='{col}' stroke-width='2'><title>{html.escape(label)}</title></polyline>")
-        out.append(f"<text x='{pad + 8}' y='{20 + 14 * i}' fill='{col}'>{html.escape(label)}</text>")
-    return "\n".join(out + ["</svg>"])
 
 
 def _ci_text(r: RunResults, key: str) -> str:
@@ -315,38 +261,64 @@ def _metrics_list(r: RunResults) -> str:
     if r.marked:
         items[0] = "<span class='fail'>! " + items[0] + ": " + html.escape("; ".join(r.warnings)) + "</span>"
     for k, v in r.metrics.items():
-        items.append(f"<b>{html.escape(k)}</b> {v:.4g}{_ci_text(r, k)}" if isinstance(v, float) else f"<b>{html.escape(k)}</b> {v}")
+        items.append(
+            f"<b>{html.escape(k)}</b> {v:.4g}{_ci_text(r, k)}"
+            if isinstance(v, float)
+            else f"<b>{html.escape(k)}</b> {v}"
+        )
     for k, v in (r.audit or {}).items():
-        items.append(f"<b>audit.{html.escape(k)}</b> {v:.3g}{_ci_text(r, k)}" if isinstance(v, float)
-                     else f"<b>audit.{html.escape(k)}</b> {v}")
+        items.append(
+            f"<b>audit.{html.escape(k)}</b> {v:.3g}{_ci_text(r, k)}"
+            if isinstance(v, float)
+            else f"<b>audit.{html.escape(k)}</b> {v}"
+        )
     where = r.hardware.get("gpu") or r.hardware.get("cpu_model") or r.hardware.get("processor")
     items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(where))}")
     return "<p>" + " · ".join(items) + "</p>"
 
 
-def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int = 4, side_by_side: int = 6,
-                  analyses: list[Path] | None = None) -> Path:
+def render_report(
+    runs: list[Run],
+    out: Path,
+    rank_by: str = "l2",
+    examples: int = 4,
+    side_by_side: int = 6,
+    analyses: list[Path] | None = None,
+) -> Path:
     """Write ``out`` (HTML) and ``<out stem>_files/`` (images); returns ``out``."""
     assets = _Assets(out.parent / f"{out.stem}_files")
-    body = [f"<h1>VCE report</h1><p>{len(runs)} run(s). Best / median / worst: successful counterfactuals (all, "
-            f"when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
-            f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better). Triples: original | counterfactual | "
-            "|difference| (scaled per image). ✓ the classifier reads the target.</p>"]
+    body = [
+        f"<h1>VCE report</h1><p>{len(runs)} run(s). Best / median / worst: successful counterfactuals (all, "
+        f"when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
+        f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better). Triples: original | counterfactual | "
+        "|difference| (scaled per image). ✓ the classifier reads the target.</p>"
+    ]
     body.append("<h2>Leaderboard</h2>" + html_table([r.results for r in runs], "FR"))
-    body.append("<h2>Validity against closeness</h2><div class='plots'>" + plot_flip_rate_vs_l2(runs)
-                + plot_validity_curves(runs) + "</div>")
+    body.append(
+        "<h2>Validity against closeness</h2><div class='plots'>"
+        + plot_flip_rate_vs_l2(runs)
+        + plot_validity_curves(runs)
+        + "</div>"
+    )
     for run in runs:
-        body.append(f"<h2 id='{html.escape(run.slug)}'>{html.escape(run.label)} "
-                    f"<small>({html.escape(str(run.folder))})</small></h2>" + _metrics_list(run.results))
+        body.append(
+            f"<h2 id='{html.escape(run.slug)}'>{html.escape(run.label)} "
+            f"<small>({html.escape(str(run.folder))})</small></h2>" + _metrics_list(run.results)
+        )
         groups = rank_samples(run.rows, rank_by, examples)
         for name, rows in groups.items():
             if rows:
-                body.append(f"<div class='group'><h3>{name}</h3><div class='triples'>"
-                            + "".join(_triple(run, r, assets, rank_by) for r in rows) + "</div></div>")
+                body.append(
+                    f"<div class='group'><h3>{name}</h3><div class='triples'>"
+                    + "".join(_triple(run, r, assets, rank_by) for r in rows)
+                    + "</div></div>"
+                )
         failed = [r for r in run.rows if r.get("failure")]
         if failed:
-            body.append(f"<p class='fail'>{len(failed)} failed sample(s), e.g. {html.escape(failed[0]['sample_id'])}: "
-                        f"{html.escape(failed[0]['failure'])}</p>")
+            body.append(
+                f"<p class='fail'>{len(failed)} failed sample(s), e.g. {html.escape(failed[0]['sample_id'])}: "
+                f"{html.escape(failed[0]['failure'])}</p>"
+            )
     if len(runs) > 1:
         common = set.intersection(*({r["sample_id"] for r in run.rows if not r.get("failure")} for run in runs))
         ids = sorted(common)[:side_by_side]
@@ -355,28 +327,44 @@ def render_report(runs: list[Run], out: Path, rank_by: str = "l2", examples: int
             lines = []
             for sid in ids:
                 o, _ = runs[0].load(sid, "original")
-                cells = [f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', o)}' alt='original'>"
-                         f"<br>{html.escape(sid)}</td>"] if o is not None else ["<td>-</td>"]
+                cells = (
+                    [
+                        f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', o)}' alt='original'>"
+                        f"<br>{html.escape(sid)}</td>"
+                    ]
+                    if o is not None
+                    else ["<td>-</td>"]
+                )
                 for run in runs:
                     c, _ = run.load(sid, "counterfactual")
                     row = next(r for r in run.rows if r["sample_id"] == sid)
                     mark = "✓" if str(row.get("success")) == "True" else "✗"
-                    cells.append(f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', c)}' "
-                                 f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>" if c is not None else "<td>-</td>")
+                    cells.append(
+                        f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', c)}' "
+                        f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>"
+                        if c is not None
+                        else "<td>-</td>"
+                    )
                 lines.append("<tr>" + "".join(cells) + "</tr>")
-            body.append("<h2>Side by side</h2><p>The same images under every run.</p>"
-                        f"<table class='side'>{head}{''.join(lines)}</table>")
+            body.append(
+                "<h2>Side by side</h2><p>The same images under every run.</p>"
+                f"<table class='side'>{head}{''.join(lines)}</table>"
+            )
     for folder in analyses or []:
         body.append(_analysis_section(folder, assets))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>VCE report</title><style>{CSS}</style></head>"
-            f"<body>{''.join(body)}<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>VCE report</title><style>{CSS}</style></head>"
+        f"<body>{''.join(body)}<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n"
+    )
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page)
     tmp.replace(out)
     return out
 
 
-def write_report(paths: list[str | Path], out: str | Path | None = None, rank_by: str = "l2", examples: int = 4) -> Path:
+def write_report(
+    paths: list[str | Path], out: str | Path | None = None, rank_by: str = "l2", examples: int = 4
+) -> Path:
     """Find the runs under ``paths`` and render their report; returns the HTML path."""
     runs = find_runs(paths)
     out = Path(out) if out else Path(paths[0]) / "report.html"
@@ -384,4 +372,3 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, rank_by
     if rank_by not in HIGHER_IS_BETTER:
         raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
     return render_report(runs, out, rank_by, examples, analyses=find_analyses(paths))
-

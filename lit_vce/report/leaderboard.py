@@ -52,9 +52,26 @@ COLUMNS: list[tuple[str, Getter, bool | None]] = [
 ]
 FORMATS = ("md", "html", "tex")
 # the results.json metric behind each column, whose interval the cell shows
-INTERVAL_KEYS = {"FR": "flip_rate", "conf": "target_confidence", "FR indep.": "flip_rate_independent", "L1": "l1",
-                 "L2": "l2", "LPIPS": "lpips", "lat. L2": "latent_l2", "FID": "fid", "sFID": "sfid", "COUT": "cout", "MNAC": "mnac", "CD": "cd", "S3": "s3", "FVA": "fva", "FS": "fs",
-                 "shape changed": "shape_changed", "background only": "background_only", "watermark only": "watermark_only"}
+INTERVAL_KEYS = {
+    "FR": "flip_rate",
+    "conf": "target_confidence",
+    "FR indep.": "flip_rate_independent",
+    "L1": "l1",
+    "L2": "l2",
+    "LPIPS": "lpips",
+    "lat. L2": "latent_l2",
+    "FID": "fid",
+    "sFID": "sfid",
+    "COUT": "cout",
+    "MNAC": "mnac",
+    "CD": "cd",
+    "S3": "s3",
+    "FVA": "fva",
+    "FS": "fs",
+    "shape changed": "shape_changed",
+    "background only": "background_only",
+    "watermark only": "watermark_only",
+}
 
 
 def load_valid(paths, warn=None) -> list[tuple[Path, RunResults]]:
@@ -148,15 +165,25 @@ def _rows(results: list[RunResults], cols) -> tuple[list[str], list[list[str]], 
         vals = [r.method, r.classifier, r.protocol or "-", r.n] + [c[1](r) for c in cols] + [seconds_per_image(r)]
         raw.append(vals)
         cis = [None] * 4 + [_interval(r, c[0]) for c in cols] + [None]
-        cells.append([(count_cell(r) if i == 3 else str(v)) if i < 4 else (_fmt_ci(v, cis[i]) if i < len(vals) - 1 else f"{v:.2f}")
-                      for i, v in enumerate(vals)])
+        cells.append(
+            [
+                (count_cell(r) if i == 3 else str(v))
+                if i < 4
+                else (_fmt_ci(v, cis[i]) if i < len(vals) - 1 else f"{v:.2f}")
+                for i, v in enumerate(vals)
+            ]
+        )
     return head, cells, raw
 
 
 def warnings_block(results: list[RunResults]) -> list[str]:
     """``method · classifier: warning`` lines of the marked runs."""
-    return [f"{r.method} · {r.classifier}{f' ({r.protocol})' if r.protocol else ''}: {'; '.join(r.warnings or [f'{r.n_failed} of {r.n} failed'])}"
-            for r in results if r.marked]
+    return [
+        f"{r.method} · {r.classifier}{f' ({r.protocol})' if r.protocol else ''}: "
+        f"{'; '.join(r.warnings or [f'{r.n_failed} of {r.n} failed'])}"
+        for r in results
+        if r.marked
+    ]
 
 
 ARROWS = {True: " ↑", False: " ↓", None: ""}
@@ -182,8 +209,11 @@ def markdown_table(results: list[RunResults], sort_by: str = "FR") -> str:
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     notes = warnings_block(results)
     if notes:
-        lines += ["", "N: attempted samples (successes, failures); a failed sample counts as not flipped and is in no "
-                      "other figure. Runs marked !:"] + [f"- {n}" for n in notes]
+        lines += [
+            "",
+            "N: attempted samples (successes, failures); a failed sample counts as not flipped and is in no "
+            "other figure. Runs marked !:",
+        ] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -201,7 +231,12 @@ def latex_table(results: list[RunResults], sort_by: str = "FR") -> str:
 
     arrows = {True: r" $\uparrow$", False: r" $\downarrow$", None: ""}
     header = [esc(h) for h in head[:4]] + [esc(c[0]) + arrows[c[2]] for c in cols] + ["s/img"]
-    out = [r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}",
+        r"\toprule",
+        " & ".join(header) + r" \\",
+        r"\midrule",
+    ]
     for row, vals in zip(cells, raw):
         tex = [esc(v) for v in row]
         for j, b in best.items():
@@ -249,8 +284,11 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
     results = sort_results(results, sort_by)
     cols = _columns(results)
     head, cells, raw = _rows(results, cols)
-    titles = ["", "", "", "attempted samples (successes, failures); ! marks a run with failures or warnings"] + [
-        {True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols] + ["seconds per image"]
+    titles = (
+        ["", "", "", "attempted samples (successes, failures); ! marks a run with failures or warnings"]
+        + [{True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols]
+        + ["seconds per image"]
+    )
     head = head[:4] + [c[0] + ARROWS[c[2]] for c in cols] + head[-1:]
     best = _best(cols, raw)
     out = ['<table class="sortable"><thead><tr>']
@@ -271,12 +309,14 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
 
 
 def html_page(results: list[RunResults], sort_by: str = "FR", title: str = "Leaderboard") -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Rendered from the <code>results.json</code> files below this folder. Click a header to sort; "
-            f"↑/↓ mark the better direction, bold the best value; brackets hold 95 % bootstrap intervals "
-            f"over samples.</p>{html_table(results, sort_by)}"
-            f"<script>{SORT_SCRIPT}</script></body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>Rendered from the <code>results.json</code> files below this folder. Click a header to sort; "
+        f"↑/↓ mark the better direction, bold the best value; brackets hold 95 % bootstrap intervals "
+        f"over samples.</p>{html_table(results, sort_by)}"
+        f"<script>{SORT_SCRIPT}</script></body></html>\n"
+    )
 
 
 def write_leaderboard(root: str | Path, sort_by: str = "FR", formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
@@ -288,8 +328,10 @@ def write_leaderboard(root: str | Path, sort_by: str = "FR", formats: tuple[str,
     sort_results(results, sort_by)  # validates sort_by before anything is written
     out: dict[str, Path] = {}
     render = {
-        "md": lambda: "# Leaderboard\n\nRendered from the `results.json` files below this folder; brackets hold 95 % "
-                      "bootstrap intervals over samples.\n\n" + markdown_table(results, sort_by),
+        "md": lambda: (
+            "# Leaderboard\n\nRendered from the `results.json` files below this folder; brackets hold 95 % "
+            "bootstrap intervals over samples.\n\n" + markdown_table(results, sort_by)
+        ),
         "html": lambda: html_page(results, sort_by),
         "tex": lambda: latex_table(results, sort_by),
     }

@@ -85,19 +85,25 @@ def published_table(results: list[RunResults], family: str) -> str:
     if family not in known_presets():
         from ..errors import suggest
 
-        raise ValueError(f"unknown preset {family!r}{suggest(family, known_presets())}; presets: {', '.join(known_presets())}")
+        raise ValueError(
+            f"unknown preset {family!r}{suggest(family, known_presets())}; presets: {', '.join(known_presets())}"
+        )
     pub = [r for r in load_published() if _in_family(r["preset"], family)]
     ours = [r for r in results if _in_family(run_preset(r), family)]
     metrics = list(dict.fromkeys(["flip_rate"] + [r["metric"] for r in pub]))
     header = ["preset", "method", "source", "N"] + [METRIC_HEADERS.get(m, m) for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(ours, key=lambda r: (run_preset(r), r.method)):
-        cells = [run_preset(r), r.method, f"ours ({r.run_name})", count_cell(r)] + [_fmt(r.metrics.get(m)) for m in metrics]
+        cells = [run_preset(r), r.method, f"ours ({r.run_name})", count_cell(r)] + [
+            _fmt(r.metrics.get(m)) for m in metrics
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = []
     groups: dict[tuple, dict[str, float]] = {}
     for p in pub:
-        groups.setdefault((p["preset"], p["method"], p["variant"], p["paper"], p["table"]), {})[p["metric"]] = p["value"]
+        groups.setdefault((p["preset"], p["method"], p["variant"], p["paper"], p["table"]), {})[p["metric"]] = p[
+            "value"
+        ]
         note = f"{p['paper']}, {p['table']}: {p['source']} ({p['check']})"
         if note not in notes:
             notes.append(note)
@@ -108,11 +114,15 @@ def published_table(results: list[RunResults], family: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     out = [f"## {family}: our runs beside the published figures", ""] + lines + [""]
     if not ours:
-        out.append(f"No run under this folder followed preset {family} (model.preset); "
-                   f"`scripts/reproduce.sh {family} METHOD` makes one.")
+        out.append(
+            f"No run under this folder followed preset {family} (model.preset); "
+            f"`scripts/reproduce.sh {family} METHOD` makes one."
+        )
         out.append("")
     if not pub:
-        out.append(f"No published figure for {family} is shipped yet (lit_vce/assets/published/README.md says which are).")
+        out.append(
+            f"No published figure for {family} is shipped yet (lit_vce/assets/published/README.md says which are)."
+        )
     for k, n in enumerate(notes, 1):
         out.append(f"[{k}] {n}")
     return "\n".join(out) + "\n"

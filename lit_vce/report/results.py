@@ -13,8 +13,21 @@ from typing import Any
 from ..errors import LitVCEError
 
 #: every library whose version can change a figure: the stack and every model library a run may load through
-TRACKED_PACKAGES = ("lit_vce", "torch", "torchvision", "lightning", "torchmetrics", "torch-fidelity", "diffusers",
-                    "transformers", "timm", "open_clip_torch", "robustbench", "numpy", "pillow")
+TRACKED_PACKAGES = (
+    "lit_vce",
+    "torch",
+    "torchvision",
+    "lightning",
+    "torchmetrics",
+    "torch-fidelity",
+    "diffusers",
+    "transformers",
+    "timm",
+    "open_clip_torch",
+    "robustbench",
+    "numpy",
+    "pillow",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -30,7 +43,9 @@ def package_versions() -> dict[str, str]:
 def git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -54,12 +69,17 @@ def cpu_model() -> str:
 
 def hardware() -> dict[str, Any]:
     """Where the figures were computed: float results of long guided trajectories differ
-    between CPU and GPU models (README, Determinism), so both are recorded."""
+    between CPU and GPU models (docs/clusters.md, Determinism), so both are recorded."""
     import torch  # here, not at the top: reading results (the leaderboard) needs no torch
 
-    info: dict[str, Any] = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                            "cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
-                            "os": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
@@ -162,8 +182,10 @@ class RunResults:
             for name, sha in (res.files or {}).items():
                 problem = verify_file(path.parent / name, sha)
                 if problem:
-                    raise InvalidResultsError(f"{path}: {problem}; the results and the table beside them are not from "
-                                              "the same run (an interrupted write): run it again")
+                    raise InvalidResultsError(
+                        f"{path}: {problem}; the results and the table beside them are not from "
+                        "the same run (an interrupted write): run it again"
+                    )
         return res
 
 

@@ -20,8 +20,10 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
     torch.manual_seed(seed)
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
+    ):
         net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     # variance-preserving init, so 2048-d features still vary between images after ~50 layers
     for m in net.modules():
@@ -55,13 +57,28 @@ def save_tiny_latent_diffusion(folder: str | Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                         norm_num_groups=4, attention_head_dim=2).save_pretrained(folder / "unet")
-    AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
-                  sample_size=32).save_pretrained(folder / "vae")
+    UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).save_pretrained(folder / "vae")
     words = ["a", "photograph", "of", "the", "circle", "square", "triangle", "star", "zebra", "sorrel", "cat", "dog"]
     vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
     for w in words:
@@ -81,14 +98,31 @@ def save_tiny_latent_diffusion(folder: str | Path, seed: int = 0) -> Path:
             vocab.setdefault(parts[0], len(vocab))
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                              pad_token="!")
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!"
+    )
     tokenizer.save_pretrained(tok_dir)
-    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                 vocab_size=len(vocab), bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                                 max_position_embeddings=77)).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+    CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            max_position_embeddings=77,
+        )
+    ).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
     return folder
 
 
@@ -162,21 +196,62 @@ def stable_diffusion_components(size: str = "tiny", image_size: int = 64, seed: 
         tokenizer = CLIPTokenizer.from_pretrained(str(save_tiny_latent_diffusion(Path(tmp) / "sd", seed) / "tokenizer"))
     torch.manual_seed(seed)
     if size == "tiny":
-        unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=image_size // 2,
-                                    in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                                    norm_num_groups=4, attention_head_dim=2)
-        vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, sample_size=image_size)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                                            max_position_embeddings=77))
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=image_size // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=8,
+            norm_num_groups=4,
+            attention_head_dim=2,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[8, 16],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=image_size,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=8,
+                intermediate_size=16,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                vocab_size=len(tokenizer),
+                bos_token_id=0,
+                eos_token_id=2,
+                pad_token_id=1,
+                max_position_embeddings=77,
+            )
+        )
     else:
         unet, vae = sd15_unet(image_size), sd15_vae(image_size)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                            num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77))
-    sched = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                vocab_size=49408,
+                max_position_embeddings=77,
+            )
+        )
+    sched = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer, "scheduler_config": sched}
 
 
@@ -184,17 +259,27 @@ def sd15_unet(image_size: int = 512):
     """Stable Diffusion 1.x's UNet architecture (860M parameters, random weights) for ``image_size`` px images."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=image_size // 8, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    return UNet2DConditionModel(
+        sample_size=image_size // 8,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
 
 
 def sd15_vae(image_size: int = 512):
     """Stable Diffusion 1.x's VAE architecture (84M parameters, random weights)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=["DownEncoderBlock2D"] * 4,
-                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
-                         sample_size=image_size)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=image_size,
+    )
 
 
 def count_flops(fn) -> tuple[object, int]:
@@ -219,8 +304,14 @@ def world_batch(n: int, seed: int = 0, masks: bool = False):
     items = [d[i] for i in range(n)]
     ids = [it["sample_id"] for it in items]
     src = torch.tensor([it["label"] for it in items])
-    return VCEBatch(torch.stack([it["image"] for it in items]), src, (src + 1) % 4, ids, sample_rngs(seed, ids),
-                    torch.stack([it["mask"] for it in items]) if masks else None)
+    return VCEBatch(
+        torch.stack([it["image"] for it in items]),
+        src,
+        (src + 1) % 4,
+        ids,
+        sample_rngs(seed, ids),
+        torch.stack([it["mask"] for it in items]) if masks else None,
+    )
 
 
 def _rss_mib() -> float:

@@ -12,7 +12,7 @@ input's shape, per-sample diagnostics, ``target_confidence``, settings that seri
 the same bytes for the same seeds, outputs independent of batch composition and of
 ``inner_batch_size``, the resolution rule, and, for a method that claims
 ``supports_concurrency``, the same bytes on worker threads. The registry tests run it on
-every built-in method and on the README's example.
+every built-in method and on the example of docs/adding-a-method.md.
 """
 
 from __future__ import annotations
@@ -34,9 +34,17 @@ def tiny_pixel_diffusion(sampler: str = "ddim", steps: int = 10, seed: int = 0):
     from ..world.models import SCHEDULER_CONFIG
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=5)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=5,
+    )
     return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, sampler=sampler, num_steps=steps, null_class=4)
 
 
@@ -113,11 +121,19 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
     if not (isinstance(method_cls, type) and issubclass(method_cls, VCEMethod)):
         raise TypeError(f"check_method takes a VCEMethod subclass, got {method_cls!r}")
     p = _Problems(method_cls.__name__)
-    p.check(method_cls.counterfactuals is not VCEMethod.counterfactuals, "implements counterfactuals(batch, classifier)")
-    p.check(bool(inspect.getdoc(method_cls)) and inspect.getdoc(method_cls) != inspect.getdoc(VCEMethod),
-            "has a docstring of its own (lit-vce methods prints its first line)")
+    p.check(
+        method_cls.counterfactuals is not VCEMethod.counterfactuals, "implements counterfactuals(batch, classifier)"
+    )
+    p.check(
+        bool(inspect.getdoc(method_cls)) and inspect.getdoc(method_cls) != inspect.getdoc(VCEMethod),
+        "has a docstring of its own (lit-vce methods prints its first line)",
+    )
     registered = [n for n in METHODS.names() if METHODS.get(n) is method_cls]
-    p.check(all(method_cls.name == n for n in registered), "its name is the registered one", f"{method_cls.name!r} vs {registered}")
+    p.check(
+        all(method_cls.name == n for n in registered),
+        "its name is the registered one",
+        f"{method_cls.name!r} vs {registered}",
+    )
     p.check(isinstance(method_cls.test_kwargs(), dict), "test_kwargs() returns a dict")
     clf = classifier if classifier is not None else tiny_classifier()
     method = build_for_test(method_cls, diffusion_factory, clf)
@@ -127,19 +143,30 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
     with torch.enable_grad():
         out = method.generate(batch, clf)
     images = out.images
-    if p.check(tuple(images.shape) == tuple(batch.images.shape), "returns one image per sample of the input's shape",
-               f"{tuple(images.shape)}"):
-        p.check(bool(torch.isfinite(images).all()) and float(images.min()) >= 0 and float(images.max()) <= 1,
-                "images are finite and in [0, 1]")
+    if p.check(
+        tuple(images.shape) == tuple(batch.images.shape),
+        "returns one image per sample of the input's shape",
+        f"{tuple(images.shape)}",
+    ):
+        p.check(
+            bool(torch.isfinite(images).all()) and float(images.min()) >= 0 and float(images.max()) <= 1,
+            "images are finite and in [0, 1]",
+        )
         p.check(not torch.allclose(images, batch.images), "changes the images")
     p.check(out.failure == [None] * n, "no failure on the tiny batch", str(out.failure))
     diag = out.diagnostics
-    p.check(all(isinstance(v, torch.Tensor) and tuple(v.shape) == (n,) for v in diag.values()),
-            "diagnostics are per-sample tensors of shape (N,)", str({k: tuple(getattr(v, "shape", ())) for k, v in diag.items()}))
+    p.check(
+        all(isinstance(v, torch.Tensor) and tuple(v.shape) == (n,) for v in diag.values()),
+        "diagnostics are per-sample tensors of shape (N,)",
+        str({k: tuple(getattr(v, "shape", ())) for k, v in diag.items()}),
+    )
     if p.check(list(diag)[:1] == ["target_confidence"], "target_confidence comes first (the harness's)"):
         with torch.no_grad():
             expected = clf(images).softmax(1).gather(1, batch.target[:, None]).squeeze(1)
-        p.check(torch.allclose(diag["target_confidence"], expected, atol=1e-6), "target_confidence is the classifier's on the output")
+        p.check(
+            torch.allclose(diag["target_confidence"], expected, atol=1e-6),
+            "target_confidence is the classifier's on the output",
+        )
     try:
         described = method.describe()
         json.dumps(described)
@@ -162,8 +189,11 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
                 four = generate_one_by_one(method, _fresh(batch), clf, workers=4)
         finally:
             torch.set_num_threads(threads)
-        same = torch.equal(one.images, four.images) and one.failure == four.failure and all(
-            torch.equal(v, four.diagnostics[k]) for k, v in one.diagnostics.items())
+        same = (
+            torch.equal(one.images, four.images)
+            and one.failure == four.failure
+            and all(torch.equal(v, four.diagnostics[k]) for k, v in one.diagnostics.items())
+        )
         p.check(same, "supports_concurrency: worker threads give the sequential bytes")
     if p.items:
         raise AssertionError(f"{p.name} breaks the method contract:\n  - " + "\n  - ".join(p.items))
@@ -182,7 +212,9 @@ def _check_batches(p: _Problems, method_cls, diffusion_factory, clf, batch) -> N
         part = VCEBatch(b.images[2:], b.source[2:], b.target[2:], b.sample_ids[2:], sample_rngs(0, b.sample_ids[2:]))
         half = method.generate(part, clf).images
         gap = float((full[2:] - half).abs().max())
-        p.check(gap <= BATCH_TOLERANCE, "a sample's output does not depend on the batch it came in", f"max gap {gap:.4f}")
+        p.check(
+            gap <= BATCH_TOLERANCE, "a sample's output does not depend on the batch it came in", f"max gap {gap:.4f}"
+        )
         method.inner_batch_size = 1
         chunked = method.generate(_fresh(batch), clf).images
         gap = float((full - chunked).abs().max())
@@ -206,6 +238,8 @@ def _check_resolution(p: _Problems, method, clf) -> None:
         return
     with torch.enable_grad():
         out = method.generate(other, clf)
-    p.check(tuple(out.images.shape) == tuple(other.images.shape), f"{size + 8} px input gives {size + 8} px output",
-            f"{tuple(out.images.shape)}")
-
+    p.check(
+        tuple(out.images.shape) == tuple(other.images.shape),
+        f"{size + 8} px input gives {size + 8} px output",
+        f"{tuple(out.images.shape)}",
+    )

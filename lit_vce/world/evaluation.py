@@ -1,4 +1,4 @@
-"""Measured quality of the world's models (the figures the README quotes)."""
+"""Measured quality of the world's models (the figures docs/world.md quotes)."""
 
 from __future__ import annotations
 
@@ -49,13 +49,16 @@ def watermark_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
         "watermarked_on_watermark_test": float((net(xw).argmax(1) == yw).float().mean()),
         "watermarked_on_watermark_balanced_test": float((pred == y).float().mean()),
         "watermarked_follows_watermark_on_watermark_balanced_test": float((pred == mark).float().mean()),
-        "oracle_shape_on_watermark_balanced_test": float((load_world_network("oracle")(x).argmax(1) == y).float().mean()),
+        "oracle_shape_on_watermark_balanced_test": float(
+            (load_world_network("oracle")(x).argmax(1) == y).float().mean()
+        ),
     }
 
 
 @torch.no_grad()
-def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0, seed: int = 0,
-                         sampler: str = "ddpm") -> dict[str, float]:
+def ddpm_sample_accuracy(
+    n: int = 256, steps: int = 100, cfg_scale: float = 1.0, seed: int = 0, sampler: str = "ddpm"
+) -> dict[str, float]:
     """Oracle shape accuracy of ``n`` class-conditional samples (classes cycled)."""
     from ..diffusion import PixelDiffusion
     from ..rngs import sample_rngs
@@ -75,9 +78,12 @@ def ddpm_sample_accuracy(n: int = 256, steps: int = 100, cfg_scale: float = 1.0,
     chi2, pvalue = uniform_chisquare(backgrounds)
     return {
         "ddpm_sample_shape_accuracy": correct / n,
-        "ddpm_samples": n, "ddpm_sampler": f"{sampler}-{steps}", "ddpm_cfg_scale": cfg_scale,
+        "ddpm_samples": n,
+        "ddpm_sampler": f"{sampler}-{steps}",
+        "ddpm_cfg_scale": cfg_scale,
         "ddpm_background_histogram": (backgrounds / n).tolist(),
-        "ddpm_background_chi2": chi2, "ddpm_background_chi2_p": pvalue,
+        "ddpm_background_chi2": chi2,
+        "ddpm_background_chi2_p": pvalue,
     }
 
 
@@ -89,12 +95,19 @@ def uniform_chisquare(counts: torch.Tensor) -> tuple[float, float]:
     k, n = c.numel(), float(c.sum())
     expected = n / k
     chi2 = float(((c - expected) ** 2 / expected).sum())
-    p = float(torch.special.gammaincc(torch.tensor((k - 1) / 2, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64)))
+    p = float(
+        torch.special.gammaincc(
+            torch.tensor((k - 1) / 2, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64)
+        )
+    )
     return chi2, p
 
 
 def evaluate_world_models(seed: int = 0, ddpm_samples: int = 1024) -> dict[str, float]:
     """All figures: classifier accuracies (both shortcuts) and the ddpm's samples (shape
     accuracy, background histogram and its chi-square test against uniform)."""
-    return {**classifier_accuracies(seed=seed), **watermark_accuracies(seed=seed),
-            **ddpm_sample_accuracy(n=ddpm_samples, seed=seed)}
+    return {
+        **classifier_accuracies(seed=seed),
+        **watermark_accuracies(seed=seed),
+        **ddpm_sample_accuracy(n=ddpm_samples, seed=seed),
+    }

@@ -41,10 +41,16 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.trunk = nn.Sequential(
-            _block(3, w), _block(w, w), nn.MaxPool2d(2),
-            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _block(3, w),
+            _block(w, w),
+            nn.MaxPool2d(2),
+            _block(w, 2 * w),
+            _block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            _block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(4 * w, num_outputs)
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
@@ -127,7 +133,8 @@ def _load_state(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_world_network(name: str) -> nn.Module:
-    """The trained world network ``name`` (``biased``, ``robust``, ``oracle``, ``watermarked`` or ``ddpm``) in eval mode."""
+    """The trained world network ``name`` (``biased``, ``robust``, ``oracle``, ``watermarked`` or
+    ``ddpm``) in eval mode."""
     state = _load_state(name)
     if name == "ddpm":
         net = build_world_unet()

@@ -55,7 +55,9 @@ class WorldClassifierModule(L.LightningModule):
         max_steps: total optimiser steps, for the schedule.
     """
 
-    def __init__(self, kind: str = "standard", lr: float = 3e-3, eps: float = 1.0, pgd_steps: int = 3, max_steps: int = 1000):
+    def __init__(
+        self, kind: str = "standard", lr: float = 3e-3, eps: float = 1.0, pgd_steps: int = 3, max_steps: int = 1000
+    ):
         super().__init__()
         if kind not in ("standard", "robust", "oracle"):
             raise ValueError(f"unknown classifier kind {kind!r}")
@@ -81,7 +83,9 @@ class WorldClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.1
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -102,8 +106,15 @@ class WorldDiffusionModule(L.LightningModule):
             from it too.
     """
 
-    def __init__(self, lr: float = 1e-3, label_dropout: float = 0.1, ema_decay: float = 0.995, max_steps: int = 3000,
-                 snr_gamma: float | None = None, init: dict | None = None):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        label_dropout: float = 0.1,
+        ema_decay: float = 0.995,
+        max_steps: int = 3000,
+        snr_gamma: float | None = None,
+        init: dict | None = None,
+    ):
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -144,5 +155,7 @@ class WorldDiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

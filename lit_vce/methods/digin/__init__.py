@@ -33,10 +33,29 @@ the per-sample rngs. The settings come in groups (``settings.py``). Official qui
 deliberately not copied, and other deviations: ``docs/parity.md``.
 """
 
-from .method import DiGIN, default_objective
-from .settings import (InversionSettings, LossSettings, MaskSettings, MemorySettings, OptimisationSettings,
-                       SearchSettings)
+from .build import default_objective
+from .method import DiGIN
+from .settings import (
+    InversionSettings,
+    LossSettings,
+    MaskSettings,
+    MemorySettings,
+    OptimisationSettings,
+    SearchSettings,
+)
 from .views import cutout_views, fraction_steps, scaled_cutout_views, switch_word
 
-__all__ = ["DiGIN", "default_objective", "InversionSettings", "SearchSettings", "MaskSettings", "OptimisationSettings",
-           "LossSettings", "MemorySettings", "cutout_views", "scaled_cutout_views", "fraction_steps", "switch_word"]
+__all__ = [
+    "DiGIN",
+    "default_objective",
+    "InversionSettings",
+    "SearchSettings",
+    "MaskSettings",
+    "OptimisationSettings",
+    "LossSettings",
+    "MemorySettings",
+    "cutout_views",
+    "scaled_cutout_views",
+    "fraction_steps",
+    "switch_word",
+]

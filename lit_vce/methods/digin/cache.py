@@ -43,9 +43,14 @@ class InversionCache:
             return None
         try:
             data = torch.load(path, map_location=device, weights_only=True)
-            inv = Inversion(list(data["latents"].unbind(0)), list(data["uncond"].unbind(0)), float(data["error"]),
-                            None if data.get("trajectory") is None else list(data["trajectory"].unbind(0)),
-                            None, data["error"].reshape(1).cpu())
+            inv = Inversion(
+                list(data["latents"].unbind(0)),
+                list(data["uncond"].unbind(0)),
+                float(data["error"]),
+                None if data.get("trajectory") is None else list(data["trajectory"].unbind(0)),
+                None,
+                data["error"].reshape(1).cpu(),
+            )
         except (OSError, RuntimeError, KeyError, ValueError, EOFError):
             self.misses += 1
             return None
@@ -56,9 +61,11 @@ class InversionCache:
         """Store a one-sample inversion (atomically: a reader never sees half a file)."""
         from ...io import atomic_write_bytes
 
-        data = {"latents": torch.stack([x.detach().cpu() for x in inv.latents]),
-                "uncond": torch.stack([u.detach().cpu() for u in inv.uncond]),
-                "error": torch.tensor(float(inv.errors[0]) if inv.errors is not None else float("nan"))}
+        data = {
+            "latents": torch.stack([x.detach().cpu() for x in inv.latents]),
+            "uncond": torch.stack([u.detach().cpu() for u in inv.uncond]),
+            "error": torch.tensor(float(inv.errors[0]) if inv.errors is not None else float("nan")),
+        }
         if inv.trajectory is not None:
             data["trajectory"] = torch.stack([x.detach().cpu() for x in inv.trajectory])
         buf = io.BytesIO()

@@ -37,7 +37,9 @@ class AttentionPlan:
 
     def injection(self, step: int, active: torch.Tensor) -> AttentionInjection:
         if step >= len(self.store.maps):
-            raise RuntimeError(f"attention maps were recorded for {len(self.store.maps)} steps, step {step} needs injection")
+            raise RuntimeError(
+                f"attention maps were recorded for {len(self.store.maps)} steps, step {step} needs injection"
+            )
         return AttentionInjection(self.store.maps[step], self.mapper, self.own, active)
 
 
@@ -49,8 +51,10 @@ class EditMixin:
         masks) on a model with cross-attention, for a batch with foreground ``mask`` or none."""
         bb = self.diffusion
         real = self.inversion.method != "none"
-        attn_masks = real and (self.masks.source == "attention" or (
-            self.masks.source == "auto" and mask is None and bb.supports_attention_control))
+        attn_masks = real and (
+            self.masks.source == "attention"
+            or (self.masks.source == "auto" and mask is None and bb.supports_attention_control)
+        )
         keep = max((fraction_steps(j, self.num_steps) for j in self.search.injection_fractions), default=0)
         inject = real and self.search.injection == "attention" and keep > 0
         return (keep if inject else 0), attn_masks
@@ -70,8 +74,9 @@ class EditMixin:
         return store, control
 
     @torch.no_grad()
-    def reconstruct(self, inversion: Inversion, cond: torch.Tensor, keep_steps: int = 0,
-                    record_tokens: bool = False) -> tuple[list[torch.Tensor], AttentionStore | None]:
+    def reconstruct(
+        self, inversion: Inversion, cond: torch.Tensor, keep_steps: int = 0, record_tokens: bool = False
+    ) -> tuple[list[torch.Tensor], AttentionStore | None]:
         """Run the reconstruction trajectory (``cond`` and the inversion's unconditional
         embeddings from its z_T): its latent at the input of every step (the blending
         templates) and, on text-conditioned models, its cross-attention: the maps of the first
@@ -87,13 +92,21 @@ class EditMixin:
             rec = None
             if record:
                 in_first_half = last == 0 or 1 - i / last >= 0.5
-                rec = AttentionRecorder(len(z), store, i, keep_maps=i < keep_steps, record_tokens=record_tokens and in_first_half)
+                rec = AttentionRecorder(
+                    len(z), store, i, keep_maps=i < keep_steps, record_tokens=record_tokens and in_first_half
+                )
             t = bb.timesteps[i]
             z, _ = bb.step(bb.eps(z, t, cond, inversion.uncond[i], control=rec), t, z)
         return latents, store
 
-    def prepare_edit(self, batch: VCEBatch, classifier: nn.Module, inv: Inversion, cond_src: torch.Tensor,
-                     prompts: tuple[list[str], list[str]] | None) -> Edit:
+    def prepare_edit(
+        self,
+        batch: VCEBatch,
+        classifier: nn.Module,
+        inv: Inversion,
+        cond_src: torch.Tensor,
+        prompts: tuple[list[str], list[str]] | None,
+    ) -> Edit:
         """The reconstruction's blending templates, the attention plan and the foreground masks."""
         bb, dev = self.diffusion, batch.images.device
         if self.masks.source == "batch" and batch.mask is None:
@@ -112,8 +125,13 @@ class EditMixin:
                     templates, store = self.reconstruct(inv, cond_src, keep, record_tokens=attn_masks)
         plan = None
         if inject:
-            aligned = [token_alignment(a, b) for a, b in zip(bb.token_ids(prompts[0]).tolist(), bb.token_ids(prompts[1]).tolist())]
-            plan = AttentionPlan(store, torch.stack([m for m, _ in aligned]).to(dev), torch.stack([o for _, o in aligned]).to(dev))
+            aligned = [
+                token_alignment(a, b)
+                for a, b in zip(bb.token_ids(prompts[0]).tolist(), bb.token_ids(prompts[1]).tolist())
+            ]
+            plan = AttentionPlan(
+                store, torch.stack([m for m, _ in aligned]).to(dev), torch.stack([o for _, o in aligned]).to(dev)
+            )
         if attn_masks:
             pixel_mask = self.attention_masks(store, batch, classifier, prompts[0], inv.latents[0].shape[-1])
         latent_mask = None
@@ -122,8 +140,9 @@ class EditMixin:
         paste = inv.latents[-1] if (self.masks.paste_outside and latent_mask is not None) else None
         return Edit(templates, plan, pixel_mask, latent_mask, paste)
 
-    def attention_masks(self, store: AttentionStore, batch: VCEBatch, classifier: nn.Module, src_prompts: list[str],
-                        latent_size: int) -> torch.Tensor:
+    def attention_masks(
+        self, store: AttentionStore, batch: VCEBatch, classifier: nn.Module, src_prompts: list[str], latent_size: int
+    ) -> torch.Tensor:
         """Soft foreground masks (n, 1, H, W) from the source class word's cross-attention
         (:mod:`lit_vce.diffusion.masks`), optionally refined by SAM, post-processed."""
         bb, names = self.diffusion, self.class_names_for(classifier)

@@ -41,6 +41,7 @@ def checkpointed(classifier: nn.Module, on: bool):
 
     def clf(x, _c=classifier):
         return _checkpoint(_c, x, use_reentrant=False) if torch.is_grad_enabled() else _c(x)
+
     clf.num_classes = getattr(classifier, "num_classes", None)
     return clf
 
@@ -59,8 +60,9 @@ class MemoryMixin:
         except (ValueError, OSError, AttributeError):
             return float("inf")
 
-    def checkpoint_plan(self, z: torch.Tensor, cond_tgt, uncond, ctx: ObjectiveContext,
-                        classifier: nn.Module) -> tuple[int | None, bool]:
+    def checkpoint_plan(
+        self, z: torch.Tensor, cond_tgt, uncond, ctx: ObjectiveContext, classifier: nn.Module
+    ) -> tuple[int | None, bool]:
         """(UNet calls to checkpoint (``None``: every one, by the diffusion model's setting),
         whether to checkpoint the loss) for the optimised trajectory. ``"auto"``: the
         activations of one UNet call (``u``) and one loss evaluation (``d``) are measured
@@ -74,14 +76,22 @@ class MemoryMixin:
         if mode is False or self.optimisation.outer_steps == 0:
             return 0, False
         bb = self.diffusion
-        key = (tuple(z.shape), tuple(ctx.original.shape), str(z.dtype), self.memory.autocast, self.optimisation.num_cutouts)
+        key = (
+            tuple(z.shape),
+            tuple(ctx.original.shape),
+            str(z.dtype),
+            self.memory.autocast,
+            self.optimisation.num_cutouts,
+        )
         if key not in self._activation_bytes:
             frozen = {p.untyped_storage().data_ptr() for m in (bb, classifier) for p in m.parameters()}
             leaf = z.detach().clone().requires_grad_(True)
             with self.autocast_context(z.device):
                 u = saved_bytes(lambda: bb.eps(leaf, bb.timesteps[-1], cond_tgt, uncond[-1], checkpoint=False), frozen)
                 ctx.latents = leaf
-                d = saved_bytes(lambda: self.objective(fit(bb.decode_checkpointed(leaf, False), ctx.original), ctx), frozen)
+                d = saved_bytes(
+                    lambda: self.objective(fit(bb.decode_checkpointed(leaf, False), ctx.original), ctx), frozen
+                )
             self._activation_bytes[key] = (u, d)
         u, d = self._activation_bytes[key]
         budget = self.budget_bytes(z.device)

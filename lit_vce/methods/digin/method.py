@@ -5,62 +5,40 @@ mixins of ``edit.py``, ``trajectory.py``, ``optimise.py`` and ``memory.py``."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 from torch import nn
 
-from ...diffusion import Diffusion, Inversion, PixelDiffusion
+from ...diffusion import Diffusion, Inversion
 from ...diffusion.masks import SamRefiner
-from ...objectives import BackgroundL2, L1Distance, L2Distance, LPIPSDistance, Objective, ObjectiveContext, TargetCE
+from ...objectives import Objective, ObjectiveContext
 from ...registry import METHODS
 from ...rngs import per_sample_randn
 from ..base import CounterfactualResult, VCEBatch, VCEMethod
+from .build import _prepare_diffusion, default_objective  # noqa: F401  (default_objective: imported from here)
 from .cache import InversionCache
+from .conditioning import ConditioningMixin
 from .edit import EditMixin
 from .memory import MemoryMixin, checkpointed
 from .optimise import OptimiseMixin
-from .settings import (FLAT_NAMES, RETIRED, InversionSettings, LossSettings, MaskSettings, MemorySettings,
-                       OptimisationSettings,
-                       SearchSettings, flat_settings, resolve)
+from .settings import (
+    FLAT_NAMES,
+    RETIRED,
+    InversionSettings,
+    LossSettings,
+    MaskSettings,
+    MemorySettings,
+    OptimisationSettings,
+    SearchSettings,
+    flat_settings,
+    resolve,
+)
 from .trajectory import TrajectoryMixin
-from .views import copy_generator, cutout_views, scaled_cutout_views, switch_word
-
-
-def default_objective(classifier_weight: float = 1.0, background_latent_weight: float = 25.0,
-                      background_pixel_weight: float = 250.0, l1_weight: float = 0.0, l2_weight: float = 0.0,
-                      lpips_weight: float = 0.0) -> Objective:
-    """DiG-IN's VCE objective: ``w_c * TargetCE`` plus the weighted regularisers that are non-zero."""
-    terms = [(background_latent_weight, lambda: BackgroundL2("latent")), (background_pixel_weight, lambda: BackgroundL2("pixel")),
-             (l1_weight, L1Distance), (l2_weight, L2Distance), (lpips_weight, LPIPSDistance)]  # built only when weighted
-    return sum((w * make() for w, make in terms if w), classifier_weight * TargetCE())
-
-
-def _prepare_diffusion(diffusion, num_steps: int, guidance_scale: float, checkpointing: bool, injection: str,
-                       mask_source: str) -> Diffusion:
-    """The diffusion model (built from a pixel model spec, or checked and configured),
-    refusing attention options on a model without cross-attention."""
-    if isinstance(diffusion, str):
-        diffusion = PixelDiffusion(diffusion, sampler="ddim", num_steps=num_steps, guidance_scale=guidance_scale,
-                                   gradient_checkpointing=checkpointing)
-    else:
-        if diffusion.num_steps != num_steps:
-            raise ValueError(f"the diffusion model was built with {diffusion.num_steps} steps, not num_steps={num_steps}")
-        if diffusion.sampler != "ddim":
-            raise ValueError(f"DiG-IN needs the deterministic sampler (sampler='ddim'), not {diffusion.sampler!r}")
-        diffusion.guidance_scale, diffusion.gradient_checkpointing = guidance_scale, checkpointing
-    if not diffusion.has_null_condition:
-        raise ValueError(f"DiG-IN needs a conditional model with an unconditional input (null class or empty prompt), "
-                         f"not {type(diffusion).__name__} without one")
-    if not diffusion.supports_attention_control:
-        for key, value in (("injection", injection), ("mask_source", mask_source)):
-            if value == "attention":
-                raise ValueError(f"{key}='attention' needs a diffusion model with cross-attention, not {type(diffusion).__name__}")
-    return diffusion
+from .views import copy_generator
 
 
 @METHODS.register("digin")
-class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
+class DiGIN(ConditioningMixin, EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
     """DiG-IN VCEs of real images (Augustin et al., CVPR 2024).
 
     Invert the image (null-text inversion), switch the conditioning to the target while the
@@ -119,19 +97,36 @@ class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
         super().__init__()
         if isinstance(inversion, str):  # the flat name of earlier releases
             flat, inversion = {"inversion": inversion, **flat}, None
-        groups = resolve({"inversion": inversion, "search": search, "masks": masks, "optimisation": optimisation,
-                          "loss": loss, "memory": memory}, flat)
+        groups = resolve(
+            {
+                "inversion": inversion,
+                "search": search,
+                "masks": masks,
+                "optimisation": optimisation,
+                "loss": loss,
+                "memory": memory,
+            },
+            flat,
+        )
         self.inversion, self.search, self.masks = groups["inversion"], groups["search"], groups["masks"]
         self.optimisation, self.loss, self.memory = groups["optimisation"], groups["loss"], groups["memory"]
         if not 1 <= self.optimisation.loss_steps <= num_steps:
             raise ValueError("loss_steps must be in [1, num_steps]")
-        self.diffusion = diffusion = _prepare_diffusion(diffusion, num_steps, guidance_scale,
-                                                        self.memory.gradient_checkpointing is True, self.search.injection,
-                                                        self.masks.source)
+        self.diffusion = diffusion = _prepare_diffusion(
+            diffusion,
+            num_steps,
+            guidance_scale,
+            self.memory.gradient_checkpointing is True,
+            self.search.injection,
+            self.masks.source,
+        )
         if self.search.injection == "auto":
             self.search.injection = "attention" if diffusion.supports_attention_control else "conditioning"
-        self.sam = SamRefiner(self.masks.sam_model, self.masks.sam_points, self.masks.sam_threshold) \
-            if self.masks.sam_model else None
+        self.sam = (
+            SamRefiner(self.masks.sam_model, self.masks.sam_points, self.masks.sam_threshold)
+            if self.masks.sam_model
+            else None
+        )
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.objective = objective if objective is not None else default_objective(**dataclasses.asdict(self.loss))
         self.inner_batch_size = self.memory.inner_batch_size
@@ -142,78 +137,47 @@ class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
 
     @classmethod
     def test_kwargs(cls) -> dict:
-        return {"num_steps": 5, "optimisation": OptimisationSettings(outer_steps=2, num_cutouts=2),
-                "inversion": InversionSettings(null_text_steps=2)}
+        return {
+            "num_steps": 5,
+            "optimisation": OptimisationSettings(outer_steps=2, num_cutouts=2),
+            "inversion": InversionSettings(null_text_steps=2),
+        }
 
     def describe(self) -> dict:
         """The settings under the flat names results have always recorded (so earlier runs'
         results and resume fingerprints compare), the diffusion model and the objective."""
         from ...provenance import describe_value
 
-        groups = {"inversion": self.inversion, "search": self.search, "masks": self.masks,
-                  "optimisation": self.optimisation, "loss": self.loss, "memory": self.memory}
+        groups = {
+            "inversion": self.inversion,
+            "search": self.search,
+            "masks": self.masks,
+            "optimisation": self.optimisation,
+            "loss": self.loss,
+            "memory": self.memory,
+        }
         flat = {k: v for k, v in flat_settings(groups).items() if k in FLAT_NAMES}
         flat["inner_batch_size"] = self.inner_batch_size
-        return {"name": self.name, "diffusion": describe_value(self.diffusion), "num_steps": self.num_steps,
-                "guidance_scale": self.guidance_scale, "objective": describe_value(self.objective),
-                "prompt": self.prompt, "class_names": describe_value(self.class_names),
-                **{k: describe_value(v) for k, v in flat.items()}}
-
-    # --- conditioning ------------------------------------------------------------------
-    def class_names_for(self, classifier: nn.Module) -> list[str]:
-        names = self.class_names or list(getattr(classifier, "class_names", []))
-        if not names:
-            raise ValueError("a text-conditioned model needs class names (class_names=... or a classifier with class_names)")
-        return names
-
-    def conditions(self, labels: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        """The conditioning of ``labels``: class embeddings (pixel) or the template prompt's text embedding."""
-        bb = self.diffusion
-        if not bb.text_conditioned:
-            return bb.condition(labels)
-        names = self.class_names_for(classifier)
-        return bb.condition([self.prompt.format(names[int(c)]) for c in labels])
-
-    def prompts(self, batch: VCEBatch, classifier: nn.Module) -> tuple[list[str], list[str], torch.Tensor]:
-        """(source prompts, target prompts, whether each sample's own caption was used)."""
-        names = self.class_names_for(classifier)
-        src, tgt, used, unnamed = [], [], [], []
-        for k in range(len(batch)):
-            s_name, t_name = names[int(batch.source[k])], names[int(batch.target[k])]
-            caption = batch.captions[k] if batch.captions else None
-            switched = switch_word(caption, s_name, t_name) if caption else None
-            if caption and switched is None:
-                unnamed.append(f"{batch.sample_ids[k]!r} ({s_name!r})")
-            if switched is None:
-                src.append(self.prompt.format(s_name))
-                tgt.append(self.prompt.format(t_name))
-            else:
-                src.append(caption)
-                tgt.append(switched)
-            used.append(switched is not None)
-        if unnamed:
-            warnings.warn(f"{len(unnamed)} caption(s) do not name their class, e.g. {unnamed[0]}; "
-                          f"the template prompt is used for them (diagnostic caption_used = 0)", stacklevel=2)
-        return src, tgt, torch.tensor(used, dtype=torch.float32)
-
-    def _conditioning(self, batch: VCEBatch, classifier: nn.Module):
-        """(source conditioning, target conditioning, (source prompts, target prompts) or None, captions used)."""
-        bb = self.diffusion
-        if not bb.text_conditioned:
-            return self.conditions(batch.source, classifier), self.conditions(batch.target, classifier), None, None
-        src_prompts, tgt_prompts, captions_used = self.prompts(batch, classifier)
-        return bb.condition(src_prompts), bb.condition(tgt_prompts), (src_prompts, tgt_prompts), captions_used
-
-    def _views(self, batch: VCEBatch, classifier: nn.Module, rngs: list[torch.Generator] | None = None):
-        rngs, o = (batch.rngs if rngs is None else rngs), self.optimisation
-        if o.cutouts == "scaled":
-            return lambda x: scaled_cutout_views(x, rngs, o.num_cutouts, o.cutout_min_scale, o.noise_sd)
-        size = getattr(classifier, "input_size", None)
-        return lambda x: cutout_views(x, rngs, o.num_cutouts, o.noise_sd, size, o.cutout_power)
+        return {
+            "name": self.name,
+            "diffusion": describe_value(self.diffusion),
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "objective": describe_value(self.objective),
+            "prompt": self.prompt,
+            "class_names": describe_value(self.class_names),
+            **{k: describe_value(v) for k, v in flat.items()},
+        }
 
     # --- inversion -------------------------------------------------------------------------
-    def invert(self, images: torch.Tensor, cond: torch.Tensor, rngs=None, mask: torch.Tensor | None = None,
-               sources: list[str] | None = None) -> tuple[torch.Tensor, Inversion]:
+    def invert(
+        self,
+        images: torch.Tensor,
+        cond: torch.Tensor,
+        rngs=None,
+        mask: torch.Tensor | None = None,
+        sources: list[str] | None = None,
+    ) -> tuple[torch.Tensor, Inversion]:
         """(clean latent, inversion) of ``images`` under ``cond`` (``mask``: the batch's
         foreground masks, which decide what the edit records). With ``inversion.cache`` and
         ``sources`` (one source key per image: its class or source prompt), each image's
@@ -230,9 +194,14 @@ class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
         if self._cache is None or self._cache.folder != InversionCache(inv_s.cache).folder:
             self._cache = InversionCache(inv_s.cache)
         cache = self._cache
-        settings = {"method": inv_s.method, "null_text_steps": inv_s.null_text_steps, "null_text_lr": inv_s.null_text_lr,
-                    "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
-                    "diffusion": self.describe()["diffusion"]}
+        settings = {
+            "method": inv_s.method,
+            "null_text_steps": inv_s.null_text_steps,
+            "null_text_lr": inv_s.null_text_lr,
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "diffusion": self.describe()["diffusion"],
+        }
         keys = [cache.key(images[i], sources[i], settings) for i in range(len(images))]
         found = [cache.load(k, z0.device) for k in keys]
         first: dict[str, int] = {}  # one inversion per distinct (image, source) of the batch
@@ -257,8 +226,15 @@ class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
         # the inversion's own last pass is the reconstruction trajectory: record there what
         # the edit needs (attention maps), so prepare_edit need not run it again
         store, control = self.recorder(len(z0), mask)
-        inv = bb.null_text_inversion(z0, cond, inv_s.null_text_steps, inv_s.null_text_lr, checkpoint=False,
-                                     reuse_conditional=True, control=control)
+        inv = bb.null_text_inversion(
+            z0,
+            cond,
+            inv_s.null_text_steps,
+            inv_s.null_text_lr,
+            checkpoint=False,
+            reuse_conditional=True,
+            control=control,
+        )
         inv.store = store
         return inv
 
@@ -269,19 +245,34 @@ class DiGIN(EditMixin, TrajectoryMixin, OptimiseMixin, MemoryMixin, VCEMethod):
         sources = prompts[0] if prompts is not None else [f"class:{int(c)}" for c in batch.source]
         z0, inv = self.invert(batch.images, cond_src, batch.rngs, batch.mask, sources)
         edit = self.prepare_edit(batch, classifier, inv, cond_src, prompts)
-        ctx = ObjectiveContext(batch.images, batch.source, batch.target, classifier, edit.pixel_mask,
-                               views=self._views(batch, classifier), original_latents=z0, latent_mask=edit.latent_mask)
+        ctx = ObjectiveContext(
+            batch.images,
+            batch.source,
+            batch.target,
+            classifier,
+            edit.pixel_mask,
+            views=self._views(batch, classifier),
+            original_latents=z0,
+            latent_mask=edit.latent_mask,
+        )
         start = self.search_start(batch, inv, cond_src, cond_tgt, edit, ctx)
         probe = dataclasses.replace(ctx, views=self._views(batch, classifier, [copy_generator(g) for g in batch.rngs]))
         plan = self.checkpoint_plan(start.z_start, cond_tgt, inv.uncond, probe, classifier)
         ctx.classifier = checkpointed(classifier, plan[1])
         best = self.optimise(batch, inv, cond_src, cond_tgt, edit, ctx, start, plan)
         n = len(batch)
-        errors = inv.errors if inv.errors is not None else torch.full((n,), float(inv.reconstruction_error or float("nan")))
-        diag = {"loss": best.loss.detach().cpu(), "best_iterate": best.iterate.float().cpu(),
-                "injection_steps": start.injection.float().cpu(), "blend_steps": start.blend.float().cpu(),
-                "start": start.start.float().cpu(), "reconstruction_mse": errors.float().cpu(),
-                "checkpointed_unet_calls": torch.full((n,), float(self.num_steps if plan[0] is None else plan[0]))}
+        errors = (
+            inv.errors if inv.errors is not None else torch.full((n,), float(inv.reconstruction_error or float("nan")))
+        )
+        diag = {
+            "loss": best.loss.detach().cpu(),
+            "best_iterate": best.iterate.float().cpu(),
+            "injection_steps": start.injection.float().cpu(),
+            "blend_steps": start.blend.float().cpu(),
+            "start": start.start.float().cpu(),
+            "reconstruction_mse": errors.float().cpu(),
+            "checkpointed_unet_calls": torch.full((n,), float(self.num_steps if plan[0] is None else plan[0])),
+        }
         if edit.latent_mask is not None:
             diag["mask_fraction"] = edit.latent_mask.float().flatten(1).mean(1).cpu()
         if captions_used is not None:

@@ -38,8 +38,9 @@ def fit(images: torch.Tensor, like: torch.Tensor, clamp: bool = False) -> torch.
 class OptimiseMixin:
     """:class:`~lit_vce.methods.digin.DiGIN`'s losses and optimisation loop (a mixin of the method)."""
 
-    def trajectory_loss(self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool,
-                        checkpoint: bool | None = None) -> torch.Tensor:
+    def trajectory_loss(
+        self, x0s: list[torch.Tensor], ctx: ObjectiveContext, augmented: bool, checkpoint: bool | None = None
+    ) -> torch.Tensor:
         """The objective on the decoded x0-predictions, weighted 1..k (normalised), one
         decode at a time (``checkpoint``: each decode and objective call checkpointed)."""
         k = len(x0s)
@@ -79,8 +80,17 @@ class OptimiseMixin:
         finally:
             ctx.views, ctx.latents = views, latents
 
-    def optimise(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: Edit, ctx: ObjectiveContext,
-                 start: Start, plan: tuple[int | None, bool] = (None, False)) -> Best:
+    def optimise(
+        self,
+        batch: VCEBatch,
+        inv: Inversion,
+        cond_src,
+        cond_tgt,
+        edit: Edit,
+        ctx: ObjectiveContext,
+        start: Start,
+        plan: tuple[int | None, bool] = (None, False),
+    ) -> Best:
         """Adam on z_T and the per-step embedding deltas; keeps each sample's iterate with the lowest clean loss.
         ``plan``: (UNet calls to checkpoint, whether the loss is checkpointed), see :meth:`checkpoint_plan`."""
         opt_s = self.optimisation
@@ -89,19 +99,39 @@ class OptimiseMixin:
         norm0 = z_T.detach().flatten(1).norm(dim=1)
         delta_c = torch.zeros((self.num_steps, *cond_src.shape), device=dev, requires_grad=True)
         delta_u = torch.zeros((self.num_steps, *inv.uncond[0].shape), device=dev, requires_grad=True)
-        opt = torch.optim.Adam([{"params": [z_T], "lr": opt_s.lr * opt_s.latent_lr_factor},
-                                {"params": [delta_c, delta_u], "lr": opt_s.lr}])
-        best = Best(batch.images.clone(), torch.full((n,), float("inf"), device=dev), torch.zeros(n, dtype=torch.long, device=dev),
-                    [None] * n)
+        opt = torch.optim.Adam(
+            [{"params": [z_T], "lr": opt_s.lr * opt_s.latent_lr_factor}, {"params": [delta_c, delta_u], "lr": opt_s.lr}]
+        )
+        best = Best(
+            batch.images.clone(),
+            torch.full((n,), float("inf"), device=dev),
+            torch.zeros(n, dtype=torch.long, device=dev),
+            [None] * n,
+        )
         ok = torch.ones(n, dtype=torch.bool, device=dev)
         self.last_trace = []
         fused = not plan[1]  # one decode of the k x0-predictions serves the loss, the clean loss and the kept image
-        for it in progress(range(opt_s.outer_steps + 1), desc="DiG-IN outer steps", unit="step"):  # 0 is the searched start
+        for it in progress(
+            range(opt_s.outer_steps + 1), desc="DiG-IN outer steps", unit="step"
+        ):  # 0 is the searched start
             last = it == opt_s.outer_steps
             with torch.set_grad_enabled(not last), self.autocast_context(dev):
-                x0s = self.run_trajectory(z_T, cond_src, cond_tgt, inv.uncond, delta_c, delta_u, start.injection, start.blend,
-                                          edit.templates, edit.latent_mask, keep_last=1 if last else opt_s.loss_steps,
-                                          attention=edit.plan, paste=edit.paste, checkpoint_steps=plan[0])
+                x0s = self.run_trajectory(
+                    z_T,
+                    cond_src,
+                    cond_tgt,
+                    inv.uncond,
+                    delta_c,
+                    delta_u,
+                    start.injection,
+                    start.blend,
+                    edit.templates,
+                    edit.latent_mask,
+                    keep_last=1 if last else opt_s.loss_steps,
+                    attention=edit.plan,
+                    paste=edit.paste,
+                    checkpoint_steps=plan[0],
+                )
                 if fused:
                     if last:
                         with torch.no_grad():
@@ -140,8 +170,11 @@ def finite_grads(z_T, delta_c, delta_u, ok, failure, it) -> torch.Tensor:
     for p in (z_T, delta_c, delta_u):
         if p.grad is None:  # delta_u at guidance_scale 1 (no unconditional branch), delta_c at 0
             p.grad = torch.zeros_like(p)
-    fine = torch.isfinite(z_T.grad).flatten(1).all(1) & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1) \
+    fine = (
+        torch.isfinite(z_T.grad).flatten(1).all(1)
+        & torch.isfinite(delta_c.grad.transpose(0, 1).flatten(1)).all(1)
         & torch.isfinite(delta_u.grad.transpose(0, 1).flatten(1)).all(1)
+    )
     for i in torch.nonzero(~fine & ok).flatten().tolist():
         failure[i] = f"non-finite gradient at outer step {it + 1}"
     keep = ok & fine

@@ -158,34 +158,64 @@ class MemorySettings:
 
 
 #: the groups of :class:`~lit_vce.methods.digin.DiGIN`'s constructor, by argument name
-GROUPS = {"inversion": InversionSettings, "search": SearchSettings, "masks": MaskSettings,
-          "optimisation": OptimisationSettings, "loss": LossSettings, "memory": MemorySettings}
+GROUPS = {
+    "inversion": InversionSettings,
+    "search": SearchSettings,
+    "masks": MaskSettings,
+    "optimisation": OptimisationSettings,
+    "loss": LossSettings,
+    "memory": MemorySettings,
+}
 
 #: each flat name of earlier releases -> (group, field); results record settings under these names
 FLAT_NAMES: dict[str, tuple[str, str]] = {
-    "inversion": ("inversion", "method"), "null_text_steps": ("inversion", "null_text_steps"),
-    "null_text_lr": ("inversion", "null_text_lr"), "num_starts": ("inversion", "num_starts"),
+    "inversion": ("inversion", "method"),
+    "null_text_steps": ("inversion", "null_text_steps"),
+    "null_text_lr": ("inversion", "null_text_lr"),
+    "num_starts": ("inversion", "num_starts"),
     "inversion_cache": ("inversion", "cache"),
-    "blend_fractions": ("search", "blend_fractions"), "injection_fractions": ("search", "injection_fractions"),
+    "blend_fractions": ("search", "blend_fractions"),
+    "injection_fractions": ("search", "injection_fractions"),
     "injection": ("search", "injection"),
-    "mask_source": ("masks", "source"), "mask_threshold": ("masks", "threshold"),
-    "mask_postprocessing": ("masks", "postprocessing"), "sam_model": ("masks", "sam_model"),
-    "sam_points": ("masks", "sam_points"), "sam_threshold": ("masks", "sam_threshold"),
+    "mask_source": ("masks", "source"),
+    "mask_threshold": ("masks", "threshold"),
+    "mask_postprocessing": ("masks", "postprocessing"),
+    "sam_model": ("masks", "sam_model"),
+    "sam_points": ("masks", "sam_points"),
+    "sam_threshold": ("masks", "sam_threshold"),
     "paste_outside_mask": ("masks", "paste_outside"),
-    **{name: ("optimisation", name) for name in ("outer_steps", "lr", "latent_lr_factor", "loss_steps", "num_cutouts",
-                                                   "cutouts", "cutout_power", "cutout_min_scale", "noise_sd")},
+    **{
+        name: ("optimisation", name)
+        for name in (
+            "outer_steps",
+            "lr",
+            "latent_lr_factor",
+            "loss_steps",
+            "num_cutouts",
+            "cutouts",
+            "cutout_power",
+            "cutout_min_scale",
+            "noise_sd",
+        )
+    },
     **{f.name: ("loss", f.name) for f in dataclasses.fields(LossSettings)},
-    "gradient_checkpointing": ("memory", "gradient_checkpointing"), "memory_budget_gb": ("memory", "budget_gb"),
-    "autocast": ("memory", "autocast"), "inner_batch_size": ("memory", "inner_batch_size"),
+    "gradient_checkpointing": ("memory", "gradient_checkpointing"),
+    "memory_budget_gb": ("memory", "budget_gb"),
+    "autocast": ("memory", "autocast"),
+    "inner_batch_size": ("memory", "inner_batch_size"),
 }
 
 #: names of earlier releases whose only behaviour is now the default: accepted at that value
 RETIRED = {"speedups": True}
 
-_CHOICES = {("inversion", "method"): ("null_text", "ddim", "none"), ("memory", "autocast"): (None, "bfloat16", "float16"),
-            ("search", "injection"): ("auto", "attention", "conditioning"),
-            ("masks", "source"): ("auto", "batch", "attention", "none"), ("optimisation", "cutouts"): ("published", "scaled"),
-            ("memory", "gradient_checkpointing"): (True, False, "auto")}
+_CHOICES = {
+    ("inversion", "method"): ("null_text", "ddim", "none"),
+    ("memory", "autocast"): (None, "bfloat16", "float16"),
+    ("search", "injection"): ("auto", "attention", "conditioning"),
+    ("masks", "source"): ("auto", "batch", "attention", "none"),
+    ("optimisation", "cutouts"): ("published", "scaled"),
+    ("memory", "gradient_checkpointing"): (True, False, "auto"),
+}
 
 
 def resolve(groups: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
@@ -205,14 +235,20 @@ def resolve(groups: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         if key in RETIRED:
             if value != RETIRED[key]:
-                raise ValueError(f"{key}={value!r} was retired: only {key}={RETIRED[key]!r} remains (the same method, "
-                                 "checked against the earlier code's outputs by the tests)")
+                raise ValueError(
+                    f"{key}={value!r} was retired: only {key}={RETIRED[key]!r} remains (the same method, "
+                    "checked against the earlier code's outputs by the tests)"
+                )
             continue
         if key not in FLAT_NAMES:
             raise TypeError(f"DiGIN got an unexpected argument {key!r}")
         group, field = FLAT_NAMES[key]
-        warnings.warn(f"DiGIN({key}=...) is deprecated: use {group}={GROUPS[group].__name__}({field}=...) "
-                      f"(in YAML: {group}: {{{field}: ...}})", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"DiGIN({key}=...) is deprecated: use {group}={GROUPS[group].__name__}({field}=...) "
+            f"(in YAML: {group}: {{{field}: ...}})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         setattr(out[group], field, value)
     for (group, field), allowed in _CHOICES.items():
         value = getattr(out[group], field)

@@ -31,11 +31,23 @@ class Start:
 class TrajectoryMixin:
     """:class:`~lit_vce.methods.digin.DiGIN`'s trajectory and settings search (a mixin of the method)."""
 
-    def run_trajectory(self, z_t: torch.Tensor, cond_src, cond_tgt, uncond: list[torch.Tensor], delta_c=None, delta_u=None,
-                       injection_steps: torch.Tensor | None = None, blend_steps: torch.Tensor | None = None,
-                       templates: list[torch.Tensor] | None = None, latent_mask: torch.Tensor | None = None,
-                       keep_last: int = 1, attention: AttentionPlan | None = None,
-                       paste: torch.Tensor | None = None, checkpoint_steps: int | None = None) -> list[torch.Tensor]:
+    def run_trajectory(
+        self,
+        z_t: torch.Tensor,
+        cond_src,
+        cond_tgt,
+        uncond: list[torch.Tensor],
+        delta_c=None,
+        delta_u=None,
+        injection_steps: torch.Tensor | None = None,
+        blend_steps: torch.Tensor | None = None,
+        templates: list[torch.Tensor] | None = None,
+        latent_mask: torch.Tensor | None = None,
+        keep_last: int = 1,
+        attention: AttentionPlan | None = None,
+        paste: torch.Tensor | None = None,
+        checkpoint_steps: int | None = None,
+    ) -> list[torch.Tensor]:
         """Sample from ``z_t`` with per-sample injection/blend step counts; returns the
         x0-predictions of the last ``keep_last`` steps. With ``attention`` (a recorded
         trajectory's maps) the first injection steps get its cross-attention maps and the
@@ -76,32 +88,50 @@ class TrajectoryMixin:
                 x0s.append(x0)
         return x0s
 
-    def search_start(self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: Edit, ctx: ObjectiveContext) -> Start:
+    def search_start(
+        self, batch: VCEBatch, inv: Inversion, cond_src, cond_tgt, edit: Edit, ctx: ObjectiveContext
+    ) -> Start:
         """Try every (blend, injection) setting (and random start) once, keep the best per sample."""
         n, dev = len(batch), batch.images.device
-        blends = [b for b in self.search.blend_fractions
-                  if b == 0 or (edit.latent_mask is not None and edit.templates is not None)] or [0.0]
+        blends = [
+            b
+            for b in self.search.blend_fractions
+            if b == 0 or (edit.latent_mask is not None and edit.templates is not None)
+        ] or [0.0]
         injections = self.search.injection_fractions or (0.0,)
         if edit.plan is None and torch.equal(cond_src, cond_tgt):
             injections = (0.0,)  # nothing to inject: the settings would repeat one trajectory
         starts = [inv.latents[0]]
         if self.inversion.method == "none":
-            starts += [per_sample_randn(inv.latents[0].shape[1:], batch.rngs).to(inv.latents[0])
-                       for _ in range(self.inversion.num_starts - 1)]
+            starts += [
+                per_sample_randn(inv.latents[0].shape[1:], batch.rngs).to(inv.latents[0])
+                for _ in range(self.inversion.num_starts - 1)
+            ]
         best = torch.full((n,), float("inf"), device=dev)
         inj, blend, start = (torch.zeros(n, dtype=torch.long, device=dev) for _ in range(3))
         settings = [(k, z, b, j) for k, z in enumerate(starts) for b, j in itertools.product(blends, injections)]
         if len(settings) == 1:  # nothing to choose: outer step 0 runs this trajectory anyway
             _, z_start, b, j = settings[0]
             full = functools.partial(torch.full, (n,), dtype=torch.long, device=dev)
-            return Start(full(fraction_steps(j, self.num_steps)), full(fraction_steps(b, self.num_steps)), full(0), z_start)
+            return Start(
+                full(fraction_steps(j, self.num_steps)), full(fraction_steps(b, self.num_steps)), full(0), z_start
+            )
         with torch.no_grad(), self.autocast_context(dev):
             for k, z_start, b, j in progress(settings, desc="DiG-IN search", unit="setting"):
                 bs = torch.full((n,), fraction_steps(b, self.num_steps), dtype=torch.long, device=dev)
                 js = torch.full((n,), fraction_steps(j, self.num_steps), dtype=torch.long, device=dev)
-                x0s = self.run_trajectory(z_start, cond_src, cond_tgt, inv.uncond, injection_steps=js, blend_steps=bs,
-                                          templates=edit.templates, latent_mask=edit.latent_mask, attention=edit.plan,
-                                          paste=edit.paste)
+                x0s = self.run_trajectory(
+                    z_start,
+                    cond_src,
+                    cond_tgt,
+                    inv.uncond,
+                    injection_steps=js,
+                    blend_steps=bs,
+                    templates=edit.templates,
+                    latent_mask=edit.latent_mask,
+                    attention=edit.plan,
+                    paste=edit.paste,
+                )
                 loss = self.trajectory_loss(x0s, ctx, augmented=False).float()
                 better = loss < best
                 best = torch.where(better, loss, best)

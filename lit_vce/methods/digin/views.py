@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from ...rngs import per_sample_rand, per_sample_randn
 
 
-def cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: int, noise_sd: float = 0.005,
-                 cut_size: int | None = None, power: float = 0.3) -> torch.Tensor:
+def cutout_views(
+    images: torch.Tensor,
+    rngs: list[torch.Generator],
+    num: int,
+    noise_sd: float = 0.005,
+    cut_size: int | None = None,
+    power: float = 0.3,
+) -> torch.Tensor:
     """DiG-IN's published cutouts: ``num`` random square crops per image whose side is
     ``int(U^power * (min(H, W) - s) + s)`` with ``s = min(H, W, cut_size)`` (the
     classifier's input size), at a uniform position, average-pooled to ``cut_size``,
@@ -33,8 +39,9 @@ def cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: int, no
     return torch.cat(views) + noise.reshape(n * num, c, cut, cut)
 
 
-def scaled_cutout_views(images: torch.Tensor, rngs: list[torch.Generator], num: int, min_scale: float = 0.7,
-                        noise_sd: float = 0.005) -> torch.Tensor:
+def scaled_cutout_views(
+    images: torch.Tensor, rngs: list[torch.Generator], num: int, min_scale: float = 0.7, noise_sd: float = 0.005
+) -> torch.Tensor:
     """The earlier scheme (``cutouts="scaled"``): crops with side in [min_scale, 1] of the
     image, resized back to the image size; view 0 of every image is the whole image."""
     n, c, h, w = images.shape
