@@ -18,7 +18,7 @@ import argparse
 import time
 
 from lit_vce.data.world import BACKGROUNDS
-from lit_vce.world.evaluation import ddpm_sample_accuracy
+from lit_vce.diffusion.world_quality import ddpm_sample_accuracy
 
 
 def parse(setting: str) -> tuple[str, int, float]:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 #: the subcommands whose module has a ``main(argv)`` of its own
 _MAIN_OF = {
     "spurious": ".analyses.spurious",
-    "evaluate": ".lightning.evaluate",
+    "evaluate": ".lightning.evaluate_run",
     "compare": ".report.compare",
     "diversity": ".report.diversity",
     "demo": ".demo",

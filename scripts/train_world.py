@@ -198,7 +198,7 @@ def main() -> None:
     import os
 
     os.environ["LIT_VCE_WORLD_DIR"] = str(args.out)
-    from lit_vce.world.evaluation import evaluate_world_models  # after training: needs the weights
+    from lit_vce.diffusion.world_quality import evaluate_world_models  # after training: needs the weights
 
     meta["accuracy"] = evaluate_world_models(seed=args.seed)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

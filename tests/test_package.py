@@ -199,7 +199,10 @@ def test_the_import_graph_has_no_cycle():
 
 def test_lower_layers_do_not_import_higher_ones():
     graph = _import_graph()
-    assert "lit_vce.objectives" not in graph["lit_vce.provenance"]  # diffusion -> provenance must not reach objectives
+    assert not [m for m in graph["lit_vce.provenance"] if m.startswith("lit_vce.objectives")]  # diffusion -> provenance
+    world = [(a, b) for a, deps in graph.items() if a.startswith("lit_vce.world") for b in deps]
+    assert not [e for e in world if e[1].startswith("lit_vce.diffusion")]  # the world is below the diffusion models
+    assert not [m for m in graph["lit_vce.diffusion.base"] if m.startswith("lit_vce.methods")]
 
 
 def test_the_commands_without_a_model_start_without_lightnings_cli_or_torch():

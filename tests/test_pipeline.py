@@ -351,7 +351,7 @@ def test_resuming_into_a_folder_of_another_configuration_is_refused(tmp_path, ca
 def test_a_run_of_an_older_version_resumes_when_only_none_valued_options_differ(tmp_path, capsys):
     """An option added with default None (off) must not set older runs apart: data.attribute did,
     and resuming every run made before it was refused with an empty list of differences."""
-    from lit_vce.lightning.writer import fingerprint_hash
+    from lit_vce.lightning.resume import fingerprint_hash
 
     out = tmp_path / "run"
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out)])

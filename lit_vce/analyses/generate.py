@@ -329,7 +329,7 @@ class AnalysisModule(StageModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        from ..lightning.writer import gather_rows, gather_run_rows
+        from ..lightning.collectives import gather_rows, gather_run_rows
 
         writer = self.writer()
         self.trainer.strategy.barrier()  # every rank's rows are on disk before they are read

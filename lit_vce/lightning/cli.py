@@ -13,16 +13,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ..data.datamodule import VCEDataModule
 from .module import VCEModule
+from .trainers import TRAINER_DEFAULTS  # noqa: F401  (imported from here too)
 from .writer import VCEPredictionWriter
-
-TRAINER_DEFAULTS = {
-    "inference_mode": False,  # guidance needs autograd inside predict_step
-    "logger": None,  # None: a CSVLogger in the run folder (<output_dir>/logs/metrics.csv); false: none
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-    "accelerator": "auto",
-    "devices": 1,
-}
 
 
 class RunConfig(SaveConfigCallback):

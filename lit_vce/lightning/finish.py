@@ -37,7 +37,7 @@ class FinishMixin:
         self.final_results = {"metrics": metrics, "audit": audit, "n": n, "counts": counts, "wall_time_s": wall}
         writer = self.writer()
         if writer is not None:
-            from .writer import gather_run_rows
+            from .collectives import gather_run_rows
 
             # the rows of the samples this run covers (a folder may hold more: a larger earlier run)
             rows = gather_run_rows(writer, self.trainer, self._seen)  # a collective: every rank

@@ -97,7 +97,7 @@ class VCEMethod(nn.Module, RecordsInitArgs):
     #: samples per :meth:`counterfactuals` call (``None``: the whole batch).
     inner_batch_size: int | None = None
     #: settings of earlier releases now fixed at one value (name -> that value): a run recorded
-    #: with it resumes under the current code (:func:`~lit_vce.lightning.writer.canonical_fingerprint`)
+    #: with it resumes under the current code (:func:`~lit_vce.lightning.resume.canonical_fingerprint`)
     retired_settings: dict = {}
     #: deprecated flat setting names -> ``group.field`` of a nested settings group (a config or
     #: command line that uses one is rewritten, with a note; :mod:`lit_vce.lightning.cli`)

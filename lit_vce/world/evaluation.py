@@ -1,11 +1,12 @@
-"""Measured quality of the world's models (the figures docs/world.md quotes)."""
+"""Measured quality of the world's classifiers (the figures docs/world.md quotes; the
+diffusion model's: :mod:`lit_vce.diffusion.world_quality`)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..data.world import WATERMARK_REGIMES, ShapesWorld
-from .models import NUM_CLASSES, load_world_network
+from .models import load_world_network
 
 
 def _batch(regime: str, n: int, seed: int):
@@ -55,38 +56,6 @@ def watermark_accuracies(n: int = 1024, seed: int = 0) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def ddpm_sample_accuracy(
-    n: int = 256, steps: int = 100, cfg_scale: float = 1.0, seed: int = 0, sampler: str = "ddpm"
-) -> dict[str, float]:
-    """Oracle shape accuracy of ``n`` class-conditional samples (classes cycled)."""
-    from ..diffusion import PixelDiffusion
-    from ..rngs import sample_rngs
-
-    gen = PixelDiffusion("world", sampler=sampler, num_steps=steps, guidance_scale=cfg_scale)
-    oracle = load_world_network("oracle")
-    labels = torch.arange(n) % NUM_CLASSES
-    correct, backgrounds = 0, torch.zeros(NUM_CLASSES)
-    for i in range(0, n, 64):
-        lab = labels[i : i + 64]
-        gens = sample_rngs(seed, [f"ddpm-eval-{j}" for j in range(i, i + len(lab))])
-        uncond = gen.null_condition(len(lab)) if cfg_scale != 1.0 else None
-        imgs = gen.sample(gen.condition(lab), gens, uncond)
-        s, b = oracle.both(imgs)
-        correct += int((s.argmax(1) == lab).sum())
-        backgrounds += torch.bincount(b.argmax(1), minlength=NUM_CLASSES).float()
-    chi2, pvalue = uniform_chisquare(backgrounds)
-    return {
-        "ddpm_sample_shape_accuracy": correct / n,
-        "ddpm_samples": n,
-        "ddpm_sampler": f"{sampler}-{steps}",
-        "ddpm_cfg_scale": cfg_scale,
-        "ddpm_background_histogram": (backgrounds / n).tolist(),
-        "ddpm_background_chi2": chi2,
-        "ddpm_background_chi2_p": pvalue,
-    }
-
-
 def uniform_chisquare(counts: torch.Tensor) -> tuple[float, float]:
     """Pearson's chi-square statistic of ``counts`` against the uniform distribution and its
     p-value (k - 1 degrees of freedom): the balanced training data draws the backgrounds
@@ -101,13 +70,3 @@ def uniform_chisquare(counts: torch.Tensor) -> tuple[float, float]:
         )
     )
     return chi2, p
-
-
-def evaluate_world_models(seed: int = 0, ddpm_samples: int = 1024) -> dict[str, float]:
-    """All figures: classifier accuracies (both shortcuts) and the ddpm's samples (shape
-    accuracy, background histogram and its chi-square test against uniform)."""
-    return {
-        **classifier_accuracies(seed=seed),
-        **watermark_accuracies(seed=seed),
-        **ddpm_sample_accuracy(n=ddpm_samples, seed=seed),
-    }
