@@ -95,19 +95,9 @@ _MAIN_OF = {
 }
 
 
-def _dispatch(argv: list[str], from_console: bool) -> None:
-    if argv and argv[0] in ("predict", "fetch", "disagree", "neurons"):
-        from .lightning.cli import run_analysis, run_predict
-    if argv and argv[0] == "predict":
-        return run_predict(None if from_console else argv[1:])
-    if argv and argv[0] == "fetch":
-        return run_predict(argv[1:], run=False)
-    if argv and argv[0] in ("disagree", "neurons"):
-        return run_analysis(argv[0], argv[1:])
-    if argv and argv[0] in _MAIN_OF:  # commands with their own argparse main(), imported when used
-        import importlib
-
-        return getattr(importlib.import_module(_MAIN_OF[argv[0]], __package__), "main")(argv[1:])
+def _parser() -> argparse.ArgumentParser:
+    """The top-level parser: every subcommand with its one-line help; the commands with
+    their own parsers are listed here and parse their own arguments."""
     p = argparse.ArgumentParser(
         prog="lit-vce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -153,6 +143,23 @@ def _dispatch(argv: list[str], from_console: bool) -> None:
     rp.add_argument("--examples", type=int, default=4, help="samples shown per best/median/worst group")
     sub.add_parser("methods", help="list registered methods")
     sub.add_parser("configs", help="list the shipped configs (give one to --config by name, e.g. world/dvce)")
+    return p
+
+
+def _dispatch(argv: list[str], from_console: bool) -> None:
+    if argv and argv[0] in ("predict", "fetch", "disagree", "neurons"):
+        from .lightning.cli import run_analysis, run_predict
+    if argv and argv[0] == "predict":
+        return run_predict(None if from_console else argv[1:])
+    if argv and argv[0] == "fetch":
+        return run_predict(argv[1:], run=False)
+    if argv and argv[0] in ("disagree", "neurons"):
+        return run_analysis(argv[0], argv[1:])
+    if argv and argv[0] in _MAIN_OF:  # commands with their own argparse main(), imported when used
+        import importlib
+
+        return getattr(importlib.import_module(_MAIN_OF[argv[0]], __package__), "main")(argv[1:])
+    p = _parser()
     args = p.parse_args(argv)
     if args.command == "leaderboard":
         from .report.leaderboard import write_leaderboard

@@ -115,7 +115,7 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
     method contract on tiny models; returns the rules that hold, raises ``AssertionError``
     naming every one that does not. ``classifier`` / ``diffusion_factory``: other tiny models
     (``diffusion_factory(sampler, num_steps)``, e.g. a tiny latent model for a text-conditioned method)."""
-    from ..methods.base import VCEMethod, generate_one_by_one
+    from ..methods.base import VCEMethod
     from ..registry import METHODS
 
     if not (isinstance(method_cls, type) and issubclass(method_cls, VCEMethod)):
@@ -138,11 +138,34 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
     clf = classifier if classifier is not None else tiny_classifier()
     method = build_for_test(method_cls, diffusion_factory, clf)
     batch = tiny_batch()
-    n = len(batch)
 
     with torch.enable_grad():
         out = method.generate(batch, clf)
     images = out.images
+    _check_output(p, out, batch, clf)
+    try:
+        described = method.describe()
+        json.dumps(described)
+        p.check(described.get("name") == method.name, "describe() names the method")
+    except (TypeError, ValueError) as e:
+        p.check(False, "describe() is a JSON-serialisable dict", str(e))
+
+    with torch.enable_grad():
+        again = method.generate(_fresh(batch), clf)
+    p.check(torch.equal(again.images, images), "the same seeds give the same bytes")
+
+    _check_batches(p, method_cls, diffusion_factory, clf, batch)
+    _check_resolution(p, method, clf)
+    if method.supports_concurrency and method.concurrent_samples:
+        _check_concurrency(p, method, clf, batch)
+    if p.items:
+        raise AssertionError(f"{p.name} breaks the method contract:\n  - " + "\n  - ".join(p.items))
+    return p.passed
+
+
+def _check_output(p: _Problems, out, batch, clf) -> None:
+    """Shapes, range, failures, diagnostics and ``target_confidence`` of one ``generate`` call."""
+    images, n = out.images, len(batch)
     if p.check(
         tuple(images.shape) == tuple(batch.images.shape),
         "returns one image per sample of the input's shape",
@@ -167,37 +190,26 @@ def check_method(method_cls, classifier=None, diffusion_factory=tiny_pixel_diffu
             torch.allclose(diag["target_confidence"], expected, atol=1e-6),
             "target_confidence is the classifier's on the output",
         )
+
+
+def _check_concurrency(p: _Problems, method, clf, batch) -> None:
+    """For a method that claims ``supports_concurrency``: worker threads give the sequential bytes."""
+    from ..methods.base import generate_one_by_one
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        described = method.describe()
-        json.dumps(described)
-        p.check(described.get("name") == method.name, "describe() names the method")
-    except (TypeError, ValueError) as e:
-        p.check(False, "describe() is a JSON-serialisable dict", str(e))
-
-    with torch.enable_grad():
-        again = method.generate(_fresh(batch), clf)
-    p.check(torch.equal(again.images, images), "the same seeds give the same bytes")
-
-    _check_batches(p, method_cls, diffusion_factory, clf, batch)
-    _check_resolution(p, method, clf)
-    if method.supports_concurrency and method.concurrent_samples:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.enable_grad():
-                one = generate_one_by_one(method, _fresh(batch), clf, workers=1)
-                four = generate_one_by_one(method, _fresh(batch), clf, workers=4)
-        finally:
-            torch.set_num_threads(threads)
-        same = (
-            torch.equal(one.images, four.images)
-            and one.failure == four.failure
-            and all(torch.equal(v, four.diagnostics[k]) for k, v in one.diagnostics.items())
-        )
-        p.check(same, "supports_concurrency: worker threads give the sequential bytes")
-    if p.items:
-        raise AssertionError(f"{p.name} breaks the method contract:\n  - " + "\n  - ".join(p.items))
-    return p.passed
+        with torch.enable_grad():
+            one = generate_one_by_one(method, _fresh(batch), clf, workers=1)
+            four = generate_one_by_one(method, _fresh(batch), clf, workers=4)
+    finally:
+        torch.set_num_threads(threads)
+    same = (
+        torch.equal(one.images, four.images)
+        and one.failure == four.failure
+        and all(torch.equal(v, four.diagnostics[k]) for k, v in one.diagnostics.items())
+    )
+    p.check(same, "supports_concurrency: worker threads give the sequential bytes")
 
 
 def _check_batches(p: _Problems, method_cls, diffusion_factory, clf, batch) -> None:
