@@ -294,33 +294,8 @@ class VCEModule(FinishMixin, StageModule):
         rows: list[dict[str, Any]] = []
         todo = [i for i in new if not errors[i]]
         if self._selects and todo:  # the data's protocol picks images and sources by the classifier
-            idx = torch.tensor(todo, device=source.device)
-            keep, new_source = self.trainer.datamodule.select(
-                quantize(images[todo]), source[idx], self.classifier, target[idx]
-            )
-            source = source.clone()
-            source[idx] = new_source
-            self._counts["not_selected"] += len(todo) - int(keep.sum())
-            todo = [i for j, i in enumerate(todo) if keep[j]]
-        unreadable = [i for i in new if errors[i]]
-        if self._selects and unreadable:  # an image listed with alternative targets fails once, not once per target
-            from ..data.protocols import keep_unreadable
-
-            kept = [
-                i
-                for i in unreadable
-                if keep_unreadable(self.trainer.datamodule.hparams.protocol, int(source[i]), int(target[i]))
-            ]
-            self._counts["not_selected"] += len(unreadable) - len(kept)
-            self._seen.update(ids[i] for i in unreadable if i not in kept)
-            unreadable = kept
-        if unreadable:
-            idx = torch.tensor(unreadable, device=source.device)
-            for row in self.metrics.update_failed(
-                source[idx], target[idx], [ids[i] for i in unreadable], [errors[i] for i in unreadable]
-            ):
-                rows.append(dict(self._row(row, 0.0), has_image=False))
-        self._seen.update(ids[i] for i in unreadable)
+            todo, source = self._select(todo, images, source, target)
+        rows += self._fail_unreadable([i for i in new if errors[i]], ids, errors, source, target)
         if not todo:
             self._counts["failed"] += len(rows)
             return {"new_rows": rows, "counterfactuals": None, "originals": None}
@@ -358,6 +333,39 @@ class VCEModule(FinishMixin, StageModule):
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)
         return {"new_rows": rows, "counterfactuals": torch.cat([pad, cf]), "originals": torch.cat([pad, xq])}
+
+    def _select(self, todo: list[int], images, source, target) -> tuple[list[int], Any]:
+        """The positions the data's protocol keeps among ``todo`` (it picks by the classifier),
+        and ``source`` with the protocol's sources at those positions."""
+        idx = torch.tensor(todo, device=source.device)
+        keep, new_source = self.trainer.datamodule.select(
+            quantize(images[todo]), source[idx], self.classifier, target[idx]
+        )
+        source = source.clone()
+        source[idx] = new_source
+        self._counts["not_selected"] += len(todo) - int(keep.sum())
+        return [i for j, i in enumerate(todo) if keep[j]], source
+
+    def _fail_unreadable(self, unreadable: list[int], ids, errors, source, target) -> list[dict[str, Any]]:
+        """The failure rows of the batch's unreadable images (an image listed with alternative
+        targets, under a selecting protocol, fails once, not once per target)."""
+        if self._selects and unreadable:
+            from ..data.protocols import keep_unreadable
+
+            protocol = self.trainer.datamodule.hparams.protocol
+            kept = [i for i in unreadable if keep_unreadable(protocol, int(source[i]), int(target[i]))]
+            self._counts["not_selected"] += len(unreadable) - len(kept)
+            self._seen.update(ids[i] for i in unreadable if i not in kept)
+            unreadable = kept
+        rows = []
+        if unreadable:
+            idx = torch.tensor(unreadable, device=source.device)
+            failed = self.metrics.update_failed(
+                source[idx], target[idx], [ids[i] for i in unreadable], [errors[i] for i in unreadable]
+            )
+            rows = [dict(self._row(row, 0.0), has_image=False) for row in failed]
+        self._seen.update(ids[i] for i in unreadable)
+        return rows
 
     def _reenter_finished(
         self, ids: list[str], images: torch.Tensor, source: torch.Tensor, errors: list[str]

@@ -25,6 +25,12 @@ class Best:
     iterate: torch.Tensor
     failure: list[str | None]
 
+    def keep(self, better: torch.Tensor, loss: torch.Tensor, iterate: int, images: torch.Tensor) -> None:
+        """Take iterate ``iterate`` (its clean ``loss`` and ``images``) for the samples in ``better``."""
+        self.loss = torch.where(better, loss, self.loss)
+        self.iterate = torch.where(better, torch.full_like(self.iterate, iterate), self.iterate)
+        self.images[better] = images[better]
+
 
 def fit(images: torch.Tensor, like: torch.Tensor, clamp: bool = False) -> torch.Tensor:
     """``images`` resized to ``like``'s resolution when they differ (bilinear, antialiased)."""
@@ -145,10 +151,8 @@ class OptimiseMixin:
                         clean = self.trajectory_loss(x0s[-1:], ctx, augmented=False).float()
                 better = (clean < best.loss) & ok
                 if better.any():
-                    best.loss = torch.where(better, clean, best.loss)
-                    best.iterate = torch.where(better, torch.full_like(best.iterate, it), best.iterate)
                     image = raw.float() if fused else self.diffusion.decode(x0s[-1].detach()).float()
-                    best.images[better] = fit(image, batch.images, clamp=True)[better]
+                    best.keep(better, clean, it, fit(image, batch.images, clamp=True))
                 if last:
                     break
                 if not fused:
