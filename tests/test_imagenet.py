@@ -62,7 +62,9 @@ def _jpeg(path: Path, seed: int, size=(40, 48)) -> None:
 def fake_imagenet(tmp_path_factory):
     """A folder of 3 ImageNet synsets (zebra, sorrel, cheetah) with 3 JPEGs each plus one
     corrupt file, and tiny random models saved where the loaders look for them."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+
+    from lit_vce.testing.methods import tiny_unet
     from safetensors.torch import save_file
 
     from lit_vce.data.imagenet import imagenet_synsets
@@ -85,17 +87,7 @@ def fake_imagenet(tmp_path_factory):
         (weights / "timm").mkdir(parents=True, exist_ok=True)
         save_file(timm.create_model(name, pretrained=False).state_dict(), str(weights / "timm" / f"{name}.safetensors"))
     save_random_inception_weights(weights / "inception" / "weights-inception-2015-12-05-6726825d.pth")
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=1001,
-    )
+    unet = tiny_unet(16, num_class_embeds=1001)
     unet.save_pretrained(root / "adm_tiny")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "adm_tiny")
     return root

@@ -86,20 +86,13 @@ def fake_faces(tmp_path_factory):
     (weights / "vggface2").mkdir(parents=True)
     (weights / "vggface2" / "resnet50_ft_weight.pkl").write_bytes(pickle.dumps(arrays))
     save_random_inception_weights(weights / "inception" / "weights-inception-2015-12-05-6726825d.pth")
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+
+    from lit_vce.testing.methods import tiny_unet
 
     from lit_vce.world.models import SCHEDULER_CONFIG
 
-    unet = UNet2DModel(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(64)
     unet.save_pretrained(root / "ddpm_tiny")
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "ddpm_tiny")
     return root

@@ -148,12 +148,10 @@ def run_evaluate(
     return module.final_results
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``lit-vce evaluate`` (see ``lit-vce evaluate --help``)."""
+def _parser():
+    """The arguments of ``lit-vce evaluate``."""
     import argparse
-    import warnings
 
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     p = argparse.ArgumentParser(
         prog="lit-vce evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -221,6 +219,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--num-nodes", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lit-vce evaluate`` (see ``lit-vce evaluate --help``)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    p = _parser()
     a = p.parse_args(argv)
     kwargs: dict[str, Any] = {}
     if a.seed is not None:

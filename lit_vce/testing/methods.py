@@ -26,16 +26,13 @@ import torch
 BATCH_TOLERANCE = 1 / 255
 
 
-def tiny_pixel_diffusion(sampler: str = "ddim", steps: int = 10, seed: int = 0):
-    """A random 16x16 class-conditional pixel diffusion model (4 classes + a null class 4)."""
+def tiny_unet(sample_size: int = 16, num_class_embeds: int | None = None):
+    """A random two-level diffusers ``UNet2DModel`` (8/16 channels) of RGB images of
+    ``sample_size`` px; class-conditional with ``num_class_embeds`` (the caller seeds)."""
     from diffusers import UNet2DModel
 
-    from ..diffusion import PixelDiffusion
-    from ..world.models import SCHEDULER_CONFIG
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=16,
+    return UNet2DModel(
+        sample_size=sample_size,
         in_channels=3,
         out_channels=3,
         block_out_channels=(8, 16),
@@ -43,8 +40,17 @@ def tiny_pixel_diffusion(sampler: str = "ddim", steps: int = 10, seed: int = 0):
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
-        num_class_embeds=5,
+        num_class_embeds=num_class_embeds,
     )
+
+
+def tiny_pixel_diffusion(sampler: str = "ddim", steps: int = 10, seed: int = 0):
+    """A random 16x16 class-conditional pixel diffusion model (4 classes + a null class 4)."""
+    from ..diffusion import PixelDiffusion
+    from ..world.models import SCHEDULER_CONFIG
+
+    torch.manual_seed(seed)
+    unet = tiny_unet(16, num_class_embeds=5)
     return PixelDiffusion(unet=unet, scheduler_config=SCHEDULER_CONFIG, sampler=sampler, num_steps=steps, null_class=4)
 
 
