@@ -156,7 +156,7 @@ class DiGIN(ConditioningMixin, EditMixin, TrajectoryMixin, OptimiseMixin, Memory
             "loss": self.loss,
             "memory": self.memory,
         }
-        flat = {k: v for k, v in flat_settings(groups).items() if k in FLAT_NAMES}
+        flat = flat_settings(groups)
         flat["inner_batch_size"] = self.inner_batch_size
         return {
             "name": self.name,

@@ -269,21 +269,3 @@ def resolve(groups: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
 def flat_settings(groups: dict[str, Any]) -> dict[str, Any]:
     """Every group field under its flat name (what results record)."""
     return {flat: getattr(groups[group], field) for flat, (group, field) in FLAT_NAMES.items()}
-
-
-def nest_flat_config(init_args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A YAML/CLI ``init_args`` mapping with flat names moved into their groups (for the
-    command line and config files of earlier releases); also the names moved."""
-    out, moved = dict(init_args), []
-    for key in list(out):
-        if key in FLAT_NAMES and not (key in GROUPS and isinstance(out[key], dict)):  # inversion: a name or the group
-            group, field = FLAT_NAMES[key]
-            block = out.get(group)
-            block = dict(block) if isinstance(block, dict) else {}
-            block[field] = out.pop(key)
-            out[group] = block
-            moved.append(key)
-        elif key in RETIRED and out[key] == RETIRED[key]:
-            out.pop(key)
-            moved.append(key)
-    return out, moved
