@@ -14,6 +14,11 @@ a slower EMA and new images (about 85 minutes on one core):
 
     python scripts/train_world.py --models ddpm --threads 1 --ddpm-init lit_vce/assets/world/ddpm.safetensors \
         --ddpm-steps 4000 --ddpm-lr 5e-4 --ddpm-ema 0.999 --ddpm-snr-gamma 5 --ddpm-data-seed 1
+
+RCSB's world prior, an I2SB inpainting bridge started from the shipped ddpm, is
+``--models bridge`` (``bridge.safetensors``; its quality is measured with the others).
+It writes a Lightning checkpoint every ``--bridge-save-every`` steps into
+``bridge-checkpoints/``; ``--bridge-resume`` continues an interrupted run from it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lit_vce.data.world import ShapesWorld
-from lit_vce.world.training import WorldClassifierModule, WorldDiffusionModule
+from lit_vce.world.training import WorldBridgeModule, WorldClassifierModule, WorldDiffusionModule
 
 CLASSIFIERS = {
     # name: (regime, kind, steps, batch size[, bias of the regime's shortcut, default 0.98])
@@ -55,7 +60,7 @@ def _trainer(steps: int, callbacks: list | None = None) -> L.Trainer:
         accelerator="auto",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks or []),
         log_every_n_steps=50,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -81,6 +86,27 @@ def save(module: torch.nn.Module, path: Path) -> None:
     save_file(state, str(tmp))
     tmp.replace(path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def _train_bridge(args) -> None:
+    """The world's I2SB bridge, from the world ddpm, resumable from its last checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from safetensors.torch import load_file
+
+    folder = args.out / "bridge-checkpoints"
+    last = folder / "last.ckpt"
+    module = WorldBridgeModule(
+        lr=args.bridge_lr,
+        max_steps=args.bridge_steps,
+        init=load_file(str(args.out / "ddpm.safetensors")),
+        seed=args.seed,
+    )
+    ckpt = ModelCheckpoint(dirpath=folder, every_n_train_steps=args.bridge_save_every, save_last=True, save_top_k=0)
+    resume = str(last) if args.bridge_resume and last.is_file() else None
+    _trainer(args.bridge_steps, [ckpt]).fit(
+        module, _loader("balanced", args.bridge_steps, args.bridge_batch, args.seed + 7), ckpt_path=resume
+    )
+    save(module.ema, args.out / "bridge.safetensors")
 
 
 def main() -> None:
@@ -114,6 +140,11 @@ def main() -> None:
         default=0,
         help="also write the EMA weights every N steps to <out>/ddpm-checkpoints/ (0: only at the end)",
     )
+    p.add_argument("--bridge-steps", type=int, default=2000)
+    p.add_argument("--bridge-batch", type=int, default=32)
+    p.add_argument("--bridge-lr", type=float, default=3e-4)
+    p.add_argument("--bridge-save-every", type=int, default=250)
+    p.add_argument("--bridge-resume", action="store_true", help="continue from bridge-checkpoints/last.ckpt")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: library default)")
     p.add_argument("--evaluate-only", action="store_true")
     p.add_argument("--no-evaluate", action="store_true", help="write the weights and timings, skip the measurements")
@@ -153,6 +184,8 @@ def main() -> None:
                     module, _loader("balanced", args.ddpm_steps, args.ddpm_batch, data_seed)
                 )
                 save(module.ema, args.out / "ddpm.safetensors")
+            elif name == "bridge":
+                _train_bridge(args)
             else:
                 raise SystemExit(f"unknown model {name!r}")
             timings[name] = round(time.time() - t0, 1)
@@ -192,6 +225,15 @@ def main() -> None:
         timings["ddpm"] = round(sum(st.get("seconds") or 0 for st in stages), 1)  # all stages together
     meta.setdefault("training_seconds", {}).update(timings)
     meta["training"] = {**training, "classifiers": CLASSIFIERS, "seed": args.seed, "ddpm_stages": stages}
+    if "bridge" in timings:
+        meta["training"]["bridge"] = {
+            "steps": args.bridge_steps,
+            "batch": args.bridge_batch,
+            "lr": args.bridge_lr,
+            "init": "ddpm.safetensors",
+            "threads": args.threads or torch.get_num_threads(),
+            "resumed": bool(args.bridge_resume),
+        }
     if args.no_evaluate:
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         return

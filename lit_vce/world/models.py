@@ -22,7 +22,7 @@ from torch import nn
 
 NUM_CLASSES = 4
 NULL_CLASS = NUM_CLASSES  # class-embedding index used for unconditional prediction
-WORLD_MODELS = ("biased", "robust", "oracle", "watermarked", "ddpm")
+WORLD_MODELS = ("biased", "robust", "oracle", "watermarked", "ddpm", "bridge")
 WORLD_CLASSIFIERS = WORLD_MODELS[:4]  # the world's models that are classifiers
 
 
@@ -133,10 +133,10 @@ def _load_state(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_world_network(name: str) -> nn.Module:
-    """The trained world network ``name`` (``biased``, ``robust``, ``oracle``, ``watermarked`` or
-    ``ddpm``) in eval mode."""
+    """The trained world network ``name`` (``biased``, ``robust``, ``oracle``, ``watermarked``,
+    ``ddpm`` or ``bridge``) in eval mode."""
     state = _load_state(name)
-    if name == "ddpm":
+    if name in ("ddpm", "bridge"):  # the bridge (RCSB's I2SB prior) shares the ddpm's architecture
         net = build_world_unet()
     elif name == "oracle":
         net = OracleNet()
