@@ -108,6 +108,7 @@ def explain(
     image_size: int | None = None,
     masks: torch.Tensor | None = None,
     captions: Sequence[str] | None = None,
+    regions: torch.Tensor | str | None = None,
     **method_kwargs,
 ) -> Explanation:
     """Counterfactuals of ``images`` towards ``targets`` for ``classifier`` with ``method``.
@@ -138,6 +139,10 @@ def explain(
             blending and background terms).
         captions: one caption per image, for text-conditioned methods (DiG-IN on Stable
             Diffusion replaces the source class name in it by the target's).
+        regions: where the counterfactuals may change the images (:mod:`lit_vce.regions`):
+            masks (N, 1, H, W) with 1 where the edit may go, ``"objects"`` (``masks`` as the
+            regions) or ``"cells[:<cell px>:<area>]"`` (RCSB's attribution cells). The rows
+            record each region's area and the share of the change outside it.
 
     Each batch goes through :func:`lit_vce.batches.explain_batch`, the path ``lit-vce
     predict`` takes: a sample gets the bytes predict gives it (``deterministic=True``)."""
@@ -176,7 +181,15 @@ def explain(
     vce.to(device)
     vce.setup(device)
     masks, captions = _masks_captions(masks, captions, x)
-    cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions)
+    if isinstance(regions, torch.Tensor):
+        regions = (_masks_captions(regions, None, x)[0] > 0.5).float()
+    elif regions is not None:
+        from .regions import parse_regions
+
+        regions = parse_regions(regions)
+        if regions.kind == "folder":
+            raise ValueError("regions: give the masks as a tensor (a folder of masks is read by lit-vce predict)")
+    cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions, regions)
     scores, audit, intervals = _summary(suite, rows)
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
     return Explanation(
@@ -211,7 +224,19 @@ def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
 
 
 def _generate(
-    vce, clf, suite, x, src, tgt, ids, seed: int, batch_size: int, deterministic: bool, masks=None, captions=None
+    vce,
+    clf,
+    suite,
+    x,
+    src,
+    tgt,
+    ids,
+    seed: int,
+    batch_size: int,
+    deterministic: bool,
+    masks=None,
+    captions=None,
+    regions=None,
 ):
     """The counterfactuals (quantised) and one row per sample, batch by batch, through the
     path ``lit-vce predict`` takes (:func:`lit_vce.batches.explain_batch`)."""
@@ -234,6 +259,12 @@ def _generate(
                 None if masks is None else masks[sl],
                 None if captions is None else list(captions[sl]),
             )
+            if isinstance(regions, torch.Tensor):
+                batch.region = regions[sl]
+            elif regions is not None:
+                from .regions import resolve_regions
+
+                batch.region = resolve_regions(regions, batch.images, batch.source, batch.rngs, clf, objects=batch.mask)
             result, batch_rows = explain_batch(vce, clf, batch, suite, deterministic, threads)
             rows += batch_rows
             cfs.append(torch.nan_to_num(quantize(result.images.detach()), nan=0.0))  # no NaN in a returned image

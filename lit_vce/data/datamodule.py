@@ -25,8 +25,8 @@ DATASETS = ("world", "imagefolder", "celeba", "celebahq")
 class _Explained(Dataset):
     """A base dataset with one (item index, target) per explained sample."""
 
-    def __init__(self, base: Dataset, entries: list[tuple[int, int, int]]):
-        self.base, self.entries = base, entries
+    def __init__(self, base: Dataset, entries: list[tuple[int, int, int]], region_folder: Path | None = None):
+        self.base, self.entries, self.region_folder = base, entries, region_folder
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -44,6 +44,15 @@ class _Explained(Dataset):
         for key in ("mask", "background", "caption"):
             if key in item:
                 out[key] = item[key]
+        if self.region_folder is not None:  # a mask that cannot be read fails its sample, as an unreadable image
+            from ..regions import read_region
+
+            size = tuple(out["image"].shape[-2:])
+            try:
+                out["region"] = read_region(self.region_folder, out["sample_id"], size)
+            except (FileNotFoundError, ValueError) as e:
+                out["region"] = torch.zeros(1, *size)
+                out["error"] = out["error"] or f"region: {e}"
         return out
 
 
@@ -70,6 +79,11 @@ class VCEDataModule(L.LightningDataModule):
         target: the class of the ``fixed`` protocol.
         pairs: ``[[source, target], ...]`` of the ``pairs`` protocol.
         num_classes: classes of the explained classifier (default: world 4, folder count).
+        regions: where the counterfactuals may change the images (:mod:`lit_vce.regions`): a
+            folder of masks (``<folder>/<base id>.png``), ``"objects"`` (the foreground masks:
+            the world's, or an imagefolder's ``masks``) or ``"cells[:<cell px>:<area>]"``
+            (RCSB's attribution cells of the explained classifier). Every method keeps to it
+            as its ``region_mode`` says; a method without one refuses it.
         batch_size, num_workers: loader settings.
         seed: the seed of random target choices.
         class_names: the explained classifier's class names; ``lit-vce predict`` fills
@@ -101,6 +115,7 @@ class VCEDataModule(L.LightningDataModule):
         class_names: list[str] | None = None,
         class_index: str = "auto",
         attribute: str | None = None,
+        regions: str | None = None,
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -115,6 +130,12 @@ class VCEDataModule(L.LightningDataModule):
             raise ValueError("batch_size must be >= 1")
         if class_index not in ("auto", "sorted"):
             raise ValueError("class_index must be 'auto' or 'sorted'")
+        from ..regions import parse_regions
+
+        spec = parse_regions(regions)  # a bad value is refused here, before any work
+        if spec is not None and spec.kind == "objects" and dataset != "world" and not masks:
+            raise ValueError("regions 'objects' reads the foreground masks: the world's, or an imagefolder's masks=")
+        self.region_spec = spec
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (or null for all images), got {num_samples}")
         self.save_hyperparameters()
@@ -163,7 +184,18 @@ class VCEDataModule(L.LightningDataModule):
         if not entries:
             raise ValueError(f"the {h.protocol!r} protocol selects no images from this dataset")
         self.class_names = names
-        return _Explained(base, entries)
+        folder = self.region_spec.folder if self.region_spec is not None and self.region_spec.kind == "folder" else None
+        if folder is not None:
+            from ..regions import region_file
+
+            bases = {str(labels[i][2]) for i, _, _ in entries}
+            missing = sorted(b for b in bases if not region_file(folder, b).is_file())
+            if missing:
+                raise ValueError(
+                    f"regions: {len(missing)} of {len(bases)} images have no mask in {folder} "
+                    f"(first: {region_file(folder, missing[0])})"
+                )
+        return _Explained(base, entries, folder)
 
     def setup(self, stage: str | None = None) -> None:
         if self._data is None:

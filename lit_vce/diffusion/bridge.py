@@ -184,12 +184,13 @@ class I2SBBridge(nn.Module, RecordsInitArgs):
         return self._size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> the bridge's space [-1, 1]."""
-        return images * 2 - 1
+        """Images in [0, 1] -> the bridge's space [-1, 1] (``(x - 0.5) * 2``, RCSB's rounding)."""
+        return (images - 0.5) * 2
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The bridge's space -> images in [0, 1] (clamped, as RCSB's output)."""
-        return ((x.clamp(-1, 1) + 1) / 2).clamp(0, 1)
+        """The bridge's space -> images in [0, 1]: float32, clamped to [-1, 1], halved and
+        shifted (RCSB's output, operation for operation)."""
+        return x.float().clamp(-1, 1) / 2 + 0.5
 
     def pred_x0(self, xt: torch.Tensor, step: int) -> torch.Tensor:
         """``x_t - std_fwd[step] * net(x_t, noise_levels[step])`` in float64 (no clipping): the

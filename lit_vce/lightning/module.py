@@ -274,6 +274,20 @@ class VCEModule(FinishMixin, StageModule):
                 [s for s, _ in pairs], [t for _, t in pairs], [f"class {s}" for s, _ in pairs], what="class pairs"
             )
 
+    def _with_regions(self, vb: VCEBatch, batch: dict[str, Any], idx: torch.Tensor) -> VCEBatch:
+        """``vb`` with the data's regions (``--data.regions``; :mod:`lit_vce.regions`), if any."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(dm, "region_spec", None)
+        if spec is None:
+            return vb
+        import dataclasses
+
+        from ..regions import resolve_regions
+
+        loaded = batch["region"][idx] if "region" in batch else None
+        region = resolve_regions(spec, vb.images, vb.source, vb.rngs, self.classifier, loaded, vb.mask)
+        return dataclasses.replace(vb, region=region)
+
     # --- the step --------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         t_start = time.perf_counter()
@@ -305,6 +319,7 @@ class VCEModule(FinishMixin, StageModule):
         mask = batch["mask"][idx] if "mask" in batch else None
         captions = [batch["caption"][i] for i in todo] if "caption" in batch else None
         vb = VCEBatch(x, src, tgt, sub_ids, sample_rngs(self.seed, sub_ids, device=x.device), mask, captions)
+        vb = self._with_regions(vb, batch, idx)
         # the path explain() takes as well
         result, scored = explain_batch(
             self.method, self.classifier, vb, self.metrics, self.deterministic, self._threads

@@ -62,6 +62,7 @@ class ACE(VCEMethod):
     """
 
     supports_concurrency = True
+    region_mode = "compose"
     #: the edit pastes the original's pixels outside the change mask: resizing them there and
     #: back would alter the pixels ACE keeps, so another resolution is refused, not resized
     resolution = "exact"
@@ -150,6 +151,8 @@ class ACE(VCEMethod):
                     dist = dist + self.l2_weight * (x - z).flatten(1).norm(dim=1)
                 (g,) = torch.autograd.grad((loss + dist).sum(), z)
             x_adv = self._project(x, x_adv - self.step_size * torch.sign(g))
+            if batch.region is not None:  # the pre-explanation's perturbation projected onto the region
+                x_adv = x + batch.region * (x_adv - x)
         return x_adv
 
     def counterfactuals(self, batch: VCEBatch, classifier) -> CounterfactualResult:
@@ -157,6 +160,8 @@ class ACE(VCEMethod):
         x = batch.images
         pre = self.attack(batch, classifier)
         keep = (change_mask(x, pre, self.dilation) < self.threshold).float()
+        if batch.region is not None:  # the edit stays inside the region: outside it, the original is kept
+            keep = torch.maximum(keep, 1 - batch.region.to(keep))
         with torch.no_grad():
             edited = self.diffusion.decode(self.denoise(pre, batch, keep))
             images = keep * x + (1 - keep) * edited

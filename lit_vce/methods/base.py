@@ -36,6 +36,7 @@ class VCEBatch:
     rngs: list[torch.Generator]
     mask: torch.Tensor | None = None  # (N, 1, H, W) foreground masks, when known
     captions: list[str] | None = None  # one caption per image, when known (text-conditioned methods)
+    region: torch.Tensor | None = None  # (N, 1, H, W): 1 where the edit may go (lit_vce.regions), when given
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -102,6 +103,13 @@ class VCEMethod(nn.Module, RecordsInitArgs):
     #: deprecated flat setting names -> ``group.field`` of a nested settings group (a config or
     #: command line that uses one is rewritten, with a note; :mod:`lit_vce.lightning.cli`)
     setting_aliases: dict = {}
+    #: how the method keeps to a region (:mod:`lit_vce.regions`) when the batch carries one:
+    #: ``"compose"`` (per step with the noised original outside it, and the result with the
+    #: original: nothing outside changes), ``"native"`` (the method edits only the region by
+    #: construction; the result is composed too), ``"project"`` (the perturbation is projected
+    #: onto it), ``"penalty"`` (soft terms; change outside is possible and reported) or
+    #: ``None`` (regions refused).
+    region_mode: str | None = None
     #: ``counterfactuals`` keeps no state between calls, draws its randomness only from the
     #: batch's generators and touches no shared module state (hooks, attention
     #: processors), so deterministic runs may explain several samples at once on worker
@@ -118,6 +126,8 @@ class VCEMethod(nn.Module, RecordsInitArgs):
             )
         if cls.resolution not in ("model", "exact", "input"):
             raise TypeError(f"{cls.__name__}.resolution must be 'model', 'exact' or 'input', got {cls.resolution!r}")
+        if cls.region_mode not in (None, "compose", "native", "project", "penalty"):
+            raise TypeError(f"{cls.__name__}.region_mode must be None, 'compose', 'native', 'project' or 'penalty'")
 
     @property
     def concurrent_samples(self) -> bool:
@@ -146,6 +156,11 @@ class VCEMethod(nn.Module, RecordsInitArgs):
         """Counterfactuals of ``batch`` for ``classifier``, with the harness's duties done
         (chunking, resolution, retries, failures, ``target_confidence``): the template
         around :meth:`counterfactuals`, the one way every caller runs a method."""
+        if batch.region is not None and self.region_mode is None:
+            raise ValueError(
+                f"{self.name} cannot keep its edit to a region: run it without --data.regions "
+                "(methods with regions: the per-step diffusion methods, RCSB, SVCE, ACE, DiG-IN)"
+            )
         k = self.inner_batch_size
         parts = split_batch(batch, k) if k and k < len(batch) else [batch]
         return concat_results([self._generate_part(b, classifier) for b in parts])
@@ -178,12 +193,18 @@ class VCEMethod(nn.Module, RecordsInitArgs):
             probs = classifier(result.images).softmax(1)
         confidence = probs.gather(1, batch.target[:, None].to(probs.device)).squeeze(1)
         result.diagnostics = {"target_confidence": confidence, **result.diagnostics}
+        if batch.region is not None:  # recorded per sample: the region's area and the change outside it
+            from ..regions import change_outside, region_area
+
+            region = batch.region.to(result.images)
+            result.diagnostics["region_area"] = region_area(region).cpu()
+            result.diagnostics["region_change_outside"] = change_outside(batch.images, result.images, region).cpu()
         return result
 
     def _at_input_resolution(self, batch: VCEBatch, classifier: nn.Module) -> CounterfactualResult:
         """:meth:`counterfactuals` at the model's resolution, checked, back at the batch's,
         non-finite images failed and every failed sample's image the original."""
-        size_in, original = tuple(batch.images.shape[-2:]), batch.images
+        size_in, original, region = tuple(batch.images.shape[-2:]), batch.images, batch.region
         size = self.model_resolution() if self.resolution != "input" else None
         if size is not None and size_in != (size, size):
             if self.resolution == "exact":
@@ -199,6 +220,10 @@ class VCEMethod(nn.Module, RecordsInitArgs):
             images = F.interpolate(images, size=size_in, mode="bilinear", antialias=True, align_corners=False).clamp(
                 0, 1
             )
+        if region is not None and self.region_mode in ("compose", "native"):  # nothing outside changes
+            from ..regions import compose
+
+            images = compose(images, original.to(images.dtype), region.to(images.dtype))
         finite = torch.isfinite(images).flatten(1).all(1)
         failure = [f if f else (None if bool(ok) else "non-finite output") for f, ok in zip(result.failure, finite)]
         failed = torch.tensor([f is not None for f in failure], device=images.device)
@@ -227,12 +252,15 @@ class VCEMethod(nn.Module, RecordsInitArgs):
 
 
 def at_resolution(batch: VCEBatch, size: int) -> VCEBatch:
-    """``batch`` with its images (and foreground masks, nearest) resized to ``size`` px."""
+    """``batch`` with its images (and foreground masks and regions, nearest) resized to ``size`` px."""
     from ..imageops import resize_to
 
     images = resize_to(batch.images, size)
-    mask = None if batch.mask is None else F.interpolate(batch.mask.float(), size=images.shape[-2:], mode="nearest")
-    return dataclasses.replace(batch, images=images, mask=mask)
+
+    def nearest(m):
+        return None if m is None else F.interpolate(m.float(), size=images.shape[-2:], mode="nearest")
+
+    return dataclasses.replace(batch, images=images, mask=nearest(batch.mask), region=nearest(batch.region))
 
 
 def check_result(method: VCEMethod, batch: VCEBatch, result: CounterfactualResult) -> None:
@@ -270,6 +298,7 @@ def select_batch(batch: VCEBatch, idx: list[int]) -> VCEBatch:
         [batch.rngs[i] for i in idx],
         None if batch.mask is None else batch.mask[pick],
         None if batch.captions is None else [batch.captions[i] for i in idx],
+        None if batch.region is None else batch.region[pick],
     )
 
 

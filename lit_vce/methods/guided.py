@@ -97,6 +97,10 @@ class PerStepGuidance(VCEMethod):
 
     name = "per_step_guidance"
     supports_concurrency = True
+    region_mode = "compose"
+    #: ``adm`` sampler: draw the ancestral noise of each step (``False``: the guided posterior
+    #: mean is the next sample, as MaskDiME's code steps inside its mask)
+    ancestral_noise = True
 
     def __init__(
         self,
@@ -209,15 +213,28 @@ class PerStepGuidance(VCEMethod):
             ok &= finite
             grad = torch.where(ok.view(-1, 1, 1, 1), torch.nan_to_num(grad, 0.0, 0.0, 0.0), torch.zeros_like(grad))
             if d.sampler == "adm":  # mean shift by variance * gradient
-                x_t = d.p_sample(d.condition_mean(out, grad), out["log_variance"], t, batch.rngs).detach()
+                mean = d.condition_mean(out, grad)
+                x_t = (d.p_sample(mean, out["log_variance"], t, batch.rngs) if self.ancestral_noise else mean).detach()
             else:  # noise-prediction shift
                 eps_g = out["eps"] - (1 - d.alpha_bar(t)).sqrt().to(out["eps"]) * grad
                 x_t = d.step(eps_g, t, x_t.detach(), batch.rngs)[0].detach()
             x_t = self.post_step(x_t, step, batch, state).detach()
+            if batch.region is not None:  # outside the region: the original, noised to the new sample's level
+                x_t = self._region_step(x_t, z0, step, batch)
         if self.output == "x0":  # the last step's x0-prediction (model space)
             x_t = out["pred_xstart"] if "pred_xstart" in out else d.encode(step.x0)
         diag = {"steps": torch.full((n,), len(steps), dtype=torch.float32), **state.get("diagnostics", {})}
         return CounterfactualResult(d.decode(x_t).detach(), diag, failure)
+
+    def _region_step(self, x_t: torch.Tensor, z0: torch.Tensor, step: Step, batch: VCEBatch) -> torch.Tensor:
+        """``x_t`` inside the region, the original noised to the next step's level (itself after
+        the last step) outside it (the noise drawn from the samples' generators)."""
+        from ..regions import compose
+
+        if step.last:
+            return compose(x_t, z0, batch.region)
+        noise = per_sample_randn(z0.shape[1:], batch.rngs).to(z0)
+        return compose(x_t, self.diffusion.add_noise(z0, noise, step.next_t), batch.region)
 
     def _guided_step(self, step: Step, batch: VCEBatch, classifier, conds) -> tuple[dict, torch.Tensor]:
         """The model's prediction at ``step`` (a dict with ``eps``, and for ``adm`` the mean and

@@ -120,6 +120,7 @@ class SVCE(VCEMethod):
     """
 
     supports_concurrency = True
+    region_mode = "project"
 
     def __init__(
         self,
@@ -208,8 +209,14 @@ class SVCE(VCEMethod):
         """The attack in image space, at the batch's resolution (the classifier resizes)."""
         x = batch.images
         n, shape = len(batch), (-1,) + (1,) * (x.dim() - 1)
-        x_adv = self._start(batch)
+        region = batch.region  # the projection onto the region: the perturbation and the gradient vanish outside
+
+        def inside(z):
+            return z if region is None else x + region * (z - x)
+
+        x_adv = inside(self._start(batch))
         value, grad = self._value_and_grad(x_adv, batch, classifier)
+        grad = grad if region is None else grad * region
         best, best_grad = x_adv.clone(), grad.clone()
         l1 = self.attack == "apgd" and self.p == 1
         first = 0.75 if self.attack == "afw" else (1.0 if l1 else 2.0) * self.eps
@@ -224,8 +231,10 @@ class SVCE(VCEMethod):
         }
         history, counter, prev = torch.zeros(self.steps, n, device=x.device), 0, x_adv
         for i in range(self.steps):
-            prev, x_adv = x_adv, self._move(i, x, x_adv, prev, grad, run).detach()
+            prev, x_adv = x_adv, inside(self._move(i, x, x_adv, prev, grad, run)).detach()
             value, grad = self._value_and_grad(x_adv, batch, classifier)
+            if region is not None:
+                grad = grad * region
             history[i] = value
             up = value > run["best_value"]
             best[up], run["best_value"][up], best_grad[up] = x_adv[up], value[up], grad[up]

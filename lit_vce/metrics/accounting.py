@@ -94,6 +94,13 @@ def score_batch(
         )
         for i, row in zip(good, measured):
             rows[i] = row
+        if diagnostics and "region_change_outside" in diagnostics and hasattr(suite, "update_regions"):
+            kept = [i for i in good if rows[i] is not None and not rows[i].get("failure")]
+            if kept:
+                pick = torch.tensor(kept)
+                suite.update_regions(
+                    diagnostics["region_change_outside"].cpu()[pick], diagnostics["region_area"].cpu()[pick]
+                )
     finite = torch.isfinite(originals.detach().flatten(1)).all(1).tolist()
     usable = [bool(f) and (original_ok is None or bool(original_ok[i])) for i, f in enumerate(finite)]
     for group, with_original in (([i for i in bad if usable[i]], True), ([i for i in bad if not usable[i]], False)):

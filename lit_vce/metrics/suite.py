@@ -130,6 +130,8 @@ class VCEMetrics(SummaryMixin, nn.Module):
         self.flip_rate_source_correct = FlipRate()
         self.l1, self.l2 = PerSampleMean(), PerSampleMean()
         self.l1_per_value = PerSampleMean()  # ACE's and DiME's L1: the mean over the 3*H*W values
+        # regions (lit_vce.regions): the share of each measured sample's change outside its region, and its area
+        self.region_change_outside, self.region_area = PerSampleMean(), PerSampleMean()
         self.cout = COUT(classifier, steps=cout_steps)
         self.cout_source_correct = PerSampleMean()  # ACE's compute_COUT.py: correctly classified originals only
         self.lpips = lpips
@@ -258,6 +260,13 @@ class VCEMetrics(SummaryMixin, nn.Module):
             )
         )
         return [next(kept) if ok_b[i] and ok_a[i] else next(failed) for i in range(len(sample_ids))]
+
+    @torch.no_grad()
+    def update_regions(self, change_outside: torch.Tensor, area: torch.Tensor) -> None:
+        """Add measured samples' region figures (per sample: the share of the change outside the
+        region and the region's area), reported as ``region_change_outside`` / ``region_area``."""
+        self.region_change_outside.update(change_outside.to(self.region_area.total.device))
+        self.region_area.update(area.to(self.region_area.total.device))
 
     @torch.no_grad()
     def update_failed(

@@ -57,6 +57,11 @@ class SummaryMixin:
             "l2": float(self.l2.compute()),
             "l1_per_value": float(self.l1_per_value.compute()),
         }
+        region = float(self.region_change_outside.compute())  # a collective: every rank calls it
+        region_area = float(self.region_area.compute())
+        if self.region_change_outside.n_used:  # runs with regions (lit_vce.regions)
+            m["region_change_outside"], m["region_area"] = region, region_area
+            m["region_n"] = self.region_change_outside.n_used
         if "cout" in self.selected:
             m["cout"] = float(self.cout.compute())
             m["cout_source_correct"] = float(self.cout_source_correct.compute())

@@ -134,6 +134,8 @@ class EditMixin:
             )
         if attn_masks:
             pixel_mask = self.attention_masks(store, batch, classifier, prompts[0], inv.latents[0].shape[-1])
+        if batch.region is not None:  # --data.regions: the region is the edit's foreground (background terms outside)
+            pixel_mask = batch.region
         latent_mask = None
         if pixel_mask is not None and real:
             latent_mask = latent_mask_from_pixels(pixel_mask, inv.latents[0].shape[-1])

@@ -75,6 +75,8 @@ class DiGIN(ConditioningMixin, EditMixin, TrajectoryMixin, OptimiseMixin, Memory
 
     #: the loss compares decoded images with the original at the batch's resolution
     resolution = "input"
+    #: a region is the foreground mask of the loss's background terms (soft: change outside is reported)
+    region_mode = "penalty"
     retired_settings = RETIRED
     setting_aliases = {flat: f"{group}.{field}" for flat, (group, field) in FLAT_NAMES.items()}
 
