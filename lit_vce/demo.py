@@ -21,18 +21,20 @@ import json
 import time
 from pathlib import Path
 
-DEMO_METHODS = ("classifier_guidance", "dvce", "fastdime", "digin", "svce", "dime", "ace", "ldce")
+DEMO_METHODS = ("classifier_guidance", "dvce", "fastdime", "digin", "svce", "dime", "ace", "ldce", "maskdime", "rcsb")
 DEMO_CLASSIFIERS = ("biased", "robust")
 #: images per run of the slow methods in the default (quick) demo; ``--full`` gives every run ``num_samples``
 QUICK_SAMPLES = {
     "classifier_guidance": 32,
-    "dvce": 32,
-    "fastdime": 32,
+    "dvce": 16,
+    "fastdime": 24,
     "svce": 32,
     "digin": 8,
     "ldce": 8,
     "dime": 4,
     "ace": 4,
+    "maskdime": 8,
+    "rcsb": 4,
 }
 #: analysis overrides of the quick demo (``--full``: the configs as they are)
 QUICK_ANALYSES = {"disagree": ["--data.per_class", "2"], "neurons": ["--data.num_samples", "4"]}

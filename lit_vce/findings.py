@@ -45,9 +45,11 @@ VCE_CONFIGS: dict[str, tuple[str, list[str]]] = {
     "svce": ("svce", []),
     "dvce": ("dvce", []),
     "ace": ("ace", []),
+    "maskdime": ("maskdime", []),
+    "rcsb": ("rcsb", []),
 }
 #: at most this many images per run of the slow configurations (about 8 s per image on 2 cores)
-SAMPLE_CAPS = {"ace": 32}
+SAMPLE_CAPS = {"ace": 32, "rcsb": 32}
 #: the classifiers each configuration explains, with the world regime of their test images
 CLASSIFIER_REGIMES = {"biased": "balanced", "robust": "balanced", "watermarked": "watermark_balanced"}
 #: the targets each figure is held to: figure -> the least value that meets it

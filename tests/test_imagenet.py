@@ -324,7 +324,19 @@ def test_every_preset_composes_with_the_method_configs(capsys):
     ]
     pairs += [
         ("ace-imagenet", f"imagenet/methods/{m}")
-        for m in ("ace", "dime", "fastdime", "dvce", "dvce_2023", "svce", "ldce", "digin", "classifier_guidance")
+        for m in (
+            "ace",
+            "dime",
+            "fastdime",
+            "maskdime",
+            "rcsb",
+            "dvce",
+            "dvce_2023",
+            "svce",
+            "ldce",
+            "digin",
+            "classifier_guidance",
+        )
     ]
     for preset, method in pairs:
         with pytest.raises(SystemExit) as e:

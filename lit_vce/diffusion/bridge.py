@@ -142,7 +142,9 @@ class I2SBBridge(nn.Module, RecordsInitArgs):
     """An I2SB inpainting bridge: a network and its schedule.
 
     Args:
-        model: ``"world"`` (the shipped world bridge, 32 px) or ``"i2sb:<path>"`` (an I2SB
+        model: ``"world"`` (the shipped world bridge, 32 px), ``"i2sb:imagenet"`` (RCSB's ImageNet
+            inpainting bridge, I2SB's ``inpaint-freeform2030`` checkpoint, read from
+            ``$LIT_VCE_WEIGHTS_DIR/i2sb/imagenet-freeform2030.pt``), ``"i2sb:<path>"`` (an I2SB
             ``latest.pt``; with ``adm_preset``, default ``imagenet256_uncond``), or a built network
             ``net(x, t)`` (then give ``image_size``).
         interval, beta_max, t0, T: the schedule (I2SB's and RCSB's ImageNet values).
@@ -171,9 +173,13 @@ class I2SBBridge(nn.Module, RecordsInitArgs):
 
             self.net, self._size, self.domain = world_bridge_network(load_world_network("bridge")), 32, "world"
         elif isinstance(model, str) and model.startswith("i2sb:"):
+            from ..weights import weights_dir
             from .adm import ADM_PRESETS
 
-            self.net = load_i2sb_checkpoint(model[len("i2sb:") :], adm_preset)
+            path = model[len("i2sb:") :]
+            if path == "imagenet":
+                path = weights_dir() / "i2sb" / "imagenet-freeform2030.pt"
+            self.net = load_i2sb_checkpoint(path, adm_preset)
             self._size, self.domain = int(ADM_PRESETS[adm_preset]["image_size"]), None
         else:
             raise ValueError(f"unknown bridge model {model!r}: use 'world' or 'i2sb:<checkpoint path>'")
@@ -200,6 +206,20 @@ class I2SBBridge(nn.Module, RecordsInitArgs):
         t = self.schedule.noise_levels[int(step)].to(xt.device).expand(len(xt))
         std = self.schedule.std_fwd[int(step)].to(xt.device)
         return xt32.double() - std * self.net(xt32, t).double()
+
+    @torch.no_grad()
+    def inpaint(
+        self, images: torch.Tensor, region: torch.Tensor, noise: torch.Tensor, start_step: int = 1000, nfe: int = 100
+    ) -> torch.Tensor:
+        """Unguided inpainting of ``region`` (OT-ODE, the sampler RCSB guides): the images in [0, 1]."""
+        s, mask = self.schedule, region.expand_as(images).double()
+        x = self.encode(images).double()
+        start = s.q_sample(start_step - 1, x, (1 - mask) * x + mask * noise.double())
+        xt, steps = start, space_indices(start_step, nfe + 1)[::-1]
+        for prev, step in zip(steps[1:], steps[:-1]):
+            c0, cn, _ = s.posterior(prev, step)
+            xt = (1 - mask) * start + mask * (c0 * self.pred_x0(xt, step) + cn * xt)
+        return mask.float() * self.decode(xt) + (1 - mask.float()) * images
 
     @property
     def device(self) -> torch.device:
