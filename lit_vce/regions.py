@@ -200,9 +200,8 @@ def resolve_regions(
     objects: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The batch's regions under ``spec``: the masks read by the data (folder), the foreground
-    masks (objects) or RCSB's attribution cells for the source class (cells). The cells draw
-    their noise from generators of their own (derived from the samples'), so the method's
-    random numbers do not depend on whether a region was computed."""
+    masks (objects) or RCSB's attribution cells for the source class (cells), their noise from
+    :func:`side_generators`."""
     if spec is None:
         return None
     if spec.kind == "folder":
@@ -213,8 +212,13 @@ def resolve_regions(
         if objects is None:
             raise ValueError("regions 'objects': these data carry no foreground masks (the world's do)")
         return (objects > 0.5).to(images)
-    side = [torch.Generator(device=g.device).manual_seed(int(g.initial_seed()) ^ 0x5EC7) for g in rngs]
-    return attribution_cells(classifier, images, source, side, spec.cell_size, spec.area)
+    return attribution_cells(classifier, images, source, side_generators(rngs), spec.cell_size, spec.area)
+
+
+def side_generators(rngs: list[torch.Generator]) -> list[torch.Generator]:
+    """Generators of the region rule's own, seeded from the samples' (a method's random numbers
+    then do not depend on whether a region was computed)."""
+    return [torch.Generator(device=g.device).manual_seed(int(g.initial_seed()) ^ 0x5EC7) for g in rngs]
 
 
 def change_outside(original: torch.Tensor, edited: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

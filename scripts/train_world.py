@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lit_vce.data.world import ShapesWorld
-from lit_vce.world.training import WorldBridgeModule, WorldClassifierModule, WorldDiffusionModule
+from lit_vce.diffusion.bridge_training import WorldBridgeModule
+from lit_vce.world.training import WorldClassifierModule, WorldDiffusionModule
 
 CLASSIFIERS = {
     # name: (regime, kind, steps, batch size[, bias of the regime's shortcut, default 0.98])

@@ -396,6 +396,8 @@ def test_the_world_ddpm_is_refused_on_images_of_another_resolution(tmp_path):
         explain(torch.rand(2, 3, 64, 64), "zebra", classifier=clf, method="classifier_guidance")
     with pytest.raises(ConfigError, match=r"robust partner robust has 4 classes"):
         explain(torch.rand(2, 3, 64, 64), "zebra", classifier=clf, method="dvce")
+    with pytest.raises(ConfigError, match=r"world's 32 px bridge.*64x64.*imagenet/methods/rcsb"):
+        explain(torch.rand(2, 3, 64, 64), "zebra", classifier=clf, method="rcsb")
 
 
 def test_openai_clip_weights_are_loaded_with_quickgelu(tmp_path, monkeypatch):

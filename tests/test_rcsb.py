@@ -132,3 +132,21 @@ def test_i2sb_checkpoints_load_through_the_adm_module(tmp_path):
     torch.save({"net": {"x": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an I2SB"):
         load_i2sb_checkpoint(tmp_path / "other.pt")
+
+
+def test_the_world_bridge_trains_as_i2sb_on_the_regions_rcsb_uses():
+    from lit_vce.data.world import ShapesWorld
+    from lit_vce.diffusion.bridge_training import WorldBridgeModule, bridge_training_masks
+
+    data = ShapesWorld("balanced", "train", size=6, seed=0)
+    objects = torch.stack([data[i]["mask"] for i in range(6)])
+    masks = bridge_training_masks(objects, torch.Generator().manual_seed(0))
+    assert (masks[0] >= objects[0]).all() and masks[0].sum() > objects[0].sum()  # the dilated object
+    assert 0.1 <= float(masks[1].mean()) <= 0.5 and 0.1 <= float(masks[4].mean()) <= 0.5  # 4 px cells
+    assert masks[2].sum() >= 36 and masks[2].sum() <= 400  # a box
+    module = WorldBridgeModule(max_steps=10)
+    batch = {"image": torch.stack([data[i]["image"] for i in range(6)]), "mask": objects}
+    module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())

@@ -352,9 +352,14 @@ def check_domain(method: VCEMethod, classifier: nn.Module, image_size: tuple[int
     names = list(getattr(classifier, "class_names", []) or [])
     k = getattr(classifier, "num_classes", len(names))
     problems = []
-    diffusion = getattr(method, "diffusion", None)
+    diffusion = getattr(method, "diffusion", None) or getattr(method, "bridge", None)
     if getattr(diffusion, "domain", None) == "world" and (h, w) != (32, 32):
-        problems.append("its diffusion model is the embedded world's 32 px ddpm (4 shapes)")
+        what = (
+            "bridge is the embedded world's 32 px bridge"
+            if hasattr(method, "bridge")
+            else "diffusion model is the embedded world's 32 px ddpm"
+        )
+        problems.append(f"its {what} (4 shapes)")
     robust = getattr(method, "robust", None)
     if robust is not None:
         k2 = getattr(robust, "num_classes", None)

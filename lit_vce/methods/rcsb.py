@@ -164,14 +164,13 @@ class RCSB(VCEMethod):
         spec = RegionSpec(self.region, cell_size=self.cell_size, area=self.area)
         if spec.kind == "objects":
             return resolve_regions(spec, batch.images, batch.source, batch.rngs, classifier, objects=batch.mask)
-        from ..regions import attribution_cells
+        from ..regions import attribution_cells, side_generators
 
-        side = [torch.Generator(device=g.device).manual_seed(int(g.initial_seed()) ^ 0x5EC7) for g in batch.rngs]
         return attribution_cells(
             classifier,
             batch.images,
             batch.source,
-            side,
+            side_generators(batch.rngs),
             self.cell_size,
             self.area,
             self.smoothgrad_samples,
