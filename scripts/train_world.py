@@ -244,6 +244,10 @@ def main() -> None:
     from lit_vce.diffusion.world_quality import evaluate_world_models  # after training: needs the weights
 
     meta["accuracy"] = evaluate_world_models(seed=args.seed)
+    if (args.out / "bridge.safetensors").is_file():
+        from lit_vce.diffusion.world_quality import bridge_quality
+
+        meta["accuracy"].update(bridge_quality(seed=args.seed))
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta["accuracy"], indent=2))
 
