@@ -36,12 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def main() -> None:
-    from gpu_digin_sd15 import sd15_components
     from transformers import CLIPTokenizer
 
     from lit_vce.data.world import ShapesWorld
     from lit_vce.diffusion import LatentDiffusion, PixelDiffusion
-    from lit_vce.testing import save_tiny_latent_diffusion
+    from lit_vce.testing import save_tiny_latent_diffusion, stable_diffusion_components
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("world", "sd15"), default="world")
@@ -66,7 +65,8 @@ def main() -> None:
             images = torch.stack([d[i]["image"] for i in range(a.n)]).to(device)
             cond_of = lambda: bb.condition(torch.tensor([d[i]["label"] for i in range(a.n)], device=device))  # noqa: E731
         else:
-            unet, vae, text = sd15_components(False, a.size)
+            parts = stable_diffusion_components("sd15", a.size)  # the SD 1.5 architecture, random weights
+            unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
             bb = LatentDiffusion(
                 num_steps=a.steps,
                 dtype=dtype,

@@ -19,12 +19,11 @@ import time
 
 import torch
 
-from guidance_cost import _batch  # the same world images (this folder is on sys.path when run as a script)
-
 from lit_vce.classifiers import load_classifier
 from lit_vce.methods.dime import DiME
 from lit_vce.methods.fastdime import FastDiME
 from lit_vce.methods.maskdime import MaskDiME
+from lit_vce.testing import world_batch  # the world images guidance_cost.py uses
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     print(f"{'method':<28} {'s/VCE':>7} {'UNet calls':>10} {'x FastDiME':>10} {'DiME /':>7} {'FR':>6} {'L1':>7}")
     measured = []
     for name, method, calls in rows:
-        batch = _batch(a.n)
+        batch = world_batch(a.n)
         t0 = time.perf_counter()
         out = method.generate(batch, clf)
         sec = (time.perf_counter() - t0) / a.n
