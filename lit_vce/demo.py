@@ -1,6 +1,6 @@
 """The main job on the embedded world (``./scripts/demo.sh`` = ``lit-vce demo``).
 
-Runs every (method, classifier) pair of the demo (all eight methods on ``biased``
+Runs every (method, classifier) pair of the demo (all ten methods on ``biased``
 and ``robust``) through ``lit-vce predict`` on balanced test images (each to a
 random other shape; by default on fewer images, the slow methods on the fewest,
 see :data:`QUICK_SAMPLES`, so the demo finishes in about 10 minutes on 2 cores;
