@@ -89,7 +89,7 @@ def test_change_outside_is_the_share_of_the_change():
     assert change_outside(x, x, region).item() == 0.0
 
 
-@pytest.mark.parametrize("name", ["classifier_guidance", "dvce", "fastdime", "maskdime", "svce", "ace"])
+@pytest.mark.parametrize("name", ["classifier_guidance", "dvce", "fastdime", "maskdime", "dime", "ldce", "svce", "ace"])
 def test_every_composing_or_projecting_method_changes_nothing_outside_the_region(name, tiny_classifier, tiny_batch):
     from lit_vce.registry import METHODS
     from lit_vce.testing.methods import build_for_test
@@ -104,6 +104,35 @@ def test_every_composing_or_projecting_method_changes_nothing_outside_the_region
     free = method.generate(tiny_batch, tiny_classifier)
     assert "region_change_outside" not in free.diagnostics
     assert ((free.images - tiny_batch.images).abs() * (1 - region)).amax() > 0.01, name  # unconstrained: it would
+
+
+def test_digin_takes_the_region_as_its_foreground_and_reports_the_change_outside(tiny_classifier, tiny_batch):
+    from lit_vce.registry import METHODS
+    from lit_vce.rngs import sample_rngs
+    from lit_vce.testing.methods import build_for_test
+
+    method = build_for_test(METHODS.get("digin"), classifier=tiny_classifier)
+    region = torch.zeros(len(tiny_batch), 1, 16, 16)
+    region[..., 2:10, 3:13] = 1
+
+    def fresh(**kw):
+        return dataclasses.replace(tiny_batch, rngs=sample_rngs(0, tiny_batch.sample_ids), **kw)
+
+    seen = []
+    original = method.prepare_edit
+
+    def spy(batch, *a, **k):
+        edit = original(batch, *a, **k)
+        seen.append(edit.pixel_mask)
+        return edit
+
+    method.prepare_edit = spy
+    out = method.generate(fresh(region=region), tiny_classifier)
+    assert seen and torch.equal(seen[-1], region)  # the region is the loss's foreground mask
+    share = out.diagnostics["region_change_outside"]
+    assert share.shape == (4,) and bool(((share >= 0) & (share <= 1)).all())  # soft: reported, not forced to 0
+    free = method.generate(fresh(), tiny_classifier)
+    assert seen[-1] is None and not torch.equal(free.images, out.images)
 
 
 def test_a_method_without_a_region_mode_refuses_regions(tiny_classifier, tiny_batch):
