@@ -181,14 +181,7 @@ def explain(
     vce.to(device)
     vce.setup(device)
     masks, captions = _masks_captions(masks, captions, x)
-    if isinstance(regions, torch.Tensor):
-        regions = (_masks_captions(regions, None, x)[0] > 0.5).float()
-    elif regions is not None:
-        from .regions import parse_regions
-
-        regions = parse_regions(regions)
-        if regions.kind == "folder":
-            raise ValueError("regions: give the masks as a tensor (a folder of masks is read by lit-vce predict)")
+    regions = _regions(regions, x)
     cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions, regions)
     scores, audit, intervals = _summary(suite, rows)
     success = torch.tensor([r["success"] for r in rows], dtype=torch.bool)
@@ -269,6 +262,20 @@ def _generate(
             rows += batch_rows
             cfs.append(torch.nan_to_num(quantize(result.images.detach()), nan=0.0))  # no NaN in a returned image
     return torch.cat(cfs), rows
+
+
+def _regions(regions, x: torch.Tensor):
+    """``regions`` as binary masks on ``x``'s device, a parsed rule, or None (see :func:`explain`)."""
+    if isinstance(regions, torch.Tensor):
+        return (_masks_captions(regions, None, x)[0] > 0.5).float()
+    if regions is None:
+        return None
+    from .regions import parse_regions
+
+    spec = parse_regions(regions)
+    if spec.kind == "folder":
+        raise ValueError("regions: give the masks as a tensor (a folder of masks is read by lit-vce predict)")
+    return spec
 
 
 def _masks_captions(masks, captions, x: torch.Tensor):
