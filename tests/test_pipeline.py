@@ -507,9 +507,11 @@ def test_the_default_demo_runs_the_slow_methods_on_fewer_images_and_full_runs_ev
     (tmp_path / "full").mkdir()
     demo.run_demo(tmp_path / "quick")
     quick = images(calls)
-    assert len(quick) == 16  # eight methods on both classifiers
+    assert len(quick) == 20  # ten methods on both classifiers
     assert quick["classifier_guidance-biased"] == 32 and quick["svce-robust"] == 32
+    assert quick["fastdime-robust"] == 24 and quick["dvce-biased"] == 16
     assert quick["digin-biased"] == 8 and quick["ace-robust"] == 4 and quick["dime-biased"] == 4
+    assert quick["maskdime-biased"] == 8 and quick["rcsb-robust"] == 4
     assert any(c[0] == "disagree" and "--data.per_class" in c for c in calls)
     assert any(c[0] == "neurons" and "--data.num_samples" in c for c in calls)
     calls.clear()
