@@ -166,3 +166,37 @@ def test_regions_reach_the_metrics_and_rows_through_explain():
     assert torch.equal(ex.counterfactuals * (1 - masks), ex.originals * (1 - masks))
     by_rule = lit_vce.explain(x, targets, "robust", "classifier_guidance", num_steps=6, regions="objects", masks=masks)
     assert torch.equal(by_rule.counterfactuals, ex.counterfactuals)
+
+
+def test_predict_reads_regions_from_a_folder_and_the_cells_rule(tmp_path):
+    """`--data.regions`: a folder of masks (one missing: refused before any work) and RCSB's cells."""
+    import json
+
+    from PIL import Image
+
+    from lit_vce.cli import main
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    half = np.zeros((32, 32), dtype=np.uint8)
+    half[:, 16:] = 255
+    Image.fromarray(half).save(masks / "world-balanced-test-000000.png")
+    base = ["predict", "--config", "world/classifier_guidance", "--model.classifier", "robust"]
+    base += [
+        "--data.num_samples",
+        "2",
+        "--model.method.init_args.num_steps",
+        "4",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    with pytest.raises(SystemExit):
+        main(base + ["--data.regions", str(masks), "--writer.output_dir", str(tmp_path / "missing")])
+    assert not (tmp_path / "missing" / "samples.csv").exists()
+    Image.fromarray(half).save(masks / "world-balanced-test-000001.png")
+    for name, regions in (("folder", str(masks)), ("cells", "cells:4:0.25")):
+        main(base + ["--data.regions", regions, "--writer.output_dir", str(tmp_path / name)])
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        m = res.get("metrics", res)
+        assert m["region_n"] == 2 and m["region_change_outside"] == 0.0
+        assert m["region_area"] == (0.5 if name == "folder" else 0.25)
