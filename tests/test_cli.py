@@ -66,6 +66,16 @@ def test_a_misspelt_method_suggests_the_registered_one(capsys):
     assert "--model.method classifer_guidance: no such method; did you mean classifier_guidance?" in line
 
 
+def test_a_methods_help_takes_its_registered_name(capsys):
+    for name, arg in (("dvce", "cone_angle"), ("DVCE", "cone_angle"), ("ClassifierGuidance", "skip")):
+        with pytest.raises(SystemExit) as e:
+            main(["predict", "--config", "world/dvce", "--model.method.help", name])
+        assert e.value.code == 0 and f"--model.method.{arg}" in capsys.readouterr().out, name
+    assert resolve_method_names(["--model.method.help=rcsb"]) == ["--model.method.help=lit_vce.methods.rcsb.RCSB"]
+    line = _fails(capsys, ["predict", "--config", "world/dvce", "--model.method.help", "dvc"])
+    assert "--model.method.help dvc: no such method; did you mean dvce?" in line
+
+
 def test_a_missing_data_folder_is_one_line(capsys, tmp_path):
     line = _fails(
         capsys,

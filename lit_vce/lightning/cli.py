@@ -266,20 +266,30 @@ def _config_method(path: str):
     return _method_class(method.get("class_path")) if isinstance(method, dict) else None
 
 
+def _registered_by_class_name(name: str) -> str | None:
+    """The registered name of the method class called ``name`` (``DVCE`` -> ``dvce``), if any."""
+    from ..registry import METHODS
+
+    return next((n for n in METHODS.names() if METHODS.get(n).__name__ == name), None)
+
+
 def resolve_method_names(argv: list[str]) -> list[str]:
     """Registered method names become class paths, so jsonargparse can build the method
     and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``):
     on the command line ``--model.method NAME`` (or ``=NAME``, or ``--model.method.class_path
-    NAME``), and in YAML files given with ``--config`` ``method: NAME`` or ``class_path: NAME``.
+    NAME``, and ``--model.method.help NAME`` for a method's arguments), and in YAML files
+    given with ``--config`` ``method: NAME`` or ``class_path: NAME``.
     A method's deprecated flat setting names (DiG-IN's ``outer_steps``, ...) are moved into
     their groups, in files and on the command line, with a note."""
-    keys = ("--model.method", "--model.method.class_path")
+    keys = ("--model.method", "--model.method.class_path", "--model.method.help")
     out = list(argv)
     cls = None
     for i, a in enumerate(out):
         key, eq, value = a.partition("=")
         j = i if eq else i + 1
         value = value if eq else (out[j] if j < len(out) else "")
+        if key == "--model.method.help" and value and not _class_path(value):
+            value = _registered_by_class_name(value) or value  # a class name (DVCE), as jsonargparse takes it
         if key == "--config" and value:
             from ..config_files import find_config
 
