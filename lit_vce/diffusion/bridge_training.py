@@ -10,6 +10,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ..world.training import adamw_one_cycle, ema_update
+
 
 def bridge_training_masks(objects: torch.Tensor, generator: torch.Generator, cell: int = 4) -> torch.Tensor:
     """Inpainting regions (N, 1, H, W) for the world bridge, one kind per image in turn: the
@@ -84,14 +86,7 @@ class WorldBridgeModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.net.unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        ema_update(self.ema, self.net.unet, self.hparams.ema_decay, self.global_step)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_one_cycle(self.net.parameters(), self.hparams.lr, self.hparams.max_steps)

@@ -147,15 +147,22 @@ class WorldDiffusionModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        # warm-up of the EMA decay so early weights are not over-weighted
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        ema_update(self.ema, self.unet, self.hparams.ema_decay, self.global_step)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps, pct_start=0.05
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_one_cycle(self.unet.parameters(), self.hparams.lr, self.hparams.max_steps)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, ema_decay: float, global_step: int) -> None:
+    """One step of the weight EMA, its decay warmed up so early weights are not over-weighted."""
+    decay = min(ema_decay, (1 + global_step) / (10 + global_step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
+def adamw_one_cycle(params, lr: float, max_steps: int) -> dict:
+    """The diffusion models' optimiser: AdamW without weight decay, one-cycle over ``max_steps`` (5 % warm-up)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max_steps, pct_start=0.05)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
