@@ -113,44 +113,176 @@ def test_two_simulated_nodes_without_a_shared_filesystem_give_the_run_of_one_pro
 
 
 def _fake_srun(tmp_path: Path, record: bool) -> Path:
+    """A stand-in ``srun``: records its arguments and ``SRUN_CPUS_PER_TASK``, or runs the
+    command as task 0, its output in the ``--output`` file (``%x``/``%j``/``%t`` expanded)."""
     srun = tmp_path / "bin" / "srun"
     srun.parent.mkdir(parents=True, exist_ok=True)
-    body = f'printf "%s\\n" "$@" > {tmp_path / "srun_args.txt"}\n' if record else 'exec "$@"\n'
+    if record:
+        body = (
+            f'printf "%s\\n" "$@" > {tmp_path / "srun_args.txt"}\n'
+            f'echo "${{SRUN_CPUS_PER_TASK:-unset}}" > {tmp_path / "srun_cpus.txt"}\n'
+        )
+    else:
+        body = (
+            'out=""\n'
+            "while [[ $# -gt 0 && $1 == --* ]]; do [[ $1 == --output=* ]] && out=${1#--output=}; shift; done\n"
+            "if [[ -n $out ]]; then\n"
+            '  out=$(printf %s "$out" | sed "s/%x/$SLURM_JOB_NAME/;s/%j/$SLURM_JOB_ID/;s/%t/${SLURM_PROCID:-0}/")\n'
+            '  exec "$@" > "$out" 2>&1\n'
+            "fi\n"
+            'exec "$@"\n'
+        )
     srun.write_text("#!/usr/bin/env bash\n" + body)
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     return srun
 
 
-def test_the_slurm_script_puts_the_users_arguments_first_and_the_slurm_layout_last(tmp_path):
+def _slurm_script(tmp_path: Path, script: str, args: list[str], **slurm) -> subprocess.CompletedProcess:
     srun = _fake_srun(tmp_path, record=True)
-    env = _env(
-        SRUN=str(srun),
-        SLURM_SUBMIT_DIR=str(ROOT),
+    env = _env(SRUN=str(srun), SLURM_SUBMIT_DIR=str(ROOT), LIT_VCE_LOG_DIR=str(tmp_path / "logs"), **slurm)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _srun_args(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """(srun's own options, the command it runs)."""
+    args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
+    k = next(i for i, a in enumerate(args) if not a.startswith("--"))
+    return args[:k], args[k:]
+
+
+def test_the_slurm_script_puts_the_users_arguments_first_and_the_slurm_layout_last(tmp_path):
+    proc = _slurm_script(
+        tmp_path,
+        "slurm_predict.sh",
+        ["--config", "imagenet/base", "--trainer.devices", "1", "--data.root", "rel/val"],
         SLURM_JOB_NUM_NODES="2",
         SLURM_NTASKS_PER_NODE="4(x2)",
         SLURM_CPUS_PER_TASK="8",
+        SLURM_JOB_NAME="lit-vce",
+        SLURM_JOB_ID="77",
     )
-    subprocess.run(
-        [
-            "bash",
-            str(ROOT / "scripts" / "slurm_predict.sh"),
-            "--config",
-            "imagenet/base",
-            "--trainer.devices",
-            "1",
-            "--data.root",
-            "rel/val",
-        ],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        timeout=60,
-    )
-    args = (tmp_path / "srun_args.txt").read_text().split("\n")[:-1]
+    assert proc.returncode == 0, proc.stderr
+    opts, args = _srun_args(tmp_path)
     assert args[0] == str(ROOT / ".venv" / "bin" / "lit-vce") and args[1] == "predict"  # absolute, from the submit dir
     assert args[2:4] == ["--data.num_workers", "7"]  # cpus-per-task minus the main process, overridable after
     assert args[4:10] == ["--config", "imagenet/base", "--trainer.devices", "1", "--data.root", "rel/val"]
     assert args[10:] == ["--trainer.num_nodes", "2", "--trainer.devices", "4", "--trainer.strategy", "ddp"]
+    # srun gets the CPUs sbatch was given (Slurm >= 22.05 does not pass them on by itself)
+    assert (tmp_path / "srun_cpus.txt").read_text().strip() == "8"
+    assert f"--output={tmp_path / 'logs'}/%x-%j-rank%t.out" in opts and "--kill-on-bad-exit=1" in opts
+    assert "per-rank logs: " + str(tmp_path / "logs" / "lit-vce-77-rank<N>.out") in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("slurm", "devices"),
+    [
+        (
+            {"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)"},
+            "4",
+        ),  # --ntasks 8 --nodes 2
+        ({"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "8"}, "8"),  # --ntasks 8
+        ({"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "8"}, "4"),  # no placement variable: an even split
+    ],
+)
+def test_the_slurm_layout_comes_from_ntasks_alone(tmp_path, slurm, devices):
+    proc = _slurm_script(tmp_path, "slurm_predict.sh", ["--config", "imagenet/base"], **slurm)
+    assert proc.returncode == 0, proc.stderr
+    _, args = _srun_args(tmp_path)
+    assert args[-6:] == ["--trainer.num_nodes", slurm["SLURM_JOB_NUM_NODES"], "--trainer.devices", devices] + [
+        "--trainer.strategy",
+        "ddp",
+    ]
+    assert args[2:4] == ["--data.num_workers", "1"]  # no --cpus-per-task: SLURM's default of 2, minus one
+    assert (tmp_path / "srun_cpus.txt").read_text().strip() == "unset"
+
+
+@pytest.mark.parametrize(
+    "slurm",
+    [
+        {"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "5,3"},
+        {"SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS": "8"},
+    ],
+)
+def test_an_uneven_slurm_layout_is_refused_in_one_line(tmp_path, slurm):
+    proc = _slurm_script(tmp_path, "slurm_predict.sh", ["--config", "imagenet/base"], **slurm)
+    assert proc.returncode == 2 and not (tmp_path / "srun_args.txt").exists()
+    assert proc.stderr.count("\n") == 1 and "--ntasks-per-node" in proc.stderr
+
+
+def test_the_slurm_evaluate_script_is_requeued_and_lays_out_like_predict(tmp_path):
+    text = (ROOT / "scripts" / "slurm_evaluate.sh").read_text()
+    assert "#SBATCH --requeue" in text
+    proc = _slurm_script(
+        tmp_path,
+        "slurm_evaluate.sh",
+        ["runs/x", "--num-workers", "3"],
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS="8",
+        SLURM_TASKS_PER_NODE="4(x2)",
+        SLURM_CPUS_PER_TASK="6",
+        LIT_VCE_RANK_LOGS="0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    opts, args = _srun_args(tmp_path)
+    assert opts == ["--kill-on-bad-exit=1", "--label"]  # one log, lines labelled by rank
+    assert args[1:] == ["evaluate", "runs/x", "--num-workers", "5", "--num-workers", "3", "--accelerator", "gpu"] + [
+        "--num-nodes",
+        "2",
+        "--devices",
+        "4",
+    ]  # argparse: the user's --num-workers (later) wins
+    assert (tmp_path / "srun_cpus.txt").read_text().strip() == "6"
+
+
+def test_settings_on_the_command_line_win_over_every_config_file_wherever_they_stand():
+    from lit_vce.lightning.cli import configs_first
+
+    argv = ["--data.num_workers", "7", "--config", "imagenet/base", "--x=1", "--config=b.yaml", "--config", "c"]
+    assert configs_first(argv) == ["--config", "imagenet/base", "--config=b.yaml", "--config", "c"] + [
+        "--data.num_workers",
+        "7",
+        "--x=1",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_vce.cli", "predict", "--data.num_workers", "7", "--config", "imagenet/base"]
+        + ["--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import yaml
+
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["data"]["num_workers"] == 7 and cfg["data"]["batch_size"] == 8  # the file's other settings stay
+
+
+@pytest.mark.slow
+def test_the_torchrun_script_runs_ddp_without_slurm(tmp_path):
+    env = _env(NPROC_PER_NODE="2", LIT_VCE_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable)
+    out = tmp_path / "run"
+    args = [*FAST[:-2], "--data.num_samples", "4", "--data.batch_size", "2", "--writer.output_dir", str(out)]
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "torchrun_predict.sh"), *args, "--trainer.accelerator", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["n"] == 4 and results["n_failed"] == 0
+    logs = sorted(p.parent.name for p in (tmp_path / "logs").rglob("stderr.log"))
+    assert logs == ["0", "1"]  # one log folder per rank
 
 
 @pytest.mark.slow
@@ -177,6 +309,7 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
         SLURM_NODELIST="localhost",
         SLURM_CPUS_PER_TASK="1",
         MASTER_PORT=str(_free_port()),
+        LIT_VCE_LOG_DIR=str(tmp_path / "logs"),
     )
     script = [
         "bash",
@@ -199,7 +332,8 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
         text=True,
         timeout=600,
     )
-    assert first.returncode != 0 and "simulated preemption" in first.stderr
+    rank_log = tmp_path / "logs" / "lit-vce-4242-rank0.out"  # the per-rank log file
+    assert first.returncode != 0 and "simulated preemption" in rank_log.read_text()
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     ckpts = list(out.glob("hpc_ckpt_*.ckpt"))
     assert len(ckpts) == 1 and ckpts[0].stat().st_size < 200_000  # no weights in it: progress is the run folder
@@ -207,7 +341,7 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
     second = subprocess.run(
         script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )  # the requeued job
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, rank_log.read_text()[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["n"] == 6 and results["resumed"] == 2
     ref = tmp_path / "ref"

@@ -273,6 +273,25 @@ def _registered_by_class_name(name: str) -> str | None:
     return next((n for n in METHODS.names() if METHODS.get(n).__name__ == name), None)
 
 
+def configs_first(argv: list[str]) -> list[str]:
+    """``--config`` files move before every other argument, keeping their order, so a
+    setting given on the command line wins over every config file wherever it stands
+    (``--data.num_workers 7 --config imagenet/base`` keeps 7; jsonargparse alone would
+    let the later file reset it). Between files, the later one wins."""
+    configs: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            configs += argv[i : i + 2]
+            i += 2
+            continue
+        (configs if a.startswith("--config=") else rest).append(a)
+        i += 1
+    return configs + rest
+
+
 def resolve_method_names(argv: list[str]) -> list[str]:
     """Registered method names become class paths, so jsonargparse can build the method
     and its arguments follow as ``--model.method.init_args.<arg>`` (or ``--model.method.<arg>``):
@@ -338,7 +357,7 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    argv = resolve_method_names(list(sys.argv[2:] if args is None else args))
+    argv = resolve_method_names(configs_first(list(sys.argv[2:] if args is None else args)))
     cli = type(f"{analysis.title()}CLI", (AnalysisCLI,), {"analysis": analysis})
     cli(
         AnalysisModule,
@@ -359,7 +378,7 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    args = resolve_method_names(list(sys.argv[2:] if args is None else args))
+    args = resolve_method_names(configs_first(list(sys.argv[2:] if args is None else args)))
     cli = VCECLI(
         VCEModule,
         VCEDataModule,
