@@ -23,9 +23,49 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["weights_dir", "is_offline", "may_download", "fetching", "cache_only", "phase", "no_download_reason"]
+__all__ = [
+    "weights_dir",
+    "is_offline",
+    "may_download",
+    "fetching",
+    "cache_only",
+    "phase",
+    "no_download_reason",
+    "collecting_missing",
+    "needed",
+]
 
 _PHASE: str | None = None  # "fetch" inside fetching(), "cache" inside cache_only(), else None
+_MISSING: list[str] | None = None  # the messages collecting_missing() gathers
+
+
+@contextlib.contextmanager
+def collecting_missing() -> Iterator[list[str]]:
+    """Inside, a part loaded through :func:`needed` whose weights are missing is
+    recorded (its one-line message, in the list this yields) instead of stopping the
+    build, so ``lit-vce fetch`` names every missing file of a run at once. What was
+    built with a part missing is incomplete: use it only to find what is missing."""
+    global _MISSING
+    old, _MISSING = _MISSING, []
+    try:
+        yield _MISSING
+    finally:
+        _MISSING = old
+
+
+def needed(load, *args, **kwargs):
+    """``load(*args, **kwargs)``; inside :func:`collecting_missing` a
+    :class:`~lit_vce.errors.MissingWeightsError` is recorded and ``None`` returned."""
+    from .errors import MissingWeightsError
+
+    try:
+        return load(*args, **kwargs)
+    except MissingWeightsError as e:
+        if _MISSING is None:
+            raise
+        if str(e) not in _MISSING:
+            _MISSING.append(str(e))
+        return None
 
 
 def weights_dir() -> Path:

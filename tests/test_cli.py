@@ -174,7 +174,39 @@ def test_missing_weights_offline_are_one_line(capsys, tmp_path, monkeypatch):
             str(tmp_path / "run"),
         ],
     )
-    assert line.startswith("lit-vce fetch: robustbench:Salman2020Do_R18:") and "Salman2020Do_R18.pt is missing" in line
+    assert line.startswith("  - robustbench:Salman2020Do_R18:") and "Salman2020Do_R18.pt is missing" in line
+
+
+def test_fetch_runs_on_a_cpu_login_node_and_names_every_missing_file_at_once(tmp_path):
+    """imagenet/base asks for accelerator gpu; fetch builds on this machine's CPU and tries
+    every part: the classifier (also DVCE's robust partner: named once), the ADM
+    checkpoint, the second classifier and Inception are named in one run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TORCH_HOME", "LIT_VCE_"))}
+    env.update(
+        LIT_VCE_OFFLINE="1",
+        LIT_VCE_WEIGHTS_DIR=str(tmp_path / "w"),
+        TORCH_HOME=str(tmp_path / "torch"),
+        HF_HOME=str(tmp_path / "hf"),
+        PYTHONWARNINGS="ignore",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    argv = ["fetch", "--config", "imagenet/base", "--config", "imagenet/methods/dvce", "--data.root", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_vce.cli", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    err = proc.stderr[proc.stderr.index("lit-vce fetch: ") :].splitlines()
+    assert err[0] == "lit-vce fetch: 4 weight file(s) of this run are missing:"
+    items = err[1:5]
+    assert all(line.startswith("  - ") for line in items)
+    assert "Salman2020Do_R50.pt is missing" in items[0]
+    assert "256x256_diffusion_uncond.pt does not exist" in items[1]
+    assert items[2].startswith("  - timm:convnext_base.fb_in1k: offline and not cached")
+    assert items[3].startswith("  - Inception FID: no local weights")
 
 
 def test_a_setting_a_constructor_rejects_is_one_line(capsys, tmp_path):

@@ -146,7 +146,23 @@ def _instantiate_method(config, module_class):
     try:
         return parser.instantiate(Namespace(method=config)).method
     except (ValueError, FileNotFoundError) as e:
+        cause = _litvce_cause(e)
+        if cause is not None:  # the package's own error (missing weights, ...) as it was raised
+            raise cause from None
         raise ConfigError(f"--model.method: {e}") from e
+
+
+def _litvce_cause(e: BaseException):
+    """The package's error (:class:`~lit_vce.errors.LitVCEError`) that jsonargparse wrapped, if any."""
+    from ..errors import LitVCEError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, LitVCEError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _class_path(name: str) -> str | None:
@@ -379,6 +395,9 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     args = resolve_method_names(configs_first(list(sys.argv[2:] if args is None else args)))
+    if not run:  # fetch: one process on this machine's CPU (a login node has no GPU), whatever the run's layout
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"]
+        args += ["--trainer.strategy", "auto", "--trainer.logger", "false"]
     cli = VCECLI(
         VCEModule,
         VCEDataModule,
@@ -389,5 +408,14 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
         run=run,
     )
     if not run:
-        cli.model.prepare_data()  # what a run's fetching process does: build everything, downloading what is missing
+        from ..errors import MissingWeightsError
+        from ..weights import collecting_missing
+
+        # what a run's fetching process does: build everything, downloading what is missing;
+        # every part is tried, so all missing files are named at once
+        with collecting_missing() as missing:
+            cli.model.prepare_data()
+        if missing:
+            lines = "\n".join(f"  - {m}" for m in missing)
+            raise MissingWeightsError(f"{len(missing)} weight file(s) of this run are missing:\n{lines}")
         print("fetch: every model of this run loaded (its weights are in their caches)")

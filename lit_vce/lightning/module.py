@@ -177,18 +177,24 @@ class VCEModule(FinishMixin, StageModule):
         self._build_unless_deferred()
 
     def build(self) -> None:
-        """The classifier, the method (from :attr:`method_factory` when deferred) and the metric suite."""
-        self.classifier = load_classifier(self._classifier_arg)
+        """The classifier, the method (from :attr:`method_factory` when deferred) and the metric
+        suite (under :func:`~lit_vce.weights.collecting_missing` each part is tried, so every
+        missing weight file is named, and the stage is left incomplete)."""
+        from ..weights import needed
+
+        self.classifier = needed(load_classifier, self._classifier_arg)
         if self.method_factory is not None:
-            self.method = self.method_factory()
-        if self.method is None:
+            self.method = needed(self.method_factory)
+        elif self.method is None:
             from ..methods import ClassifierGuidance
 
             self.method = ClassifierGuidance()
+        self.metrics = needed(build_suite, self.classifier or torch.nn.Identity(), **self._suite_args)
+        if self.classifier is None or self.method is None:
+            return  # only while collecting what is missing
         if not self.classifier_spec:
             self.classifier_spec = self.classifier.name
         self.run_name = self._run_name or f"{self.method.name}-{self.classifier.name}"
-        self.metrics = build_suite(self.classifier, **self._suite_args)
 
     # --- helpers ---------------------------------------------------------------
     def on_predict_start(self) -> None:

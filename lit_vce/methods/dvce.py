@@ -36,6 +36,7 @@ from ..classifiers.base import ImageClassifier
 from ..classifiers.loaders import load_classifier
 from ..objectives import L1Distance, Objective, ObjectiveContext, TargetCE
 from ..registry import METHODS
+from ..weights import needed
 from .guided import PerStepGuidance
 from .parts import ascent, cone_projection, random_affine_perspective, rescale_to
 
@@ -79,8 +80,10 @@ class DVCE(PerStepGuidance):
         objective: Objective | None = None,
         **kwargs,
     ):
+        # the partner first: with both its and the diffusion model's weights missing, fetch names both
+        robust = needed(load_classifier, robust_classifier) if robust_classifier else None
         super().__init__(sampler=sampler, num_steps=num_steps, skip=skip, clip_sample=clip_sample, **kwargs)
-        self.robust = load_classifier(robust_classifier) if robust_classifier else None
+        self.robust = robust
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.num_augmentations, self.cone_angle = num_augmentations, cone_angle
         self.distance_through_unet = distance_through_unet

@@ -43,6 +43,7 @@ def build_suite(
     :class:`~lit_vce.lightning.module.VCEModule` reads them from the data at predict start).
     """
     from ..classifiers import load_classifier
+    from ..weights import needed
     from .lpips import build_lpips, lpips_available
 
     if lpips not in ("auto", "on", "off"):
@@ -59,11 +60,11 @@ def build_suite(
         except MissingWeightsError:
             if s3 == "on":
                 raise
-    face_encoder = load_vggface2() if face_verification == "on" else None
+    face_encoder = needed(load_vggface2) if face_verification == "on" else None
     sel = check_metrics(metrics)  # what is not selected is not loaded either
     lpips = lpips if "lpips" in sel else "off"
     lp = (
-        build_lpips(lpips_weights, net=lpips_net)
+        needed(build_lpips, lpips_weights, net=lpips_net)
         if lpips == "on" or (lpips == "auto" and lpips_available(lpips_weights, net=lpips_net))
         else None
     )
@@ -73,13 +74,15 @@ def build_suite(
     if attribute_oracle != "off":
         from .oracle import OracleAttributes, load_attribute_oracle
 
-        oracle = load_attribute_oracle(attribute_oracle)  # fails here, before any work, when oracle.pth is missing
-        if attributes:
+        oracle = needed(
+            load_attribute_oracle, attribute_oracle
+        )  # fails here, before any work, when oracle.pth is missing
+        if attributes and oracle is not None:
             reader = OracleAttributes(
                 oracle, attributes["query"], attributes.get("correlations"), attributes.get("cd_dataset")
             )
     second = second_classifier if "independent" in sel else None
-    second = load_classifier(second) if isinstance(second, str) else second
+    second = needed(load_classifier, second) if isinstance(second, str) else second
     features = fid_features if ("fid" in sel or "sfid" in sel) else None
     # CD compares with the attribute correlations of the data the classifier learned from
     # (ACE: CelebA's training partition)
