@@ -42,9 +42,22 @@ class Explanation:
     intervals: dict[str, list[float]] = field(default_factory=dict)  # 95 % bootstrap intervals of ``metrics``
     method: dict[str, Any] = field(default_factory=dict)  # the method's name and settings
     seconds: float = 0.0
+    classifier: str = ""  # the classifier's spec (or name, for an object)
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # the call's settings (metrics, batch, determinism)
 
     def __len__(self) -> int:
         return len(self.counterfactuals)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(d) for d in self.counterfactuals.shape)
+        fr = self.metrics.get("flip_rate")
+        figure = f", flip_rate={fr:.3f}" if isinstance(fr, (int, float)) else ""
+        return (
+            f"Explanation(method={self.method.get('name', '?')!r}, classifier={self.classifier!r}, n={self.n}, "
+            f"n_success={self.n_success}, n_failed={self.n_failed}{figure}, counterfactuals={shape}, "
+            f"seconds={self.seconds:.1f})"
+        )
 
     @property
     def n(self) -> int:
@@ -68,26 +81,60 @@ class Explanation:
         return torch.tensor([bool(r.get("failure")) for r in self.rows], dtype=torch.bool)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``counterfactuals/<id>.png``, ``samples.csv`` and ``results.json`` under ``folder``."""
-        from .io import save_png, sample_key, to_uint8, write_json, write_rows_csv
+        """Write a run folder with the layout ``lit-vce predict`` writes (docs/clusters.md,
+        "Output layout"): ``counterfactuals/`` and ``originals/`` PNGs, one record per sample
+        under ``samples/`` (with the PNGs' sha256), ``samples.csv``, ``results.json`` (its
+        schema, naming the table it belongs to) and ``grid.png``; so ``lit-vce evaluate``,
+        ``leaderboard`` and ``report`` read it as a run. A folder that already holds a run
+        is refused (choose another: samples of two calls must not mix). Needs the metrics
+        (``explain(..., metrics=True)``, the default). Returns the folder."""
+        from .io import file_sha256
+        from .lightning.stage import ids_hash
+        from .lightning.writer import VCEPredictionWriter
+        from .metrics.accounting import count_rows, failure_note
+        from .report.grids import save_grid
+        from .report.results import build_results
 
         folder = Path(folder)
-        (folder / "counterfactuals").mkdir(parents=True, exist_ok=True)
-        for row, img in zip(self.rows, to_uint8(self.counterfactuals)):
-            save_png(folder / "counterfactuals" / f"{sample_key(str(row['sample_id']))}.png", img)
-        fields = sorted({k for r in self.rows for k in r if not isinstance(r[k], dict)})
-        write_rows_csv(folder / "samples.csv", self.rows, fields)
-        write_json(
-            folder / "results.json",
-            {
-                "metrics": self.metrics,
-                "intervals": self.intervals,
-                "audit": self.audit,
-                "method": self.method,
-                "n": len(self),
-                "wall_time_s": round(self.seconds, 3),
-            },
+        if not self.metrics:
+            raise ValueError("save() writes a run with its results: explain(..., metrics=True) (the default)")
+        if (folder / "results.json").exists() or (folder / "samples").is_dir() and any((folder / "samples").iterdir()):
+            raise FileExistsError(f"{folder} already holds a run; save into a new folder")
+        for sub in ("counterfactuals", "originals", "samples"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        writer = VCEPredictionWriter(output_dir=str(folder))
+        order = sorted(range(len(self.rows)), key=lambda i: str(self.rows[i]["sample_id"]))
+        rows = [{**self.rows[i], "sample_id": str(self.rows[i]["sample_id"])} for i in order]
+        writer.write_samples(rows, self.counterfactuals[order], self.originals[order])
+        table = writer.write_table(rows)
+        counts = count_rows(rows)
+        note = failure_note(counts["n"], counts["n_failed"])
+        total = sum(float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float)))
+        name = self.method.get("name", "method")
+        results = build_results(
+            run_name=f"{name}-{self.classifier}",
+            method=name,
+            classifier=self.classifier,
+            n=counts["n"],
+            n_success=counts["n_success"],
+            n_failed=counts["n_failed"],
+            metrics=self.metrics,
+            audit=self.audit,
+            intervals=self.intervals,
+            seed=self.seed,
+            wall_time_s=round(self.seconds, 3),
+            wall_time_total_s=round(total, 3),
+            s_per_img=round(total / max(len(rows), 1), 4),
+            sample_ids_hash=ids_hash(rows),
+            config={"api": "lit_vce.explain", "method": self.method, "classifier": self.classifier, **self.config},
+            warnings=[note] if note else [],
+            dataset="python",
+            files={"samples.csv": file_sha256(table)},
         )
+        from .io import write_json
+
+        write_json(folder / "results.json", results)  # renamed last, as predict does
+        save_grid(folder, rows[:16])
         return folder
 
 
@@ -177,10 +224,11 @@ def explain(
     from .metrics.accounting import check_distinct_targets
 
     check_distinct_targets(src.tolist(), tgt.tolist(), [f"images[{i}]" for i in range(n)], what="images")
-    suite = _suite(clf, metrics, fid_features, seed, device)
+    suite, metric_settings = _suite(clf, metrics, fid_features, seed, device)
     vce.to(device)
     vce.setup(device)
     masks, captions = _masks_captions(masks, captions, x)
+    region_setting = regions if isinstance(regions, str) or regions is None else "masks"
     regions = _regions(regions, x)
     cfs, rows = _generate(vce, clf, suite, x, src, tgt, ids, seed, batch_size, deterministic, masks, captions, regions)
     scores, audit, intervals = _summary(suite, rows)
@@ -197,6 +245,15 @@ def explain(
         intervals=intervals,
         method=vce.describe(),
         seconds=time.perf_counter() - t0,
+        classifier=classifier if isinstance(classifier, str) else clf.name,
+        seed=seed,
+        config={
+            "metric_settings": metric_settings,
+            "deterministic": deterministic,
+            "batch_size": batch_size,
+            "image_size": int(x.shape[-1]),
+            "regions": region_setting,
+        },
     )
 
 
@@ -415,12 +472,14 @@ def _classes(values, n: int, clf, what: str) -> torch.Tensor:
 
 
 def _suite(clf, metrics: bool, fid_features: str | None, seed: int, device):
+    """(the metric suite or None, its settings as a run's ``config.metric_settings``)."""
     if not metrics:
-        return None
+        return None, {}
     from .metrics.build import build_suite
 
     from .world.models import WORLD_CLASSIFIERS
 
     world = getattr(clf, "name", "") in WORLD_CLASSIFIERS
     feats = fid_features or ("world" if world else "none")
-    return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device)
+    settings = {"fid_features": feats, "world_audit": world, "second_classifier": None}
+    return build_suite(clf, fid_features=feats, world_audit=world, seed=seed).to(device), settings

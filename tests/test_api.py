@@ -86,8 +86,39 @@ def test_explain_by_name_with_class_names_raises_the_target_confidence(tmp_path)
         after = clf(out.counterfactuals).softmax(1)[torch.arange(2), out.target]
     assert bool((after > before).all())
     assert {"l1", "l2", "target_conf_before", "target_conf_after"} <= set(out.rows[0])
-    saved = out.save(tmp_path / "api")
-    assert (saved / "samples.csv").is_file() and len(list((saved / "counterfactuals").glob("*.png"))) == 2
+    text = repr(out)
+    assert text.startswith("Explanation(method='classifier_guidance', classifier='robust', n=2, n_success=")
+    assert "tensor" not in text and len(text) < 300  # a summary, not the tensors
+
+
+@pytest.mark.slow
+def test_a_saved_explanation_is_a_run_that_evaluate_leaderboard_and_report_read(tmp_path):
+    from lit_vce.cli import main
+    from lit_vce.report.results import RunResults
+
+    images, sources, _, _ = _world_items(3)
+    targets = [(s + 1) % 4 for s in sources]
+    out = explain(images, targets, classifier="robust", method="classifier_guidance", sources=sources, **FAST)
+    run = out.save(tmp_path / "runs" / "api")
+    results = RunResults.load(run / "results.json")  # the schema, checked against the table beside it
+    assert (results.n, results.n_success, results.n_failed) == (3, out.n_success, 0)
+    assert results.metrics["flip_rate"] == out.metrics["flip_rate"] and results.classifier == "robust"
+    for j, row in enumerate(out.rows):  # the PNGs and records predict would write
+        key = sample_key(row["sample_id"])
+        assert torch.equal(load_png(run / "counterfactuals" / f"{key}.png"), out.counterfactuals[j])
+        assert torch.equal(load_png(run / "originals" / f"{key}.png"), out.originals[j])
+        assert (run / "samples" / f"{key}.json").is_file()
+    main(["evaluate", str(run)])
+    evaluated = RunResults.load(run / "evaluation" / "results.json")
+    assert evaluated.n == 3 and evaluated.metrics["flip_rate"] == pytest.approx(out.metrics["flip_rate"])
+    assert evaluated.metrics["l2"] == pytest.approx(out.metrics["l2"], rel=1e-5)
+    main(["leaderboard", str(tmp_path / "runs")])
+    board = (tmp_path / "runs" / "leaderboard.md").read_text()
+    assert "classifier guidance" in board.lower() or "classifier_guidance" in board
+    main(["report", str(run), "--out", str(tmp_path / "report.html")])
+    assert "classifier" in (tmp_path / "report.html").read_text()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        out.save(run)
 
 
 def test_explain_rejects_bad_input_clearly():
