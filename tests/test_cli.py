@@ -223,3 +223,30 @@ def test_a_setting_a_constructor_rejects_is_one_line(capsys, tmp_path):
         ],
     )
     assert line == "lit-vce predict: fid_features must be 'world', 'inception' or 'none'"
+
+
+def test_default_run_folders_are_named_by_method_classifier_and_protocol():
+    from jsonargparse import Namespace
+
+    from lit_vce.errors import ConfigError
+    from lit_vce.lightning.cli import default_output_dir
+
+    def cfg(out, classifier="robust", method="lit_vce.methods.DVCE", **model):
+        return Namespace(
+            writer=Namespace(output_dir=out),
+            model=Namespace(classifier=classifier, method=Namespace(class_path=method), **model),
+            data=Namespace(protocol="random", dataset="world"),
+        )
+
+    assert default_output_dir(cfg("auto")) == "runs/world/dvce-robust-random"
+    assert default_output_dir(cfg("auto", "biased")) == "runs/world/dvce-biased-random"  # no collision
+    spec = "robustbench:Salman2020Do_R50"
+    assert default_output_dir(cfg("runs/p/{classifier}", spec)) == "runs/p/robustbench_Salman2020Do_R50"
+    assert default_output_dir(cfg("runs/mine")) == "runs/mine"  # a folder stays as given
+    assert default_output_dir(cfg("auto", analysis="disagree")) == "runs/analyses/disagree-robust"
+    with pytest.raises(ConfigError, match=r"unknown field 'bogus'; the fields are \{method\}"):
+        default_output_dir(cfg("runs/{bogus}"))
+    with pytest.raises(ValueError, match="resolved by lit-vce predict"):
+        from lit_vce.lightning.writer import VCEPredictionWriter
+
+        VCEPredictionWriter()

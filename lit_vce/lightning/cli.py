@@ -81,6 +81,12 @@ class VCECLI(LightningCLI):
         if "data.class_names" in parser.get_defaults():  # the data maps class-name folders to the classifier's classes
             parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
 
+    def before_instantiate_classes(self) -> None:
+        """``--writer.output_dir auto`` (the default) or a template becomes a folder named by
+        the run (:func:`default_output_dir`), before anything is built or saved."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg["writer"]["output_dir"] = default_output_dir(cfg)
+
     def instantiate_classes(self) -> None:
         """Build the run without its weights: the stage builds its models (the classifier,
         the metrics and the method with its diffusion model) in ``prepare_data`` on the
@@ -131,6 +137,50 @@ class AnalysisCLI(VCECLI):
 
         super().add_arguments_to_parser(parser)
         parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
+
+
+_FOLDER_FIELDS = ("method", "classifier", "protocol", "dataset")
+AUTO_OUTPUT_DIR = "runs/{dataset}/{method}-{classifier}-{protocol}"
+
+
+def default_output_dir(cfg) -> str:
+    """The run folder of a parsed predict config: ``writer.output_dir`` as given, with
+    ``auto`` meaning ``runs/{dataset}/{method}-{classifier}-{protocol}`` (an analysis:
+    ``runs/analyses/{method}-{classifier}``); the fields
+    ``{method}`` (the registered method name, or the analysis: ``disagree``),
+    ``{classifier}``, ``{protocol}`` and ``{dataset}`` are filled in (characters other
+    than letters, digits and ``._+-`` become ``_``: ``robustbench_Salman2020Do_R50``)."""
+    import re
+
+    model, data = cfg["model"], cfg["data"]
+    out = str(cfg["writer"]["output_dir"])
+    if out == "auto":  # an analysis (disagree, neurons) has no protocol: runs/analyses/disagree-biased
+        out = "runs/analyses/{method}-{classifier}" if model.get("analysis") else AUTO_OUTPUT_DIR
+    if "{" not in out:
+        return out
+    method = model.get("analysis")
+    if not method:
+        m = model.get("method")
+        path = (m.get("class_path") if hasattr(m, "get") else None) or ""
+        cls = path.rsplit(".", 1)[-1]
+        method = (_registered_by_class_name(cls) or cls.lower()) if cls else "classifier_guidance"
+    values = {
+        "method": method,
+        "classifier": model.get("classifier"),
+        "protocol": data.get("protocol"),
+        "dataset": data.get("dataset"),
+    }
+    clean = {
+        k: re.sub(r"[^A-Za-z0-9._+-]+", "_", str(v if v not in (None, "") else "none")).strip("_")[:80]
+        for k, v in values.items()
+    }
+    try:
+        return out.format(**clean)
+    except (KeyError, IndexError, ValueError) as e:
+        from ..errors import ConfigError
+
+        fields = ", ".join("{" + f + "}" for f in _FOLDER_FIELDS)
+        raise ConfigError(f"--writer.output_dir {out!r}: unknown field {e}; the fields are {fields}") from None
 
 
 def _instantiate_method(config, module_class):

@@ -72,7 +72,9 @@ class VCEPredictionWriter(BasePredictionWriter):
     """Writes each batch's outputs as they come (``write_interval="batch"``).
 
     Args:
-        output_dir: the run folder.
+        output_dir: the run folder. On the command line ``auto`` (the default) names it
+            ``runs/{dataset}/{method}-{classifier}-{protocol}``, and a path may use those
+            fields (:func:`lit_vce.lightning.cli.default_output_dir`); in Python give a folder.
         save_originals: also save the (preprocessed) original as PNG.
         fields: the per-sample columns (default: the VCE ones, :data:`ROW_FIELDS`).
         resume: finished samples in ``output_dir`` are skipped; ``"auto"`` refuses a
@@ -85,7 +87,7 @@ class VCEPredictionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        output_dir: str = "runs/vce",
+        output_dir: str = "auto",
         save_originals: bool = True,
         fields: list[str] | None = None,
         resume: str = "auto",
@@ -96,6 +98,10 @@ class VCEPredictionWriter(BasePredictionWriter):
             raise ValueError("resume must be 'auto' (only into a run of the same configuration) or 'force'")
         if lock_wait < 0:
             raise ValueError(f"lock_wait must be >= 0 seconds, got {lock_wait}")
+        if output_dir == "auto" or "{" in str(output_dir):
+            raise ValueError(
+                f"output_dir {output_dir!r} is resolved by lit-vce predict from the run's settings; give a folder"
+            )
         self.resume = resume
         self.lock_wait = float(lock_wait)
         self.output_dir = Path(output_dir)
