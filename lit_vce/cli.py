@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .logs import one_line_warnings, tame_library_logs
+
+    tame_library_logs()
+    if from_console:
+        one_line_warnings()
     if "--quiet" in argv:
         from .progress import set_quiet
 

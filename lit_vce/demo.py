@@ -62,12 +62,15 @@ def run_demo(
     and return the leaderboard (Markdown). Without ``full`` the slow methods run on
     :data:`QUICK_SAMPLES` images (the leaderboard's N column says how many)."""
     from .lightning.cli import run_predict
+    from .logs import hide_banners, tame_library_logs
     from .report.html import write_report
     from .report.leaderboard import write_leaderboard
 
     config_dir = Path(config_dir) if config_dir else default_config_dir()
     out = Path(out)
     t0 = time.perf_counter()
+    tame_library_logs()
+    hide_banners()  # twenty runs: each has its own header line instead of Lightning's banner
     for method in methods:
         cfg = config_dir / f"{method}.yaml"
         if not cfg.is_file():

@@ -3,6 +3,8 @@ configs are found by name inside the package."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lit_vce.cli import main
@@ -250,3 +252,68 @@ def test_default_run_folders_are_named_by_method_classifier_and_protocol():
         from lit_vce.lightning.writer import VCEPredictionWriter
 
         VCEPredictionWriter()
+
+
+def test_a_quiet_run_prints_its_result_line_and_each_warning_once_on_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LIT_VCE_QUIET", "PYTHONWARNINGS")}
+    argv = ["--quiet", "predict", "--config", "world/classifier_guidance", "--data.num_samples", "2"]
+    argv += ["--model.method.init_args.num_steps", "4", "--writer.output_dir", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_vce.cli", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    text = "\n".join(lines)
+    for noise in ("GPU available", "TPU available", "Tip:", "litlogger", "warnings.warn(", "Predicting"):
+        assert noise not in text, noise
+    assert not [line for line in lines if line[:1].isspace()]  # no echoed source lines
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert warned and len(warned) == len(set(warned))  # FID on 2 images warns: once each, one line
+    assert "FID on N=2 images" in text
+    assert [line for line in lines if not line.startswith("warning: ")] == [
+        f"classifier_guidance-biased: 2 new samples, 0 failed; flip rate "
+        f"{json.loads((tmp_path / 'run' / 'results.json').read_text())['metrics']['flip_rate']:.3f}; "
+        f"results in {tmp_path / 'run' / 'results.json'}"
+    ]
+
+
+def test_library_noise_is_dropped_where_it_misleads(monkeypatch):
+    import logging
+
+    from lit_vce.logs import tame_library_logs
+
+    tame_library_logs()
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    hub, diffusers_log = (
+        logging.getLogger("huggingface_hub.hf_api"),
+        logging.getLogger("diffusers.models.modeling_utils"),
+    )
+    lightning = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    for lg in (hub, diffusers_log, lightning):
+        lg.addHandler(Keep())
+    try:
+        monkeypatch.setenv("LIT_VCE_OFFLINE", "1")
+        hub.warning("Could not reach the Hub (offline mode). Using cached commit hash for 'x'.")
+        diffusers_log.warning("Cannot initialize model with low cpu memory usage because `accelerate` was not found")
+        lightning.info("💡 Tip: For seamless cloud logging ... litlogger")
+        monkeypatch.setenv("LIT_VCE_QUIET", "1")
+        lightning.info("GPU available: False, used: False")
+        assert got == []
+        monkeypatch.delenv("LIT_VCE_OFFLINE")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the suite's own setting
+        monkeypatch.delenv("LIT_VCE_QUIET")
+        hub.warning("Could not reach the Hub (timeout). Using cached commit hash for 'x'.")  # not asked: shown
+        lightning.warning("a real warning")
+        assert got == ["Could not reach the Hub (timeout). Using cached commit hash for 'x'.", "a real warning"]
+    finally:
+        for lg in (hub, diffusers_log, lightning):
+            lg.handlers = [h for h in lg.handlers if not isinstance(h, Keep)]
