@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["progress", "progress_enabled", "set_quiet", "env_rank"]
+__all__ = ["progress", "progress_enabled", "set_quiet", "env_rank", "steps"]
 
 
 def env_rank() -> int:
@@ -43,3 +43,29 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, l
     return tqdm(
         iterable, desc=desc, total=total, leave=leave, disable=not progress_enabled(), dynamic_ncols=True, **kwargs
     )
+
+
+def steps(iterable, desc: str, images: int, total: int | None = None, unit: str = "step"):
+    """A method's steps inside one batch (sampler steps, outer steps, attempts) as a bar,
+    drawn as :func:`progress` draws (terminal, rank 0, not quiet), whose postfix is the
+    time per image: the batch's time so far, projected to all ``total`` steps, over its
+    ``images``. Without a bar the iterable is returned as it is (no overhead)."""
+    if not progress_enabled():
+        return iterable
+    import time
+
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+
+    def run():
+        bar = progress(iterable, desc=desc, total=total, unit=unit)
+        t0 = time.perf_counter()
+        try:
+            for done, item in enumerate(bar, 1):
+                yield item
+                if total:
+                    per_image = (time.perf_counter() - t0) / done * total / max(images, 1)
+                    bar.set_postfix_str(f"{per_image:.2f} s/img", refresh=False)
+        finally:
+            bar.close()
+
+    return run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lit_vce.cli import main
 from lit_vce.lightning.cli import resolve_method_names
@@ -317,3 +318,41 @@ def test_library_noise_is_dropped_where_it_misleads(monkeypatch):
     finally:
         for lg in (hub, diffusers_log, lightning):
             lg.handlers = [h for h in lg.handlers if not isinstance(h, Keep)]
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "label", "total"),
+    [
+        ("classifier_guidance", {"num_steps": 8, "skip": 0.5, "sampler": "ddpm"}, "classifier_guidance steps", 4),
+        ("svce", {"eps": 3.0, "steps": 5}, "svce steps", 5),
+        ("fastdime", {"num_steps": 6, "warmup": 1, "scales": (8.0, 15.0)}, "fastdime attempts", 2),
+    ],
+)
+def test_progress_inside_a_batch_shows_the_steps_and_the_time_per_image(monkeypatch, method, kwargs, label, total):
+    import sys
+
+    from lit_vce import explain
+    from lit_vce.data.datamodule import VCEDataModule
+
+    dm = VCEDataModule(dataset="world", regime="balanced", split="test", num_samples=2, protocol="random")
+    dm.setup("predict")
+    items = [dm.dataset[i] for i in range(2)]
+    tty = _TTY()
+    monkeypatch.setenv("LIT_VCE_QUIET", "0")
+    monkeypatch.setattr(sys, "stderr", tty)
+    import functools
+
+    import lit_vce.progress
+
+    # every update drawn (a bar redraws at most every 0.1 s; these runs are faster)
+    monkeypatch.setattr(lit_vce.progress, "progress", functools.partial(lit_vce.progress.progress, mininterval=0))
+    images = torch.stack([it["image"] for it in items])
+    targets = [it["target"] for it in items]
+    explain(images, targets, classifier="robust", method=method, metrics=False, **kwargs)
+    assert f"{label}:   0%" in tty.text and f"/{total} [" in tty.text and " s/img]" in tty.text
+    assert ("attempts" in tty.text) == (method == "fastdime")  # one attempt: no bar for it
+    monkeypatch.setenv("LIT_VCE_QUIET", "1")  # quiet: no bar at all
+    quiet = _TTY()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    explain(images, targets, classifier="robust", method=method, metrics=False, **kwargs)
+    assert quiet.text == ""

@@ -142,7 +142,9 @@ class ACE(VCEMethod):
         x = batch.images
         x_adv = x.clone()
         ctx = ObjectiveContext(x, batch.source, batch.target, classifier)
-        for _ in range(self.attack_steps):
+        from ..progress import steps
+
+        for _ in steps(range(self.attack_steps), f"{self.name} attack steps", len(x)):
             with torch.enable_grad():
                 z = x_adv.detach().requires_grad_(True)
                 loss = self.objective((self.denoise(z, batch) + 1) / 2, ctx)  # the classifier sees the chain's output

@@ -169,7 +169,12 @@ class VCEMethod(nn.Module, RecordsInitArgs):
         tries = self.attempts()
         out: list[CounterfactualResult | None] = [None] * len(batch)
         todo = list(range(len(batch)))
-        for j, (labels, method) in enumerate(tries):
+        from ..progress import steps as bar
+
+        tries = list(enumerate(tries))
+        for j, (labels, method) in (
+            bar(tries, f"{self.name} attempts", len(batch), unit="try") if len(tries) > 1 else tries
+        ):
             sub = batch if len(todo) == len(batch) else select_batch(batch, todo)
             part = method._at_input_resolution(sub, classifier)
             for k, i in enumerate(todo):

@@ -194,7 +194,9 @@ class PerStepGuidance(VCEMethod):
         failure: list[str | None] = [None] * n
         ok = torch.ones(n, dtype=torch.bool, device=x_t.device)
         state: dict = {}
-        for k, t in enumerate(steps):
+        from ..progress import steps as bar
+
+        for k, t in enumerate(bar(steps, f"{self.name} steps", n)):
             t = int(t)
             step = Step(
                 k,

@@ -206,7 +206,9 @@ class RCSB(VCEMethod):
         first_norm = None
         ok = torch.ones(n, dtype=torch.bool, device=x_gt.device)
         failure: list[str | None] = [None] * n
-        for prev, step in zip(steps[1:], steps[:-1]):
+        from ..progress import steps as bar
+
+        for prev, step in bar(list(zip(steps[1:], steps[:-1])), f"{self.name} steps", n):
             with torch.enable_grad():
                 xg = xt.detach().requires_grad_(True)
                 x0 = b.pred_x0(xg, step)

@@ -230,7 +230,9 @@ class SVCE(VCEMethod):
             "k": max(int((0.04 if l1 else 0.22) * self.steps), 1),
         }
         history, counter, prev = torch.zeros(self.steps, n, device=x.device), 0, x_adv
-        for i in range(self.steps):
+        from ..progress import steps as bar
+
+        for i in bar(range(self.steps), f"{self.name} steps", n):
             prev, x_adv = x_adv, inside(self._move(i, x, x_adv, prev, grad, run)).detach()
             value, grad = self._value_and_grad(x_adv, batch, classifier)
             if region is not None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ...diffusion import Inversion
 from ...objectives import ObjectiveContext
-from ...progress import progress
+from ...progress import steps
 from ..base import VCEBatch
 from .edit import Edit
 from .trajectory import Start
@@ -117,9 +117,7 @@ class OptimiseMixin:
         ok = torch.ones(n, dtype=torch.bool, device=dev)
         self.last_trace = []
         fused = not plan[1]  # one decode of the k x0-predictions serves the loss, the clean loss and the kept image
-        for it in progress(
-            range(opt_s.outer_steps + 1), desc="DiG-IN outer steps", unit="step"
-        ):  # 0 is the searched start
+        for it in steps(range(opt_s.outer_steps + 1), "DiG-IN outer steps", n):  # 0 is the searched start
             last = it == opt_s.outer_steps
             with torch.set_grad_enabled(not last), self.autocast_context(dev):
                 x0s = self.run_trajectory(
