@@ -372,14 +372,27 @@ def test_loggers_get_per_batch_and_final_values(tmp_path):
     off = tmp_path / "off"
     main(["predict", *FAST, "--data.num_samples", "2", "--writer.output_dir", str(off), "--trainer.logger", "false"])
     assert (off / "results.json").is_file() and not (off / "logs").exists()
+    import yaml
+
+    hparams = yaml.safe_load((out / "logs" / "hparams.yaml").read_text())  # what tells runs apart
+    assert (hparams["method"], hparams["classifier"], hparams["seed"]) == ("classifier_guidance", "biased", 0)
+    assert hparams["method_settings"]["num_steps"] == 6 and hparams["config"]["data"]["num_samples"] == 4
+    assert hparams["num_samples"] == 4  # Lightning's own: the data module's
     pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     tb = tmp_path / "tb"
     main(
         [
             "predict",
             *FAST,
             "--data.num_samples",
+            "3",
+            "--data.batch_size",
             "2",
+            "--model.seed",
+            "5",
             "--writer.output_dir",
             str(tb),
             "--trainer.logger",
@@ -388,4 +401,50 @@ def test_loggers_get_per_batch_and_final_values(tmp_path):
             str(tb / "tb"),
         ]
     )
-    assert list((tb / "tb").rglob("events.out.tfevents.*"))
+    (events,) = list((tb / "tb").rglob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(events), size_guidance={"images": 0})
+    ea.Reload()
+    images = ea.Images("samples")  # per batch: a row per sample, original | counterfactual | difference
+    assert [i.step for i in images] == [1, 2] and (images[0].width, images[0].height) == (96, 64)
+    assert images[1].height == 32  # the second batch has one sample
+    keys = set()
+    for content in ea.PluginTagToContent("hparams").values():
+        info = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if info.HasField("session_start_info"):
+            keys |= set(info.session_start_info.hparams)
+            values = info.session_start_info.hparams
+    assert {"method", "classifier", "seed", "config/model/method/init_args/num_steps"} <= keys
+    assert values["seed"].number_value == 5 and values["method"].string_value == "classifier_guidance"
+
+
+@pytest.mark.slow
+def test_wandb_offline_gets_the_hyperparameters_and_sample_images(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    env = _env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb"))
+    proc = subprocess.run(
+        _cli(
+            "--data.num_samples",
+            "2",
+            "--writer.output_dir",
+            str(out),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.offline",
+            "true",
+            "--trainer.logger.project",
+            "lit-vce-test",
+            "--trainer.logger.save_dir",
+            str(tmp_path / "wandb"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )  # a process of its own: W&B writes its offline log out when the process ends
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "wandb").rglob("offline-run-*"))
+    assert list((run_dir / "files" / "media" / "images").glob("samples_*.png"))
+    record = next(run_dir.glob("*.wandb")).read_bytes()  # the offline run's log: the config is in it
+    for text in (b"classifier_guidance", b"method_settings", b"metric_settings", b"final/flip_rate"):
+        assert text in record, text

@@ -81,6 +81,9 @@ class VCEModule(FinishMixin, StageModule):
         face_verification: FVA and FS with the VGGFace2 ResNet-50 (``"on"``: needs
             ``$LIT_VCE_WEIGHTS_DIR/vggface2/resnet50_ft_weight.pkl``; for faces, so ``"off"`` by default).
         lpips_net: ``"alex"`` (default) or ``"vgg"`` (ACE's and DiME's LPIPS).
+        log_images: per batch, the first this many samples (original | counterfactual |
+            difference, one row each) go to the loggers that take images (TensorBoard,
+            W&B, any logger with ``log_image``); 0: none. The run folder has every PNG anyway.
         preset: the protocol preset the run follows (``configs/presets/``; set by the preset's
             config): stored with the results, where ``lit-vce leaderboard --published PRESET``
             finds the runs to set beside the paper's figures.
@@ -117,8 +120,12 @@ class VCEModule(FinishMixin, StageModule):
         lpips_net: str = "alex",
         attribute_oracle: str = "off",
         preset: str | None = None,
+        log_images: int = 4,
     ):
         super().__init__(fetch_per_node)
+        if isinstance(log_images, bool) or not isinstance(log_images, int) or log_images < 0:
+            raise ValueError(f"log_images must be a whole number >= 0, got {log_images!r}")
+        self.log_images = log_images
         if fid_features not in ("world", "inception", "none"):
             raise ValueError("fid_features must be 'world', 'inception' or 'none'")
         if lpips not in ("auto", "on", "off"):
@@ -197,6 +204,28 @@ class VCEModule(FinishMixin, StageModule):
         self.run_name = self._run_name or f"{self.method.name}-{self.classifier.name}"
 
     # --- helpers ---------------------------------------------------------------
+    def run_hparams(self) -> dict[str, Any]:
+        """What tells this run apart in an experiment tracker: the method and its settings,
+        the classifier, the seed, the metric settings and the resolved config (Lightning
+        adds the data module's own)."""
+        writer = self.writer()
+        return {
+            "method": self.method.name,
+            "classifier": self.classifier_spec,
+            "seed": self.seed,
+            "deterministic": self.deterministic,
+            "method_settings": self.method.describe(),
+            "metric_settings": self.metric_settings,
+            "run_dir": str(writer.output_dir) if writer is not None else None,
+            "config": (self._cli_config(writer) if writer is not None else None) or {},
+        }
+
+    def setup(self, stage: str) -> None:
+        """Build (see the stage), then give the loggers the run's hyperparameters: before
+        Lightning logs the data module's and saves, so ``hparams.yaml`` holds both."""
+        super().setup(stage)
+        self.log_hparams(self.run_hparams())
+
     def on_predict_start(self) -> None:
         self.require_autograd("VCE guidance")
         self._t0 = time.perf_counter()
@@ -350,6 +379,7 @@ class VCEModule(FinishMixin, StageModule):
             },
             step=self._batches,
         )
+        self.log_samples(xq[: self.log_images], cf[: self.log_images], sub_ids[: self.log_images], self._batches)
         # rows of unreadable images come first; keep images aligned with their rows
         n_err = len(rows) - len(todo)
         pad = torch.zeros((n_err, *cf.shape[1:]), dtype=cf.dtype, device=cf.device)

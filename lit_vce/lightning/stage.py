@@ -137,6 +137,36 @@ class StageModule(L.LightningModule):
         for logger in self.trainer.loggers:
             logger.log_metrics(clean, step=step)
 
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """Send ``params`` to every logger as hyperparameters (rank 0 only); Lightning
+        itself logs only the data module's."""
+        if self._trainer is None or not self.trainer.loggers or not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(params)
+
+    def log_samples(self, originals: torch.Tensor, counterfactuals: torch.Tensor, ids: list[str], step: int) -> None:
+        """One image per batch, a row per sample: original | counterfactual | difference
+        (summed over channels, as ``grid.png``), to the loggers that take images (rank 0)."""
+        if not len(originals) or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        takers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger) or hasattr(lg, "log_image")]
+        if not takers:
+            return
+        o, c = originals.detach().float().cpu().clamp(0, 1), counterfactuals.detach().float().cpu().clamp(0, 1)
+        diff = (c - o).abs().sum(1, keepdim=True).clamp(0, 1).expand_as(o)
+        rows = torch.cat([o, c, diff], dim=3)  # (n, 3, H, 3W)
+        image = torch.cat(list(rows), dim=1)  # (3, nH, 3W)
+        caption = "original | counterfactual | difference: " + ", ".join(ids)
+        for lg in takers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_image("samples", image, global_step=step)
+                lg.experiment.add_text("samples/ids", caption, global_step=step)
+            else:
+                lg.log_image(key="samples", images=[image], step=step, caption=[caption])
+
     def close_loggers(self) -> None:
         if self._trainer is not None and self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
