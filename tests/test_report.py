@@ -114,6 +114,12 @@ def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
     shown = sum(len(g) for run in find_runs([two_runs]) for g in rank_samples(run.rows, "l2", 2).values())
     assert shown >= 6 and n_img == 3 * shown + 6 * 3
     assert "classifier_guidance · biased" in page and "classifier_guidance · robust" in page and "<svg" in page
+    # every link of the contents has its target; captions name classes, not ids
+    targets = set(re.findall(r"id='([^']+)'", page))
+    links = re.findall(r"<nav class='toc'>.*?</nav>", page)[0]
+    assert set(re.findall(r"href='#([^']+)'", links)) <= targets and "run-cg-biased" in targets
+    assert re.search(r"(circle|square|triangle|cross) → (circle|square|triangle|cross)</span> [✓✗]", page)
+    assert page.count("<div class='metrics'>") == 2 and "<details class='run' id='run-cg-biased' open>" in page
     browser = _browser()
     if browser is None:
         pytest.skip("no chromium on this machine (CI installs it; LIT_VCE_REQUIRE_BROWSER=1 makes this a failure)")
@@ -140,6 +146,84 @@ def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
     dom = subprocess.run([browser, *flags], capture_output=True, text=True, timeout=120).stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert int(loaded.group(1)) == n_img - 1
+
+
+def _twenty_runs(two_runs, root):
+    """Ten methods x two classifiers: the two runs copied under ten method names."""
+    import shutil
+
+    for k in range(10):
+        for clf in ("biased", "robust"):
+            dst = root / f"m{k}-{clf}"
+            shutil.copytree(two_runs / f"cg-{clf}", dst)
+            data = json.loads((dst / "results.json").read_text())
+            data["method"] = data["run_name"] = f"method_{k}"
+            (dst / "results.json").write_text(json.dumps(data))
+    return root
+
+
+def test_twenty_series_get_twenty_styles_that_name_method_and_classifier(two_runs, tmp_path):
+    from lit_vce.report.html import find_runs
+    from lit_vce.report.plots import series_styles
+
+    runs = find_runs([_twenty_runs(two_runs, tmp_path / "runs")])
+    styles = series_styles(runs)
+    assert len(runs) == 20 and len({(s["color"], s["dash"], s["marker"]) for s in styles}) == 20
+    by_method = {}
+    for r, s in zip(runs, styles):  # the colour is the method's, whatever the classifier
+        by_method.setdefault(r.results.method, set()).add(s["color"])
+    assert all(len(c) == 1 for c in by_method.values()) and len({c.pop() for c in by_method.values()}) == 10
+
+
+def test_the_side_by_side_table_of_twenty_runs_is_fully_visible(two_runs, tmp_path):
+    """1280 px wide, 20 runs: the table fits the page (the browser's layout says so) and
+    a screenshot shows its last column's images."""
+    import re
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from lit_vce.report.html import write_report
+
+    out = write_report([_twenty_runs(two_runs, tmp_path / "runs")], tmp_path / "report.html")
+    page = out.read_text()
+    assert page.count("<details class='run'") == 20 and " open>" not in page  # closed past four runs
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium on this machine (CI installs it; LIT_VCE_REQUIRE_BROWSER=1 makes this a failure)")
+    base = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [*base, "--window-size=1280,900", "--dump-dom", out.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert 'data-side-fits="yes"' in dom, re.findall(r"data-side[^ ]*", dom)
+    left, top, right, bottom = map(int, re.search(r'data-side-box="([\d,-]+)"', dom).group(1).split(","))
+    assert right <= 1280 and bottom - top > 20 * 72  # a row per run
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*base, f"--window-size=1280,{bottom + 40}", f"--screenshot={shot}", out.resolve().as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[1] == 1280
+    last = pixels[top + 10 : bottom - 10, right - 90 : right - 4]  # the last column: one image per run
+    rows_with_image = (np.abs(last - 255).sum(axis=2) > 60).any(axis=1)
+    assert rows_with_image.mean() > 0.5  # painted inside the screenshot, not cut off
 
 
 def test_leaderboard_html_and_latex_mark_the_best_value_per_direction(two_runs):

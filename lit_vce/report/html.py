@@ -1,15 +1,22 @@
 """An HTML report of one or more runs: ``lit-vce report RUN [RUN ...]``.
 
-The page (``report.html`` plus a ``report_files/`` folder of PNGs) holds:
+The page (``report.html`` plus a ``report_files/`` folder of PNGs) holds, after a
+table of contents (a sticky column beside the page):
 
-- the leaderboard of the runs (sortable);
+- the leaderboard of the runs (sortable, one line per run, scrolling sideways
+  inside its box when it is wider than the page; a cell's tooltip has its 95 %
+  interval);
 - plots: every run's flip rate against its mean L2 (one point per run), and per
   run the fraction of samples that are valid counterfactuals within an L2
   budget (a curve: a method that flips more images with smaller edits is above
-  and to the left);
-- one section per run: its metrics, and original | counterfactual | difference
-  triples for the best, median and worst samples by a chosen per-sample metric;
-- a side-by-side section: the same images under every run.
+  and to the left); the colour names the method, the marker and dash pattern the
+  classifier (:func:`~lit_vce.report.plots.series_styles`), the legend sits
+  beside the axes;
+- a side-by-side table: the same images under every run, a row per run;
+- one section per run (closed past four runs; its summary line shows N, flip
+  rate, L2, FID): a compact grid of its figures with their intervals, and
+  original | counterfactual | difference triples for the best, median and worst
+  samples by a chosen per-sample metric, captioned with class names.
 
 Runs are read from their folders (``evaluation/`` results and table when
 present, else the in-line ones), so a report can be rebuilt at any time.
@@ -46,20 +53,52 @@ window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.imagesLoaded = ok + '/' + imgs.length;
+  const side = document.querySelector('table.side');
+  if (side) {  // the side-by-side table inside the viewport, not cut off or scrolled
+    const r = side.getBoundingClientRect();
+    const box = side.parentElement;
+    const fits = r.right <= document.documentElement.clientWidth && box.scrollWidth <= box.clientWidth;
+    document.body.dataset.sideFits = fits ? 'yes' : 'no';
+    document.body.dataset.sideBox = [r.left, r.top + scrollY, r.right, r.bottom + scrollY].map(Math.round).join(',');
+  }
 });
+function openTarget() {
+  const t = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  if (t && t.tagName === 'DETAILS') t.open = true;
+}
+window.addEventListener('hashchange', openTarget);
+window.addEventListener('load', openTarget);
 """
 
 CSS = (
     TABLE_CSS
     + """
-h2 { margin-top: 2em; border-bottom: 2px solid #444; }
+body { margin: 0; }
+.layout { display: grid; grid-template-columns: 230px minmax(0, 1fr); gap: 24px; padding: 0 24px; }
+nav.toc { position: sticky; top: 0; align-self: start; max-height: 100vh; overflow-y: auto; padding: 1em 0;
+  font-size: 13px; }
+nav.toc ol { padding-left: 1.2em; margin: 0.3em 0; } nav.toc a { color: #235; text-decoration: none; }
+main { min-width: 0; padding-bottom: 4em; }
+h2 { margin-top: 1.6em; border-bottom: 2px solid #444; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.small { font-size: 12px; color: #555; }
 .triples { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 0; text-align: center; font-size: 12px; }
 figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #ccc; }
-.group { margin: 0.6em 0 1.2em; }
+.group { margin: 0.4em 0 0.8em; } .group h4 { margin: 0.3em 0; }
 .plots { display: flex; gap: 30px; flex-wrap: wrap; }
-table.side td { text-align: center; }
-table.side img { width: 80px; height: 80px; image-rendering: pixelated; }
+details.run { border-top: 1px solid #ddd; padding: 0.4em 0; }
+details.run summary { cursor: pointer; }
+.metrics { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 2px 18px;
+  font-size: 13px; margin: 0.4em 0; }
+.metrics div { display: grid; grid-template-columns: minmax(0, 1fr) auto auto; gap: 6px; align-items: baseline;
+  border-bottom: 1px dotted #ddd; min-width: 0; }
+.metrics .k { color: #444; overflow-wrap: anywhere; }
+.metrics .lead .k, .metrics .lead .v { font-weight: bold; color: #000; }
+.metrics .ci { font-size: 11px; color: #777; white-space: nowrap; }
+table.side td, table.side th { text-align: center; font-weight: normal; font-size: 12px; }
+table.side th.name { text-align: left; white-space: nowrap; }
+table.side img { width: 72px; height: 72px; image-rendering: pixelated; }
 .fail { color: #a00; }
 """
 )
@@ -79,6 +118,8 @@ class Run:
         self.rows: list[dict[str, Any]] = list(csv.DictReader(table.open())) if table.is_file() else []
         self.label = f"{self.results.method} · {self.results.classifier}"
         self.slug = folder.name
+        self.anchor = f"run-{folder.name}"
+        self.class_names = class_names(self.results)
 
     def images(self, sample_id: str) -> tuple[Path, Path]:
         key = sample_key(sample_id)
@@ -167,7 +208,7 @@ def find_analyses(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def _analysis_section(folder: Path, assets: _Assets, limit: int = 16) -> str:
+def _analysis_section(folder: Path, assets: _Assets, limit: int = 16, anchor: str = "") -> str:
     res = RunResults.load(folder / "results.json")
     table = folder / "samples.csv"
     rows = list(csv.DictReader(table.open()))[:limit] if table.is_file() else []
@@ -191,7 +232,7 @@ def _analysis_section(folder: Path, assets: _Assets, limit: int = 16) -> str:
         figs.append(f"<figure>{imgs}<figcaption>{html.escape(' · '.join(cap))}</figcaption></figure>")
     metrics = " · ".join(f"<b>{html.escape(k)}</b> {v:.3g}" for k, v in res.metrics.items() if isinstance(v, float))
     return (
-        f"<h2>{html.escape(res.run_name)} <small>({html.escape(str(folder))})</small></h2>"
+        f"<h3 id='{html.escape(anchor)}'>{html.escape(res.run_name)} <small>({html.escape(str(folder))})</small></h3>"
         f"<p>Objective: <code>{html.escape(str(res.config.get('objective')))}</code>; N {res.n}. {metrics}</p>"
         f"<div class='triples'>{''.join(figs)}</div>"
     )
@@ -232,6 +273,29 @@ class _Assets:
         return f"{self.folder.name}/{path.name}"
 
 
+def class_names(results: RunResults) -> list[str] | None:
+    """The run's class names: the data's (``config.data.class_names``), else the
+    classifier's when its spec names them without loading weights; ``None`` otherwise."""
+    names = ((results.config or {}).get("data") or {}).get("class_names")
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    try:
+        from ..classifiers.loaders import classifier_class_names
+
+        found = classifier_class_names(results.classifier)
+    except Exception:  # a caption falls back to ids; it never stops a report
+        return None
+    return list(found) if found else None
+
+
+def _class(names: list[str] | None, value) -> str:
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return names[i] if names and 0 <= i < len(names) else str(i)
+
+
 def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
     x, problem = run.load(row["sample_id"], "original")
     y, problem_c = run.load(row["sample_id"], "counterfactual") if x is not None else (None, "")
@@ -240,8 +304,10 @@ def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
     stem = f"{run.slug}-{sample_key(row['sample_id'])}"
     srcs = [assets.save(f"{stem}-o", x), assets.save(f"{stem}-c", y), assets.save(f"{stem}-d", difference_map(x, y))]
     ok = "✓" if str(row.get("success")) == "True" else "✗"
+    src, tgt = _class(run.class_names, row["source"]), _class(run.class_names, row["target"])
     caption = (
-        f"{html.escape(row['sample_id'])}<br>{row['source']}→{row['target']} {ok} · "
+        f"<span title='{html.escape(row['sample_id'])} (classes {row['source']} → {row['target']})'>"
+        f"{html.escape(src)} → {html.escape(tgt)}</span> {ok}<br>"
         f"{metric} {_float(row.get(metric)):.3g} · p(target) {_float(row.get('target_conf_after')):.2f}"
     )
     imgs = "".join(
@@ -256,25 +322,130 @@ def _ci_text(r: RunResults, key: str) -> str:
     return f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and all(isinstance(c, float) and math.isfinite(c) for c in ci) else ""
 
 
-def _metrics_list(r: RunResults) -> str:
-    items = [f"<b>N</b> {r.n} ({r.n_success} successful, {r.n_failed} failed)"]
+#: the figures a reader looks for first, in this order; the others follow
+LEAD_METRICS = (
+    "flip_rate",
+    "target_confidence",
+    "flip_rate_independent",
+    "l1",
+    "l2",
+    "lpips",
+    "fid",
+    "sfid",
+    "cout",
+    "mnac",
+    "cd",
+    "s3",
+)
+
+
+def metric_table(r: RunResults) -> str:
+    """A compact grid of the run's figures: name, value and 95 % interval per cell, the
+    lead figures first (bold), the world audit's as ``audit.<name>``; N and the failures
+    above it, wall time below."""
+    head = f"N {r.n}: {r.n_success} successful, {r.n_failed} failed"
     if r.marked:
-        items[0] = "<span class='fail'>! " + items[0] + ": " + html.escape("; ".join(r.warnings)) + "</span>"
-    for k, v in r.metrics.items():
-        items.append(
-            f"<b>{html.escape(k)}</b> {v:.4g}{_ci_text(r, k)}"
-            if isinstance(v, float)
-            else f"<b>{html.escape(k)}</b> {v}"
-        )
-    for k, v in (r.audit or {}).items():
-        items.append(
-            f"<b>audit.{html.escape(k)}</b> {v:.3g}{_ci_text(r, k)}"
-            if isinstance(v, float)
-            else f"<b>audit.{html.escape(k)}</b> {v}"
+        head = f"<p class='fail'>! {html.escape(head)}: {html.escape('; '.join(r.warnings))}</p>"
+    else:
+        head = f"<p>{html.escape(head)}</p>"
+    items = [(k, r.metrics[k], k) for k in LEAD_METRICS if k in r.metrics]
+    items += [(k, v, k) for k, v in r.metrics.items() if k not in LEAD_METRICS]
+    items += [(f"audit.{k}", v, k) for k, v in (r.audit or {}).items()]
+    cells = []
+    for name, v, key in items:
+        value = f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+        lead = " class='lead'" if name in LEAD_METRICS else ""
+        cells.append(
+            f"<div{lead}><span class='k'>{html.escape(name)}</span><span class='v'>{value}</span>"
+            f"<span class='ci'>{_ci_text(r, key).strip()}</span></div>"
         )
     where = r.hardware.get("gpu") or r.hardware.get("cpu_model") or r.hardware.get("processor")
-    items.append(f"<b>wall time</b> {r.wall_time_s:.1f} s on {html.escape(str(where))}")
-    return "<p>" + " · ".join(items) + "</p>"
+    tail = f"<p class='small'>wall time {r.wall_time_s:.1f} s on {html.escape(str(where))}</p>"
+    return head + f"<div class='metrics'>{''.join(cells)}</div>" + tail
+
+
+def _summary_line(r: RunResults) -> str:
+    m = r.metrics
+    parts = [f"N {r.n}", f"FR {_float(m.get('flip_rate')):.3f}", f"L2 {_float(m.get('l2')):.3g}"]
+    if "fid" in m:
+        parts.append(f"FID {_float(m.get('fid')):.3g}")
+    if r.n_failed:
+        parts.append(f"<span class='fail'>{r.n_failed} failed</span>")
+    return " · ".join(parts)
+
+
+def _run_section(run: Run, assets: _Assets, rank_by: str, examples: int, is_open: bool) -> str:
+    parts = [metric_table(run.results)]
+    for name, rows in rank_samples(run.rows, rank_by, examples).items():
+        if rows:
+            parts.append(
+                f"<div class='group'><h4>{name}</h4><div class='triples'>"
+                + "".join(_triple(run, r, assets, rank_by) for r in rows)
+                + "</div></div>"
+            )
+    failed = [r for r in run.rows if r.get("failure")]
+    if failed:
+        parts.append(
+            f"<p class='fail'>{len(failed)} failed sample(s), e.g. {html.escape(failed[0]['sample_id'])}: "
+            f"{html.escape(failed[0]['failure'])}</p>"
+        )
+    return (
+        f"<details class='run' id='{html.escape(run.anchor)}'{' open' if is_open else ''}><summary>"
+        f"<b>{html.escape(run.label)}</b> <span class='small'>{_summary_line(run.results)} · "
+        f"{html.escape(str(run.folder))}</span></summary>{''.join(parts)}</details>"
+    )
+
+
+def _side_by_side(runs: list[Run], assets: _Assets, count: int) -> str:
+    """The same images under every run: a column per image, a row per run, so the table
+    grows down with the number of runs and its width stays that of ``count`` images."""
+    common = set.intersection(*({r["sample_id"] for r in run.rows if not r.get("failure")} for run in runs))
+    ids = sorted(common)[:count]
+    if not ids:
+        return ""
+    first = {r["sample_id"]: r for r in runs[0].rows}
+    head = ["<th></th>"]
+    for sid in ids:
+        o, _ = runs[0].load(sid, "original")
+        row = first[sid]
+        label = f"{_class(runs[0].class_names, row['source'])} → {_class(runs[0].class_names, row['target'])}"
+        img = f"<img src='{assets.save('side-' + sample_key(sid) + '-o', o)}' alt='original'>" if o is not None else "-"
+        head.append(f"<th title='{html.escape(sid)}'>{img}<br>{html.escape(label)}</th>")
+    lines = ["<tr><th class='name'>original</th>" + "".join(head[1:]) + "</tr>"]
+    for run in runs:
+        by_id = {r["sample_id"]: r for r in run.rows}
+        cells = [f"<th class='name'><a href='#{html.escape(run.anchor)}'>{html.escape(run.label)}</a></th>"]
+        for sid in ids:
+            c, _ = run.load(sid, "counterfactual")
+            row = by_id[sid]
+            mark = "✓" if str(row.get("success")) == "True" else "✗"
+            cells.append(
+                f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', c)}' alt='counterfactual'>"
+                f"<br>{mark} L2 {_float(row.get('l2')):.2f}</td>"
+                if c is not None
+                else "<td>-</td>"
+            )
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        "<section id='side-by-side'><h2>Side by side</h2><p>The same images under every run (✓ the run's "
+        f"classifier reads the target).</p><div class='scroll'><table class='side'>{''.join(lines)}</table></div>"
+        "</section>"
+    )
+
+
+def _toc(runs: list[Run], side: bool, analyses: list[tuple[str, str]]) -> str:
+    items = ["<li><a href='#leaderboard'>Leaderboard</a></li>", "<li><a href='#plots'>Validity and closeness</a></li>"]
+    if side:
+        items.append("<li><a href='#side-by-side'>Side by side</a></li>")
+    runs_list = "".join(
+        f"<li><a href='#{html.escape(r.anchor)}'>{html.escape(r.label)}</a></li>"
+        for r in sorted(runs, key=lambda r: r.label)
+    )
+    items.append(f"<li><a href='#runs'>Runs ({len(runs)})</a><ol>{runs_list}</ol></li>")
+    if analyses:
+        links = "".join(f"<li><a href='#{html.escape(a)}'>{html.escape(t)}</a></li>" for a, t in analyses)
+        items.append(f"<li><a href='#analyses'>Analyses</a><ol>{links}</ol></li>")
+    return f"<nav class='toc'><b>Contents</b><ol>{''.join(items)}</ol></nav>"
 
 
 def render_report(
@@ -285,76 +456,44 @@ def render_report(
     side_by_side: int = 6,
     analyses: list[Path] | None = None,
 ) -> Path:
-    """Write ``out`` (HTML) and ``<out stem>_files/`` (images); returns ``out``."""
+    """Write ``out`` (HTML) and ``<out stem>_files/`` (images); returns ``out``. With more
+    than four runs the per-run sections start closed (their summary line shows N, flip
+    rate, L2, FID); a link in the contents opens its section."""
     assets = _Assets(out.parent / f"{out.stem}_files")
-    body = [
-        f"<h1>VCE report</h1><p>{len(runs)} run(s). Best / median / worst: successful counterfactuals (all, "
-        f"when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
-        f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better). Triples: original | counterfactual | "
-        "|difference| (scaled per image). ✓ the classifier reads the target.</p>"
-    ]
-    body.append("<h2>Leaderboard</h2>" + html_table([r.results for r in runs], "FR"))
-    body.append(
-        "<h2>Validity against closeness</h2><div class='plots'>"
+    intro = (
+        f"<h1>VCE report</h1><p>{len(runs)} run(s). Per run: best / median / worst successful counterfactuals "
+        f"(all, when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
+        f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better); triples: original | "
+        "counterfactual | |difference| (scaled per image); ✓ the classifier reads the target.</p>"
+    )
+    side = _side_by_side(runs, assets, side_by_side) if len(runs) > 1 else ""
+    ordered = sorted(runs, key=lambda r: r.label)
+    sections = [
+        "<section id='leaderboard'><h2>Leaderboard</h2><p class='small'>Click a header to sort; ↑/↓ the better "
+        "direction, bold the best value; a cell's tooltip holds its 95 % interval.</p><div class='scroll'>"
+        + html_table([r.results for r in runs], "FR", compact=True)
+        + "</div></section>",
+        "<section id='plots'><h2>Validity and closeness</h2><p class='small'>Colour: the method; marker and dash: "
+        "the classifier.</p><div class='plots'>"
         + plot_flip_rate_vs_l2(runs)
         + plot_validity_curves(runs)
-        + "</div>"
-    )
-    for run in runs:
-        body.append(
-            f"<h2 id='{html.escape(run.slug)}'>{html.escape(run.label)} "
-            f"<small>({html.escape(str(run.folder))})</small></h2>" + _metrics_list(run.results)
+        + "</div></section>",
+        side,
+        "<section id='runs'><h2>Runs</h2>"
+        + "".join(_run_section(r, assets, rank_by, examples, len(runs) <= 4) for r in ordered)
+        + "</section>",
+    ]
+    found = [(f"analysis-{f.name}", RunResults.load(f / "results.json").run_name) for f in analyses or []]
+    if analyses:
+        sections.append(
+            "<section id='analyses'><h2>Analyses</h2>"
+            + "".join(_analysis_section(f, assets, anchor=a) for f, (a, _) in zip(analyses, found))
+            + "</section>"
         )
-        groups = rank_samples(run.rows, rank_by, examples)
-        for name, rows in groups.items():
-            if rows:
-                body.append(
-                    f"<div class='group'><h3>{name}</h3><div class='triples'>"
-                    + "".join(_triple(run, r, assets, rank_by) for r in rows)
-                    + "</div></div>"
-                )
-        failed = [r for r in run.rows if r.get("failure")]
-        if failed:
-            body.append(
-                f"<p class='fail'>{len(failed)} failed sample(s), e.g. {html.escape(failed[0]['sample_id'])}: "
-                f"{html.escape(failed[0]['failure'])}</p>"
-            )
-    if len(runs) > 1:
-        common = set.intersection(*({r["sample_id"] for r in run.rows if not r.get("failure")} for run in runs))
-        ids = sorted(common)[:side_by_side]
-        if ids:
-            head = "<tr><th>original</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr>"
-            lines = []
-            for sid in ids:
-                o, _ = runs[0].load(sid, "original")
-                cells = (
-                    [
-                        f"<td><img src='{assets.save('side-' + sample_key(sid) + '-o', o)}' alt='original'>"
-                        f"<br>{html.escape(sid)}</td>"
-                    ]
-                    if o is not None
-                    else ["<td>-</td>"]
-                )
-                for run in runs:
-                    c, _ = run.load(sid, "counterfactual")
-                    row = next(r for r in run.rows if r["sample_id"] == sid)
-                    mark = "✓" if str(row.get("success")) == "True" else "✗"
-                    cells.append(
-                        f"<td><img src='{assets.save(f'side-{run.slug}-{sample_key(sid)}', c)}' "
-                        f"alt='counterfactual'><br>{mark} L2 {_float(row.get('l2')):.2f}</td>"
-                        if c is not None
-                        else "<td>-</td>"
-                    )
-                lines.append("<tr>" + "".join(cells) + "</tr>")
-            body.append(
-                "<h2>Side by side</h2><p>The same images under every run.</p>"
-                f"<table class='side'>{head}{''.join(lines)}</table>"
-            )
-    for folder in analyses or []:
-        body.append(_analysis_section(folder, assets))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>VCE report</title><style>{CSS}</style></head>"
-        f"<body>{''.join(body)}<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n"
+        f"<body><div class='layout'>{_toc(runs, bool(side), found)}<main>{intro}{''.join(sections)}</main></div>"
+        f"<script>{SORT_SCRIPT}{CHECK_SCRIPT}</script></body></html>\n"
     )
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page)

@@ -279,11 +279,19 @@ td.best { font-weight: bold; }
 """
 
 
-def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
-    """A ``<table class="sortable">`` (click a header to sort; best value per column in bold)."""
+def html_table(results: list[RunResults], sort_by: str = "FR", compact: bool = False) -> str:
+    """A ``<table class="sortable">`` (click a header to sort; best value per column in bold).
+    ``compact``: one line per run, each 95 % interval in its cell's tooltip (the report)."""
     results = sort_results(results, sort_by)
     cols = _columns(results)
     head, cells, raw = _rows(results, cols)
+    tips = [[""] * len(row) for row in cells]
+    if compact:
+        for r, row, vals, tip in zip(results, cells, raw, tips):
+            for j, c in enumerate(cols, start=4):
+                ci = _interval(r, c[0])
+                row[j] = _fmt(vals[j])
+                tip[j] = f"95 % interval [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None and not _missing(vals[j]) else ""
     titles = (
         ["", "", "", "attempted samples (successes, failures); ! marks a run with failures or warnings"]
         + [{True: "higher is better", False: "lower is better", None: ""}[c[2]] for c in cols]
@@ -294,12 +302,13 @@ def html_table(results: list[RunResults], sort_by: str = "FR") -> str:
     out = ['<table class="sortable"><thead><tr>']
     out += [f'<th title="{t}">{html.escape(h)}</th>' for h, t in zip(head, titles)]
     out.append("</tr></thead><tbody>")
-    for row, vals in zip(cells, raw):
+    for row, vals, tip in zip(cells, raw, tips):
         out.append("<tr>")
-        for j, (c, v) in enumerate(zip(row, vals)):
+        for j, (c, v, t) in enumerate(zip(row, vals, tip)):
             num = "" if isinstance(v, str) or _missing(v) else f' data-value="{v}"'
             cls = ' class="best"' if j in best and not _missing(v) and v == best[j] else ""
-            out.append(f"<td{num}{cls}>{html.escape(c)}</td>")
+            title = f' title="{html.escape(t)}"' if t else ""
+            out.append(f"<td{num}{cls}{title}>{html.escape(c)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     notes = warnings_block(results)
