@@ -168,3 +168,34 @@ def find_weights(family: str, filename: str, path: str | Path | None = None) -> 
         if c.is_file():
             return c
     raise MissingWeightsError(f"{family}: {filename} not found; put it at {candidates[0]} (or {candidates[1]})")
+
+
+def hub_model_missing(what: str, spec: str, layout: list[str], error: BaseException) -> str:
+    """The one-line message for a model given as a Hugging Face hub id or a local folder
+    (``from_pretrained``) that could not be loaded: a folder that does not exist, the
+    parts of ``layout`` (relative paths) a local folder lacks, or, for a hub id, the cache
+    it was looked for in, why nothing was downloaded and how to get it there."""
+    spec_path = Path(spec).expanduser()
+    if spec_path.is_dir():
+        missing = [p for p in layout if not (spec_path / p).exists()]
+        for p in layout:  # a component whose config is there but not its weights
+            folder = (spec_path / p).parent
+            if p.endswith("config.json") and (spec_path / p).exists() and folder != spec_path:
+                if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+                    missing.append(f"{folder.relative_to(spec_path)}/ weights (*.safetensors)")
+        lacks = f"lacks {', '.join(missing)}" if missing else f"could not be read ({type(error).__name__}: {error})"
+        return f"{what} folder {spec_path} {lacks}; it needs {', '.join(layout)} (a save_pretrained folder)"
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        return f"{what} folder {spec_path} does not exist; give a folder with {', '.join(layout)} or a hub id"
+    try:
+        from huggingface_hub import constants
+
+        cache = constants.HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - a dependency of diffusers/transformers
+        cache = "$HF_HOME/hub"
+    why = no_download_reason() if not may_download() else f"the download failed: {type(error).__name__}"
+    return (
+        f"{what} {spec!r} is not in the Hugging Face cache {cache} ({why}); download it once where there is "
+        f"internet (`huggingface-cli download {spec}`, or `lit-vce fetch` with this run's arguments) into that "
+        f"cache, or give a local folder with {', '.join(layout)}"
+    )

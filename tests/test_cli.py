@@ -356,3 +356,63 @@ def test_progress_inside_a_batch_shows_the_steps_and_the_time_per_image(monkeypa
     monkeypatch.setattr(sys, "stderr", quiet)
     explain(images, targets, classifier="robust", method=method, metrics=False, **kwargs)
     assert quiet.text == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "yaml_text", "expected"),
+    [
+        (
+            ["--model.method.init_args.num_stepz", "5"],
+            None,
+            "lit-vce predict: --model.method.init_args.num_stepz: DVCE has no setting 'num_stepz'; did you mean "
+            "num_steps? (`lit-vce predict --model.method.help dvce` lists them)",
+        ),
+        (
+            [],
+            "model:\n  method:\n    init_args:\n      num_stepz: 4\n",
+            "lit-vce predict: --model.method.init_args.num_stepz: DVCE has no setting 'num_stepz'; did you mean "
+            "num_steps? (`lit-vce predict --model.method.help dvce` lists them)",
+        ),
+        (
+            ["--model.clasifier", "robust"],
+            None,
+            "lit-vce predict: --model.clasifier: no such setting; did you mean --model.classifier? "
+            "(`lit-vce predict --help` lists them)",
+        ),
+        (
+            [],
+            "data:\n  batchsize: 4\n",
+            "lit-vce predict: --data.batchsize: no such setting; did you mean --data.batch_size? "
+            "(`lit-vce predict --help` lists them)",
+        ),
+        (
+            ["--model.method.init_args.num_steps", "abc"],
+            None,
+            "lit-vce predict: --model.method.init_args.num_steps: Expected a <class 'int'>. Got value: abc",
+        ),
+    ],
+)
+def test_a_nested_setting_typo_is_one_line_with_a_did_you_mean(capsys, tmp_path, extra, yaml_text, expected):
+    argv = ["predict", "--config", "world/dvce", *extra, "--writer.output_dir", str(tmp_path / "run")]
+    if yaml_text:
+        (tmp_path / "mine.yaml").write_text(yaml_text)
+        argv += ["--config", str(tmp_path / "mine.yaml")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]  # the only line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dig_in_group_typo_names_the_group_setting():
+    from lit_vce.lightning.cli import parse_error_line
+
+    message = (
+        'Parser key "model.method":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+        "    - Problem with given class_path 'lit_vce.methods.DiGIN':\n"
+        "        Group 'optimisation' does not accept option 'outer_stepz'\n"
+    )
+    assert parse_error_line(message) == (
+        "--model.method.init_args.optimisation.outer_stepz: DiGIN has no setting 'optimisation.outer_stepz'; "
+        "did you mean optimisation.outer_steps? (`lit-vce predict --model.method.help digin` lists them)"
+    )

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_vce import weights
 from lit_vce.errors import MissingWeightsError, UnknownNameError
@@ -212,3 +213,51 @@ def test_two_simulated_nodes_fetch_on_one_process_per_node_or_one_in_all(tmp_pat
     else:  # a shared cache: global rank 0 fetches, node 1 reads the cache with the hub offline
         assert builds == ["0 0 fetch 0", "1 0 cache 1"]
     assert (tmp_path / "node0" / "results.json").is_file()
+
+
+def test_vgg19_is_found_in_the_torch_hub_cache_and_a_missing_one_names_both_places(tmp_path, monkeypatch):
+    import torchvision
+
+    from lit_vce.errors import MissingWeightsError
+    from lit_vce.objectives.perceptual import VGG19_FILE, load_vgg19_features
+
+    monkeypatch.setenv("LIT_VCE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.delenv("LIT_VCE_VGG_WEIGHTS", raising=False)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(MissingWeightsError, match=r"weights/vgg/vgg19-dcbbe73f\.pth or .*hub/checkpoints/vgg19"):
+            load_vgg19_features(4)
+        torch.manual_seed(0)
+        feats = torchvision.models.vgg19().features[:4]
+        (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+        torch.save(
+            {f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "hub" / "checkpoints" / VGG19_FILE
+        )
+        got = load_vgg19_features(4)  # where torchvision itself would have put it
+        assert torch.equal(got[0].weight, feats[0].weight)
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_stable_diffusion_and_sam_offline_errors_name_what_is_missing_and_where(tmp_path):
+    from lit_vce.diffusion.latent import load_latent_components
+    from lit_vce.diffusion.masks import SamRefiner
+    from lit_vce.errors import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError) as e:
+        load_latent_components("someone/not-cached-sd", torch.float32)
+    line = str(e.value)
+    assert "'someone/not-cached-sd' is not in the Hugging Face cache" in line and "offline" in line
+    assert "huggingface-cli download someone/not-cached-sd" in line and "\n" not in line
+    with pytest.raises(MissingWeightsError, match=r"folder .*nowhere does not exist"):
+        load_latent_components(str(tmp_path / "nowhere"), torch.float32)
+    part = tmp_path / "sd"
+    (part / "unet").mkdir(parents=True)
+    (part / "unet" / "config.json").write_text("{}")
+    (part / "tokenizer").mkdir()
+    with pytest.raises(MissingWeightsError) as e:
+        load_latent_components(str(part), torch.float32)
+    assert "lacks vae/config.json, text_encoder/config.json, scheduler/, unet/ weights (*.safetensors)" in str(e.value)
+    with pytest.raises(MissingWeightsError, match=r"Segment Anything model 'someone/sam' is not in the Hugging Face"):
+        SamRefiner("someone/sam")

@@ -32,10 +32,10 @@ def load_latent_components(model: str, dtype: torch.dtype):
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     except (OSError, ValueError) as e:
-        raise MissingWeightsError(
-            f"cannot load the latent diffusion model {model!r} (a diffusers Stable Diffusion "
-            f"folder or hub id with unet/, vae/, text_encoder/, tokenizer/, scheduler/): {e}"
-        ) from e
+        from ..weights import hub_model_missing
+
+        layout = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/", "scheduler/"]
+        raise MissingWeightsError(hub_model_missing("Stable Diffusion", str(model), layout, e)) from e
     local = Path(model) / "scheduler" / "scheduler_config.json"
     if local.is_file():
         cfg = json.loads(local.read_text())

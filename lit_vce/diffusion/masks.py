@@ -209,11 +209,11 @@ class SamRefiner(torch.nn.Module):
         try:
             model = AutoModel.from_pretrained(spec)
         except (OSError, ValueError) as e:
+            from ..weights import hub_model_missing
+
+            line = hub_model_missing("Segment Anything model", spec, ["config.json", "model.safetensors"], e)
             raise MissingWeightsError(
-                f"Segment Anything model {spec!r} could not be loaded ({type(e).__name__}); give a "
-                "SAM-HQ .pth checkpoint, a folder saved by SamModel/SamHQModel.save_pretrained "
-                "(e.g. a download of facebook/sam-vit-huge) or set sam_model=None to skip the "
-                "refinement"
+                f"{line} (or a SAM-HQ .pth checkpoint; sam_model=None skips the refinement)"
             ) from e
         if type(model).__name__ not in ("SamModel", "SamHQModel"):
             raise MissingWeightsError(f"{spec!r} holds a {type(model).__name__}, not a Segment Anything model")

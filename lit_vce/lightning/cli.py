@@ -81,6 +81,18 @@ class VCECLI(LightningCLI):
         if "data.class_names" in parser.get_defaults():  # the data maps class-name folders to the classifier's classes
             parser.link_arguments("model.classifier", "data.class_names", compute_fn=classifier_class_names)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse; a setting the run does not have (a typo in a flag, in a YAML file, in a
+        method's arguments) is one line with a did-you-mean, not the parser's dump."""
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            from ..errors import ConfigError
+
+            raise ConfigError(parse_error_line(str(e), parser)) from None
+
     def before_instantiate_classes(self) -> None:
         """``--writer.output_dir auto`` (the default) or a template becomes a folder named by
         the run (:func:`default_output_dir`), before anything is built or saved."""
@@ -137,6 +149,81 @@ class AnalysisCLI(VCECLI):
 
         super().add_arguments_to_parser(parser)
         parser.set_defaults({"writer.fields": ANALYSIS_FIELDS, "model.analysis": self.analysis})
+
+
+#: LightningCLI's parser, told to raise instead of printing its usage and exiting (the
+#: error becomes one line: :func:`parse_error_line`)
+PARSER_KWARGS = {"exit_on_error": False, "predict": {"exit_on_error": False}}
+
+
+def _parser_keys(parser) -> list[str]:
+    """Every dotted setting the (sub)command parser takes."""
+    action = getattr(parser, "_subcommands_action", None)
+    if action is not None and "predict" in action._name_parser_map:
+        parser = action._name_parser_map["predict"]
+    try:
+        return [str(k) for k in parser.get_defaults().keys()]
+    except Exception:  # suggestions are a courtesy; the error is still one line
+        return []
+
+
+def _method_keys(class_path: str) -> list[str]:
+    """The settings of a method class (DiG-IN's groups dotted: ``optimisation.outer_steps``)."""
+    from jsonargparse import ArgumentParser
+
+    cls = _method_class(class_path)
+    if cls is None:
+        return []
+    p = ArgumentParser(exit_on_error=False)
+    p.add_class_arguments(cls, "m", fail_untyped=False)
+    return [str(k)[2:] for k in p.get_defaults().keys()]
+
+
+def parse_error_line(message: str, parser=None) -> str:
+    """One line for a parse error: the unknown setting with the closest known ones, or
+    the parser's first informative line."""
+    import re
+
+    from ..errors import suggest
+
+    m = re.search(r"class_path '([\w.]+)'", message)
+    bad = re.search(r"Option '([\w.]+)' is not accepted", message) or re.search(
+        r"Group '([\w.]+)' does not accept option '([\w.]+)'", message
+    )
+    unrecognized = re.search(r"unrecognized arguments: (.*)", message)
+    if m and (bad or unrecognized):
+        if bad and bad.lastindex == 2:
+            name = f"{bad.group(1)}.{bad.group(2)}"
+        elif bad:
+            name = bad.group(1)
+        else:
+            name = unrecognized.group(1).split()[0].lstrip("-").split("=")[0]
+        cls = m.group(1).rsplit(".", 1)[-1]
+        registered = _registered_by_class_name(cls) or cls
+        return (
+            f"--model.method.init_args.{name}: {cls} has no setting {name!r}"
+            f"{suggest(name, _method_keys(m.group(1)), n=1)} "
+            f"(`lit-vce predict --model.method.help {registered}` lists them)"
+        )
+    option = re.search(r"does not accept option '([\w.]+)'", message)
+    names = [option.group(1)] if option else []
+    if unrecognized and not names:
+        names = [t.lstrip("-").split("=")[0] for t in unrecognized.group(1).split() if t.startswith("--")]
+    if names:
+        keys = _parser_keys(parser) if parser is not None else []
+        parts = [f"--{n}: no such setting{suggest('--' + n, ['--' + k for k in keys], n=1)}" for n in names]
+        return "; ".join(parts) + " (`lit-vce predict --help` lists them)"
+    # a bad value: the setting's full name and the reason, without the union's boilerplate
+    skip = ("Does not validate against any", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.splitlines() if ln.strip()]
+    reasons = [ln for ln in lines if not ln.startswith((*skip, "Parser key", "Problem with given class_path"))]
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if keys and reasons:
+        flag = ".".join(keys)
+        if m and keys[0] == "model.method" and len(keys) > 1:
+            flag = "model.method.init_args." + ".".join(keys[1:])
+        return f"--{flag}: {reasons[0]}"
+    return " ".join([ln for ln in lines if not ln.startswith(skip)][:3])
 
 
 _FOLDER_FIELDS = ("method", "classifier", "protocol", "dataset")
@@ -432,6 +519,7 @@ def run_analysis(analysis: str, args: list[str] | None) -> None:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=RunConfig,
         seed_everything_default=False,
+        parser_kwargs=PARSER_KWARGS,
     )
 
 
@@ -456,6 +544,7 @@ def run_predict(args: list[str] | None, run: bool = True) -> None:
         save_config_callback=RunConfig,
         seed_everything_default=False,
         run=run,
+        parser_kwargs=PARSER_KWARGS,
     )
     if not run:
         from ..errors import MissingWeightsError

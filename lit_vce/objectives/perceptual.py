@@ -29,19 +29,26 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def load_vgg19_features(layers: int, weights_path: str | None = None) -> torch.nn.Module:
     """The first ``layers`` modules of torchvision's VGG-19 ``features`` with ImageNet weights
-    from a local file: ``weights_path``, ``$LIT_VCE_VGG_WEIGHTS`` or
-    ``$LIT_VCE_WEIGHTS_DIR/vgg/vgg19-dcbbe73f.pth`` (downloaded only when online)."""
+    from a local file: ``weights_path``, ``$LIT_VCE_VGG_WEIGHTS``,
+    ``$LIT_VCE_WEIGHTS_DIR/vgg/vgg19-dcbbe73f.pth`` or the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints/vgg19-dcbbe73f.pth``, where torchvision downloads it;
+    downloaded only when online)."""
     import os
     from pathlib import Path
 
     import torchvision
 
     from ..errors import MissingWeightsError
-    from ..weights import may_download, weights_dir
+    from ..weights import may_download, no_download_reason, weights_dir
 
     value = weights_path or os.environ.get("LIT_VCE_VGG_WEIGHTS")
-    path = Path(value).expanduser() if value else weights_dir() / "vgg" / VGG19_FILE
-    if path.is_file():
+    candidates = (
+        [Path(value).expanduser()]
+        if value
+        else [weights_dir() / "vgg" / VGG19_FILE, Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE]
+    )
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is not None:
         features = torchvision.models.vgg19().features[:layers]
         state = torch.load(path, map_location="cpu", weights_only=True)
         # only the layers used (a file holding just those, or the whole network, both load)
@@ -52,8 +59,10 @@ def load_vgg19_features(layers: int, weights_path: str | None = None) -> torch.n
         }
         features.load_state_dict(used)
     elif value or not may_download():
+        where = " or ".join(str(p) for p in candidates)
+        why = "" if value else f" ({no_download_reason()})"
         raise MissingWeightsError(
-            f"VGG-19 weights {path} do not exist: put torchvision's {VGG19_FILE} there "
+            f"VGG-19 weights: {VGG19_FILE} not found{why}; put torchvision's file at {where} "
             f"(or point $LIT_VCE_VGG_WEIGHTS to it)"
         )
     else:
