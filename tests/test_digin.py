@@ -184,6 +184,7 @@ def test_batch_composition_does_not_change_a_sample(robust):
 
 def test_latent_diffusion_components_load_offline_and_run_digin(tmp_path):
     from lit_vce.classifiers import ImageClassifier
+    from lit_vce.errors import MissingWeightsError
     from lit_vce.testing import save_tiny_latent_diffusion
     from lit_vce.world.models import SmallCNN
 
@@ -197,7 +198,7 @@ def test_latent_diffusion_components_load_offline_and_run_digin(tmp_path):
     r = m.generate(b, clf)
     assert r.images.shape == b.images.shape and torch.isfinite(r.images).all()
     assert len(m.last_trace) == 2
-    with pytest.raises(Exception, match="cannot load the latent diffusion model"):
+    with pytest.raises(MissingWeightsError, match=r"Stable Diffusion folder .*missing does not exist"):
         LatentDiffusion(str(tmp_path / "missing"))
 
 
