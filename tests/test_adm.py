@@ -75,7 +75,7 @@ def test_space_timesteps_follows_guided_diffusion():
     # sections: 10 steps over the first half, 5 over the second
     kept = space_timesteps(1000, "10,5")
     assert len(kept) == 15 and kept[0] == 0 and kept[9] == 499 and kept[10] == 500 and kept[-1] == 999
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot divide a section of 10 steps into 20"):
         space_timesteps(10, "20")
 
 

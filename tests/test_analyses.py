@@ -105,7 +105,7 @@ SMALL = [
 ]
 
 
-def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
+def test_disagree_runs_through_the_cli_and_writes_results(tmp_path, capsys):
     from pathlib import Path
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "world" / "disagree.yaml"
@@ -121,8 +121,10 @@ def test_disagree_runs_through_the_cli_and_writes_results(tmp_path):
     assert len(rows) == 4 and {r["class"] for r in rows} == {"0", "1", "2", "3"}
     assert len(list((out / "counterfactuals").glob("*.png"))) == 4
     # an analysis is not a VCE run: the leaderboard refuses a folder holding only analyses
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         main(["leaderboard", str(tmp_path)])
+    assert e.value.code == 2 and "no VCE results.json under" in capsys.readouterr().err
 
 
 def test_neurons_on_real_images_keep_the_object_and_change_the_rest(tmp_path):

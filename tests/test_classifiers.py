@@ -23,7 +23,7 @@ def test_wrapper_resizes_any_input_and_passes_gradients():
     out.sum().backward()
     assert x.grad.abs().sum() > 0
     assert clf.preprocess(torch.rand(1, 3, 50, 70)).shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\), got \(2, 1, 32, 32\)"):
         clf(torch.rand(2, 1, 32, 32))
 
 
@@ -105,7 +105,7 @@ def test_openclip_zero_shot_classifier_offline(tmp_path):
     assert clf.num_classes == 3 and clf.input_size == 32
     logits, g = _grad_reaches_input(clf, 48)
     assert logits.shape == (2, 3) and g.abs().sum() > 0
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingWeightsError, match=r"checkpoint .*absent\.pt does not exist"):
         load_classifier(f"openclip:ViT-B-32/{tmp_path / 'absent.pt'}", model_kwargs=kw)
 
 

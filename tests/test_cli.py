@@ -117,7 +117,7 @@ def test_an_unknown_target_class_is_one_line(capsys, tmp_path):
 
 def test_lit_vce_debug_keeps_the_traceback(monkeypatch):
     monkeypatch.setenv("LIT_VCE_DEBUG", "1")
-    with pytest.raises(ConfigNotFoundError):
+    with pytest.raises(ConfigNotFoundError, match="world/dvec"):
         main(["predict", "--config", "world/dvec"])
 
 

@@ -54,9 +54,18 @@ def test_the_self_optimised_mask_puts_the_original_back_where_the_edit_is_small(
 
 
 def test_failed_samples_are_retried_with_the_next_scale(tiny_diffusion, tiny_classifier, tiny_batch):
+    from lit_vce.testing import tiny_batch as fresh_batch  # the same samples with fresh generators
+
     m = FastDiME(diffusion=tiny_diffusion("adm", 10), scales=(0.0, 1e4), warmup=100)
+    unguided = FastDiME(diffusion=tiny_diffusion("adm", 10), scales=(0.0,), warmup=100).generate(
+        fresh_batch(), tiny_classifier
+    )
+    retried = tiny_classifier(unguided.images).argmax(1) != tiny_batch.target  # what scale 0 did not flip
+    assert retried.any()
     out = m.generate(tiny_batch, tiny_classifier)
     flipped = tiny_classifier(out.images).argmax(1) == tiny_batch.target
     scales = out.diagnostics["scale"]
-    assert set(scales.tolist()) <= {0.0, 1e4} and (scales == 1e4).any()  # scale 0 flips nothing: everyone retried
+    # exactly the samples scale 0 left unflipped were retried at the next scale; the others kept scale 0's image
+    assert torch.equal(scales == 1e4, retried) and set(scales.tolist()) <= {0.0, 1e4}
+    assert torch.equal(out.images[~retried], unguided.images[~retried])
     assert flipped.float().mean() > 0

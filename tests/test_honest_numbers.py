@@ -263,7 +263,7 @@ def test_waiting_for_the_lock_takes_it_when_the_holder_leaves(tmp_path):
 
     a = RunLock(tmp_path)
     a.acquire()
-    with pytest.raises(RunFolderLocked):
+    with pytest.raises(RunFolderLocked, match=r"is in use by process \d+ on .*one run writes into a folder at a time"):
         RunLock(tmp_path).acquire()
     threading.Timer(0.3, a.release).start()
     b = RunLock(tmp_path, wait_s=10)
@@ -322,7 +322,7 @@ def test_results_and_table_of_two_evaluations_are_never_read_as_one(tmp_path, ru
     main(["evaluate", str(run), "--fid-interval-resamples", "0"])
     (run / "evaluation" / "results.json").write_bytes(old)  # killed between the two renames: old results, new table
     capsys.readouterr()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no VCE results.json"):
         load_results(tmp_path / "runs")
     assert "not from the same run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not from the same run"):

@@ -340,8 +340,10 @@ def test_sigma_l_is_the_mean_pairwise_lpips_vgg_of_each_samples_counterfactuals(
         expected.append(sum(pairs) / 3)
         assert res["per_sample"][sid] == pytest.approx(expected[-1], rel=1e-5)
     assert res["sigma_l"] == pytest.approx(np.mean(expected), rel=1e-5) and res["sigma_l"] > 0
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         main(["diversity", str(runs[0])])
+    assert e.value.code == 2 and "at least two runs" in capsys.readouterr().err
 
 
 # --- fidelity: DiME's and FastDiME's start noise ------------------------------------------

@@ -168,7 +168,7 @@ def test_regions_reach_the_metrics_and_rows_through_explain():
     assert torch.equal(by_rule.counterfactuals, ex.counterfactuals)
 
 
-def test_predict_reads_regions_from_a_folder_and_the_cells_rule(tmp_path):
+def test_predict_reads_regions_from_a_folder_and_the_cells_rule(tmp_path, capsys):
     """`--data.regions`: a folder of masks (one missing: refused before any work) and RCSB's cells."""
     import json
 
@@ -190,8 +190,9 @@ def test_predict_reads_regions_from_a_folder_and_the_cells_rule(tmp_path):
         "--trainer.enable_progress_bar",
         "false",
     ]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(base + ["--data.regions", str(masks), "--writer.output_dir", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "images have no mask in" in capsys.readouterr().err
     assert not (tmp_path / "missing" / "samples.csv").exists()
     Image.fromarray(half).save(masks / "world-balanced-test-000001.png")
     for name, regions in (("folder", str(masks)), ("cells", "cells:4:0.25")):

@@ -34,8 +34,9 @@ def test_leaderboard_sorts_by_the_declared_direction(tmp_path, capsys):
     assert rows(markdown_table(results, "L1")) == ["low_fr_close", "high_fr_far"]  # lower is better
     main(["leaderboard", str(tmp_path)])
     assert (tmp_path / "leaderboard.md").read_text().count("| c |") == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["leaderboard", str(tmp_path / "empty")])
+    assert e.value.code == 2 and "no results.json under" in capsys.readouterr().err
 
 
 def test_results_schema_rejects_missing_metrics_and_unknown_fields(tmp_path):

@@ -141,8 +141,10 @@ def test_compare_runs_pairs_by_sample_id_and_the_cli_reports_it(tmp_path, capsys
     l2_line = next(line for line in out.splitlines() if line.startswith("l2 "))
     assert l2_line.split()[1] == "49"  # the N of pairs L2 used
     _table(tmp_path / "c", [{"sample_id": "other", "success": "True", "l2": "1.0", "failure": ""}])
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         main(["compare", str(tmp_path / "a"), str(tmp_path / "c")])
+    assert e.value.code == 2 and "share no sample_id" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown metric"):
         compare_runs(tmp_path / "a", tmp_path / "b", ["fid"])
 

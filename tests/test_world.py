@@ -38,9 +38,16 @@ def test_regimes_plant_or_remove_the_background_shortcut():
     assert 0.2 < agree_u < 0.3
 
 
-@pytest.mark.parametrize("kwargs", [{"regime": "odd"}, {"split": "dev"}, {"size": -1}])
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"regime": "odd"}, r"regime must be one of \('biased', 'balanced', .*got 'odd'"),
+        ({"split": "dev"}, r"split must be one of \('train', 'val', 'test'\), got 'dev'"),
+        ({"size": -1}, "size must be non-negative"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         ShapesWorld(**kwargs)
 
 
