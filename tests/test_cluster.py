@@ -355,6 +355,20 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes_by_sample_id(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _pngs(out), _pngs(ref)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # the resumed run's figures are the uninterrupted run's: the 2 re-read samples count as the 4 new ones do
+    expected = json.loads((ref / "results.json").read_text())
+    assert (results["n"], results["n_success"], results["n_failed"]) == (
+        expected["n"],
+        expected["n_success"],
+        expected["n_failed"],
+    )
+    assert results["sample_ids_hash"] == expected["sample_ids_hash"]
+    for key, value in expected["metrics"].items():
+        if isinstance(value, float):
+            assert results["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+    rows = {r["sample_id"]: r for r in csv.DictReader((out / "samples.csv").open())}
+    for r in csv.DictReader((ref / "samples.csv").open()):
+        assert (rows[r["sample_id"]]["success"], rows[r["sample_id"]]["l2"]) == (r["success"], r["l2"])
 
 
 @pytest.mark.slow
