@@ -42,7 +42,9 @@ def explain_batch(
 
     ``deterministic``: each sample on its own (:func:`~lit_vce.methods.base.generate_one_by_one`,
     ``workers`` at once where the method allows it), under :func:`deterministic_kernels`
-    set by the caller for the whole run. The rows come from the metric suite
+    set by the caller for the whole run, and scored on its own (the metric networks'
+    float rounding depends on the batch shape too: so a sample's figures are the same
+    bytes in any batch and on any number of processes). The rows come from the metric suite
     (:func:`~lit_vce.metrics.accounting.score_batch`), or without one from the classifier
     alone (:func:`~lit_vce.metrics.accounting.plain_rows`): the same accounting rule, a
     failed or non-finite sample never a success."""
@@ -56,16 +58,19 @@ def explain_batch(
             else method.generate(batch, classifier)
         )
     if suite is not None:
-        rows = score_batch(
-            suite,
-            quantize(batch.images),
-            result.images,
-            batch.source,
-            batch.target,
-            batch.sample_ids,
-            result.failure,
-            result.diagnostics,
-        )
+        parts = [slice(i, i + 1) for i in range(len(batch))] if deterministic else [slice(None)]
+        rows = []
+        for sl in parts:
+            rows += score_batch(
+                suite,
+                quantize(batch.images[sl]),
+                result.images[sl],
+                batch.source[sl],
+                batch.target[sl],
+                batch.sample_ids[sl],
+                result.failure[sl],
+                {k: v[sl] for k, v in result.diagnostics.items()},
+            )
     else:
         rows = plain_rows(
             classifier,
