@@ -105,11 +105,22 @@ def _disagree_run(out: Path, per_class: int | None) -> None:
     run_analysis("disagree", args)
 
 
-def _spurious_runs(out: Path) -> None:
+def _spurious_runs(out: Path, images: int = 1024, resamples: int = 1000) -> None:
     from .analyses.spurious import main as spurious_main
 
     for clf in CLASSIFIER_REGIMES:
-        spurious_main(["--classifier", clf, "--out", str(out / "spurious" / clf)])
+        spurious_main(
+            [
+                "--classifier",
+                clf,
+                "--out",
+                str(out / "spurious" / clf),
+                "--num-samples",
+                str(images),
+                "--resamples",
+                str(resamples),
+            ]
+        )
 
 
 def _figure(value, interval, n, target: float | None, source: str, label: str) -> dict[str, Any]:
@@ -264,15 +275,19 @@ def run_findings(
     disagree: bool = True,
     per_class: int | None = None,
     extra: list[str] | None = None,
+    spurious_images: int = 1024,
+    spurious_resamples: int = 1000,
 ) -> str:
-    """Run every finding's job (what is finished is kept) and render the table."""
+    """Run every finding's job (what is finished is kept) and render the table;
+    ``spurious_images`` world test images and ``spurious_resamples`` bootstrap resamples
+    for the spurious-units finding."""
     out = Path(out)
     configs = list(VCE_CONFIGS) if configs is None else configs
     unknown = [c for c in configs if c not in VCE_CONFIGS]
     if unknown:
         raise ValueError(f"unknown configurations {unknown}; choose from {list(VCE_CONFIGS)}")
     t0 = time.perf_counter()
-    _spurious_runs(out)
+    _spurious_runs(out, spurious_images, spurious_resamples)
     _vce_runs(out, num_samples, batch_size, configs, extra or [])
     if disagree:
         _disagree_run(out, per_class)
@@ -298,8 +313,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-disagree", action="store_true", help="skip the disagreement search")
     p.add_argument("--per-class", type=int, default=None, help="disagreement images per class (default: the config's)")
     p.add_argument("--render-only", action="store_true", help="re-render findings.{md,json} from the run folders")
+    p.add_argument("--spurious-images", type=int, default=1024, help="world test images of the spurious-units finding")
+    p.add_argument(
+        "--spurious-resamples", type=int, default=1000, help="bootstrap resamples of its intervals (0: none)"
+    )
     a = p.parse_args(argv)
     if a.render_only:
         print(render(a.out))
         return
-    run_findings(a.out, a.num_samples, a.batch_size, a.configs, not a.no_disagree, a.per_class)
+    run_findings(
+        a.out,
+        a.num_samples,
+        a.batch_size,
+        a.configs,
+        not a.no_disagree,
+        a.per_class,
+        spurious_images=a.spurious_images,
+        spurious_resamples=a.spurious_resamples,
+    )

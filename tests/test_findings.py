@@ -11,6 +11,7 @@ def test_findings_runs_the_vce_configurations_on_all_three_classifiers_and_rende
     out = tmp_path / "findings"
     main(
         ["findings", "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--configs", "svce", "--no-disagree"]
+        + ["--spurious-images", "256", "--spurious-resamples", "200"]  # the size test_analyses uses
     )
     for clf in ("biased", "robust", "watermarked"):
         res = json.loads((out / "vce" / f"svce-{clf}" / "results.json").read_text())
@@ -26,8 +27,12 @@ def test_findings_runs_the_vce_configurations_on_all_three_classifiers_and_rende
         "units_shape_robust",
         "units_watermark_watermarked",
     } <= set(findings)
+    spurious = json.loads((out / "spurious" / "biased" / "spurious.json").read_text())
+    assert spurious["n"] == 256
     units = findings["units_background_biased"]
-    assert units["met"] is True and units["interval"][0] < units["value"] < units["interval"][1]
+    assert units["value"] == spurious["mean_corr_background"] and units["n"] == 256  # the figure is the file's
+    assert units["interval"] == spurious["intervals"]["mean_corr_background"]
+    assert units["met"] is (units["value"] >= units["target"] == 0.8)
     table = (out / "findings.md").read_text()
     assert "mean correlation of biased's top units with the background" in table and "[" in table
     row = next(line for line in table.splitlines() if line.startswith("| svce | 4 |"))
