@@ -192,11 +192,22 @@ def test_published_cutouts():
     assert views.shape == (400, 3, 16, 16)
     again = cutout_views(img[1:], sample_rngs(0, ["b"]), 200, noise_sd=0.0, cut_size=16, power=0.3)
     torch.testing.assert_close(views[200:], again)  # a sample's views depend on its own generator only
-    # the side, read off the x-ramp's span: between the cut size and the image, E[U^0.3] = 1 / 1.3
-    span = views[:, 0].amax((1, 2)) - views[:, 0].amin((1, 2))
-    side = span * (w - 1) / (1 - 1 / 16) + 1
-    assert side.min() > 15 and side.max() < 65
-    assert side.mean().item() == pytest.approx(16 + (64 - 16) / 1.3, abs=3)
+    # every view is the published crop of its draws: side int(U^0.3 * (64 - 16) + 16) at a uniform
+    # position, average-pooled to 16 (the official MakeCutouts with cut_pow 0.3)
+    from lit_vce.rngs import per_sample_rand
+
+    u = per_sample_rand((200, 3), sample_rngs(0, ["a", "b"]))
+    sides = []
+    for i in range(2):
+        for k in range(200):
+            side = int(float(u[i, k, 0]) ** 0.3 * (64 - 16) + 16)
+            top, left = int(float(u[i, k, 1]) * (h - side + 1)), int(float(u[i, k, 2]) * (w - side + 1))
+            crop = F.adaptive_avg_pool2d(img[i : i + 1, :, top : top + side, left : left + side], 16)[0]
+            assert torch.equal(views[i * 200 + k], crop), (i, k)
+            sides.append(side)
+    assert min(sides) >= 16 and max(sides) <= 64 and len(set(sides)) > 20
+    other = cutout_views(img, sample_rngs(0, ["a", "b"]), 200, noise_sd=0.0, cut_size=16, power=0.35)
+    assert not torch.equal(other, views)  # the power is the one used
     assert not torch.allclose(views[0], F.adaptive_avg_pool2d(img[:1], 16)[0])  # no forced full view
     noisy = cutout_views(torch.full((1, 3, 32, 32), 0.5), gens[:1], 64, noise_sd=0.005, cut_size=32)
     assert noisy.std().item() == pytest.approx(0.005, rel=0.05)  # noise after pooling, at the classifier's size
