@@ -34,7 +34,6 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     main(["predict", "--config", CG, *FAST, "--writer.output_dir", str(out), "--model.second_classifier", "oracle"])
     res = json.loads((out / "results.json").read_text())
-    assert 0 <= res["metrics"]["flip_rate_independent"] <= 1 and "target_confidence_independent" in res["metrics"]
     # FID under both conventions, each with its N
     assert res["metrics"]["fid_n"] == 6
     for key in ("method", "classifier", "n", "seed", "versions", "wall_time_s"):
@@ -52,7 +51,16 @@ def test_cli_predict_writes_results_and_resumes(tmp_path, capsys):
 
     table = list(csv.DictReader((out / "samples.csv").open()))
     assert np.mean([float(r["l1"]) for r in table]) == pytest.approx(res["metrics"]["l1"], rel=1e-4)
-    assert res["metrics"]["fid_successful_n"] == sum(1 for r in table if r["success"] == "True")
+    successes = sum(1 for r in table if r["success"] == "True")
+    assert res["metrics"]["fid_successful_n"] == successes == res["n_success"]
+    # the audit reads the flipped VCEs: successes whose original was not already read as the target
+    flipped = sum(r["success"] == "True" and r["pred_before"] != r["target"] for r in table)
+    assert res["audit"]["n_success"] == flipped
+    m = res["metrics"]
+    assert m["flip_rate"] == pytest.approx(successes / 6)
+    assert m["flip_rate_independent"] == pytest.approx(sum(r["success_independent"] == "True" for r in table) / 6)
+    assert m["target_confidence"] == pytest.approx(np.mean([float(r["target_conf_after"]) for r in table]), rel=1e-5)
+    assert m["target_confidence_independent"] > 0
     first = _pngs(out)
     assert len(first) == 6 and (out / "grid.png").is_file()
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "counterfactuals").glob("*.png")}
@@ -254,6 +262,11 @@ def test_demo_writes_leaderboards_and_the_html_report(tmp_path, capsys):
     assert table.count("| classifier_guidance |") == 2
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard.tex", "report.html"):
         assert (out / name).is_file(), name
+    for clf in ("biased", "robust"):  # each row holds its run's figures, as results.json has them
+        res = json.loads((out / f"classifier_guidance-{clf}" / "results.json").read_text())
+        row = next(line for line in table.splitlines() if f"| classifier_guidance | {clf} |" in line)
+        assert f"{res['metrics']['flip_rate']:.3f}" in row and f"{res['metrics']['l2']:.3f}" in row
+        assert f"| {res['n']} ({res['n_success']} ok" in row
     page = (out / "report.html").read_text()
     assert "classifier_guidance · biased" in page and "classifier_guidance · robust" in page
     printed = capsys.readouterr().out
