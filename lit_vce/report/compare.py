@@ -1,6 +1,6 @@
 """Do two runs on the same samples differ? A paired bootstrap on per-sample values.
 
-    lit-vce compare runs/world/dvce runs/world/classifier_guidance [--metrics flip_rate l2] [--json out.json]
+    lit-vce compare runs/world/dvce-biased-random runs/world/classifier_guidance-biased-random [--metrics l2]
 
 Both runs' ``samples.csv`` (``evaluation/samples.csv`` when ``lit-vce evaluate``
 wrote one; checked against the ``results.json`` beside it) are joined on
