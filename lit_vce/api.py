@@ -104,13 +104,24 @@ class Explanation:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         writer = VCEPredictionWriter(output_dir=str(folder))
         order = sorted(range(len(self.rows)), key=lambda i: str(self.rows[i]["sample_id"]))
-        rows = [{**self.rows[i], "sample_id": str(self.rows[i]["sample_id"])} for i in order]
+        name = self.method.get("name", "method")
+        # explain() times the whole call: each sample's generation seconds are its share of it
+        share = round(self.seconds / max(len(self.rows), 1), 4)
+        rows = [
+            {
+                "method": name,
+                "seed": self.seed,
+                "seconds": share,
+                **self.rows[i],
+                "sample_id": str(self.rows[i]["sample_id"]),
+            }
+            for i in order
+        ]
         writer.write_samples(rows, self.counterfactuals[order], self.originals[order])
         table = writer.write_table(rows)
         counts = count_rows(rows)
         note = failure_note(counts["n"], counts["n_failed"])
         total = sum(float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float)))
-        name = self.method.get("name", "method")
         results = build_results(
             run_name=f"{name}-{self.classifier}",
             method=name,

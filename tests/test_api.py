@@ -103,6 +103,9 @@ def test_a_saved_explanation_is_a_run_that_evaluate_leaderboard_and_report_read(
     results = RunResults.load(run / "results.json")  # the schema, checked against the table beside it
     assert (results.n, results.n_success, results.n_failed) == (3, out.n_success, 0)
     assert results.metrics["flip_rate"] == out.metrics["flip_rate"] and results.classifier == "robust"
+    assert results.s_per_img == pytest.approx(out.seconds / 3, rel=1e-3) and results.s_per_img > 0  # never a 0 s/img
+    table = list(csv.DictReader((run / "samples.csv").open()))
+    assert {r["method"] for r in table} == {"classifier_guidance"} and {r["seed"] for r in table} == {"0"}
     for j, row in enumerate(out.rows):  # the PNGs and records predict would write
         key = sample_key(row["sample_id"])
         assert torch.equal(load_png(run / "counterfactuals" / f"{key}.png"), out.counterfactuals[j])
