@@ -43,7 +43,7 @@ from .settings import (
     OptimisationSettings,
     SearchSettings,
 )
-from .views import cutout_views, fraction_steps, scaled_cutout_views, switch_word
+from .views import crop_views, cutout_views, fraction_steps, scaled_cutout_views, switch_word
 
 __all__ = [
     "DiGIN",
@@ -54,6 +54,7 @@ __all__ = [
     "OptimisationSettings",
     "LossSettings",
     "MemorySettings",
+    "crop_views",
     "cutout_views",
     "scaled_cutout_views",
     "fraction_steps",

@@ -28,15 +28,26 @@ def cutout_views(
     big = min(h, w)
     cut = big if cut_size is None else int(cut_size)
     small = min(big, cut)
-    u = per_sample_rand((num, 3), rngs).to(images.device)  # side, top, left in [0, 1)
+    u = per_sample_rand((num, 3), rngs)  # side, top, left in [0, 1)
     noise = per_sample_randn((num, c, cut, cut), rngs).to(images) * noise_sd
-    views = []
+    boxes = torch.zeros(n, num, 3, dtype=torch.long)
     for i in range(n):
         for k in range(num):
             side = int(float(u[i, k, 0]) ** power * (big - small) + small)
-            top, left = int(float(u[i, k, 1]) * (h - side + 1)), int(float(u[i, k, 2]) * (w - side + 1))
-            views.append(F.adaptive_avg_pool2d(images[i : i + 1, :, top : top + side, left : left + side], cut))
-    return torch.cat(views) + noise.reshape(n * num, c, cut, cut)
+            boxes[i, k] = torch.tensor(
+                [side, int(float(u[i, k, 1]) * (h - side + 1)), int(float(u[i, k, 2]) * (w - side + 1))]
+            )
+    return crop_views(images, boxes, cut) + noise.reshape(n * num, c, cut, cut)
+
+
+def crop_views(images: torch.Tensor, boxes: torch.Tensor, cut_size: int) -> torch.Tensor:
+    """The square crops ``boxes`` (N, num, 3: side, top, left) of each image, average-pooled
+    to ``cut_size``: (N * num, C, cut_size, cut_size), image-major."""
+    views = []
+    for i, per_image in enumerate(boxes.tolist()):
+        for side, top, left in per_image:
+            views.append(F.adaptive_avg_pool2d(images[i : i + 1, :, top : top + side, left : left + side], cut_size))
+    return torch.cat(views)
 
 
 def scaled_cutout_views(
