@@ -76,6 +76,28 @@ def test_metrics_selects_what_is_computed_and_the_rest_is_unchanged(world_run, t
     assert "unknown metric(s) speed: choose from fid, sfid" in capsys.readouterr().err
 
 
+def test_predict_computes_only_the_selected_metrics_and_evaluate_keeps_the_selection(world_run, tmp_path, capsys):
+    full = json.loads((world_run / "results.json").read_text())
+    run = tmp_path / "no_cout"
+    args = ["predict", "--config", CG, "--model.method.init_args.num_steps", "6", "--data.num_samples", "7"]
+    main([*args, "--data.batch_size", "4", "--model.metrics", "sfid,fid", "--writer.output_dir", str(run)])
+    res = json.loads((run / "results.json").read_text())
+    assert res["config"]["metric_settings"]["metrics"] == "fid,sfid"  # stored in the canonical order
+    assert not {"cout", "cout_source_correct", "lpips"} & set(res["metrics"])
+    for k in ("fid", "sfid", "flip_rate", "target_confidence", "l1", "l2"):  # the same samples and figures
+        assert res["metrics"][k] == pytest.approx(full["metrics"][k], rel=1e-6, nan_ok=True), k
+    main(["evaluate", str(run), "--out", str(tmp_path / "ev")])  # the run's selection
+    assert "cout" not in json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]
+    main(["evaluate", str(run), "--metrics", "cout", "--out", str(tmp_path / "ev_cout")])  # unless told
+    assert json.loads((tmp_path / "ev_cout" / "results.json").read_text())["metrics"]["cout"] == pytest.approx(
+        full["metrics"]["cout"], rel=1e-6
+    )
+    with pytest.raises(SystemExit):
+        main([*args, "--model.metrics", "fid,cuot", "--writer.output_dir", str(tmp_path / "bad")])
+    assert "unknown metric(s) cuot: choose from fid, sfid" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_the_frechet_distance_matches_the_general_eigenvalue_route():
     from lit_vce.metrics.vce import frechet_distance
 

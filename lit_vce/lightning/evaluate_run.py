@@ -32,6 +32,7 @@ def _settings_of_run(prev: dict[str, Any], fid_features: str, module_kwargs: dic
         "lpips_net",
         "attribute_oracle",
         "attributes",
+        "metrics",
     ):
         if module_kwargs.get(key) is None and settings.get(key) is not None:
             module_kwargs[key] = settings[key]  # the run's metric settings, unless overridden
@@ -211,7 +212,8 @@ def _parser():
     p.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated optional metrics (fid,sfid,cout,lpips,latent,independent,audit; default: all); "
+        help="comma-separated optional metrics (fid,sfid,cout,lpips,latent,independent,audit; default: the run's "
+        "selection, --model.metrics, else all); "
         "flip rates, confidences and L1/L2 are always computed",
     )
     p.add_argument("--batch-size", type=int, default=32)

@@ -31,6 +31,7 @@ from ..batches import deterministic_kernels, explain_batch
 from ..methods.base import VCEBatch, VCEMethod, check_domain
 from ..metrics.accounting import NONFINITE_IMAGE
 from ..metrics.build import build_suite
+from ..metrics.common import OPTIONAL_METRICS, check_metrics
 from ..io import quantize
 from .finish import FinishMixin
 from .stage import StageModule
@@ -81,6 +82,11 @@ class VCEModule(FinishMixin, StageModule):
         face_verification: FVA and FS with the VGGFace2 ResNet-50 (``"on"``: needs
             ``$LIT_VCE_WEIGHTS_DIR/vggface2/resnet50_ft_weight.pkl``; for faces, so ``"off"`` by default).
         lpips_net: ``"alex"`` (default) or ``"vgg"`` (ACE's and DiME's LPIPS).
+        metrics: the optional metrics to compute, comma-separated or a list (``fid``, ``sfid``,
+            ``cout``, ``lpips``, ``latent``, ``independent``, ``audit``; default: all). Flip rates,
+            confidences and L1/L2 are always computed. What is left out is neither loaded nor
+            computed (e.g. COUT's ``cout_steps + 1`` classifier passes per batch); ``lit-vce
+            evaluate`` of the run computes the same selection unless given ``--metrics``.
         log_images: per batch, the first this many samples (original | counterfactual |
             difference, one row each) go to the loggers that take images (TensorBoard,
             W&B, any logger with ``log_image``); 0: none. The run folder has every PNG anyway.
@@ -121,8 +127,10 @@ class VCEModule(FinishMixin, StageModule):
         attribute_oracle: str = "off",
         preset: str | None = None,
         log_images: int = 4,
+        metrics: str | list[str] | None = None,
     ):
         super().__init__(fetch_per_node)
+        selected = check_metrics(metrics)  # an unknown name fails before anything is built
         if isinstance(log_images, bool) or not isinstance(log_images, int) or log_images < 0:
             raise ValueError(f"log_images must be a whole number >= 0, got {log_images!r}")
         self.log_images = log_images
@@ -155,6 +163,7 @@ class VCEModule(FinishMixin, StageModule):
             "lpips_net": lpips_net,
             "attribute_oracle": attribute_oracle,
             "preset": preset,
+            "metrics": None if metrics is None else ",".join(m for m in OPTIONAL_METRICS if m in selected),
         }
         self._suite_args = dict(
             fid_features=fid_features,
@@ -172,6 +181,7 @@ class VCEModule(FinishMixin, StageModule):
             face_verification=face_verification,
             lpips_net=lpips_net,
             attribute_oracle=attribute_oracle,
+            metrics=metrics,
         )
         self._t0 = 0.0
         self._threads = torch.get_num_threads()
