@@ -167,6 +167,10 @@ DDP_METHODS = {
     "maskdime": ["--model.method.init_args.num_steps", "10"],
     "ldce": ["--model.method.init_args.num_steps", "10"],
     "digin": [
+        "--model.method.init_args.num_steps",
+        "8",
+        "--model.method.init_args.search.injection_fractions",
+        "[0.3, 0.5]",
         "--model.method.init_args.optimisation.outer_steps",
         "2",
         "--model.method.init_args.optimisation.num_cutouts",
@@ -176,46 +180,61 @@ DDP_METHODS = {
     ],
 }
 
+#: runs each command of the JSON list given as its argument, in one process of a launch
+_RUN_EACH = "import json, sys\nfrom lit_vce.cli import main\nfor cmd in json.load(open(sys.argv[1])):\n    main(cmd)\n"
+
+
+def _ddp_args(method: str, out: Path, devices: int) -> list[str]:
+    n = 3 if method == "digin" else 5  # uneven shards either way (3 and 2, 2 and 1)
+    return [
+        "predict",
+        "--config",
+        f"world/{method}",
+        *DDP_METHODS[method],
+        "--data.num_samples",
+        str(n),
+        "--data.batch_size",
+        "2" if devices == 2 else str(n),
+        "--writer.output_dir",
+        str(out),
+        "--trainer.devices",
+        str(devices),
+        "--model.deterministic",
+        "true",
+        *(["--trainer.strategy", "ddp"] if devices == 2 else []),
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Every method's two-process run, all in one torchrun launch of two CPU processes (one
+    start-up instead of one per method; each process runs the seven predicts in turn, the
+    process group made by the first and reused)."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "cmds.json").write_text(json.dumps([_ddp_args(m, root / m, 2) for m in DDP_METHODS]))
+    (root / "run_each.py").write_text(_RUN_EACH)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(root / "run_each.py"), str(root / "cmds.json")], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(DDP_METHODS))
-def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path, method):
+def test_two_ddp_processes_give_the_images_and_metrics_of_one(tmp_path, method, two_process_runs):
     """devices=2 (DDP over gloo, batch 2) vs devices=1 (one batch), deterministic mode:
     byte-identical PNGs and the same metrics and intervals, for every per-step method
     and DiG-IN."""
-    runs = {}
-    n = 3 if method == "digin" else 5  # uneven shards either way (3 and 2, 2 and 1)
-    for devices in (1, 2):
-        out = tmp_path / f"d{devices}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "lit_vce.cli",
-            "predict",
-            "--config",
-            f"world/{method}",
-            *DDP_METHODS[method],
-            "--data.num_samples",
-            str(n),
-            "--data.batch_size",
-            "2" if devices == 2 else str(n),
-            "--writer.output_dir",
-            str(out),
-            "--trainer.devices",
-            str(devices),
-            "--model.deterministic",
-            "true",
-        ]
-        if devices == 2:
-            cmd += ["--trainer.strategy", "ddp"]
-            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        else:  # the one-process reference runs in this process (one start-up less)
-            main(cmd[3:])
-        runs[devices] = (json.loads((out / "results.json").read_text()), _pngs(out))
+    n = 3 if method == "digin" else 5
+    main(_ddp_args(method, tmp_path / "d1", 1))  # the one-process reference runs in this process
+    runs = {d: two_process_runs / method if d == 2 else tmp_path / "d1" for d in (1, 2)}
+    runs = {d: (json.loads((out / "results.json").read_text()), _pngs(out)) for d, out in runs.items()}
     (r1, p1), (r2, p2) = runs[1], runs[2]
-    assert r2["world_size"] == 2 and r1["n"] == r2["n"] == n and r1["n_failed"] == r2["n_failed"] == 0
+    assert r1["world_size"] == 1 and r2["world_size"] == 2 and r2["method"] == r1["method"]
+    assert r1["n"] == r2["n"] == n and r1["n_failed"] == r2["n_failed"] == 0
     assert p1.keys() == p2.keys() and len(p1) == n
     max_diff = max(np.abs(p1[k] - p2[k]).max() for k in p1)
     assert max_diff == 0, f"max pixel difference {max_diff}/255"
