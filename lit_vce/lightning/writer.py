@@ -74,7 +74,7 @@ class VCEPredictionWriter(BasePredictionWriter):
     Args:
         output_dir: the run folder. On the command line ``auto`` (the default) names it
             ``runs/{dataset}/{method}-{classifier}-{protocol}``, and a path may use those
-            fields (:func:`lit_vce.lightning.cli.default_output_dir`); in Python give a folder.
+            fields (:func:`lit_vce.lightning.cli_args.default_output_dir`); in Python give a folder.
         save_originals: also save the (preprocessed) original as PNG.
         fields: the per-sample columns (default: the VCE ones, :data:`ROW_FIELDS`).
         resume: finished samples in ``output_dir`` are skipped; ``"auto"`` refuses a
