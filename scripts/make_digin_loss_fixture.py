@@ -20,7 +20,6 @@ own code the same views. Kornia and lpips, imported for other paths, are stubbed
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import sys
 import types
@@ -28,6 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from _official import stub  # scripts/_official.py
 from safetensors.torch import load_file, save_file
 
 SEED, NUM_STEPS, LOSS_STEPS, TARGET = 0, 20, 3, 2
@@ -35,27 +35,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS = {"latent_background_l2": 25.0, "px_background_l2": 250.0}
 
 
-def _stub(name: str, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-    def anything(attr):  # any other public name: a no-op
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return lambda *a, **k: None
-
-    mod.__getattr__ = anything
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
-
-
 def import_official(path: str):
     sys.path.insert(0, str(Path(path).resolve() / "src"))
-    filters, morphology = _stub("kornia.filters"), _stub("kornia.morphology")
-    _stub("kornia", filters=filters, morphology=morphology)
-    _stub("lpips", LPIPS=torch.nn.Module)
+    filters, morphology = stub("kornia.filters"), stub("kornia.morphology")
+    stub("kornia", filters=filters, morphology=morphology)
+    stub("lpips", LPIPS=torch.nn.Module)
     from utils import loss_functions, sd_backprop_pipe
     from utils.models import model_wrappers
 

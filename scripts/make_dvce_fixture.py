@@ -20,7 +20,6 @@ classifier zoo's config loader) are stubbed.
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import sys
 import types
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from _official import stub  # scripts/_official.py
 from safetensors.torch import load_file, save_file
 
 STEPS = (150, 120, 60)  # respaced indices of 200 (DVCE's sampling runs 99 .. 0)
@@ -36,33 +36,17 @@ TARGETS = (1, 2, 3)
 SEED = 0
 
 
-def _stub(name: str, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-    def anything(attr):  # any other public name: a no-op
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return lambda *a, **k: None
-
-    mod.__getattr__ = anything
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
-
-
 def import_official(path: str):
     root = Path(path).resolve()
     sys.path[:0] = [str(root), str(root / "blended_diffusion" / "guided_diffusion")]
     for name in ("pytorch_msssim", "lpips", "utils_svces.get_config"):
-        _stub(name)
+        stub(name)
     # the augmentation stack is built but never applied with one view (ImageAugmentations(size, 1) is the identity)
     identity = lambda *a, **k: torch.nn.Identity()  # noqa: E731
-    augmentation = _stub("kornia.augmentation", RandomAffine=identity, RandomPerspective=identity)
-    _stub("kornia", augmentation=augmentation)
-    _stub("utils_svces.Evaluator", Evaluator=object)
-    _stub("blended_diffusion.utils_blended.video")
+    augmentation = stub("kornia.augmentation", RandomAffine=identity, RandomPerspective=identity)
+    stub("kornia", augmentation=augmentation)
+    stub("utils_svces.Evaluator", Evaluator=object)
+    stub("blended_diffusion.utils_blended.video")
     from blended_diffusion.guided_diffusion.guided_diffusion.script_util import create_model_and_diffusion
     from blended_diffusion.optimization import dff_attack
 

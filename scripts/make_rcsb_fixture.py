@@ -17,33 +17,17 @@ the bridge's end-point noise the code drew) and the official output.
 
 from __future__ import annotations
 
-import importlib.machinery
 import sys
 import types
 from functools import partial
 from pathlib import Path
 
 import torch
+from _official import stub  # scripts/_official.py
 from safetensors.torch import save_file
 from torch import nn
 
 START_STEP, NFE, SEED = 100, 8, 1234
-
-
-def _stub(name: str, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-    def anything(attr):  # any other public name: a no-op
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return lambda *a, **k: None
-
-    mod.__getattr__ = anything
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
 
 
 def _package(name: str, path: Path) -> None:
@@ -58,9 +42,9 @@ def import_official(path: str):
     root = Path(path).resolve() / "src"
     sys.path[:0] = [str(root), str(root / "inpainters" / "src_cddb")]
     noop = lambda *a, **k: None  # noqa: E731
-    _stub("wandb", log=noop, Image=noop, Plotly=types.SimpleNamespace(make_plot_media=noop))
+    stub("wandb", log=noop, Image=noop, Plotly=types.SimpleNamespace(make_plot_media=noop))
     for name in ("seaborn", "ipdb", "lpips", "prefetch_generator"):
-        _stub(name)
+        stub(name)
     _package("classifiers", root / "classifiers")
     _package("i2sb", root / "inpainters" / "src_cddb" / "i2sb")
     _package("inpainters", root / "inpainters")
@@ -72,8 +56,8 @@ def import_official(path: str):
             return item.flatten()[0].item() if isinstance(item, torch.Tensor) else unlist(item[0])
         return item
 
-    _stub("utils", unlist=unlist)
-    _stub("utils.misc", unlist=sys.modules["utils"].unlist)
+    stub("utils", unlist=unlist)
+    stub("utils.misc", unlist=sys.modules["utils"].unlist)
 
     from guidance.cddb_target_clf_lpips import CDDBTargetClassifierLPIPS
     from guidance.utils.adam_stabilization import ADAMGradientStabilization
