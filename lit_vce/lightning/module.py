@@ -85,7 +85,7 @@ class VCEModule(FinishMixin, StageModule):
         metrics: the optional metrics to compute, comma-separated or a list (``fid``, ``sfid``,
             ``cout``, ``lpips``, ``latent``, ``independent``, ``audit``; default: all). Flip rates,
             confidences and L1/L2 are always computed. What is left out is neither loaded nor
-            computed (e.g. COUT's ``cout_steps + 1`` classifier passes per batch); ``lit-vce
+            computed (e.g. COUT's 51 classifier passes per batch); ``lit-vce
             evaluate`` of the run computes the same selection unless given ``--metrics``.
         log_images: per batch, the first this many samples (original | counterfactual |
             difference, one row each) go to the loggers that take images (TensorBoard,
