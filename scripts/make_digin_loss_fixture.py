@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""Write ``tests/fixtures/digin_official/digin_loss_official.safetensors``: DiG-IN's loss by the official code.
+"""Write ``tests/fixtures/digin_official/digin_loss_official.safetensors``: DiG-IN's first step by the official code.
 
     git clone https://github.com/M4xim4l/DiG-IN /tmp/digin
     python scripts/make_digin_loss_fixture.py /tmp/digin
 
-Runs the official ``StableDiffusionPipelineWithGrad.calculate_loss`` (``src/utils/sd_backprop_pipe.py``)
-as an optimisation step of the UVCE pipeline calls it, augmented (``loss_steps`` 3, ``linear``) and
-not (the last x0-prediction, weight 1), with the official loss ``get_loss_function('CE')`` on the
-official ``NormalizationAndCutoutWrapper`` (16 cutouts, ``cut_power`` 0.3, ImageNet mean/std, no
-noise) around a tiny random classifier (``SmallCNN(width=8)``, 32 px, four classes) and the official
-regularisers ``latent_background_l2`` 25 and ``px_background_l2`` 250 (``setup_regularizers``), on
-the tiny Stable Diffusion of ``tiny_sd64/`` (the official ``decode_latent_to_img`` on its VAE).
-Inputs: the null-text fixture's image, its VAE latent (the official ``encode_image_to_latent``), the
-official foreground masks of ``digin_mask_official.safetensors`` and three x0-predictions (the
-latent plus seeded noise; step indices 17, 18, 19 of 20). The cutouts the official ``MakeCutouts``
-draws from the global generator are recorded (side, x offset, y offset), so a test can give its
-own code the same views. Kornia and lpips, imported for other paths, are stubbed.
+The first optimisation step of the official UVCE pipeline (``src/utils/sd_backprop_pipe.py``)
+on the tiny Stable Diffusion of ``tiny_sd64/``, without blending or prompt-to-prompt:
+- the trajectory: the official ``DenoisingLoop`` (DDIM from the folder's scheduler config, 20
+  steps, guidance 3.0, per-step null embeddings and per-step deltas of the conditioning and of
+  the null embeddings) from the null-text fixture's ``x_T`` and embeddings, with random deltas
+  (sd 0.05, as after some optimisation steps);
+- the loss: the official ``calculate_loss``, augmented (``loss_steps`` 3, ``linear``) and not
+  (the last x0-prediction, weight 1), with the official loss ``get_loss_function('CE')`` on the
+  official ``NormalizationAndCutoutWrapper`` (16 cutouts, ``cut_power`` 0.3, ImageNet
+  mean/std, no noise) around a tiny random classifier (``SmallCNN(width=8)``, 32 px, four
+  classes), the official regularisers ``latent_background_l2`` 25 and ``px_background_l2`` 250
+  (``setup_regularizers``) with the official masks of ``digin_mask_official.safetensors``,
+  decoded by the official ``decode_latent_to_img``;
+- its gradients with respect to ``x_T``, both deltas and each x0-prediction.
+The cutouts the official ``MakeCutouts`` draws from the global generator are recorded (side,
+x offset, y offset), so a test can give its own code the same views. Kornia and lpips,
+imported for other paths, are stubbed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from _official import stub  # scripts/_official.py
 from safetensors.torch import load_file, save_file
 
-SEED, NUM_STEPS, LOSS_STEPS, TARGET = 0, 20, 3, 2
+SEED, NUM_STEPS, LOSS_STEPS, TARGET, GUIDANCE, DELTA = 0, 20, 3, 2, 3.0, 0.05
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS = {"latent_background_l2": 25.0, "px_background_l2": 250.0}
 
@@ -63,7 +68,7 @@ class _RecordingTorch:
 
 
 def main(path: str) -> None:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from lit_vce.world.models import SmallCNN
 
@@ -82,10 +87,30 @@ def main(path: str) -> None:
         start_latent = encode(image)
     torch.manual_seed(SEED)
     net = SmallCNN(width=8).eval()
+    # the first optimisation step's trajectory: the official DenoisingLoop from the null-text
+    # fixture's x_T and per-step null embeddings, with random per-step deltas (as after some steps)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "tiny_sd64" / "unet")).eval().requires_grad_(False)
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(folder / "tiny_sd64" / "scheduler")))
+    scheduler.set_timesteps(NUM_STEPS)
+    loop = pipe_mod.DenoisingLoop(
+        unet,
+        scheduler,
+        None,
+        NUM_STEPS,
+        scheduler.timesteps,
+        True,
+        GUIDANCE,
+        pipe_mod.OptimParams(loss_steps=LOSS_STEPS),
+        per_timestep_null_text=True,
+    )
     g = torch.Generator().manual_seed(SEED)
-    preds = OrderedDict((i, None) for i in range(NUM_STEPS - LOSS_STEPS))
+    x_T = inputs["x_T"].clone().requires_grad_(True)
+    cond, nulls = inputs["cond_embedding"], inputs["null_text_embeddings"]
+    delta_c = (DELTA * torch.randn((NUM_STEPS, *cond.shape), generator=g)).requires_grad_(True)
+    delta_u = (DELTA * torch.randn((NUM_STEPS, *cond.shape), generator=g)).requires_grad_(True)
+    preds = loop(nulls, cond, delta_u, delta_c, x_T, {"eta": 0.0, "generator": None})
     for i in range(NUM_STEPS - LOSS_STEPS, NUM_STEPS):
-        preds[i] = (start_latent + 0.3 * torch.randn(start_latent.shape, generator=g)).requires_grad_(True)
+        preds[i].retain_grad()
 
     classifier = model_wrappers.NormalizationAndCutoutWrapper(
         net, 32, mean=torch.tensor(MEAN), std=torch.tensor(STD), noise_sd=0, cut_power=0.3, num_cutouts=16
@@ -137,6 +162,8 @@ def main(path: str) -> None:
     for k, i in enumerate(range(NUM_STEPS - LOSS_STEPS, NUM_STEPS)):
         out[f"x0_{k}"] = preds[i].detach()
         out[f"x0_grad_{k}"] = preds[i].grad
+    out.update(x_T=x_T.detach(), delta_c=delta_c.detach(), delta_u=delta_u.detach())
+    out.update(x_T_grad=x_T.grad, delta_c_grad=delta_c.grad, delta_u_grad=delta_u.grad)
     out.update({f"classifier.{k}": v for k, v in net.state_dict().items()})
     meta = {
         "source": "M4xim4l/DiG-IN src/utils/sd_backprop_pipe.py calculate_loss, setup_regularizers; "
@@ -154,6 +181,8 @@ def main(path: str) -> None:
                 "regularizers": WEIGHTS,
                 "target": TARGET,
                 "x0_steps": list(range(NUM_STEPS - LOSS_STEPS, NUM_STEPS)),
+                "guidance_scale": GUIDANCE,
+                "delta_sd": DELTA,
             }
         ),
         "classifier": "lit_vce.world.models.SmallCNN(width=8)",
