@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
