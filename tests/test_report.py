@@ -121,6 +121,13 @@ def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
     assert set(re.findall(r"href='#([^']+)'", links)) <= targets and "run-cg-biased" in targets
     assert re.search(r"(circle|square|triangle|cross) → (circle|square|triangle|cross)</span> [✓✗]", page)
     assert page.count("<div class='metrics'>") == 2 and "<details class='run' id='run-cg-biased' open>" in page
+    # originals the classifier already read as the target are counted per run and never ranked
+    from lit_vce.report.html import already_target
+
+    notes = re.findall(r"(\d+) of (\d+) original\(s\) were already read as the target", page)
+    expected = [(sum(map(already_target, run.rows)), len(run.rows)) for run in find_runs([two_runs])]
+    assert [tuple(map(int, n)) for n in notes] == [e for e in expected if e[0]]
+    assert any(e[0] for e in expected)  # the biased classifier reads some originals as the target
     browser = _browser()
     if browser is None:
         pytest.skip("no chromium on this machine (CI installs it; LIT_VCE_REQUIRE_BROWSER=1 makes this a failure)")
@@ -270,5 +277,10 @@ def test_report_ranks_successful_samples_in_the_metric_direction():
     g = rank_samples(rows, "l2", 1)
     assert [r["sample_id"] for r in g["best"]] == ["1"] and [r["sample_id"] for r in g["worst"]] == ["0"]
     assert [r["sample_id"] for r in rank_samples(rows, "cout", 1)["best"]] == ["1"]
+    # an original the classifier already read as the target is a success with nothing explained
+    rows[2].update(pred_before="7", target="7", l2="0")
+    assert [r["sample_id"] for r in rank_samples(rows, "l2", 1)["best"]] == ["1"]
+    only = [dict(rows[2])]
+    assert [r["sample_id"] for r in rank_samples(only, "l2", 1)["best"]] == ["2"]  # shown when nothing else is
     with pytest.raises(ValueError, match="rank_by"):
         rank_samples(rows, "nope", 1)

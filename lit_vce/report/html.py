@@ -16,7 +16,8 @@ table of contents (a sticky column beside the page):
 - one section per run (closed past four runs; its summary line shows N, flip
   rate, L2, FID): a compact grid of its figures with their intervals, and
   original | counterfactual | difference triples for the best, median and worst
-  samples by a chosen per-sample metric, captioned with class names.
+  samples by a chosen per-sample metric, captioned with class names (originals the
+  classifier already read as the target are counted in a note, not ranked).
 
 Runs are read from their folders (``evaluation/`` results and table when
 present, else the in-line ones), so a report can be rebuilt at any time.
@@ -238,14 +239,22 @@ def _analysis_section(folder: Path, assets: _Assets, limit: int = 16, anchor: st
     )
 
 
+def already_target(row: dict[str, Any]) -> bool:
+    """The classifier already predicted the target on the original (``pred_before == target``):
+    a success by the accounting rule, but nothing was explained."""
+    before, target = str(row.get("pred_before", "")), str(row.get("target", ""))
+    return before != "" and before == target
+
+
 def rank_samples(rows: list[dict[str, Any]], metric: str, k: int) -> dict[str, list[dict[str, Any]]]:
     """Best, median and worst ``k`` samples by ``metric`` in its direction, among the successful
-    counterfactuals (among all that did not fail when none succeeded)."""
+    counterfactuals of originals not already read as the target (:func:`already_target`; among
+    all successful ones when there are no others; among all that did not fail when none succeeded)."""
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
     valid = [r for r in rows if not r.get("failure") and not math.isnan(_float(r.get(metric)))]
     successful = [r for r in valid if str(r.get("success")) == "True"]
-    valid = successful or valid
+    valid = [r for r in successful if not already_target(r)] or successful or valid
     valid.sort(key=lambda r: _float(r[metric]), reverse=HIGHER_IS_BETTER[metric])
     if not valid:
         return {"best": [], "median": [], "worst": []}
@@ -383,6 +392,12 @@ def _run_section(run: Run, assets: _Assets, rank_by: str, examples: int, is_open
                 + "".join(_triple(run, r, assets, rank_by) for r in rows)
                 + "</div></div>"
             )
+    already = sum(already_target(r) for r in run.rows)
+    if already:
+        parts.append(
+            f"<p class='small'>{already} of {len(run.rows)} original(s) were already read as the target: "
+            "successes by the accounting rule (in the flip rate), not explanations, so not shown above.</p>"
+        )
     failed = [r for r in run.rows if r.get("failure")]
     if failed:
         parts.append(
@@ -462,7 +477,8 @@ def render_report(
     assets = _Assets(out.parent / f"{out.stem}_files")
     intro = (
         f"<h1>VCE report</h1><p>{len(runs)} run(s). Per run: best / median / worst successful counterfactuals "
-        f"(all, when none succeeded) ranked by <b>{html.escape(rank_by)}</b> "
+        "of originals not already read as the target (all, when none succeeded) "
+        f"ranked by <b>{html.escape(rank_by)}</b> "
         f"({'higher' if HIGHER_IS_BETTER.get(rank_by) else 'lower'} is better); triples: original | "
         "counterfactual | |difference| (scaled per image); ✓ the classifier reads the target.</p>"
     )
