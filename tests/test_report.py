@@ -284,3 +284,18 @@ def test_report_ranks_successful_samples_in_the_metric_direction():
     assert [r["sample_id"] for r in rank_samples(only, "l2", 1)["best"]] == ["2"]  # shown when nothing else is
     with pytest.raises(ValueError, match="rank_by"):
         rank_samples(rows, "nope", 1)
+
+
+def test_triples_are_the_images_and_the_clipped_channel_sum_of_the_change():
+    import torch
+
+    from lit_vce.report.grids import triples
+
+    o = torch.zeros(1, 3, 2, 2)
+    c = o.clone()
+    c[0, 0, 0, 0], c[0, 1, 0, 0], c[0, 2, 1, 1], c[0, 0, 1, 0] = 0.3, 0.4, 1.5, -0.2  # out of range: clamped first
+    t = triples(o, c)
+    assert t.shape == (1, 3, 3, 2, 2)
+    assert torch.equal(t[0, 0], o[0]) and torch.equal(t[0, 1], c[0].clamp(0, 1))
+    expected = torch.tensor([[0.7, 0.0], [0.0, 1.0]])
+    assert all(torch.allclose(t[0, 2, ch], expected) for ch in range(3))  # grey: the same on every channel

@@ -155,9 +155,10 @@ class StageModule(L.LightningModule):
         takers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger) or hasattr(lg, "log_image")]
         if not takers:
             return
-        o, c = originals.detach().float().cpu().clamp(0, 1), counterfactuals.detach().float().cpu().clamp(0, 1)
-        diff = (c - o).abs().sum(1, keepdim=True).clamp(0, 1).expand_as(o)
-        rows = torch.cat([o, c, diff], dim=3)  # (n, 3, H, 3W)
+        from ..report.grids import triples
+
+        t = triples(originals.detach().cpu(), counterfactuals.detach().cpu())  # (n, 3 tiles, 3, H, W)
+        rows = torch.cat(list(t.unbind(1)), dim=3)  # (n, 3, H, 3W)
         image = torch.cat(list(rows), dim=1)  # (3, nH, 3W)
         caption = "original | counterfactual | difference: " + ", ".join(ids)
         for lg in takers:
