@@ -20,7 +20,8 @@ table of contents (a sticky column beside the page):
   classifier already read as the target are counted in a note, not ranked).
 
 Runs are read from their folders (``evaluation/`` results and table when
-present, else the in-line ones), so a report can be rebuilt at any time.
+present, else the in-line ones; :mod:`lit_vce.report.runs`), so a report can be
+rebuilt at any time.
 """
 
 from __future__ import annotations
@@ -37,17 +38,16 @@ from ..io import load_png, sample_key, save_png, to_uint8
 from .leaderboard import SORT_SCRIPT, TABLE_CSS, html_table
 from .plots import PALETTE, _float, plot_flip_rate_vs_l2, plot_validity_curves  # noqa: F401  (PALETTE: part of this module's API)
 from .results import RunResults
-
-HIGHER_IS_BETTER = {
-    "l1": False,
-    "l2": False,
-    "lpips": False,
-    "latent_l1": False,
-    "latent_l2": False,
-    "cout": True,
-    "target_conf_after": True,
-    "conf_after": True,
-}
+from .runs import (  # noqa: F401  (importable from here too)
+    HIGHER_IS_BETTER,
+    Run,
+    _class,
+    already_target,
+    class_names,
+    find_analyses,
+    find_runs,
+    rank_samples,
+)
 
 CHECK_SCRIPT = """
 window.addEventListener('load', () => {
@@ -105,110 +105,6 @@ table.side img { width: 72px; height: 72px; image-rendering: pixelated; }
 )
 
 
-class Run:
-    """A run folder as the report reads it."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        ev = folder / "evaluation"
-        res = ev / "results.json" if (ev / "results.json").is_file() else folder / "results.json"
-        table = ev / "samples.csv" if (ev / "samples.csv").is_file() else folder / "samples.csv"
-        if not res.is_file():
-            raise FileNotFoundError(f"{folder}: no results.json (run predict or evaluate first)")
-        self.results = RunResults.load(res)  # checks that the table beside it is its own
-        self.rows: list[dict[str, Any]] = list(csv.DictReader(table.open())) if table.is_file() else []
-        self.label = f"{self.results.method} · {self.results.classifier}"
-        self.slug = folder.name
-        self.anchor = f"run-{folder.name}"
-        self.class_names = class_names(self.results)
-
-    def images(self, sample_id: str) -> tuple[Path, Path]:
-        key = sample_key(sample_id)
-        return self.folder / "originals" / f"{key}.png", self.folder / "counterfactuals" / f"{key}.png"
-
-    def load(self, sample_id: str, side: str) -> tuple[torch.Tensor | None, str]:
-        """The sample's ``side`` image (``original`` or ``counterfactual``), checked against the
-        sha256 in its record: ``(image, '')``, or ``(None, problem)`` naming the file."""
-        import json
-
-        from ..io import verify_file
-
-        o, c = self.images(sample_id)
-        path = o if side == "original" else c
-        try:
-            record = json.loads((self.folder / "samples" / f"{sample_key(sample_id)}.json").read_text())
-        except (OSError, ValueError):
-            record = {}
-        problem = verify_file(path, ((record.get("files") if isinstance(record, dict) else None) or {}).get(side))
-        if problem:
-            return None, problem
-        try:
-            return load_png(path), ""
-        except Exception as e:  # PIL raises many types for truncated files
-            return None, f"{path} is unreadable ({type(e).__name__})"
-
-
-def _warn(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr)
-
-
-def _stage(path: Path) -> str | None:
-    """The stage of a results.json, or None (with a one-line warning) when it is invalid."""
-    from .results import InvalidResultsError
-
-    try:
-        return RunResults.load(path).stage
-    except InvalidResultsError as e:
-        _warn(f"warning: skipped {e}")
-        return None
-
-
-def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Run folders among ``paths`` (a path may be a run or hold runs below it). A run whose
-    results cannot be read (or do not match their table) is skipped with a one-line warning."""
-    from .results import InvalidResultsError
-
-    folders: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
-        if (p / "results.json").is_file():
-            folders.append(p)
-        else:
-            found = sorted({q.parent for q in p.rglob("results.json") if q.parent.name != "evaluation"})
-            found = [
-                f
-                for f in found
-                if (f / "counterfactuals").is_dir() and _stage(f / "results.json") not in (None, "analysis")
-            ]
-            if not found:
-                raise FileNotFoundError(f"no run folders (with a valid results.json and counterfactuals/) under {p}")
-            folders += found
-    seen, runs = set(), []
-    for f in folders:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            try:
-                runs.append(Run(f))
-            except InvalidResultsError as e:
-                _warn(f"warning: skipped {e}")
-    if not runs:
-        raise FileNotFoundError(f"no readable run among {', '.join(map(str, paths))}")
-    return runs
-
-
-def find_analyses(paths: list[str | Path]) -> list[Path]:
-    """Analysis run folders (``lit-vce disagree`` / ``neurons``) below ``paths``."""
-    out = []
-    for p in map(Path, paths):
-        for q in sorted(p.rglob("results.json")):
-            if q.parent.name != "evaluation" and (q.parent / "counterfactuals").is_dir() and _stage(q) == "analysis":
-                out.append(q.parent)
-    return out
-
-
 def _analysis_section(folder: Path, assets: _Assets, limit: int = 16, anchor: str = "") -> str:
     res = RunResults.load(folder / "results.json")
     table = folder / "samples.csv"
@@ -239,29 +135,6 @@ def _analysis_section(folder: Path, assets: _Assets, limit: int = 16, anchor: st
     )
 
 
-def already_target(row: dict[str, Any]) -> bool:
-    """The classifier already predicted the target on the original (``pred_before == target``):
-    a success by the accounting rule, but nothing was explained."""
-    before, target = str(row.get("pred_before", "")), str(row.get("target", ""))
-    return before != "" and before == target
-
-
-def rank_samples(rows: list[dict[str, Any]], metric: str, k: int) -> dict[str, list[dict[str, Any]]]:
-    """Best, median and worst ``k`` samples by ``metric`` in its direction, among the successful
-    counterfactuals of originals not already read as the target (:func:`already_target`; among
-    all successful ones when there are no others; among all that did not fail when none succeeded)."""
-    if metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"rank_by must be one of {sorted(HIGHER_IS_BETTER)}")
-    valid = [r for r in rows if not r.get("failure") and not math.isnan(_float(r.get(metric)))]
-    successful = [r for r in valid if str(r.get("success")) == "True"]
-    valid = [r for r in successful if not already_target(r)] or successful or valid
-    valid.sort(key=lambda r: _float(r[metric]), reverse=HIGHER_IS_BETTER[metric])
-    if not valid:
-        return {"best": [], "median": [], "worst": []}
-    mid = max(0, len(valid) // 2 - k // 2)
-    return {"best": valid[:k], "median": valid[mid : mid + k], "worst": valid[-k:][::-1]}
-
-
 def difference_map(original: torch.Tensor, counterfactual: torch.Tensor) -> torch.Tensor:
     """|x' - x| summed over channels, scaled to its maximum, as a white-to-red heat map (3, H, W)."""
     d = (counterfactual - original).abs().sum(0)
@@ -280,29 +153,6 @@ class _Assets:
         save_png(path, to_uint8(image[None])[0])
         self.count += 1
         return f"{self.folder.name}/{path.name}"
-
-
-def class_names(results: RunResults) -> list[str] | None:
-    """The run's class names: the data's (``config.data.class_names``), else the
-    classifier's when its spec names them without loading weights; ``None`` otherwise."""
-    names = ((results.config or {}).get("data") or {}).get("class_names")
-    if isinstance(names, list) and names:
-        return [str(n) for n in names]
-    try:
-        from ..classifiers.loaders import classifier_class_names
-
-        found = classifier_class_names(results.classifier)
-    except Exception:  # a caption falls back to ids; it never stops a report
-        return None
-    return list(found) if found else None
-
-
-def _class(names: list[str] | None, value) -> str:
-    try:
-        i = int(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return names[i] if names and 0 <= i < len(names) else str(i)
 
 
 def _triple(run: Run, row: dict[str, Any], assets: _Assets, metric: str) -> str:
