@@ -124,8 +124,11 @@ def test_html_report_renders_its_images_in_a_real_browser(two_runs, tmp_path):
     # originals the classifier already read as the target are counted per run and never ranked
     from lit_vce.report.html import already_target
 
-    notes = re.findall(r"(\d+) of (\d+) original\(s\) were already read as the target", page)
-    expected = [(sum(map(already_target, run.rows)), len(run.rows)) for run in find_runs([two_runs])]
+    notes = re.findall(r"(\d+) of (\d+) successes had an original already read as the target", page)
+    expected = [
+        (sum(map(already_target, run.rows)), sum(r["success"] == "True" and not r["failure"] for r in run.rows))
+        for run in find_runs([two_runs])
+    ]
     assert [tuple(map(int, n)) for n in notes] == [e for e in expected if e[0]]
     assert any(e[0] for e in expected)  # the biased classifier reads some originals as the target
     browser = _browser()
@@ -266,7 +269,7 @@ def test_evaluation_results_replace_inline_ones_in_the_leaderboard(two_runs):
 
 
 def test_report_ranks_successful_samples_in_the_metric_direction():
-    from lit_vce.report.html import rank_samples
+    from lit_vce.report.html import already_target, rank_samples
 
     rows = [
         {"sample_id": str(i), "l2": str(v), "cout": str(-v), "success": str(s), "failure": f}
@@ -282,6 +285,8 @@ def test_report_ranks_successful_samples_in_the_metric_direction():
     assert [r["sample_id"] for r in rank_samples(rows, "l2", 1)["best"]] == ["1"]
     only = [dict(rows[2])]
     assert [r["sample_id"] for r in rank_samples(only, "l2", 1)["best"]] == ["2"]  # shown when nothing else is
+    assert already_target(rows[2]) and not already_target({**rows[2], "failure": "nan"})  # a failure never is
+    assert not already_target({**rows[2], "success": "False"})
     with pytest.raises(ValueError, match="rank_by"):
         rank_samples(rows, "nope", 1)
 

@@ -244,9 +244,10 @@ def _run_section(run: Run, assets: _Assets, rank_by: str, examples: int, is_open
             )
     already = sum(already_target(r) for r in run.rows)
     if already:
+        successes = sum(str(r.get("success")) == "True" and not r.get("failure") for r in run.rows)
         parts.append(
-            f"<p class='small'>{already} of {len(run.rows)} original(s) were already read as the target: "
-            "successes by the accounting rule (in the flip rate), not explanations, so not shown above.</p>"
+            f"<p class='small'>{already} of {successes} successes had an original already read as the target: "
+            "counted in the flip rate by the accounting rule, but not explanations, so not shown above.</p>"
         )
     failed = [r for r in run.rows if r.get("failure")]
     if failed:

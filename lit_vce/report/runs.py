@@ -133,10 +133,11 @@ def find_analyses(paths: list[str | Path]) -> list[Path]:
 
 
 def already_target(row: dict[str, Any]) -> bool:
-    """The classifier already predicted the target on the original (``pred_before == target``):
-    a success by the accounting rule, but nothing was explained."""
+    """A success whose original the classifier already predicted as the target
+    (``pred_before == target``): counted in the flip rate by the accounting rule, but nothing
+    was explained. A failed sample is never one (it is never a success)."""
     before, target = str(row.get("pred_before", "")), str(row.get("target", ""))
-    return before != "" and before == target
+    return before != "" and before == target and str(row.get("success")) == "True" and not row.get("failure")
 
 
 def rank_samples(rows: list[dict[str, Any]], metric: str, k: int) -> dict[str, list[dict[str, Any]]]:
