@@ -82,37 +82,13 @@ def explain(
 
     Each batch goes through :func:`lit_vce.batches.explain_batch`, the path ``lit-vce
     predict`` takes: a sample gets the bytes predict gives it (``deterministic=True``)."""
-    from .classifiers import ImageClassifier, load_classifier
     from .io import quantize
-    from .methods.base import VCEMethod
 
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(classifier, torch.nn.Module) and not isinstance(classifier, ImageClassifier):
-        raise TypeError(
-            "classifier: wrap a plain module as ImageClassifier(model, input_size, class_names, mean=..., std=...) "
-            "or give a spec such as 'timm:resnet50'"
-        )
-    clf = load_classifier(classifier).to(device).eval()
-    vce = _method(method, method_kwargs)
-    if not isinstance(vce, VCEMethod):
-        raise TypeError(f"method must be a registered name or a VCEMethod, got {type(vce).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    x = _images(images, image_size or clf.input_size).to(device)
-    from .methods.base import check_domain
-
-    check_domain(vce, clf, tuple(x.shape[-2:]))  # a default model of another domain is refused, not run
-    n = len(x)
-    ids = [str(i) for i in range(n)] if sample_ids is None else [str(s) for s in sample_ids]
-    if len(ids) != n or len(set(ids)) != n:
-        raise ValueError(f"sample_ids: need {n} distinct ids, got {len(ids)} ({len(set(ids))} distinct)")
-    tgt = _classes(targets, n, clf, "targets").to(device)
-    with torch.no_grad():
-        src = clf(quantize(x)).argmax(1) if sources is None else _classes(sources, n, clf, "sources").to(device)
-    from .metrics.accounting import check_distinct_targets
-
-    check_distinct_targets(src.tolist(), tgt.tolist(), [f"images[{i}]" for i in range(n)], what="images")
+    clf, vce, x, ids, src, tgt = _checked_inputs(
+        images, targets, classifier, method, method_kwargs, sources, sample_ids, batch_size, image_size, device
+    )
     suite, metric_settings = _suite(clf, metrics, fid_features, seed, device)
     vce.to(device)
     vce.setup(device)
@@ -144,6 +120,40 @@ def explain(
             "regions": region_setting,
         },
     )
+
+
+def _checked_inputs(
+    images, targets, classifier, method, method_kwargs, sources, sample_ids, batch_size, image_size, device
+):
+    """explain()'s inputs loaded and checked, each wrong one a clear error before any work:
+    (classifier, method, images on ``device``, sample ids, source classes, target classes)."""
+    from .classifiers import ImageClassifier, load_classifier
+    from .io import quantize
+    from .methods.base import VCEMethod, check_domain
+    from .metrics.accounting import check_distinct_targets
+
+    if isinstance(classifier, torch.nn.Module) and not isinstance(classifier, ImageClassifier):
+        raise TypeError(
+            "classifier: wrap a plain module as ImageClassifier(model, input_size, class_names, mean=..., std=...) "
+            "or give a spec such as 'timm:resnet50'"
+        )
+    clf = load_classifier(classifier).to(device).eval()
+    vce = _method(method, method_kwargs)
+    if not isinstance(vce, VCEMethod):
+        raise TypeError(f"method must be a registered name or a VCEMethod, got {type(vce).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    x = _images(images, image_size or clf.input_size).to(device)
+    check_domain(vce, clf, tuple(x.shape[-2:]))  # a default model of another domain is refused, not run
+    n = len(x)
+    ids = [str(i) for i in range(n)] if sample_ids is None else [str(s) for s in sample_ids]
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError(f"sample_ids: need {n} distinct ids, got {len(ids)} ({len(set(ids))} distinct)")
+    tgt = _classes(targets, n, clf, "targets").to(device)
+    with torch.no_grad():
+        src = clf(quantize(x)).argmax(1) if sources is None else _classes(sources, n, clf, "sources").to(device)
+    check_distinct_targets(src.tolist(), tgt.tolist(), [f"images[{i}]" for i in range(n)], what="images")
+    return clf, vce, x, ids, src, tgt
 
 
 def _summary(suite, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, list[float]]]:
