@@ -5,6 +5,7 @@ the defaults ``predict`` uses) and the command's arguments (:func:`main`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,37 @@ def _predict_results(run: Path, module_kwargs: dict[str, Any]) -> dict[str, Any]
     return None
 
 
+@dataclass
+class _Inputs:
+    """What an evaluation reads: the flags as given, filled from a predict run's folder."""
+
+    classifier: Any
+    method: str | None
+    fid_features: str
+    output_dir: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    protocol: str | None = None
+    dataset: str | None = None
+    generation_time: float = float("nan")  # unknown for counterfactuals made elsewhere
+    data: PairDataset | None = None
+
+    def read_run(self, run: Path, image_size: int | None, module_kwargs: dict[str, Any]) -> None:
+        """The run folder's pairs, and from its ``results.json`` (when it has one) what the
+        flags leave open: classifier, method, protocol, dataset, generation time, metric settings."""
+        prev = _predict_results(run, module_kwargs)
+        if prev is not None:
+            self.meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
+            # the run's classifier with its loader arguments (preprocessing, checkpoint), not only its spec
+            self.classifier = self.classifier or prev.get("config", {}).get("classifier") or prev.get("classifier")
+            self.method = self.method or prev.get("method")
+            self.protocol, self.dataset = prev.get("protocol"), prev.get("dataset")
+            self.generation_time = prev.get("wall_time_total_s") or prev.get("wall_time_s")
+            self.fid_features = _settings_of_run(prev, self.fid_features, module_kwargs)
+        self.data = PairDataset.from_run(run, image_size)
+        self.output_dir = self.output_dir or str(run / "evaluation")
+        self.method = self.method or next((e.get("method") for e in self.data.entries if e.get("method")), None)
+
+
 def run_evaluate(
     run_dir: str | None = None,
     originals: str | None = None,
@@ -86,34 +118,20 @@ def run_evaluate(
 
     from ..data.datamodule import collate
 
-    meta: dict[str, Any] = {}
-    protocol = dataset_name = None
-    generation_time = float("nan")  # unknown for counterfactuals made elsewhere
+    src = _Inputs(classifier=classifier, method=method, fid_features=fid_features, output_dir=output_dir)
     if run_dir is not None:
         if originals or counterfactuals or targets:
             raise ValueError("give either a run folder or --originals/--counterfactuals/--targets, not both")
-        run = Path(run_dir)
-        prev = _predict_results(run, module_kwargs)
-        if prev is not None:
-            meta = {"predict_config": prev.get("config", {}), "evaluated": str(run)}
-            # the run's classifier with its loader arguments (preprocessing, checkpoint), not only its spec
-            classifier = classifier or prev.get("config", {}).get("classifier") or prev.get("classifier")
-            method = method or prev.get("method")
-            protocol, dataset_name = prev.get("protocol"), prev.get("dataset")
-            generation_time = prev.get("wall_time_total_s") or prev.get("wall_time_s")
-            fid_features = _settings_of_run(prev, fid_features, module_kwargs)
-        data = PairDataset.from_run(run, image_size)
-        output_dir = output_dir or str(run / "evaluation")
-        method = method or next((e.get("method") for e in data.entries if e.get("method")), None)
+        src.read_run(Path(run_dir), image_size, module_kwargs)
     else:
         if not (originals and counterfactuals and targets):
             raise ValueError("evaluate needs a run folder, or all of --originals, --counterfactuals and --targets")
         if not output_dir:
             raise ValueError("--out is required when evaluating plain folders")
-        meta = {
+        src.meta = {
             "evaluated": {"originals": str(originals), "counterfactuals": str(counterfactuals), "targets": str(targets)}
         }
-        data = None
+    classifier, method, fid_features, data = src.classifier, src.method, src.fid_features, src.data
     if classifier is None:
         raise ValueError("--classifier is required (no predict results.json names one)")
     from ..classifiers.loaders import check_classifier_spec, classifier_class_names
@@ -132,16 +150,16 @@ def run_evaluate(
     with deferred_build():  # the models are built in prepare_data / setup (one fetching process per node)
         module = EvaluateModule(
             clf,
-            output_dir=output_dir,
+            output_dir=src.output_dir,
             method=method or "unknown",
             fid_features=fid_features,
-            metadata=meta,
-            protocol=protocol,
-            dataset=dataset_name,
+            metadata=src.meta,
+            protocol=src.protocol,
+            dataset=src.dataset,
             **module_kwargs,
         )
     module.classifier_spec = classifier.get("spec", "") if isinstance(classifier, dict) else classifier
-    module.generation_time_s = generation_time
+    module.generation_time_s = src.generation_time
     # the defaults predict uses; evaluation writes no logs (its results.json is the record)
     trainer = build_trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
